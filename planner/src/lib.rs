@@ -1,0 +1,2 @@
+//! ferry-planner (placeholder, see issue 5).
+#![forbid(unsafe_code)]

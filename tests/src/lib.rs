@@ -1,0 +1,1 @@
+//! Helpers for ferry end-to-end tests.

@@ -1,0 +1,27 @@
+//! ferry-wire: the framed replication protocol of ferry, version 1, sans-IO.
+//!
+//! This crate holds no sockets, no clock, no randomness, and no hashing or
+//! compression code. It encodes and decodes [`Frame`]s and drives the
+//! [`Session`] state machine of either end; the caller moves the bytes, draws
+//! the nonces, computes digests and MACs (through [`Authenticator`]).
+//! `wire/PROTOCOL.md` is the byte-level specification.
+//!
+//! Invariants:
+//! - The decoder never panics and never allocates more than
+//!   [`MAX_BODY_LEN`] for a frame: the header's length is checked first.
+//! - Every field is bounds-checked; a body with bytes after its last field is
+//!   an error ([`WireError::TrailingBytes`]).
+//! - Data payloads are [`bytes::Bytes`] slices of the receive buffer, never copied.
+//! - Within a disk, data travels in strictly increasing chunk order, so one
+//!   watermark per disk (Flush / Checkpoint / ResumeInfo) describes what is
+//!   durable and where to resume.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+mod frame;
+mod session;
+
+pub use error::WireError;
+pub use frame::*;
+pub use session::{Authenticator, Event, LocalInfo, PeerInfo, Role, Session, State};

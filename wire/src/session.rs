@@ -1,0 +1,615 @@
+//! Session state machines for both ends, sans-IO.
+//!
+//! A [`Session`] takes bytes in ([`Session::buffer_mut`] or
+//! [`Session::receive`]), hands decoded and validated frames out as
+//! [`Event`]s ([`Session::poll_event`]), and queues the bytes to send
+//! ([`Session::send`], [`Session::take_transmit`]). It answers the handshake
+//! and the authentication itself; everything after is the application's.
+//!
+//! Every frame, sent or received, is checked against the state: an illegal
+//! frame is a typed [`WireError`], never a panic. On a local error the session
+//! queues an Error frame for the peer and closes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::WireError;
+use crate::frame::*;
+
+/// Which end of the session this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The source: connects, authenticates, sends data.
+    Client,
+    /// The target: listens, verifies, writes.
+    Server,
+}
+
+/// Computes authentication proofs from the shared token.
+///
+/// The wire crate computes no MACs itself: the caller supplies this (ferry
+/// uses a keyed BLAKE3 over a label and both nonces). `role` tells whose proof
+/// is asked for, so the client's proof can never be replayed as the server's.
+pub trait Authenticator: Send + Sync {
+    /// The proof that `role` holds the token, for this pair of nonces.
+    fn proof(&self, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32];
+}
+
+/// What one end says about itself in the handshake.
+#[derive(Debug, Clone)]
+pub struct LocalInfo {
+    /// Peer name sent to the other end.
+    pub name: String,
+    /// Software version string.
+    pub software: String,
+    /// Fresh random nonce for this connection (the caller draws it; no RNG here).
+    pub nonce: [u8; 32],
+    /// Features offered.
+    pub features: u64,
+}
+
+/// What the session learned about the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Peer's name.
+    pub name: String,
+    /// Peer's software version.
+    pub software: String,
+    /// Protocol version in force.
+    pub version: u16,
+    /// Features both ends support.
+    pub features: u64,
+}
+
+/// What [`Session::poll_event`] hands out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The handshake and authentication are complete.
+    Authenticated(PeerInfo),
+    /// An application frame, validated against the session state.
+    Frame(Frame),
+}
+
+/// Session states (both roles; some are only reached by one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Server: waiting for Hello.
+    AwaitHello,
+    /// Client: Hello sent, waiting for Welcome.
+    AwaitWelcome,
+    /// Server: Welcome sent, waiting for the client's proof.
+    AwaitAuthProof,
+    /// Client: proof sent, waiting for AuthOk.
+    AwaitAuthOk,
+    /// Authenticated, no replica open.
+    Ready,
+    /// OpenReplica sent or received, ReplicaOpened not yet.
+    OpeningReplica,
+    /// A replica is open: disks, data, checkpoints.
+    ReplicaOpen,
+    /// Commit sent or received, Committed not yet.
+    Committing,
+    /// Closed (Close or Error sent or received).
+    Closed,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::AwaitHello => "AwaitHello",
+            State::AwaitWelcome => "AwaitWelcome",
+            State::AwaitAuthProof => "AwaitAuthProof",
+            State::AwaitAuthOk => "AwaitAuthOk",
+            State::Ready => "Ready",
+            State::OpeningReplica => "OpeningReplica",
+            State::ReplicaOpen => "ReplicaOpen",
+            State::Committing => "Committing",
+            State::Closed => "Closed",
+        }
+    }
+}
+
+/// Per-disk bookkeeping shared by both ends.
+#[derive(Debug, Clone)]
+struct DiskTrack {
+    size: u64,
+    chunk_size: u32,
+    chunk_count: u64,
+    /// ResumeInfo seen: data may flow.
+    open: bool,
+    /// Lowest chunk index the next Data or ZeroRun may carry.
+    next_min: u64,
+    /// Highest Flush so far.
+    flushed: u64,
+    /// Digest map reply in progress: the next part's first chunk.
+    map_next: Option<u64>,
+}
+
+impl DiskTrack {
+    fn logical_len(&self, chunk: u64) -> u64 {
+        let start = chunk * u64::from(self.chunk_size);
+        (self.size - start).min(u64::from(self.chunk_size))
+    }
+}
+
+/// Which way a frame is going, relative to this end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Send,
+    Recv,
+}
+
+/// One end of a ferry session. See the module docs.
+pub struct Session {
+    role: Role,
+    state: State,
+    auth: Arc<dyn Authenticator>,
+    local: LocalInfo,
+    peer_nonce: [u8; 32],
+    peer: Option<PeerInfo>,
+    disks: HashMap<u32, DiskTrack>,
+    deframer: Deframer,
+    out: BytesMut,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("role", &self.role).field("state", &self.state).finish()
+    }
+}
+
+impl Session {
+    /// A client session; Hello is queued at once.
+    pub fn client(local: LocalInfo, auth: Arc<dyn Authenticator>) -> Session {
+        let mut s = Session::new(Role::Client, State::AwaitWelcome, local, auth);
+        let hello = Frame::Hello(Hello {
+            version_min: VERSION_MIN,
+            version_max: VERSION_MAX,
+            features: s.local.features,
+            nonce: s.local.nonce,
+            peer_name: truncate(&s.local.name, MAX_NAME_LEN),
+            software: truncate(&s.local.software, MAX_SOFTWARE_LEN),
+        });
+        hello.encode(&mut s.out);
+        s
+    }
+
+    /// A server session, waiting for Hello.
+    pub fn server(local: LocalInfo, auth: Arc<dyn Authenticator>) -> Session {
+        Session::new(Role::Server, State::AwaitHello, local, auth)
+    }
+
+    fn new(role: Role, state: State, local: LocalInfo, auth: Arc<dyn Authenticator>) -> Session {
+        Session {
+            role,
+            state,
+            auth,
+            local,
+            peer_nonce: [0; 32],
+            peer: None,
+            disks: HashMap::new(),
+            deframer: Deframer::new(),
+            out: BytesMut::new(),
+        }
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The peer, once authenticated.
+    pub fn peer(&self) -> Option<&PeerInfo> {
+        self.peer.as_ref()
+    }
+
+    /// True once Close or Error went either way.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Append received bytes.
+    pub fn receive(&mut self, data: &[u8]) {
+        self.deframer.push(data);
+    }
+
+    /// The receive buffer, to read from a socket straight into it.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        self.deframer.buffer_mut()
+    }
+
+    /// Bytes queued for the peer (handshake answers, sent frames, errors).
+    pub fn take_transmit(&mut self) -> Option<Bytes> {
+        if self.out.is_empty() {
+            None
+        } else {
+            Some(self.out.split().freeze())
+        }
+    }
+
+    /// Validate `frame` for sending and queue its bytes.
+    pub fn send(&mut self, frame: &Frame) -> Result<(), WireError> {
+        self.prepare_send(frame)?;
+        frame.encode(&mut self.out);
+        Ok(())
+    }
+
+    /// Validate `frame` for sending and advance the state, without encoding
+    /// it: for a caller that writes a data frame's head and payload itself
+    /// (vectored, without copying the payload). Anything queued by
+    /// [`Session::take_transmit`] must be written before it.
+    pub fn prepare_send(&mut self, frame: &Frame) -> Result<(), WireError> {
+        if self.state == State::Closed {
+            return Err(WireError::Closed);
+        }
+        check_limits(frame)?;
+        self.transition(frame, Dir::Send)
+    }
+
+    /// Decode and validate the next received frame; `Ok(None)` when more bytes are needed.
+    ///
+    /// Handshake frames are answered here. On an error, an Error frame for the
+    /// peer is queued (unless the peer sent one) and the session closes: write
+    /// out [`Session::take_transmit`] before closing the socket.
+    pub fn poll_event(&mut self) -> Result<Option<Event>, WireError> {
+        loop {
+            if self.state == State::Closed {
+                return Ok(None);
+            }
+            let frame = match self.deframer.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(self.fail(e)),
+            };
+            match self.handle(frame) {
+                Ok(Some(ev)) => return Ok(Some(ev)),
+                Ok(None) => continue,
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+    }
+
+    /// Close locally with an error and queue an Error frame for the peer.
+    pub fn fail(&mut self, e: WireError) -> WireError {
+        if self.state != State::Closed && !matches!(e, WireError::Remote { .. } | WireError::Closed) {
+            let message = match &e {
+                // Reveal nothing about why authentication failed.
+                WireError::AuthFailed => "authentication failed".to_string(),
+                other => other.to_string(),
+            };
+            Frame::Error(ErrorFrame { code: e.code(), message: truncate(&message, MAX_MESSAGE_LEN) })
+                .encode(&mut self.out);
+        }
+        self.state = State::Closed;
+        e
+    }
+
+    fn handle(&mut self, frame: Frame) -> Result<Option<Event>, WireError> {
+        match (&frame, self.role, self.state) {
+            (Frame::Unknown { .. }, _, _) => Ok(None),
+            (Frame::Hello(h), Role::Server, State::AwaitHello) => {
+                let version = VERSION_MAX.min(h.version_max);
+                if version < VERSION_MIN.max(h.version_min) || h.version_min > h.version_max {
+                    return Err(WireError::UnsupportedVersion {
+                        peer_min: h.version_min,
+                        peer_max: h.version_max,
+                        ours_min: VERSION_MIN,
+                        ours_max: VERSION_MAX,
+                    });
+                }
+                self.peer_nonce = h.nonce;
+                let features = h.features & self.local.features;
+                self.peer =
+                    Some(PeerInfo { name: h.peer_name.clone(), software: h.software.clone(), version, features });
+                Frame::Welcome(Welcome {
+                    version,
+                    features,
+                    nonce: self.local.nonce,
+                    peer_name: truncate(&self.local.name, MAX_NAME_LEN),
+                    software: truncate(&self.local.software, MAX_SOFTWARE_LEN),
+                })
+                .encode(&mut self.out);
+                self.state = State::AwaitAuthProof;
+                Ok(None)
+            }
+            (Frame::Welcome(w), Role::Client, State::AwaitWelcome) => {
+                if !(VERSION_MIN..=VERSION_MAX).contains(&w.version) {
+                    return Err(WireError::UnsupportedVersion {
+                        peer_min: w.version,
+                        peer_max: w.version,
+                        ours_min: VERSION_MIN,
+                        ours_max: VERSION_MAX,
+                    });
+                }
+                self.peer_nonce = w.nonce;
+                self.peer = Some(PeerInfo {
+                    name: w.peer_name.clone(),
+                    software: w.software.clone(),
+                    version: w.version,
+                    features: w.features & self.local.features,
+                });
+                let proof = self.auth.proof(Role::Client, &self.local.nonce, &w.nonce);
+                Frame::AuthProof(AuthProof { proof }).encode(&mut self.out);
+                self.state = State::AwaitAuthOk;
+                Ok(None)
+            }
+            (Frame::AuthProof(p), Role::Server, State::AwaitAuthProof) => {
+                let expected = self.auth.proof(Role::Client, &self.peer_nonce, &self.local.nonce);
+                if !constant_time_eq(&expected, &p.proof) {
+                    return Err(WireError::AuthFailed);
+                }
+                let proof = self.auth.proof(Role::Server, &self.peer_nonce, &self.local.nonce);
+                Frame::AuthOk(AuthOk { proof }).encode(&mut self.out);
+                self.state = State::Ready;
+                Ok(self.peer.clone().map(Event::Authenticated))
+            }
+            (Frame::AuthOk(a), Role::Client, State::AwaitAuthOk) => {
+                let expected = self.auth.proof(Role::Server, &self.local.nonce, &self.peer_nonce);
+                if !constant_time_eq(&expected, &a.proof) {
+                    return Err(WireError::ServerAuthFailed);
+                }
+                self.state = State::Ready;
+                Ok(self.peer.clone().map(Event::Authenticated))
+            }
+            (Frame::Error(e), _, _) => {
+                self.state = State::Closed;
+                Err(WireError::Remote { code: e.code, message: e.message.clone() })
+            }
+            _ => {
+                self.transition(&frame, Dir::Recv)?;
+                Ok(Some(Event::Frame(frame)))
+            }
+        }
+    }
+
+    /// Check that `frame` may go in direction `dir` now, and apply its effect.
+    fn transition(&mut self, frame: &Frame, dir: Dir) -> Result<(), WireError> {
+        // Who sends this frame: the client (source) or the server (target).
+        let from_client = (self.role == Role::Client) == (dir == Dir::Send);
+        let illegal = |state: State| WireError::IllegalFrame {
+            frame: frame.name(),
+            direction: if dir == Dir::Send { "sent" } else { "received" },
+            state: state.name(),
+        };
+        let authenticated =
+            !matches!(self.state, State::AwaitHello | State::AwaitWelcome | State::AwaitAuthProof | State::AwaitAuthOk);
+        match frame {
+            Frame::Error(_) | Frame::Close => {
+                self.state = State::Closed;
+                Ok(())
+            }
+            Frame::Progress(_) | Frame::Keepalive | Frame::Unknown { .. } if authenticated => Ok(()),
+            Frame::OpenReplica(_) if from_client && self.state == State::Ready => {
+                self.disks.clear();
+                self.state = State::OpeningReplica;
+                Ok(())
+            }
+            Frame::ReplicaOpened(_) if !from_client && self.state == State::OpeningReplica => {
+                self.state = State::ReplicaOpen;
+                Ok(())
+            }
+            Frame::OpenDisk(o) if from_client && self.state == State::ReplicaOpen => {
+                if self.disks.contains_key(&o.disk) {
+                    return Err(WireError::Disk { what: "OpenDisk for already open", disk: o.disk });
+                }
+                let cs = u64::from(o.chunk_size);
+                self.disks.insert(
+                    o.disk,
+                    DiskTrack {
+                        size: o.size,
+                        chunk_size: o.chunk_size,
+                        chunk_count: o.size.div_ceil(cs),
+                        open: false,
+                        next_min: 0,
+                        flushed: 0,
+                        map_next: None,
+                    },
+                );
+                Ok(())
+            }
+            Frame::ResumeInfo(r) if !from_client && self.state == State::ReplicaOpen => {
+                let d = self.disk(r.disk, false)?;
+                if r.next_chunk > d.chunk_count {
+                    return Err(WireError::Chunk {
+                        disk: r.disk,
+                        chunk: r.next_chunk,
+                        what: "resume point beyond the disk",
+                    });
+                }
+                d.open = true;
+                d.next_min = r.next_chunk;
+                d.flushed = r.next_chunk;
+                Ok(())
+            }
+            Frame::DigestMapRequest(r) if from_client && self.state == State::ReplicaOpen => {
+                let d = self.disk(r.disk, true)?;
+                if d.map_next.is_some() {
+                    return Err(WireError::Disk { what: "second DigestMapRequest in flight for", disk: r.disk });
+                }
+                d.map_next = Some(0);
+                Ok(())
+            }
+            Frame::DigestMapPart(p) if !from_client && self.state == State::ReplicaOpen => {
+                let d = self.disk(p.disk, true)?;
+                let Some(next) = d.map_next else {
+                    return Err(WireError::Disk { what: "DigestMapPart without a request for", disk: p.disk });
+                };
+                if p.first_chunk != next {
+                    return Err(WireError::Chunk {
+                        disk: p.disk,
+                        chunk: p.first_chunk,
+                        what: "digest map part out of order",
+                    });
+                }
+                d.map_next = Some(next + p.count() as u64);
+                Ok(())
+            }
+            Frame::DigestMapEnd(e) if !from_client && self.state == State::ReplicaOpen => {
+                let d = self.disk(e.disk, true)?;
+                let Some(next) = d.map_next.take() else {
+                    return Err(WireError::Disk { what: "DigestMapEnd without a request for", disk: e.disk });
+                };
+                if !e.cache_hit && next != e.chunk_count {
+                    return Err(WireError::Chunk { disk: e.disk, chunk: next, what: "digest map ended early or late" });
+                }
+                Ok(())
+            }
+            Frame::Data(data) if from_client && self.state == State::ReplicaOpen => {
+                let d = self.disk(data.disk, true)?;
+                check_chunk(data.disk, d, data.chunk, 1)?;
+                if u64::from(data.logical_len) != d.logical_len(data.chunk) {
+                    return Err(WireError::Chunk {
+                        disk: data.disk,
+                        chunk: data.chunk,
+                        what: "logical length does not match the disk",
+                    });
+                }
+                d.next_min = data.chunk + 1;
+                Ok(())
+            }
+            Frame::ZeroRun(z) if from_client && self.state == State::ReplicaOpen => {
+                let d = self.disk(z.disk, true)?;
+                check_chunk(z.disk, d, z.first_chunk, z.count)?;
+                d.next_min = z.first_chunk + z.count;
+                Ok(())
+            }
+            Frame::Flush(f) if from_client && self.state == State::ReplicaOpen => {
+                let d = self.disk(f.disk, true)?;
+                if f.next_chunk < d.next_min.max(d.flushed) || f.next_chunk > d.chunk_count {
+                    return Err(WireError::Chunk {
+                        disk: f.disk,
+                        chunk: f.next_chunk,
+                        what: "flush point behind data sent or beyond the disk",
+                    });
+                }
+                d.flushed = f.next_chunk;
+                d.next_min = f.next_chunk;
+                Ok(())
+            }
+            Frame::Checkpoint(c) if !from_client && matches!(self.state, State::ReplicaOpen | State::Committing) => {
+                let d = self.disk(c.disk, true)?;
+                if c.next_chunk > d.flushed {
+                    return Err(WireError::Chunk {
+                        disk: c.disk,
+                        chunk: c.next_chunk,
+                        what: "checkpoint ahead of the last flush",
+                    });
+                }
+                Ok(())
+            }
+            Frame::Commit(c) if from_client && self.state == State::ReplicaOpen => {
+                if c.disk_count as usize != self.disks.len() {
+                    return Err(WireError::Disk {
+                        what: "Commit counts a different number of disks than opened; last",
+                        disk: c.disk_count,
+                    });
+                }
+                if let Some((id, _)) = self.disks.iter().find(|(_, d)| !d.open || d.flushed != d.chunk_count) {
+                    return Err(WireError::Disk {
+                        what: "Commit before every disk was flushed to its end:",
+                        disk: *id,
+                    });
+                }
+                self.state = State::Committing;
+                Ok(())
+            }
+            Frame::Committed(_) if !from_client && self.state == State::Committing => {
+                self.disks.clear();
+                self.state = State::Ready;
+                Ok(())
+            }
+            _ => Err(illegal(self.state)),
+        }
+    }
+
+    fn disk(&mut self, disk: u32, must_be_open: bool) -> Result<&mut DiskTrack, WireError> {
+        match self.disks.get_mut(&disk) {
+            None => Err(WireError::Disk { what: "frame for unknown", disk }),
+            Some(d) if must_be_open && !d.open => Err(WireError::Disk { what: "frame before ResumeInfo for", disk }),
+            Some(d) if !must_be_open && d.open => Err(WireError::Disk { what: "second ResumeInfo for", disk }),
+            Some(d) => Ok(d),
+        }
+    }
+}
+
+fn check_chunk(disk: u32, d: &DiskTrack, first: u64, count: u64) -> Result<(), WireError> {
+    if first < d.next_min {
+        return Err(WireError::Chunk { disk, chunk: first, what: "out of order or already sent" });
+    }
+    match first.checked_add(count) {
+        Some(end) if end <= d.chunk_count => Ok(()),
+        _ => Err(WireError::Chunk { disk, chunk: first, what: "beyond the end of the disk" }),
+    }
+}
+
+/// Check encoder-side limits so we never send what a peer must refuse.
+fn check_limits(frame: &Frame) -> Result<(), WireError> {
+    let name = frame.name();
+    let too_long = |field: &'static str, len: usize, max: usize| {
+        if len > max {
+            Err(WireError::FieldTooLong { frame: name, field, len: len as u64, max: max as u64 })
+        } else {
+            Ok(())
+        }
+    };
+    match frame {
+        Frame::OpenReplica(o) => too_long("replica", o.replica.len(), MAX_NAME_LEN),
+        Frame::OpenDisk(o) => {
+            too_long("name", o.name.len(), MAX_NAME_LEN)?;
+            if !o.chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&o.chunk_size) {
+                return Err(WireError::InvalidValue { frame: name, field: "chunk_size", value: o.chunk_size.into() });
+            }
+            Ok(())
+        }
+        Frame::DigestMapPart(p) => {
+            if p.digests.len() % DIGEST_LEN != 0 {
+                return Err(WireError::InvalidValue {
+                    frame: name,
+                    field: "digests length",
+                    value: p.digests.len() as u64,
+                });
+            }
+            too_long("count", p.count(), MAX_DIGESTS_PER_PART)
+        }
+        Frame::Data(d) => {
+            too_long("payload", d.payload.len(), MAX_CHUNK_SIZE as usize)?;
+            if d.payload.is_empty() || (d.codec == Codec::None && d.payload.len() != d.logical_len as usize) {
+                return Err(WireError::InvalidValue {
+                    frame: name,
+                    field: "payload length",
+                    value: d.payload.len() as u64,
+                });
+            }
+            Ok(())
+        }
+        Frame::ZeroRun(z) if z.count == 0 => Err(WireError::InvalidValue { frame: name, field: "count", value: 0 }),
+        Frame::Error(e) => too_long("message", e.message.len(), MAX_MESSAGE_LEN),
+        _ => Ok(()),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    diff == 0
+}
