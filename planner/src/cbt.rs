@@ -122,21 +122,15 @@ impl Parser<'_> {
     }
 
     fn object<'v>(&self, entry: usize, path: &str, v: &'v Value) -> Result<&'v Map<String, Value>, PlanError> {
-        v.as_object().ok_or_else(|| PlanError::NotAnObject {
-            label: self.label(),
-            entry,
-            field: path.to_owned(),
-            found: type_name(v),
-        })
+        v.as_object().ok_or_else(|| self.wrong_type(entry, path, "an object", v))
     }
 
     fn array<'v>(&self, entry: usize, path: &str, v: &'v Value) -> Result<&'v [Value], PlanError> {
-        v.as_array().map(Vec::as_slice).ok_or_else(|| PlanError::InvalidNumber {
-            label: self.label(),
-            entry,
-            field: path.to_owned(),
-            found: format!("{} (expected an array)", type_name(v)),
-        })
+        v.as_array().map(Vec::as_slice).ok_or_else(|| self.wrong_type(entry, path, "an array", v))
+    }
+
+    fn wrong_type(&self, entry: usize, path: &str, expected: &'static str, v: &Value) -> PlanError {
+        PlanError::WrongType { label: self.label(), entry, field: path.to_owned(), expected, found: type_name(v) }
     }
 
     /// A required non-negative integer field.

@@ -51,15 +51,17 @@ pub enum PlanError {
         /// The caller's name for the input.
         label: String,
     },
-    /// An element that must be a JSON object is something else.
-    #[error("{label}: entry {entry} ({field}) must be an object, found {found}")]
-    NotAnObject {
+    /// An element has the wrong JSON type (an object or an array was expected).
+    #[error("{label}: entry {entry}: {field} must be {expected}, found {found}")]
+    WrongType {
         /// The caller's name for the input.
         label: String,
         /// Index of the element.
         entry: usize,
         /// JSON path of the element.
         field: String,
+        /// The JSON type expected, e.g. `an object`.
+        expected: &'static str,
         /// The JSON type found.
         found: &'static str,
     },

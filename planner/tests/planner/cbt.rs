@@ -152,15 +152,16 @@ fn vmware_errors() {
     let not_object = r#"{"startOffset":0,"length":4096,"changedArea":[{"start":0,"length":1},7]}"#;
     assert_eq!(
         parse(not_object).unwrap_err(),
-        PlanError::NotAnObject {
+        PlanError::WrongType {
             label: "t.json".into(),
             entry: 1,
             field: "$.changedArea[1]".into(),
+            expected: "an object",
             found: "a number"
         }
     );
     let bad_page = r#"[{"startOffset":0,"length":4096,"changedArea":[]}, "x"]"#;
-    assert!(matches!(parse(bad_page), Err(PlanError::NotAnObject { entry: 1, .. })));
+    assert!(matches!(parse(bad_page), Err(PlanError::WrongType { entry: 1, expected: "an object", .. })));
     let nothing_changed = r#"{"startOffset":0,"length":4096,"changedArea":null}"#;
     assert!(parse(nothing_changed).unwrap().is_empty());
 }
@@ -209,7 +210,10 @@ fn generic_list_errors() {
     let adjacent = r#"[{"offset":10,"length":10},{"offset":0,"length":10}]"#;
     assert_eq!(parse(adjacent).unwrap(), map(&[(0, 20)]));
     let extents_not_array = r#"{"extents": 5}"#;
-    assert!(matches!(parse(extents_not_array), Err(PlanError::InvalidNumber { .. })));
+    assert_eq!(
+        parse(extents_not_array).unwrap_err().to_string(),
+        "t.json: entry 0: $.extents must be an array, found a number"
+    );
 }
 
 #[test]
