@@ -311,3 +311,80 @@ fn error_messages_name_label_entry_and_values() {
         "disk0.cbt: entry 0: map made for a disk of another size (it covers 1 bytes, this disk has 2)"
     );
 }
+
+mod properties {
+    use ferry_planner::{parse_cbt, ChangeMap, Extent};
+    use proptest::prelude::*;
+
+    fn change_map() -> impl Strategy<Value = (ChangeMap, u64)> {
+        (prop::collection::vec((0..10_000u64, 1..500u64), 0..30), 0..2000u64).prop_map(|(v, slack)| {
+            let map = ChangeMap::from_extents(v.into_iter().map(|(o, l)| Extent::new(o, l)));
+            let disk = map.extents().last().map_or(0, Extent::end) + slack;
+            (map, disk)
+        })
+    }
+
+    /// The map as nbdinfo prints a dirty bitmap: contiguous dirty and clean runs.
+    fn nbdinfo_json(map: &ChangeMap, disk: u64) -> String {
+        let mut runs = Vec::new();
+        let mut at = 0;
+        for e in map.extents() {
+            if e.offset > at {
+                runs.push(format!(
+                    r#"{{ "offset": {at}, "length": {}, "type": 0, "description": "clean"}}"#,
+                    e.offset - at
+                ));
+            }
+            runs.push(format!(
+                r#"{{ "offset": {}, "length": {}, "type": 1, "description": "dirty"}}"#,
+                e.offset, e.len
+            ));
+            at = e.end();
+        }
+        if disk > at {
+            runs.push(format!(r#"{{ "offset": {at}, "length": {}, "type": 0, "description": "clean"}}"#, disk - at));
+        }
+        format!("[\n{}\n]\n", runs.join(",\n"))
+    }
+
+    proptest! {
+        #[test]
+        fn every_format_round_trips((map, disk) in change_map(), reverse in any::<bool>()) {
+            let mut list: Vec<String> =
+                map.extents().iter().map(|e| format!(r#"{{"offset": {}, "length": {}}}"#, e.offset, e.len)).collect();
+            if reverse {
+                list.reverse();
+            }
+            let generic = format!("[{}]", list.join(","));
+            prop_assert_eq!(&parse_cbt("p", generic.as_bytes(), disk).unwrap(), &map);
+            let wrapped = format!(r#"{{"disk_size": {disk}, "extents": {generic}}}"#);
+            prop_assert_eq!(&parse_cbt("p", wrapped.as_bytes(), disk).unwrap(), &map);
+            let areas: Vec<String> =
+                map.extents().iter().map(|e| format!(r#"{{"start": {}, "length": {}}}"#, e.offset, e.len)).collect();
+            let vmware = format!(r#"{{"startOffset": 0, "length": {disk}, "changedArea": [{}]}}"#, areas.join(","));
+            prop_assert_eq!(&parse_cbt("p", vmware.as_bytes(), disk).unwrap(), &map);
+            prop_assert_eq!(&parse_cbt("p", nbdinfo_json(&map, disk).as_bytes(), disk).unwrap(), &map);
+        }
+
+        #[test]
+        fn parse_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200), disk in any::<u64>()) {
+            let _ = parse_cbt("p", &bytes, disk);
+        }
+
+        #[test]
+        fn parse_never_panics_on_json_shapes(
+            json in prop::sample::select(vec![
+                r#"[{"offset": N, "length": M}]"#,
+                r#"[{"offset": N, "length": M, "type": 1}]"#,
+                r#"{"startOffset": N, "length": M, "changedArea": [{"start": N, "length": M}]}"#,
+                r#"{"disk_size": N, "extents": [{"offset": M, "length": N}]}"#,
+            ]),
+            n in prop::sample::select(vec!["0", "-1", "1.5", "1e400", "18446744073709551615", "\"x\"", "null", "[]", "{}"]),
+            m in prop::sample::select(vec!["0", "7", "-0", "18446744073709551616", "true", "4096"]),
+            disk in prop::sample::select(vec![0u64, 4096, u64::MAX]),
+        ) {
+            let text = json.replace('N', n).replace('M', m);
+            let _ = parse_cbt("p", text.as_bytes(), disk);
+        }
+    }
+}
