@@ -646,6 +646,31 @@ fn verify_worker(rx: Receiver<Data>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) 
     stats
 }
 
+/// Hash the chunks of an image whose digests are unknown (a seed placed in
+/// the datastore, a lost or stale map), at local disk speed.
+fn rebuild_unknown(d: &mut WDisk) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let cs = u64::from(d.chunk_size);
+    let mut buf = vec![0u8; d.chunk_size as usize];
+    for i in 0..d.digests.chunk_count() {
+        if d.digests.is_known(i) {
+            continue;
+        }
+        let offset = i * cs;
+        let len = d.digests.chunk_len(i) as usize;
+        d.file.read_exact_at(&mut buf[..len], offset).map_err(|e| MoveError::DiskIo {
+            what: "hashing",
+            disk: d.name.clone(),
+            offset,
+            len,
+            source: e,
+        })?;
+        d.digests.set(i, *blake3::hash(&buf[..len]).as_bytes());
+    }
+    d.dirty = true;
+    Ok(())
+}
+
 struct Writer {
     backend: Box<dyn IoBackend>,
     disks: HashMap<u32, WDisk>,
@@ -752,10 +777,13 @@ impl Writer {
                     self.stats.record(Stage::Write, t.elapsed());
                 }
                 WriterMsg::GetDigests { disk, reply } => {
-                    let map = self.disks.get(&disk).map(|d| d.digests.clone());
-                    if let Some(m) = map {
-                        let _ = reply.send(m);
+                    let Some(d) = self.disks.get_mut(&disk) else { continue };
+                    if d.digests.unknown_count() > 0 {
+                        let t = Instant::now();
+                        rebuild_unknown(d)?;
+                        self.stats.record(Stage::Verify, t.elapsed());
                     }
+                    let _ = reply.send(d.digests.clone());
                 }
                 b @ (WriterMsg::Barrier { .. } | WriterMsg::Commit { .. }) => self.barriers.push_back(b),
             }
