@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use ferry_mover::backend::BackendChoice;
 use ferry_mover::source::{CompressPolicy, DiskSpec, ReplicateConfig};
 use ferry_mover::target::datastore::Datastore;
+use ferry_mover::target::points;
 use ferry_mover::target::ServeConfig;
 use ferry_mover::{MoveError, TargetSpec};
 use ferry_wire::Mode;
@@ -159,6 +160,52 @@ enum PointsCmd {
         /// Output file (created or truncated).
         #[arg(long)]
         out: PathBuf,
+        /// Restore point id (default: the latest).
+        #[arg(long)]
+        point: Option<u64>,
+    },
+    /// Return a replica, in place, to an older restore point (newer points are dropped),
+    /// or undo an interrupted session.
+    Rollback {
+        /// Datastore directory.
+        #[arg(long)]
+        target: PathBuf,
+        /// Replica name.
+        #[arg(long)]
+        replica: String,
+        /// Restore point id to return to.
+        #[arg(long, conflicts_with = "incomplete", required_unless_present = "incomplete")]
+        point: Option<u64>,
+        /// Undo an interrupted session: back to the last complete point.
+        #[arg(long)]
+        incomplete: bool,
+        /// Confirm: newer restore points are deleted for good.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Drop the oldest restore points beyond the retention.
+    Prune {
+        /// Datastore directory.
+        #[arg(long)]
+        target: PathBuf,
+        /// Replica name.
+        #[arg(long)]
+        replica: String,
+        /// Points to keep (default: the replica's setting); also stored as the new setting.
+        #[arg(long)]
+        retain: Option<u32>,
+    },
+    /// Re-hash the latest images against their digest maps and check every undo file.
+    Verify {
+        /// Datastore directory.
+        #[arg(long)]
+        target: PathBuf,
+        /// Replica name.
+        #[arg(long)]
+        replica: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -449,9 +496,9 @@ fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PointsCmd::Export { target, replica, disk, out } => {
+        PointsCmd::Export { target, replica, disk, out, point } => {
             let ds = Datastore::open(&target)?;
-            let rep = ferry_mover::export::export_latest(&ds, &replica, &disk, &out)?;
+            let rep = points::export_point(&ds, &replica, &disk, point, &out)?;
             eprintln!(
                 "exported {replica}/{disk} to {} ({} , {} of data)",
                 out.display(),
@@ -459,6 +506,51 @@ fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
                 report::human_bytes(rep.data_bytes)
             );
             Ok(ExitCode::SUCCESS)
+        }
+        PointsCmd::Rollback { target, replica, point, incomplete, yes } => {
+            if !yes {
+                return Err(usage("rollback deletes data for good: add --yes to confirm"));
+            }
+            let ds = Datastore::open(&target)?;
+            ds.replica(&replica)?;
+            let r = ds.lock_replica(&replica, "ferry points rollback", 0, 0)?;
+            if incomplete {
+                if points::rollback_incomplete(&r)? {
+                    eprintln!("rolled back the interrupted session of {replica}: it is at its last complete point");
+                } else {
+                    eprintln!("replica {replica} has no interrupted session: nothing to do");
+                }
+            } else {
+                let to = point.expect("clap requires --point without --incomplete");
+                let dropped = points::rollback_to(&r, to)?;
+                eprintln!("replica {replica} is at restore point {to}; dropped points {dropped:?}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PointsCmd::Prune { target, replica, retain } => {
+            let ds = Datastore::open(&target)?;
+            ds.replica(&replica)?;
+            let r = ds.lock_replica(&replica, "ferry points prune", 0, retain.unwrap_or(0))?;
+            let dropped = points::prune(&r, r.settings.retain)?;
+            eprintln!("replica {replica}: kept {} point(s), dropped {dropped:?}", r.settings.retain);
+            Ok(ExitCode::SUCCESS)
+        }
+        PointsCmd::Verify { target, replica, json } => {
+            let ds = Datastore::open(&target)?;
+            let r = ds.lock_replica(&replica, "ferry points verify", 0, 0)?;
+            let (checked, issues) = points::verify(&r)?;
+            if json {
+                report::print_json(&serde_json::json!({"replica": replica, "checked": checked, "issues": issues}));
+            } else {
+                for i in &issues {
+                    match i.chunk {
+                        Some(c) => println!("disk {} chunk {c}: {}", i.disk, i.problem),
+                        None => println!("disk {}: {}", i.disk, i.problem),
+                    }
+                }
+                println!("{checked} chunks and records checked, {} problem(s)", issues.len());
+            }
+            Ok(ExitCode::from(if issues.is_empty() { 0 } else { 1 }))
         }
     }
 }

@@ -17,6 +17,8 @@
 //! checkpoint the source sees is durable.
 
 pub mod datastore;
+pub mod points;
+pub mod undo;
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -215,6 +217,8 @@ impl TargetSession<'_> {
             match frame {
                 Frame::OpenReplica(o) => {
                     let replica = self.ds.lock_replica(&o.replica, &self.holder, 0, o.retain)?;
+                    // A rollback interrupted by a crash is finished before anything else.
+                    points::finish_rollback(&replica)?;
                     let catalog = replica.catalog()?;
                     let latest = catalog.points.last().cloned();
                     let (state, resumed) = match replica.session()? {
@@ -387,6 +391,30 @@ impl TargetSession<'_> {
             Some(d) => (d.previous_size, d.next_chunk.min(chunk_count)),
             None => (existing, 0),
         };
+        // Protect the latest point: old contents go to its undo file before they are overwritten.
+        let point_disk =
+            a.latest_point.as_ref().and_then(|p| p.disks.iter().find(|d| d.name == o.name).map(|d| (p.id, d.size)));
+        let mut undo_writer = None;
+        let mut point_size = 0;
+        if let Some((point_id, psize)) = point_disk {
+            let mut u = undo::UndoWriter::open(&a.replica.dir, point_id, &o.name, o.chunk_size, psize)?;
+            point_size = psize;
+            if o.size < existing {
+                // Chunks a shrink cuts off (and the new partial last chunk) keep their old contents.
+                let cs = u64::from(o.chunk_size);
+                let mut buf = vec![0u8; o.chunk_size as usize];
+                for c in o.size / cs..psize.div_ceil(cs) {
+                    if u.saved.contains_key(&c) {
+                        continue;
+                    }
+                    let len = ((psize - c * cs).min(cs)) as usize;
+                    read_exact_at(&file, &mut buf[..len], c * cs, &o.name)?;
+                    u.append(c, &buf[..len])?;
+                }
+                u.sync()?;
+            }
+            undo_writer = Some(u);
+        }
         if existing != o.size {
             file.set_len(o.size).map_err(|e| MoveError::file("resizing replica disk", &path, e))?;
         }
@@ -436,6 +464,8 @@ impl TargetSession<'_> {
                 digests_path,
                 dirty: false,
                 entry,
+                undo: undo_writer,
+                point_size,
             }),
         );
         if a.pipeline()?.to_writer.send(msg).is_err() {
@@ -474,6 +504,7 @@ impl TargetSession<'_> {
         // The catalog write is the commit point; session.json goes after it.
         a.replica.write_catalog(&catalog)?;
         a.replica.clear_session()?;
+        points::prune(&a.replica, a.replica.settings.retain)?;
         Ok(point)
     }
 }
@@ -506,6 +537,10 @@ struct WDisk {
     digests_path: std::path::PathBuf,
     dirty: bool,
     entry: SessionDisk,
+    /// Old contents of overwritten chunks go here first (replicas with a point that has this disk).
+    undo: Option<undo::UndoWriter>,
+    /// Size of the disk at the latest point (what the undo file restores).
+    point_size: u64,
 }
 
 enum WriterMsg {
@@ -565,6 +600,8 @@ fn start_pipeline(
                     counters,
                     stats: StageStats::default(),
                     started: HashMap::new(),
+                    held: Vec::new(),
+                    old: Vec::new(),
                 };
                 if let Err(e) = w.run(writer_rx) {
                     w.conn.send_error(e.code(), &e.detail());
@@ -646,6 +683,37 @@ fn verify_worker(rx: Receiver<Data>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) 
     stats
 }
 
+/// Most writes held back waiting for one fsync of their undo records.
+const HOLD_MAX: usize = 32;
+
+/// Append the old contents of `chunk` to the disk's undo file if the latest
+/// point needs them and they are not saved yet. Returns true when a record
+/// was appended (the write must wait for the undo file's fsync).
+fn save_old(d: &mut WDisk, chunk: u64, old: &mut Vec<u8>) -> Result<bool> {
+    let Some(u) = &mut d.undo else { return Ok(false) };
+    let cs = u64::from(d.chunk_size);
+    let offset = chunk * cs;
+    if offset >= d.point_size || u.saved.contains_key(&chunk) {
+        return Ok(false);
+    }
+    let len = (d.point_size - offset).min(cs) as usize;
+    old.resize(len.max(old.len()), 0);
+    read_exact_at(&d.file, &mut old[..len], offset, &d.name)?;
+    u.append(chunk, &old[..len])?;
+    Ok(true)
+}
+
+fn read_exact_at(f: &File, buf: &mut [u8], offset: u64, disk: &str) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(buf, offset).map_err(|e| MoveError::DiskIo {
+        what: "reading old contents of",
+        disk: disk.to_string(),
+        offset,
+        len: buf.len(),
+        source: e,
+    })
+}
+
 /// Hash the chunks of an image whose digests are unknown (a seed placed in
 /// the datastore, a lost or stale map), at local disk speed.
 fn rebuild_unknown(d: &mut WDisk) -> Result<()> {
@@ -683,12 +751,19 @@ struct Writer {
     stats: StageStats,
     /// Write start times by tag, for latency.
     started: HashMap<u64, Instant>,
+    /// Writes whose undo records are appended but not yet fsynced.
+    held: Vec<IoRequest>,
+    /// Reused buffer for reading old contents.
+    old: Vec<u8>,
 }
 
 impl Writer {
     fn run(&mut self, rx: Receiver<WriterMsg>) -> Result<()> {
         let mut tag = 0u64;
         loop {
+            if !self.held.is_empty() && (self.held.len() >= HOLD_MAX || rx.is_empty() || !self.barriers.is_empty()) {
+                self.flush_held()?;
+            }
             self.run_barriers()?;
             let busy = self.backend.in_flight();
             let msg = if busy >= self.backend.depth() {
@@ -721,34 +796,30 @@ impl Writer {
                 }
                 WriterMsg::Chunk { disk, chunk, buf, digest } => {
                     let d = self.disks.get_mut(&disk).ok_or_else(|| MoveError::Config(format!("no disk {disk}")))?;
+                    if d.digests.get(chunk) == Some(digest) {
+                        // The replica already holds these bytes: nothing to write, nothing to undo.
+                        self.written += 1;
+                        continue;
+                    }
                     let offset = chunk * u64::from(d.chunk_size);
                     let len = buf.len();
                     let fd = match &d.direct {
                         Some(f) if len % ALIGN == 0 => f.as_raw_fd(),
                         _ => d.file.as_raw_fd(),
                     };
+                    let held = save_old(d, chunk, &mut self.old)?;
                     d.digests.set(chunk, digest);
                     d.dirty = true;
                     d.entry.chunks_changed += 1;
                     d.entry.bytes_changed += len as u64;
                     tag += 1;
-                    self.started.insert(tag, Instant::now());
-                    self.backend
-                        .submit(IoRequest {
-                            tag: (u64::from(disk) << 48) | tag,
-                            fd,
-                            offset,
-                            len,
-                            kind: IoKind::Write,
-                            buf,
-                        })
-                        .map_err(|e| MoveError::DiskIo {
-                            what: "writing",
-                            disk: d.name.clone(),
-                            offset,
-                            len,
-                            source: e,
-                        })?;
+                    let req =
+                        IoRequest { tag: (u64::from(disk) << 48) | tag, fd, offset, len, kind: IoKind::Write, buf };
+                    if held {
+                        self.held.push(req);
+                    } else {
+                        self.submit(req)?;
+                    }
                 }
                 WriterMsg::Zero { disk, first, count } => {
                     let t = Instant::now();
@@ -756,6 +827,20 @@ impl Writer {
                     let cs = u64::from(d.chunk_size);
                     let offset = first * cs;
                     let end = ((first + count) * cs).min(d.size);
+                    let mut changed = 0;
+                    for c in first..first + count {
+                        if d.digests.get(c) != Some(d.zeros.digest(d.digests.chunk_len(c))) {
+                            save_old(d, c, &mut self.old)?;
+                            changed += 1;
+                        }
+                    }
+                    if changed == 0 {
+                        self.written += 1;
+                        continue;
+                    }
+                    if let Some(u) = &mut d.undo {
+                        u.sync()?;
+                    }
                     crate::disk::punch_hole(d.file.as_raw_fd(), offset, end - offset).map_err(|e| {
                         MoveError::DiskIo {
                             what: "punching a hole in",
@@ -770,7 +855,7 @@ impl Writer {
                         d.digests.set(c, d.zeros.digest(len));
                     }
                     d.dirty = true;
-                    d.entry.chunks_changed += count;
+                    d.entry.chunks_changed += changed;
                     d.entry.bytes_changed += end - offset;
                     self.counters.chunks_zero.fetch_add(count, Ordering::Relaxed);
                     self.written += 1;
@@ -788,6 +873,36 @@ impl Writer {
                 b @ (WriterMsg::Barrier { .. } | WriterMsg::Commit { .. }) => self.barriers.push_back(b),
             }
         }
+    }
+
+    fn submit(&mut self, req: IoRequest) -> Result<()> {
+        while self.backend.in_flight() >= self.backend.depth() {
+            self.complete_one()?;
+        }
+        let (offset, len, disk) = (req.offset, req.len, (req.tag >> 48) as u32);
+        self.started.insert(req.tag & ((1 << 48) - 1), Instant::now());
+        self.backend.submit(req).map_err(|e| MoveError::DiskIo {
+            what: "writing",
+            disk: self.disks.get(&disk).map_or_else(String::new, |d| d.name.clone()),
+            offset,
+            len,
+            source: e,
+        })
+    }
+
+    /// Make the undo records of the held writes durable, then submit them.
+    fn flush_held(&mut self) -> Result<()> {
+        let t = Instant::now();
+        for d in self.disks.values_mut() {
+            if let Some(u) = &mut d.undo {
+                u.sync()?;
+            }
+        }
+        self.stats.record(Stage::Sync, t.elapsed());
+        for req in std::mem::take(&mut self.held) {
+            self.submit(req)?;
+        }
+        Ok(())
     }
 
     fn disk_name(&self, label: &str) -> String {

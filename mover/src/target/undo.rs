@@ -1,0 +1,283 @@
+//! Undo files: the reverse deltas that keep older restore points.
+//!
+//! While a session turns point N into point N+1, the old contents of every
+//! chunk it overwrites (or truncates away) are appended to
+//! `REPLICA/undo/N/DISK.undo` and made durable before the chunk is touched.
+//! After the commit that file belongs to point N: the state of point N is the
+//! latest image with the undo files of N, N+1, ... applied, newest first.
+//!
+//! Format (little-endian), DO NOT MODIFY without a version bump:
+//! ```text
+//! header  64 bytes: magic "FERRYUN1", point id u64, chunk size u32,
+//!                   reserved u32, disk size at point N u64, 24 zero bytes,
+//!                   BLAKE3 of the first 56 bytes truncated to 8 bytes
+//! record  56-byte head: chunk u64, len u32, flags u32 (bit 0: all zero, no data),
+//!                   digest [32] (BLAKE3 of the len bytes), head check u64
+//!                   (BLAKE3 of the first 48 bytes, truncated)
+//!         then `len` data bytes unless the zero flag is set
+//! ```
+//! A record whose head check or data digest does not match ends the file: it
+//! is the torn tail of a crash, and its chunk was never overwritten (records
+//! are fsynced before the overwrite).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{MoveError, Result};
+
+const MAGIC: &[u8; 8] = b"FERRYUN1";
+/// Length of the file header.
+pub const HEADER_LEN: u64 = 64;
+/// Length of a record head.
+pub const RECORD_HEAD_LEN: usize = 56;
+/// Record flag: the old contents were all zero (no data stored).
+pub const FLAG_ZERO: u32 = 1;
+
+fn check8(b: &[u8]) -> u64 {
+    let h = blake3::hash(b);
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// Where one chunk's old contents are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordLoc {
+    /// Offset of the data in the file (meaningless for zero records).
+    pub data_offset: u64,
+    /// Length of the chunk at the point.
+    pub len: u32,
+    /// True when the old contents were all zero.
+    pub zero: bool,
+    /// BLAKE3 of the old contents.
+    pub digest: [u8; 32],
+}
+
+/// Path of the undo file of `disk` for point `point`.
+pub fn undo_path(replica_dir: &Path, point: u64, disk: &str) -> PathBuf {
+    replica_dir.join("undo").join(point.to_string()).join(format!("{disk}.undo"))
+}
+
+/// An undo file being appended to.
+#[derive(Debug)]
+pub struct UndoWriter {
+    file: File,
+    path: PathBuf,
+    end: u64,
+    dirty: bool,
+    /// Chunks already saved (their first old contents are kept; later writes need no record).
+    pub saved: HashMap<u64, RecordLoc>,
+}
+
+impl UndoWriter {
+    /// Open (or create) the undo file of `disk` for `point`; an existing file
+    /// is scanned, its torn tail cut off, and its records remembered.
+    pub fn open(replica_dir: &Path, point: u64, disk: &str, chunk_size: u32, disk_size: u64) -> Result<UndoWriter> {
+        let path = undo_path(replica_dir, point, disk);
+        let dir = path.parent().expect("undo dir");
+        std::fs::create_dir_all(dir).map_err(|e| MoveError::file("creating", dir, e))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| MoveError::file("opening undo file", &path, e))?;
+        let len = file.metadata().map_err(|e| MoveError::file("inspecting", &path, e))?.len();
+        let (saved, end) = if len >= HEADER_LEN {
+            let r = UndoReader::open(&path)?;
+            if r.chunk_size != chunk_size {
+                return Err(MoveError::Datastore(format!(
+                    "{} was made with chunk size {}, not {chunk_size}",
+                    path.display(),
+                    r.chunk_size
+                )));
+            }
+            (r.records, r.valid_end)
+        } else {
+            let mut h = [0u8; HEADER_LEN as usize];
+            h[..8].copy_from_slice(MAGIC);
+            h[8..16].copy_from_slice(&point.to_le_bytes());
+            h[16..20].copy_from_slice(&chunk_size.to_le_bytes());
+            h[24..32].copy_from_slice(&disk_size.to_le_bytes());
+            let c = check8(&h[..56]);
+            h[56..64].copy_from_slice(&c.to_le_bytes());
+            file.set_len(0)
+                .and_then(|_| file.write_all_at(&h, 0))
+                .and_then(|_| file.sync_all())
+                .map_err(|e| MoveError::file("writing undo file", &path, e))?;
+            crate::target::datastore::sync_dir(dir)?;
+            (HashMap::new(), HEADER_LEN)
+        };
+        file.set_len(end).map_err(|e| MoveError::file("trimming undo file", &path, e))?;
+        file.seek(SeekFrom::Start(end)).map_err(|e| MoveError::file("seeking", &path, e))?;
+        Ok(UndoWriter { file, path, end, dirty: false, saved })
+    }
+
+    /// Append the old contents of `chunk` (`data`; all-zero contents are stored as a flag).
+    pub fn append(&mut self, chunk: u64, data: &[u8]) -> Result<()> {
+        let zero = data.iter().all(|&b| b == 0);
+        let digest = *blake3::hash(data).as_bytes();
+        let mut head = [0u8; RECORD_HEAD_LEN];
+        head[..8].copy_from_slice(&chunk.to_le_bytes());
+        head[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        head[12..16].copy_from_slice(&(if zero { FLAG_ZERO } else { 0 }).to_le_bytes());
+        head[16..48].copy_from_slice(&digest);
+        let c = check8(&head[..48]);
+        head[48..56].copy_from_slice(&c.to_le_bytes());
+        let w = self.file.write_all(&head).and_then(|_| if zero { Ok(()) } else { self.file.write_all(data) });
+        w.map_err(|e| MoveError::file("writing undo file", &self.path, e))?;
+        let data_offset = self.end + RECORD_HEAD_LEN as u64;
+        self.end = data_offset + if zero { 0 } else { data.len() as u64 };
+        self.saved.insert(chunk, RecordLoc { data_offset, len: data.len() as u32, zero, digest });
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Make every appended record durable (before the chunks are overwritten).
+    pub fn sync(&mut self) -> Result<()> {
+        if self.dirty {
+            self.file.sync_data().map_err(|e| MoveError::file("syncing undo file", &self.path, e))?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+}
+
+/// An undo file opened for reading.
+#[derive(Debug)]
+pub struct UndoReader {
+    file: File,
+    /// Point the file restores.
+    pub point: u64,
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// Disk size at the point.
+    pub disk_size: u64,
+    /// Records by chunk (the first record of a chunk wins).
+    pub records: HashMap<u64, RecordLoc>,
+    /// End of the last intact record.
+    pub valid_end: u64,
+    /// True when a torn or corrupt record was found (and ignored with everything after it).
+    pub torn: bool,
+}
+
+impl UndoReader {
+    /// Open and index an undo file; verifies every record's head and data.
+    pub fn open(path: &Path) -> Result<UndoReader> {
+        let mut file = File::open(path).map_err(|e| MoveError::file("opening undo file", path, e))?;
+        let mut h = [0u8; HEADER_LEN as usize];
+        file.read_exact(&mut h).map_err(|e| MoveError::file("reading undo header", path, e))?;
+        if &h[..8] != MAGIC || check8(&h[..56]).to_le_bytes() != h[56..64] {
+            return Err(MoveError::Datastore(format!("{} is not an intact ferry undo file", path.display())));
+        }
+        let point = u64::from_le_bytes(h[8..16].try_into().expect("8"));
+        let chunk_size = u32::from_le_bytes(h[16..20].try_into().expect("4"));
+        let disk_size = u64::from_le_bytes(h[24..32].try_into().expect("8"));
+        let len = file.metadata().map_err(|e| MoveError::file("inspecting", path, e))?.len();
+        let mut records = HashMap::new();
+        let mut pos = HEADER_LEN;
+        let mut torn = false;
+        let mut data = vec![0u8; chunk_size as usize];
+        let mut reader = std::io::BufReader::with_capacity(
+            1 << 20,
+            file.try_clone().map_err(|e| MoveError::file("opening", path, e))?,
+        );
+        while pos < len {
+            let mut head = [0u8; RECORD_HEAD_LEN];
+            if pos + RECORD_HEAD_LEN as u64 > len || reader.read_exact(&mut head).is_err() {
+                torn = true;
+                break;
+            }
+            if check8(&head[..48]).to_le_bytes() != head[48..56] {
+                torn = true;
+                break;
+            }
+            let chunk = u64::from_le_bytes(head[..8].try_into().expect("8"));
+            let rlen = u32::from_le_bytes(head[8..12].try_into().expect("4"));
+            let flags = u32::from_le_bytes(head[12..16].try_into().expect("4"));
+            let digest: [u8; 32] = head[16..48].try_into().expect("32");
+            if rlen > chunk_size {
+                torn = true;
+                break;
+            }
+            let zero = flags & FLAG_ZERO != 0;
+            let data_offset = pos + RECORD_HEAD_LEN as u64;
+            let end = data_offset + if zero { 0 } else { u64::from(rlen) };
+            if end > len {
+                torn = true;
+                break;
+            }
+            if !zero {
+                let d = &mut data[..rlen as usize];
+                if reader.read_exact(d).is_err() || blake3::hash(d).as_bytes() != &digest {
+                    torn = true;
+                    break;
+                }
+            }
+            records.entry(chunk).or_insert(RecordLoc { data_offset, len: rlen, zero, digest });
+            pos = end;
+        }
+        Ok(UndoReader { file, point, chunk_size, disk_size, records, valid_end: pos, torn })
+    }
+
+    /// Read a record's old contents into `buf` (`loc.len` bytes; zeros for a zero record).
+    pub fn read(&self, loc: &RecordLoc, buf: &mut [u8]) -> Result<()> {
+        let b = &mut buf[..loc.len as usize];
+        if loc.zero {
+            b.fill(0);
+            return Ok(());
+        }
+        self.file
+            .read_exact_at(b, loc.data_offset)
+            .map_err(|e| MoveError::Datastore(format!("reading undo record: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_reopen_and_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = UndoWriter::open(dir.path(), 3, "d", 65536, 300_000).unwrap();
+        w.append(2, &vec![7u8; 65536]).unwrap();
+        w.append(4, &vec![0u8; 300_000 - 4 * 65536]).unwrap();
+        w.append(2, &vec![9u8; 65536]).unwrap(); // a second record of a chunk never wins
+        w.sync().unwrap();
+        drop(w);
+        let p = undo_path(dir.path(), 3, "d");
+        // A torn record at the end: half a head.
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(&[1, 2, 3]).unwrap();
+        drop(f);
+        let r = UndoReader::open(&p).unwrap();
+        assert!(r.torn);
+        assert_eq!((r.point, r.chunk_size, r.disk_size), (3, 65536, 300_000));
+        let mut buf = vec![0u8; 65536];
+        r.read(&r.records[&2], &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        assert!(r.records[&4].zero);
+        // Reopening for append cuts the torn tail and keeps the records.
+        let w = UndoWriter::open(dir.path(), 3, "d", 65536, 300_000).unwrap();
+        assert_eq!(w.saved.len(), 2);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), r.valid_end);
+    }
+
+    #[test]
+    fn corrupt_data_ends_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = UndoWriter::open(dir.path(), 1, "d", 65536, 1 << 20).unwrap();
+        w.append(0, &vec![1u8; 65536]).unwrap();
+        w.append(1, &vec![2u8; 65536]).unwrap();
+        w.sync().unwrap();
+        let p = undo_path(dir.path(), 1, "d");
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xFF], HEADER_LEN + 56 + 65536 + 56 + 10).unwrap();
+        let r = UndoReader::open(&p).unwrap();
+        assert!(r.torn);
+        assert_eq!(r.records.len(), 1);
+    }
+}
