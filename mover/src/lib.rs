@@ -1,1 +1,2 @@
 //! ferry-mover (placeholder).
+pub mod nbd;
