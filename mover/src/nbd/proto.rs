@@ -18,7 +18,7 @@ pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: newstyle greeting magic and the magic of every option request.
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Oldstyle greeting magic (`cliserv_magic`); not supported by this client.
-pub const CLISERV_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of option replies.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Magic of transmission requests.
