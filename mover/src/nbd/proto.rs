@@ -685,7 +685,7 @@ impl ReplyContext {
     /// Checks that `[offset, offset+len)` lies within the request.
     pub fn check_range(&self, offset: u64, len: u64, what: &str) -> Result<(), NbdError> {
         let end = offset.checked_add(len);
-        let req_end = self.offset + self.length as u64;
+        let req_end = self.offset.saturating_add(self.length as u64);
         match end {
             Some(end) if offset >= self.offset && end <= req_end => Ok(()),
             _ => Err(self.bad_reply(format!("{what} [{offset}, +{len}) outside the request"))),
@@ -996,5 +996,325 @@ pub fn decode_reply<'a>(
 impl fmt::Display for BlockSizes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "min {} preferred {} max {}", self.minimum, self.preferred, self.maximum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ctx(command: Command, offset: u64, length: u32) -> ReplyContext {
+        ReplyContext { command, offset, length, structured: true }
+    }
+
+    fn chunk_bytes(flags: u16, ty: u16, handle: u64, payload: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&ty.to_be_bytes());
+        b.extend_from_slice(&handle.to_be_bytes());
+        b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        b.extend_from_slice(payload);
+        b
+    }
+
+    #[test]
+    fn request_golden_vector() {
+        let r = Request {
+            flags: cmdflags::FUA,
+            command: Command::Write,
+            handle: 0x0102_0304_0506_0708,
+            offset: 4096,
+            length: 512,
+        };
+        assert_eq!(
+            r.encode(),
+            [0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 2, 0]
+        );
+        assert_eq!(Command::WriteZeroes.code(), 6);
+        assert_eq!(Command::BlockStatus.code(), 7);
+    }
+
+    #[test]
+    fn option_golden_vectors() {
+        let mut b = Vec::new();
+        OptionRequest::SetMetaContext { export: "e".into(), queries: vec!["base:allocation".into()] }
+            .encode(&mut b)
+            .unwrap();
+        let mut want = b"IHAVEOPT".to_vec();
+        want.extend_from_slice(&[0, 0, 0, 10, 0, 0, 0, 28, 0, 0, 0, 1, b'e', 0, 0, 0, 1, 0, 0, 0, 15]);
+        want.extend_from_slice(b"base:allocation");
+        assert_eq!(b, want);
+        b.clear();
+        OptionRequest::Go { export: String::new(), requests: vec![info::BLOCK_SIZE] }.encode(&mut b).unwrap();
+        assert_eq!(&b[8..], &[0, 0, 0, 7, 0, 0, 0, 8, 0, 0, 0, 0, 0, 1, 0, 3]);
+        let long = "x".repeat(MAX_STRING_LEN + 1);
+        assert!(OptionRequest::ExportName { export: long }.encode(&mut b).is_err());
+    }
+
+    #[test]
+    fn greeting_needs_bytes_then_checks_magic() {
+        let mut g = NBDMAGIC.to_be_bytes().to_vec();
+        g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        g.extend_from_slice(&3u16.to_be_bytes());
+        for n in 0..g.len() {
+            assert_eq!(Greeting::decode(&g[..n]).unwrap(), None);
+        }
+        let (gr, n) = Greeting::decode(&g).unwrap().unwrap();
+        assert_eq!((gr.flags, n, gr.client_flags()), (3, 18, 3));
+        let mut old = g.clone();
+        old[8..16].copy_from_slice(&CLISERV_MAGIC.to_be_bytes());
+        assert!(matches!(Greeting::decode(&old), Err(NbdError::Unsupported(_))));
+        match Greeting::decode(b"SSH-2.0-") {
+            Err(NbdError::BadMagic { expected, got, .. }) => {
+                assert_eq!((expected, got), (NBDMAGIC, u64::from_be_bytes(*b"SSH-2.0-")))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn opt_reply(option: u32, ty: u32, data: &[u8]) -> Vec<u8> {
+        let mut r = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&option.to_be_bytes());
+        r.extend_from_slice(&ty.to_be_bytes());
+        r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        r.extend_from_slice(data);
+        r
+    }
+
+    #[test]
+    fn option_replies() {
+        let mut d = vec![0, 0];
+        d.extend_from_slice(&(5u64 << 30).to_be_bytes());
+        d.extend_from_slice(&0x0d_u16.to_be_bytes());
+        let b = opt_reply(opt::GO, rep::INFO, &d);
+        for n in 0..b.len() {
+            assert_eq!(decode_option_reply(&b[..n], opt::GO).unwrap(), None);
+        }
+        assert_eq!(
+            decode_option_reply(&b, opt::GO).unwrap(),
+            Some((OptionReply::Info(InfoReply::Export { size: 5 << 30, flags: 0x0d }), b.len()))
+        );
+        let mut bs = vec![0, 3];
+        for v in [512u32, 4096, 32 << 20] {
+            bs.extend_from_slice(&v.to_be_bytes());
+        }
+        let (r, _) = decode_option_reply(&opt_reply(opt::GO, rep::INFO, &bs), opt::GO).unwrap().unwrap();
+        assert_eq!(
+            r,
+            OptionReply::Info(InfoReply::BlockSize(BlockSizes { minimum: 512, preferred: 4096, maximum: 32 << 20 }))
+        );
+        bs[2..6].copy_from_slice(&3u32.to_be_bytes());
+        assert!(decode_option_reply(&opt_reply(opt::GO, rep::INFO, &bs), opt::GO).is_err());
+        let (r, _) =
+            decode_option_reply(&opt_reply(opt::GO, rep::ERR_UNKNOWN, b"no such export"), opt::GO).unwrap().unwrap();
+        assert_eq!(r, OptionReply::Error { code: rep::ERR_UNKNOWN, message: "no such export".into() });
+        // An oversized reply is rejected from its header alone.
+        let mut huge = opt_reply(opt::GO, rep::INFO, &[]);
+        huge[16..20].copy_from_slice(&(MAX_OPTION_REPLY_LEN + 1).to_be_bytes());
+        assert!(matches!(decode_option_reply(&huge, opt::GO), Err(NbdError::TooLong { .. })));
+        // A reply to another option is a protocol error.
+        assert!(decode_option_reply(&opt_reply(opt::INFO, rep::ACK, &[]), opt::GO).is_err());
+        let mut mc = 7u32.to_be_bytes().to_vec();
+        mc.extend_from_slice(b"base:allocation");
+        let (r, _) =
+            decode_option_reply(&opt_reply(opt::SET_META_CONTEXT, rep::META_CONTEXT, &mc), opt::SET_META_CONTEXT)
+                .unwrap()
+                .unwrap();
+        assert_eq!(r, OptionReply::MetaContext { id: 7, name: "base:allocation".into() });
+    }
+
+    #[test]
+    fn structured_chunks_decode_and_check_limits() {
+        let c = ctx(Command::Read, 1000, 100);
+        let look = |h: u64| (h == 9).then_some(c);
+        let mut p = 1010u64.to_be_bytes().to_vec();
+        p.extend_from_slice(&[1, 2, 3]);
+        let b = chunk_bytes(0, chunk::OFFSET_DATA, 9, &p);
+        for n in 0..b.len() {
+            assert_eq!(decode_reply(&b[..n], look).unwrap(), None, "prefix {n}");
+        }
+        let (r, n) = decode_reply(&b, look).unwrap().unwrap();
+        assert_eq!(n, b.len());
+        assert_eq!(
+            r,
+            Reply::Chunk { handle: 9, flags: 0, chunk: Chunk::OffsetData { offset: 1010, data: &[1, 2, 3] } }
+        );
+        // Data past the request's end.
+        let mut p = 1099u64.to_be_bytes().to_vec();
+        p.extend_from_slice(&[1, 2]);
+        assert!(decode_reply(&chunk_bytes(0, chunk::OFFSET_DATA, 9, &p), look).is_err());
+        // A chunk longer than the request + 8 is rejected from its header.
+        let mut h = chunk_bytes(REPLY_FLAG_DONE, chunk::OFFSET_DATA, 9, &[]);
+        h[16..20].copy_from_slice(&109u32.to_be_bytes());
+        assert!(matches!(decode_reply(&h, look), Err(NbdError::BadReply { .. })));
+        // Unknown handle.
+        assert!(matches!(decode_reply(&chunk_bytes(1, 0, 8, &[]), look), Err(NbdError::UnknownHandle(8))));
+        // NONE without DONE.
+        assert!(decode_reply(&chunk_bytes(0, chunk::NONE, 9, &[]), look).is_err());
+        // Hole.
+        let mut p = 1000u64.to_be_bytes().to_vec();
+        p.extend_from_slice(&100u32.to_be_bytes());
+        let hb = chunk_bytes(1, chunk::OFFSET_HOLE, 9, &p);
+        let (r, _) = decode_reply(&hb, look).unwrap().unwrap();
+        assert_eq!(r, Reply::Chunk { handle: 9, flags: 1, chunk: Chunk::OffsetHole { offset: 1000, length: 100 } });
+        // Error with offset.
+        let mut p = 22u32.to_be_bytes().to_vec();
+        p.extend_from_slice(&2u16.to_be_bytes());
+        p.extend_from_slice(b"no");
+        p.extend_from_slice(&1050u64.to_be_bytes());
+        let eb = chunk_bytes(1, chunk::ERROR_OFFSET, 9, &p);
+        let (r, _) = decode_reply(&eb, look).unwrap().unwrap();
+        assert_eq!(
+            r,
+            Reply::Chunk {
+                handle: 9,
+                flags: 1,
+                chunk: Chunk::Error {
+                    chunk_type: chunk::ERROR_OFFSET,
+                    code: 22,
+                    message: "no".into(),
+                    offset: Some(1050)
+                }
+            }
+        );
+        // Message length overrunning the chunk.
+        let mut p = 22u32.to_be_bytes().to_vec();
+        p.extend_from_slice(&200u16.to_be_bytes());
+        assert!(decode_reply(&chunk_bytes(1, chunk::ERROR, 9, &p), look).is_err());
+    }
+
+    #[test]
+    fn block_status_chunks() {
+        let c = ctx(Command::BlockStatus, 0, 1 << 20);
+        let look = |_| Some(c);
+        let mut p = 1u32.to_be_bytes().to_vec();
+        for (l, f) in [(4096u32, 0u32), (8192, 3)] {
+            p.extend_from_slice(&l.to_be_bytes());
+            p.extend_from_slice(&f.to_be_bytes());
+        }
+        let bb = chunk_bytes(1, chunk::BLOCK_STATUS, 5, &p);
+        let (r, _) = decode_reply(&bb, look).unwrap().unwrap();
+        let Reply::Chunk { chunk: Chunk::BlockStatus { context_id, descriptors }, .. } = r else { panic!("{r:?}") };
+        assert_eq!(context_id, 1);
+        assert_eq!(
+            descriptors,
+            vec![BlockDescriptor { length: 4096, flags: 0 }, BlockDescriptor { length: 8192, flags: 3 }]
+        );
+        // Not 4 + 8n, no descriptor, a zero-length descriptor, too many.
+        assert!(decode_reply(&chunk_bytes(1, chunk::BLOCK_STATUS, 5, &p[..11]), look).is_err());
+        assert!(decode_reply(&chunk_bytes(1, chunk::BLOCK_STATUS, 5, &p[..4]), look).is_err());
+        let mut z = p.clone();
+        z[4..8].fill(0);
+        assert!(decode_reply(&chunk_bytes(1, chunk::BLOCK_STATUS, 5, &z), look).is_err());
+        let mut h = chunk_bytes(1, chunk::BLOCK_STATUS, 5, &[]);
+        h[16..20].copy_from_slice(&(4 + 8 * (MAX_BLOCK_STATUS_DESCRIPTORS + 1)).to_be_bytes());
+        assert!(decode_reply(&h, look).is_err());
+        // Block status chunk in reply to a read.
+        let r = ctx(Command::Read, 0, 4096);
+        assert!(decode_reply(&chunk_bytes(1, chunk::BLOCK_STATUS, 5, &p), |_| Some(r)).is_err());
+    }
+
+    #[test]
+    fn simple_replies() {
+        let plain = ReplyContext { command: Command::Read, offset: 0, length: 4, structured: false };
+        let mut b = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.extend_from_slice(&3u64.to_be_bytes());
+        assert_eq!(decode_reply(&b, |_| Some(plain)).unwrap(), None);
+        b.extend_from_slice(&[9, 8, 7, 6, 5]);
+        let (r, n) = decode_reply(&b, |_| Some(plain)).unwrap().unwrap();
+        assert_eq!((r, n), (Reply::Simple { handle: 3, error: 0, data: &[9, 8, 7, 6] }, 20));
+        // After structured replies, a successful simple reply to READ is invalid.
+        assert!(decode_reply(&b, |_| Some(ctx(Command::Read, 0, 4))).is_err());
+        // A structured chunk when structured replies were not negotiated.
+        assert!(decode_reply(&chunk_bytes(1, 0, 3, &[]), |_| Some(plain)).is_err());
+    }
+
+    fn any_ctx() -> impl Strategy<Value = ReplyContext> {
+        (0usize..7, any::<u64>(), any::<u32>(), any::<bool>()).prop_map(|(c, offset, length, structured)| {
+            let command = [
+                Command::Read,
+                Command::Write,
+                Command::Disc,
+                Command::Flush,
+                Command::Trim,
+                Command::WriteZeroes,
+                Command::BlockStatus,
+            ][c];
+            ReplyContext { command, offset, length, structured }
+        })
+    }
+
+    /// Bytes that start like a reply more often than random ones do.
+    fn replyish() -> impl Strategy<Value = Vec<u8>> {
+        (0usize..3, any::<u16>(), 0u16..8, proptest::collection::vec(any::<u8>(), 0..200)).prop_map(
+            |(kind, flags, ty, rest)| {
+                let mut b = match kind {
+                    0 => STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec(),
+                    1 => SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec(),
+                    _ => Vec::new(),
+                };
+                if kind == 0 {
+                    b.extend_from_slice(&flags.to_be_bytes());
+                    let t = if ty >= 6 { chunk::ERR_BIT | (ty - 5) } else { ty };
+                    b.extend_from_slice(&t.to_be_bytes());
+                }
+                b.extend_from_slice(&rest);
+                b
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn reply_decoder_never_panics(b in replyish(), c in any_ctx(), known in any::<bool>()) {
+            if let Ok(Some((_, n))) = decode_reply(&b, |_| known.then_some(c)) {
+                prop_assert!(n <= b.len());
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300), c in any_ctx(), o in 0u32..12) {
+            let _ = decode_reply(&b, |_| Some(c));
+            let _ = Greeting::decode(&b);
+            let _ = decode_option_reply(&b, o);
+            if b.len() >= 2 {
+                let ty = u16::from_be_bytes([b[0], b[1]]);
+                let _ = decode_chunk_payload(&c, ty, &b[2..]);
+            }
+        }
+
+        #[test]
+        fn option_reply_decoder_never_panics(ty in any::<u32>(), o in 0u32..12, data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut r = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&o.to_be_bytes());
+            // Mostly the known reply types, sometimes anything.
+            let ty = if ty & 0x100 == 0 { (ty & 7) | (ty & rep::ERR_BIT) } else { ty };
+            r.extend_from_slice(&ty.to_be_bytes());
+            r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            r.extend_from_slice(&data);
+            for n in 0..=r.len() {
+                let _ = decode_option_reply(&r[..n], o);
+            }
+        }
+
+        #[test]
+        fn valid_data_chunk_roundtrips_at_any_split(off in 0u64..1000, len in 1u32..64, split in 0usize..100) {
+            let c = ctx(Command::Read, 0, 2000);
+            let mut p = off.to_be_bytes().to_vec();
+            p.extend(std::iter::repeat_n(0xAB, len as usize));
+            let b = chunk_bytes(REPLY_FLAG_DONE, chunk::OFFSET_DATA, 1, &p);
+            let split = split.min(b.len());
+            if split < b.len() {
+                prop_assert_eq!(decode_reply(&b[..split], |_| Some(c)).unwrap(), None);
+            }
+            let (r, n) = decode_reply(&b, |_| Some(c)).unwrap().unwrap();
+            prop_assert_eq!(n, b.len());
+            prop_assert_eq!(r, Reply::Chunk { handle: 1, flags: 1, chunk: Chunk::OffsetData { offset: off, data: &p[8..] } });
+        }
     }
 }
