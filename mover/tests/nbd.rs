@@ -633,3 +633,74 @@ fn fault_error_chunk_and_out_of_order_replies() {
     c.disconnect().unwrap();
     h.join().unwrap();
 }
+
+/// Throughput figure, not a check: `NBD_BENCH_URI=nbd+unix:///?socket=S
+/// cargo test --release -p ferry-mover --test nbd bench_read_throughput --
+/// --ignored --nocapture` reads the whole export with `read_many`
+/// (NBD_BENCH_REQ bytes per request, NBD_BENCH_DEPTH in flight).
+#[test]
+#[ignore]
+fn bench_read_throughput() {
+    let Ok(uri) = std::env::var("NBD_BENCH_URI") else {
+        eprintln!("note: set NBD_BENCH_URI to run this benchmark");
+        return;
+    };
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let req = env("NBD_BENCH_REQ", 2 * M);
+    let opts = NbdOptions {
+        max_request_len: req as u32,
+        max_in_flight: env("NBD_BENCH_DEPTH", 16) as usize,
+        ..Default::default()
+    };
+    let mut c = NbdClient::connect(&uri, opts).unwrap();
+    let size = c.size();
+    let t = Instant::now();
+    let mut sum = 0u64;
+    let ranges: Vec<(u64, u64)> = (0..size.div_ceil(req)).map(|i| (i * req, (size - i * req).min(req))).collect();
+    c.read_many::<NbdError>(&ranges, |_, d| {
+        sum += d[0] as u64 + d[d.len() - 1] as u64;
+        Ok(())
+    })
+    .unwrap();
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "read {} MiB in {:.3} s: {:.0} MiB/s (request {} KiB, depth {}) [{sum}]",
+        size / M,
+        s,
+        size as f64 / M as f64 / s,
+        req / K,
+        env("NBD_BENCH_DEPTH", 16)
+    );
+}
+
+#[test]
+fn fault_garbage_reply_and_close_mid_reply() {
+    let (uri, h) = fake_server(|mut s| {
+        fake_handshake(&mut s);
+        let _ = read_request(&mut s);
+        let _ = s.write_all(b"GARBAGE!GARBAGE!GARBAGE!");
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let mut c = NbdClient::connect(&uri, fast_opts()).unwrap();
+    match c.read_at(0, &mut [0u8; 512]) {
+        Err(NbdError::BadMagic { got, .. }) => assert_eq!(got, u32::from_be_bytes(*b"GARB") as u64),
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(c);
+    h.join().unwrap();
+
+    let (uri, h) = fake_server(|mut s| {
+        fake_handshake(&mut s);
+        let (handle, off, _) = read_request(&mut s);
+        let mut r = chunk_header(proto::REPLY_FLAG_DONE, proto::chunk::OFFSET_DATA, handle, 8 + 512);
+        r.extend_from_slice(&off.to_be_bytes());
+        r.extend_from_slice(&[1; 100]);
+        let _ = s.write_all(&r);
+    });
+    let mut c = NbdClient::connect(&uri, fast_opts()).unwrap();
+    let e = c.read_at(0, &mut [0u8; 512]).unwrap_err();
+    assert!(matches!(e, NbdError::Closed { .. }), "{e:?}");
+    assert!(e.to_string().contains("NBD_CMD_READ offset 0 length 512"), "{e}");
+    drop(c);
+    h.join().unwrap();
+}
