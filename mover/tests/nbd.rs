@@ -646,7 +646,7 @@ fn bench_read_throughput() {
         return;
     };
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-    let req = env("NBD_BENCH_REQ", 2 * M);
+    let req = env("NBD_BENCH_REQ", NbdOptions::default().max_request_len as u64);
     let opts = NbdOptions {
         max_request_len: req as u32,
         max_in_flight: env("NBD_BENCH_DEPTH", 16) as usize,

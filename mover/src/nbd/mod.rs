@@ -42,6 +42,13 @@
 //!   most the request's length + 8: anything longer is rejected before
 //!   allocating.
 //!
+//! Tests: `mover/tests/nbd.rs` runs against real qemu-nbd (skipped with a
+//! note if it is missing) and fake servers for faults; the decoders have
+//! proptest properties and a cargo-fuzz target (`cd mover && cargo +nightly
+//! fuzz run nbd_decoders`) whose corpus a stable test replays. Throughput:
+//! `NBD_BENCH_URI=... cargo test --release -p ferry-mover --test nbd
+//! bench_read_throughput -- --ignored --nocapture`.
+//!
 //! Left out: TLS (`nbds://`, NBD_OPT_STARTTLS), NBD_OPT_LIST and
 //! NBD_OPT_LIST_META_CONTEXT, extended headers (64-bit lengths), NBD_CMD_CACHE,
 //! FUA and FAST_ZERO flags, NBD_CMD_FLAG_DF, oldstyle negotiation, multiple
