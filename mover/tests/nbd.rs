@@ -209,6 +209,14 @@ fn raw_over_unix_reads_match_file() {
     assert!(matches!(c.read_at(size - 1, &mut [0u8; 2]), Err(NbdError::InvalidArgument(_))));
     c.read_at(0, &mut small).unwrap();
     c.disconnect().unwrap();
+
+    // Simple replies only (structured replies not requested).
+    let opts = NbdOptions { structured_replies: false, max_request_len: 300 * 1024, ..Default::default() };
+    let mut c = NbdClient::connect(&server.uri, opts).unwrap();
+    assert!(!c.structured_replies());
+    check_random_reads(&mut c, &expect, 8, 50);
+    assert!(read_all_pipelined(&mut c) == expect, "whole-image read with simple replies differs");
+    drop(c);
     server.stop();
 }
 
