@@ -21,6 +21,7 @@ pub mod digests;
 pub mod disk;
 pub mod error;
 pub mod export;
+pub mod nbd;
 pub mod source;
 pub mod stats;
 pub mod target;
