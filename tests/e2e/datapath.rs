@@ -1,6 +1,53 @@
 //! The data path: full replication through the real binary, local and over TCP.
 
+use std::path::Path;
+
 use ferry_tests::*;
+use serde_json::Value;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+/// `ferry replicate --json --replica REPLICA --target TARGET --source S... EXTRA...`.
+fn replicate(target: &str, replica: &str, sources: &[String], extra: &[&str]) -> Run {
+    let mut args: Vec<String> = vec!["replicate".into(), "--json".into(), "--replica".into(), replica.into()];
+    args.extend(["--target".into(), target.into()]);
+    for s in sources {
+        args.extend(["--source".into(), s.clone()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run(args)
+}
+
+fn p(path: &Path) -> String {
+    path.to_str().expect("utf-8 path").to_string()
+}
+
+fn named(name: &str, path: &Path) -> String {
+    format!("{name}={}", path.display())
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// The summary's per-disk counters for `disk`.
+fn disk_of<'a>(summary: &'a Value, disk: &str) -> &'a Value {
+    summary["disks"]
+        .as_array()
+        .expect("disks array")
+        .iter()
+        .find(|d| d["disk"] == disk)
+        .unwrap_or_else(|| panic!("no disk {disk:?} in {summary}"))
+}
+
+/// Entries of a directory, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
 
 #[test]
 fn full_replication_local_and_remote_is_byte_identical() {
@@ -35,4 +82,192 @@ fn full_replication_local_and_remote_is_byte_identical() {
     assert_eq!(sessions.len(), 1);
     assert_eq!(sessions[0]["point_id"], 1);
     assert_replica_equals(&remote, "vm1", "d0", &img);
+}
+
+#[test]
+fn size_not_a_multiple_of_the_chunk_size_counts_the_short_last_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("odd.img");
+    let size = MIB + 12345;
+    write_image(&img, size, 2, &[Fill::Random]);
+    let ds = dir.path().join("ds");
+    let r = replicate(&p(&ds), "vm1", &[p(&img)], &["--chunk-size", "64K", "--compress", "none"]);
+    r.expect_code(0);
+    let s = r.summary();
+    assert_eq!(s["status"], "ok");
+    assert_eq!(s["chunk_size"], 65536);
+    let t = &s["totals"];
+    // 16 whole chunks and one of 12345 bytes.
+    assert_eq!(u(&t["chunks_planned"]), 17);
+    assert_eq!(u(&t["bytes_planned"]), size);
+    assert_eq!(u(&t["bytes_read"]), size);
+    assert_eq!(u(&t["bytes_zero"]), 0);
+    assert_eq!(u(&t["chunks_zero"]), 0);
+    assert_eq!(u(&t["chunks_sent"]), 17);
+    assert_eq!(u(&t["bytes_data"]), size);
+    assert_eq!(u(&t["bytes_stored"]), size, "--compress none stores every byte");
+    // 17 data frames (12-byte header, 49 bytes of fields) and one Flush (12 + 12).
+    assert_eq!(u(&t["bytes_sent"]), size + 17 * (12 + 49) + 24);
+    assert_replica_equals(&ds, "vm1", "odd.img", &img);
+    assert_eq!(std::fs::metadata(ds.join("vm1/disks/odd.img.img")).unwrap().len(), size);
+}
+
+#[test]
+fn zero_byte_and_one_byte_disks_replicate_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.img");
+    std::fs::write(&empty, b"").unwrap();
+    let one = dir.path().join("one.img");
+    std::fs::write(&one, [0x5Au8]).unwrap();
+    let ds = dir.path().join("ds");
+    let r = replicate(&p(&ds), "vm1", &[named("e0", &empty), named("e1", &one)], &["--chunk-size", "64K"]);
+    r.expect_code(0);
+    let s = r.summary();
+    let e0 = disk_of(&s, "e0");
+    assert_eq!(u(&e0["size"]), 0);
+    assert_eq!(u(&e0["chunks_planned"]), 0);
+    assert_eq!(u(&e0["bytes_read"]), 0);
+    assert_eq!(u(&e0["chunks_sent"]), 0);
+    assert_eq!(u(&e0["chunks_zero"]), 0);
+    let e1 = disk_of(&s, "e1");
+    assert_eq!(u(&e1["size"]), 1);
+    assert_eq!(u(&e1["chunks_planned"]), 1);
+    assert_eq!(u(&e1["bytes_read"]), 1);
+    assert_eq!(u(&e1["chunks_sent"]), 1);
+    assert_eq!(u(&e1["chunks_zero"]), 0);
+    assert_replica_equals(&ds, "vm1", "e0", &empty);
+    assert_replica_equals(&ds, "vm1", "e1", &one);
+}
+
+#[test]
+fn all_zero_disk_sends_no_data_and_stays_sparse() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("zero.img");
+    let size = 8 * MIB;
+    write_image(&img, size, 3, &[Fill::Zero]);
+    let ds = dir.path().join("ds");
+    let r = replicate(&p(&ds), "vm1", &[p(&img)], &["--chunk-size", "64K"]);
+    r.expect_code(0);
+    let t = &r.summary()["totals"];
+    assert_eq!(u(&t["chunks_planned"]), 128);
+    assert_eq!(u(&t["chunks_zero"]), 128);
+    assert_eq!(u(&t["bytes_zero"]), size);
+    assert_eq!(u(&t["bytes_read"]), size);
+    assert_eq!(u(&t["chunks_sent"]), 0, "no data frame for zeros: {t}");
+    // One ZeroRun (12-byte header + 20) and one Flush (12 + 12): nothing else.
+    assert_eq!(u(&t["bytes_sent"]), 32 + 24);
+    assert_eq!(u(&t["bytes_data"]), 0);
+    let replica_img = ds.join("vm1/disks/zero.img.img");
+    assert_eq!(std::fs::metadata(&replica_img).unwrap().len(), size);
+    assert!(allocated_bytes(&replica_img) <= 64 * KIB, "replica image allocates {}", allocated_bytes(&replica_img));
+    let out = dir.path().join("export.raw");
+    run(["points", "export", "--target", &p(&ds), "--replica", "vm1", "--disk", "zero.img", "--out", &p(&out)])
+        .expect_code(0);
+    assert!(same_bytes(&out, &img));
+    assert!(allocated_bytes(&out) <= 64 * KIB, "export allocates {}", allocated_bytes(&out));
+}
+
+#[test]
+fn totals_are_exact_for_mixed_regions_local_and_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("mixed.img");
+    // 1 MiB regions: R Z T Z R Z T(12345 bytes): 3 MiB of zeros, chunk-aligned.
+    let size = 6 * MIB + 12345;
+    write_image(&img, size, 4, &[Fill::Random, Fill::Zero, Fill::Text, Fill::Zero]);
+    let token = new_token(dir.path(), "token");
+    let remote = dir.path().join("remote-ds");
+    let server = Server::start(&remote, &token, &[]);
+    let local = dir.path().join("local-ds");
+    for target in [p(&local), server.url.clone()] {
+        let r = replicate(&target, "vm1", &[named("d0", &img)], &["--chunk-size", "64K", "--token-file", &p(&token)]);
+        r.expect_code(0);
+        let s = r.summary();
+        assert_eq!(s["status"], "ok");
+        assert_eq!(s["point_id"], 1);
+        let t = &s["totals"];
+        assert_eq!(u(&t["bytes_planned"]), size, "{target}");
+        assert_eq!(u(&t["bytes_read"]), size, "{target}");
+        assert_eq!(u(&t["bytes_zero"]), 3 * MIB, "{target}");
+        assert_eq!(u(&t["chunks_planned"]), 97, "{target}");
+        assert_eq!(u(&t["chunks_zero"]), 48, "{target}");
+        assert_eq!(u(&t["chunks_sent"]), 49, "{target}");
+        assert_eq!(u(&t["chunks_sent"]) + u(&t["chunks_zero"]), u(&t["chunks_planned"]));
+        // The totals are the sum of the one disk.
+        let d = disk_of(&s, "d0");
+        for k in ["bytes_read", "bytes_zero", "bytes_sent", "chunks_sent", "chunks_zero"] {
+            assert_eq!(d[k], t[k], "{k}");
+        }
+    }
+    let sessions = server.sessions(1);
+    assert_eq!(sessions[0]["chunks_zero"], 48);
+    assert_eq!(sessions[0]["chunks_written"], 49);
+    assert_eq!(u(&sessions[0]["bytes_written"]), size - 3 * MIB);
+    assert_eq!(sessions[0]["error"], Value::Null);
+    assert_replica_equals(&local, "vm1", "d0", &img);
+    assert_replica_equals(&remote, "vm1", "d0", &img);
+}
+
+#[test]
+fn several_disks_in_one_replica_are_each_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = [
+        ("sys", 3 * MIB + 4097, [Fill::Text, Fill::Zero].as_slice()),
+        ("data", 2 * MIB, [Fill::Random].as_slice()),
+        ("swap", MIB + 1, [Fill::Zero].as_slice()),
+    ];
+    let mut sources = Vec::new();
+    for (i, (name, size, fill)) in imgs.iter().enumerate() {
+        let path = dir.path().join(format!("{name}.raw"));
+        write_image(&path, *size, 10 + i as u64, fill);
+        sources.push(named(name, &path));
+    }
+    let token = new_token(dir.path(), "token");
+    let ds = dir.path().join("ds");
+    let server = Server::start(&ds, &token, &[]);
+    let r = replicate(&server.url, "vm1", &sources, &["--token-file", &p(&token)]);
+    r.expect_code(0);
+    let s = r.summary();
+    assert_eq!(s["disks"].as_array().unwrap().len(), 3);
+    let mut total = 0;
+    for (name, size, _) in &imgs {
+        let d = disk_of(&s, name);
+        assert_eq!(u(&d["size"]), *size, "{name}");
+        assert_eq!(u(&d["bytes_read"]), *size, "{name}");
+        total += size;
+    }
+    assert_eq!(u(&s["totals"]["bytes_read"]), total);
+    assert_eq!(server.sessions(1)[0]["point_id"], 1);
+    assert_eq!(entries(&ds.join("vm1/disks")).iter().filter(|n| n.ends_with(".img")).count(), 3);
+    for (name, _, _) in &imgs {
+        assert_replica_equals(&ds, "vm1", name, &dir.path().join(format!("{name}.raw")));
+    }
+}
+
+#[test]
+fn both_io_backends_on_source_and_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    let size = 4 * MIB + 777;
+    write_image(&img, size, 5, &[Fill::Random, Fill::Zero, Fill::Text]);
+    let token = new_token(dir.path(), "token");
+    for (flag, name) in [("portable", "portable"), ("uring", "io_uring")] {
+        // Local target: source and in-process target both on the backend.
+        let local = dir.path().join(format!("local-{flag}"));
+        let r = replicate(&p(&local), "vm1", &[named("d", &img)], &["--io-backend", flag]);
+        r.expect_code(0);
+        let s = r.summary();
+        assert_eq!(s["backend"], name);
+        assert_eq!(u(&s["totals"]["bytes_read"]), size);
+        assert_replica_equals(&local, "vm1", "d", &img);
+        // A server on the backend.
+        let remote = dir.path().join(format!("remote-{flag}"));
+        let server = Server::start(&remote, &token, &["--io-backend", flag]);
+        let r = replicate(&server.url, "vm1", &[named("d", &img)], &["--io-backend", flag, "--token-file", &p(&token)]);
+        r.expect_code(0);
+        assert_eq!(r.summary()["backend"], name);
+        let sessions = server.sessions(1);
+        assert_eq!(sessions[0]["backend"], name, "{}", sessions[0]);
+        assert_eq!(sessions[0]["error"], Value::Null);
+        assert_replica_equals(&remote, "vm1", "d", &img);
+    }
 }
