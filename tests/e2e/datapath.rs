@@ -410,3 +410,35 @@ fn digest_mismatch_is_the_error_of_the_servers_session_report() {
         sessions[0]
     );
 }
+
+#[test]
+fn wrong_token_is_refused_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    write_image(&img, MIB, 6, &[Fill::Text]);
+    let right = new_token(dir.path(), "right");
+    let wrong = new_token(dir.path(), "wrong");
+    let ds = dir.path().join("ds");
+    let server = Server::start(&ds, &right, &[]);
+    let r = replicate(&server.url, "vm1", &[p(&img)], &["--token-file", &p(&wrong)]);
+    r.expect_code(1);
+    let addr = server.url.strip_prefix("ferry://").unwrap();
+    assert!(r.stderr.contains(&format!("{addr}: peer reported authentication failed")), "stderr: {}", r.stderr);
+    assert_eq!(r.summary()["status"], "failed");
+    let sessions = server.sessions(1);
+    let err = sessions[0]["error"].as_str().unwrap_or_default();
+    assert!(err.contains("authentication failed: the client's token does not match"), "{}", sessions[0]);
+    assert_eq!(sessions[0]["replica"], Value::Null);
+    assert!(!ds.join("vm1").exists(), "nothing is created for the replica");
+}
+
+#[test]
+fn serve_without_token_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let r = run(["serve", "--listen", "127.0.0.1:0", "--datastore", &p(&ds)]);
+    r.expect_code(2);
+    assert!(r.stderr.contains("ferry serve needs --token-file"), "{}", r.stderr);
+    assert!(r.stderr.contains("`ferry token new --out PATH`"), "{}", r.stderr);
+    assert!(!ds.exists(), "no datastore is created");
+}
