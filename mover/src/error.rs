@@ -96,6 +96,9 @@ pub enum MoveError {
     /// Bad configuration or input (exit code 2 material).
     #[error("{0}")]
     Config(String),
+    /// A replica or disk name that could escape the datastore.
+    #[error("{0}")]
+    BadName(String),
     /// A datastore, replica or disk in a state that does not allow the request.
     #[error("{0}")]
     Datastore(String),
@@ -117,6 +120,7 @@ impl MoveError {
             MoveError::Decompress { .. } => ErrorCode::DigestMismatch,
             MoveError::Busy { .. } => ErrorCode::ReplicaBusy,
             MoveError::Config(_) => ErrorCode::BadRequest,
+            MoveError::BadName(_) => ErrorCode::BadName,
             MoveError::Datastore(_) => ErrorCode::BadRequest,
             MoveError::Wire { source, .. } => source.code(),
             MoveError::File { source, .. } | MoveError::DiskIo { source, .. }
@@ -139,6 +143,25 @@ impl MoveError {
             cur = c.source();
         }
         s
+    }
+
+    /// A reset or broken connection becomes [`MoveError::PeerGone`]: the
+    /// peer was killed or the network cut, and the OS error says less.
+    pub fn peer_gone_if_reset(self, side: &'static str) -> MoveError {
+        use std::io::ErrorKind::*;
+        match self {
+            MoveError::Net { peer, source }
+                if matches!(source.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof) =>
+            {
+                MoveError::PeerGone { peer, side }
+            }
+            other => other,
+        }
+    }
+
+    /// True for errors a new connection may cure (the peer restarted, the network came back).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MoveError::Net { .. } | MoveError::PeerGone { .. })
     }
 
     /// Shorthand for a file error.

@@ -332,6 +332,12 @@ fn run_job(
         Frame::ReplicaOpened(r) => r,
         f => return Err(unexpected(conn, &f, "ReplicaOpened")),
     };
+    if opened_reply.resumed {
+        obs.event(&JobEvent::Notice(format!(
+            "replica {:?} has an interrupted session: resuming it from its last checkpoint",
+            cfg.replica
+        )));
+    }
     let chunk_size = match (opened_reply.chunk_size, cfg.chunk_size) {
         (0, c) => c.unwrap_or(DEFAULT_CHUNK_SIZE),
         (r, Some(c)) if c != r => {
@@ -464,7 +470,7 @@ fn receive_loop(conn: &Conn, rx: &mut Rx, out: &Sender<RxMsg>) {
     loop {
         let msg = match rx.next_frame() {
             Ok(None) => RxMsg::Failed(MoveError::PeerGone { peer: conn.peer().into(), side: "target" }),
-            Err(e) => RxMsg::Failed(e),
+            Err(e) => RxMsg::Failed(e.peer_gone_if_reset("target")),
             Ok(Some(f)) => match conn.handle(f) {
                 Err(e) => RxMsg::Failed(e),
                 Ok(Some(Event::Frame(Frame::Committed(c)))) => {
@@ -907,11 +913,8 @@ fn send_loop(
 /// the receiver got one) says more than the broken pipe.
 fn prefer_target_error(rx_msgs: &Receiver<RxMsg>, e: MoveError) -> MoveError {
     match rx_msgs.recv_timeout(Duration::from_millis(500)) {
-        Ok(RxMsg::Failed(t)) => t,
-        _ => match e {
-            MoveError::Net { peer, .. } => MoveError::PeerGone { peer, side: "target" },
-            other => other,
-        },
+        Ok(RxMsg::Failed(t)) => t.peer_gone_if_reset("target"),
+        _ => e.peer_gone_if_reset("target"),
     }
 }
 

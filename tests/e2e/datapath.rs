@@ -398,7 +398,6 @@ fn chunk_with_a_wrong_digest_is_rejected_and_not_written() {
 }
 
 #[test]
-#[ignore = "BUG: session_done reports 'source closed the connection unexpectedly' instead of the digest mismatch"]
 fn digest_mismatch_is_the_error_of_the_servers_session_report() {
     let dir = tempfile::tempdir().unwrap();
     let token = new_token(dir.path(), "token");
@@ -458,7 +457,18 @@ fn kill_target_mid_run() -> (Option<i32>, String, Value, String) {
     let addr = server.url.strip_prefix("ferry://").unwrap().to_string();
     let start = Instant::now();
     let mut child = ferry()
-        .args(["replicate", "--json", "--replica", "vm1", "--compress", "none", "--source", &p(&img)])
+        .args([
+            "replicate",
+            "--json",
+            "--replica",
+            "vm1",
+            "--compress",
+            "none",
+            "--retry-for",
+            "0",
+            "--source",
+            &p(&img),
+        ])
         .args(["--target", &server.url, "--token-file", &p(&token)])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -540,7 +550,6 @@ fn target_killed_mid_run_fails_the_source_with_exit_1() {
 }
 
 #[test]
-#[ignore = "BUG: a killed target usually gives a bare 'Connection reset by peer (os error 104)', not the PeerGone message"]
 fn target_killed_mid_run_says_the_target_closed_the_connection() {
     let (code, stderr, summary, addr) = kill_target_mid_run();
     assert_eq!(code, Some(1), "stderr: {stderr}");
@@ -629,7 +638,6 @@ fn escaping_names_from_a_raw_client_are_refused_by_the_server() {
 }
 
 #[test]
-#[ignore = "BUG: a refused replica/disk name is reported with ErrorCode::BadRequest, not BadName"]
 fn escaping_names_are_reported_with_the_bad_name_code() {
     let dir = tempfile::tempdir().unwrap();
     let token = new_token(dir.path(), "token");

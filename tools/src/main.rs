@@ -122,6 +122,10 @@ struct ReplicateArgs {
     /// Restore points to keep for this replica (stored in its settings).
     #[arg(long)]
     retain: Option<u32>,
+    /// Keep reconnecting (with backoff) for this long when the connection fails or breaks;
+    /// each new session resumes where the last stopped. 0 fails at once. E.g. 30m, 90s, 2h.
+    #[arg(long, default_value = "30m")]
+    retry_for: String,
     /// Read the source with O_DIRECT (bypasses the page cache; spares production caches).
     #[arg(long)]
     direct_io: bool,
@@ -241,7 +245,7 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if let Some(m) = cause.downcast_ref::<MoveError>() {
             return match m {
-                MoveError::Config(_) => 2,
+                MoveError::Config(_) | MoveError::BadName(_) => 2,
                 MoveError::File { what, .. }
                     if what.starts_with("opening source") || what.starts_with("reading token") =>
                 {
@@ -416,36 +420,65 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
     Ok(cfg)
 }
 
+/// Parse a duration: 0, 90s, 30m, 2h (a bare number is seconds).
+fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num.parse().map_err(|_| usage(format!("bad duration {s:?} (use e.g. 90s, 30m, 2h)")))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(usage(format!("bad duration unit in {s:?} (use s, m or h)"))),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let cfg = replicate_config(&a)?;
     let spec = TargetSpec::parse(&a.target)?;
     let serve_cfg = serve_config(&a.io)?;
+    let retry_for = parse_duration(&a.retry_for)?;
     let obs: Box<dyn report::JobObserver> = if a.json {
         Box::new(JsonObserver::default())
     } else {
         Box::new(TextObserver::new(std::io::stderr().is_terminal()))
     };
-    let connected = match ferry_mover::connect(&spec, a.token_file.as_deref(), &serve_cfg) {
-        Ok(c) => c,
-        Err(e) => return Ok(obs.finish_err(&cfg, &anyhow!(e))),
-    };
-    let local = connected.local;
-    let result =
-        ferry_mover::source::replicate(connected.sock, &connected.peer, connected.auth, &cfg, obs.as_observer());
-    let local_report = local.and_then(|h| h.join().ok());
-    match result {
-        Ok(rep) => {
-            let status = if obs.warned() { Status::Warning } else { Status::Ok };
-            Ok(obs.finish_ok(&cfg, &rep, status))
+    let deadline = std::time::Instant::now() + retry_for;
+    let mut delay = std::time::Duration::from_secs(1);
+    loop {
+        let result = ferry_mover::connect(&spec, a.token_file.as_deref(), &serve_cfg).and_then(|c| {
+            let r = ferry_mover::source::replicate(c.sock, &c.peer, c.auth, &cfg, obs.as_observer());
+            let local_error = c.local.and_then(|h| h.join().ok()).and_then(|r| r.error);
+            r.map_err(|e| with_local(e, local_error))
+        });
+        match result {
+            Ok(rep) => {
+                let status = if obs.warned() { Status::Warning } else { Status::Ok };
+                return Ok(obs.finish_ok(&cfg, &rep, status));
+            }
+            Err(e) if e.is_transient() && std::time::Instant::now() + delay < deadline => {
+                obs.as_observer().event(&ferry_mover::source::JobEvent::Notice(format!(
+                    "{}; reconnecting in {} s (the session resumes where it stopped; giving up after --retry-for {})",
+                    e.detail(),
+                    delay.as_secs(),
+                    a.retry_for
+                )));
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_secs(60));
+            }
+            Err(e) => return Ok(obs.finish_err(&cfg, &anyhow!(e))),
         }
-        Err(e) => {
-            // A local target's own error explains more than "peer gone".
-            let err = match (&e, local_report.and_then(|r| r.error)) {
-                (MoveError::PeerGone { .. } | MoveError::Net { .. }, Some(t)) => anyhow!(e).context(t),
-                _ => anyhow!(e),
-            };
-            Ok(obs.finish_err(&cfg, &err))
+    }
+}
+
+/// A local target's own error explains more than "peer gone".
+fn with_local(e: MoveError, local: Option<String>) -> MoveError {
+    match (e, local) {
+        (e @ (MoveError::PeerGone { .. } | MoveError::Net { .. }), Some(t)) => {
+            MoveError::Datastore(format!("{t} ({})", e.detail()))
         }
+        (e, _) => e,
     }
 }
 

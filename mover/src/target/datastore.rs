@@ -34,7 +34,7 @@ pub const MAX_NAME: usize = 128;
 /// Check a replica or disk name: it becomes a file or directory name, so it
 /// must not escape the datastore.
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
-    let bad = |why: &str| Err(MoveError::Config(format!("{kind} name {name:?} is not allowed: {why}")));
+    let bad = |why: &str| Err(MoveError::BadName(format!("{kind} name {name:?} is not allowed: {why}")));
     if name.is_empty() {
         return bad("empty");
     }

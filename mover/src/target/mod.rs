@@ -123,6 +123,7 @@ pub fn serve_connection(
         report.error = Some(e.detail());
     }
     if let Some(inner) = t.inner.take() {
+        inner.fill_counters(&mut report);
         let (stats, wr) = inner.finish();
         if report.error.is_none() {
             report.error = wr;
@@ -178,6 +179,15 @@ struct WriterOutcome {
 }
 
 impl Active {
+    /// Copy the writer's counters into a report (they only grow: a later call is as good or better).
+    fn fill_counters(&self, report: &mut SessionReport) {
+        if let Some(p) = &self.pipeline {
+            report.chunks_written += p.counters.chunks_written.load(Ordering::Relaxed);
+            report.bytes_written += p.counters.bytes_written.load(Ordering::Relaxed);
+            report.chunks_zero += p.counters.chunks_zero.load(Ordering::Relaxed);
+        }
+    }
+
     fn finish(mut self) -> (StageStats, Option<String>) {
         let mut stats = StageStats::default();
         let mut err = None;
@@ -207,11 +217,14 @@ impl TargetSession<'_> {
                 Ok(Some(f)) => f,
                 Ok(None) => {
                     if self.inner.is_some() {
-                        return Err(MoveError::PeerGone { peer: self.conn.peer().to_string(), side: "source" });
+                        return Err(self.writer_error().unwrap_or_else(|| MoveError::PeerGone {
+                            peer: self.conn.peer().to_string(),
+                            side: "source",
+                        }));
                     }
                     return Ok(());
                 }
-                Err(e) => return Err(self.writer_error().unwrap_or(e)),
+                Err(e) => return Err(self.writer_error().unwrap_or_else(|| e.peer_gone_if_reset("source"))),
             };
             let Some(Event::Frame(frame)) = self.conn.handle(frame)? else { continue };
             match frame {
@@ -315,11 +328,7 @@ impl TargetSession<'_> {
                         point_time_ns: point.point_time_ns,
                     }))?;
                     if let Some(inner) = self.inner.take() {
-                        if let Some(p) = &inner.pipeline {
-                            report.chunks_written = p.counters.chunks_written.load(Ordering::Relaxed);
-                            report.bytes_written = p.counters.bytes_written.load(Ordering::Relaxed);
-                            report.chunks_zero = p.counters.chunks_zero.load(Ordering::Relaxed);
-                        }
+                        inner.fill_counters(report);
                         let (stats, err) = inner.finish();
                         report.stages = stats.summary();
                         if let Some(e) = err {
@@ -604,8 +613,10 @@ fn start_pipeline(
                     old: Vec::new(),
                 };
                 if let Err(e) = w.run(writer_rx) {
-                    w.conn.send_error(e.code(), &e.detail());
+                    // Recorded before the peer hears of it: the connection thread may see
+                    // the peer hang up next and must report this error, not the hang-up.
                     *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.detail());
+                    w.conn.send_error(e.code(), &e.detail());
                     w.conn.shutdown();
                 }
                 w.drain();
@@ -834,6 +845,7 @@ impl Writer {
                             changed += 1;
                         }
                     }
+                    self.counters.chunks_zero.fetch_add(count, Ordering::Relaxed);
                     if changed == 0 {
                         self.written += 1;
                         continue;
@@ -857,7 +869,6 @@ impl Writer {
                     d.dirty = true;
                     d.entry.chunks_changed += changed;
                     d.entry.bytes_changed += end - offset;
-                    self.counters.chunks_zero.fetch_add(count, Ordering::Relaxed);
                     self.written += 1;
                     self.stats.record(Stage::Write, t.elapsed());
                 }
