@@ -782,6 +782,16 @@ impl Frame {
                 })?;
                 let digest = r.array("digest")?;
                 let payload = r.rest();
+                // The sender refuses payloads above a chunk (a zstd frame that does not
+                // shrink the chunk is sent raw instead); refuse them here too.
+                if payload.len() > MAX_CHUNK_SIZE as usize {
+                    return Err(WireError::FieldTooLong {
+                        frame: name,
+                        field: "payload",
+                        len: payload.len() as u64,
+                        max: MAX_CHUNK_SIZE.into(),
+                    });
+                }
                 if codec == Codec::None && payload.len() != logical_len as usize {
                     return Err(WireError::InvalidValue {
                         frame: name,

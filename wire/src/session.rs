@@ -123,6 +123,8 @@ struct DiskTrack {
     next_min: u64,
     /// Highest Flush so far.
     flushed: u64,
+    /// Highest durable watermark seen (ResumeInfo, then Checkpoints): never goes back.
+    durable: u64,
     /// Digest map reply in progress: the next part's first chunk.
     map_next: Option<u64>,
 }
@@ -409,6 +411,7 @@ impl Session {
                         open: false,
                         next_min: 0,
                         flushed: 0,
+                        durable: 0,
                         map_next: None,
                     },
                 );
@@ -426,6 +429,7 @@ impl Session {
                 d.open = true;
                 d.next_min = r.next_chunk;
                 d.flushed = r.next_chunk;
+                d.durable = r.next_chunk;
                 Ok(())
             }
             Frame::DigestMapRequest(r) if from_client && self.state == State::ReplicaOpen => {
@@ -453,12 +457,21 @@ impl Session {
             }
             Frame::DigestMapEnd(e) if !from_client && self.state == State::ReplicaOpen => {
                 let d = self.disk(e.disk, true)?;
-                let Some(next) = d.map_next.take() else {
+                // Not `take()`: a refused frame must leave the state as it was.
+                let Some(next) = d.map_next else {
                     return Err(WireError::Disk { what: "DigestMapEnd without a request for", disk: e.disk });
                 };
                 if !e.cache_hit && next != e.chunk_count {
                     return Err(WireError::Chunk { disk: e.disk, chunk: next, what: "digest map ended early or late" });
                 }
+                if e.cache_hit && next != 0 {
+                    return Err(WireError::Chunk {
+                        disk: e.disk,
+                        chunk: next,
+                        what: "digest map cache hit after parts",
+                    });
+                }
+                d.map_next = None;
                 Ok(())
             }
             Frame::Data(data) if from_client && self.state == State::ReplicaOpen => {
@@ -502,6 +515,14 @@ impl Session {
                         what: "checkpoint ahead of the last flush",
                     });
                 }
+                if c.next_chunk < d.durable {
+                    return Err(WireError::Chunk {
+                        disk: c.disk,
+                        chunk: c.next_chunk,
+                        what: "checkpoint behind an earlier checkpoint",
+                    });
+                }
+                d.durable = c.next_chunk;
                 Ok(())
             }
             Frame::Commit(c) if from_client && self.state == State::ReplicaOpen => {
@@ -514,6 +535,12 @@ impl Session {
                 if let Some((id, _)) = self.disks.iter().find(|(_, d)| !d.open || d.flushed != d.chunk_count) {
                     return Err(WireError::Disk {
                         what: "Commit before every disk was flushed to its end:",
+                        disk: *id,
+                    });
+                }
+                if let Some((id, _)) = self.disks.iter().find(|(_, d)| d.map_next.is_some()) {
+                    return Err(WireError::Disk {
+                        what: "Commit while a digest map reply is in flight for",
                         disk: *id,
                     });
                 }
@@ -559,11 +586,21 @@ fn check_limits(frame: &Frame) -> Result<(), WireError> {
             Ok(())
         }
     };
+    let bad_chunk_size = |c: u32| !c.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c);
     match frame {
         Frame::OpenReplica(o) => too_long("replica", o.replica.len(), MAX_NAME_LEN),
+        Frame::ReplicaOpened(r) if r.chunk_size != 0 && bad_chunk_size(r.chunk_size) => {
+            Err(WireError::InvalidValue { frame: name, field: "chunk_size", value: r.chunk_size.into() })
+        }
+        Frame::ResumeInfo(r) if r.flags & !(ResumeInfo::EXISTED | ResumeInfo::FINISHED) != 0 => {
+            Err(WireError::InvalidValue { frame: name, field: "flags", value: r.flags.into() })
+        }
+        Frame::Unknown { frame_type } if type_name(*frame_type) != "Unknown" => {
+            Err(WireError::InvalidValue { frame: name, field: "frame_type", value: (*frame_type).into() })
+        }
         Frame::OpenDisk(o) => {
             too_long("name", o.name.len(), MAX_NAME_LEN)?;
-            if !o.chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&o.chunk_size) {
+            if bad_chunk_size(o.chunk_size) {
                 return Err(WireError::InvalidValue { frame: name, field: "chunk_size", value: o.chunk_size.into() });
             }
             Ok(())
