@@ -433,6 +433,7 @@ impl Session {
                 Ok(())
             }
             Frame::DigestMapRequest(r) if from_client && self.state == State::ReplicaOpen => {
+                self.require_feature(FEATURE_DIGEST_MAP, frame.name(), "digest map (feature not negotiated)")?;
                 let d = self.disk(r.disk, true)?;
                 if d.map_next.is_some() {
                     return Err(WireError::Disk { what: "second DigestMapRequest in flight for", disk: r.disk });
@@ -475,6 +476,9 @@ impl Session {
                 Ok(())
             }
             Frame::Data(data) if from_client && self.state == State::ReplicaOpen => {
+                if data.codec == Codec::Zstd {
+                    self.require_feature(FEATURE_ZSTD, frame.name(), "codec zstd (feature not negotiated)")?;
+                }
                 let d = self.disk(data.disk, true)?;
                 check_chunk(data.disk, d, data.chunk, 1)?;
                 if u64::from(data.logical_len) != d.logical_len(data.chunk) {
@@ -553,6 +557,14 @@ impl Session {
                 Ok(())
             }
             _ => Err(illegal(self.state)),
+        }
+    }
+
+    /// A frame that needs a feature both ends agreed on in the handshake.
+    fn require_feature(&self, feature: u64, frame: &'static str, field: &'static str) -> Result<(), WireError> {
+        match &self.peer {
+            Some(p) if p.features & feature != 0 => Ok(()),
+            _ => Err(WireError::InvalidValue { frame, field, value: feature }),
         }
     }
 

@@ -416,3 +416,54 @@ fn error_codes_round_trip() {
     assert_eq!(WireError::AuthFailed.code(), ErrorCode::AuthFailed);
     assert_eq!(WireError::Closed.code(), ErrorCode::Protocol);
 }
+
+#[test]
+fn features_must_be_negotiated_before_use() {
+    // A client that offers no features: neither zstd data nor digest maps may flow.
+    let mut c =
+        Session::client(LocalInfo { features: 0, ..local("source", 0x11) }, std::sync::Arc::new(MixAuth(TOKEN)));
+    let mut s = Session::server(local("target", 0x22), std::sync::Arc::new(MixAuth(TOKEN)));
+    for _ in 0..2 {
+        pump(&mut c, &mut s);
+        pump(&mut s, &mut c);
+    }
+    assert_eq!(c.peer().unwrap().features, 0);
+    assert_eq!(s.peer().unwrap().features, 0);
+    c.send(&Frame::OpenReplica(OpenReplica { replica: "r".into(), point_time_ns: 0, session_id: [0; 16], retain: 0 }))
+        .unwrap();
+    pump(&mut c, &mut s);
+    s.send(&Frame::ReplicaOpened(ReplicaOpened {
+        session_id: [0; 16],
+        resumed: false,
+        latest_point: 0,
+        latest_point_time_ns: 0,
+        chunk_size: 0,
+    }))
+    .unwrap();
+    pump(&mut s, &mut c);
+    c.send(&Frame::OpenDisk(OpenDisk {
+        disk: 0,
+        name: "d".into(),
+        size: 1 << 16,
+        chunk_size: 1 << 16,
+        mode: Mode::Full,
+    }))
+    .unwrap();
+    pump(&mut c, &mut s);
+    s.send(&Frame::ResumeInfo(ResumeInfo { disk: 0, previous_size: 0, next_chunk: 0, flags: 0 })).unwrap();
+    pump(&mut s, &mut c);
+    let req = Frame::DigestMapRequest(DigestMapRequest { disk: 0, cached_map_hash: [0; 32] });
+    assert!(matches!(c.send(&req), Err(WireError::InvalidValue { value: FEATURE_DIGEST_MAP, .. })));
+    let z = Frame::Data(Data {
+        disk: 0,
+        chunk: 0,
+        logical_len: 1 << 16,
+        codec: Codec::Zstd,
+        digest: [0; 32],
+        payload: Bytes::from_static(b"z"),
+    });
+    assert!(matches!(c.send(&z), Err(WireError::InvalidValue { value: FEATURE_ZSTD, .. })));
+    // And the server refuses them when received.
+    s.receive(&z.to_bytes());
+    assert!(matches!(s.poll_event(), Err(WireError::InvalidValue { value: FEATURE_ZSTD, .. })));
+}
