@@ -64,28 +64,50 @@ pub const FEATURES_V1: u64 = FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME;
 pub type Digest = [u8; DIGEST_LEN];
 
 /// The frame type byte of each message.
+///
+/// DO NOT MODIFY: protocol v1. New frames take new values.
 pub mod frame_type {
-    #![allow(missing_docs)]
+    /// Hello: client's first frame (version range, features, nonce).
     pub const HELLO: u8 = 0x01;
+    /// Welcome: server's answer (version, features, nonce).
     pub const WELCOME: u8 = 0x02;
+    /// AuthProof: client's proof of the token.
     pub const AUTH_PROOF: u8 = 0x03;
+    /// AuthOk: server accepts and proves the token.
     pub const AUTH_OK: u8 = 0x04;
+    /// OpenReplica: open or resume a replica session.
     pub const OPEN_REPLICA: u8 = 0x10;
+    /// ReplicaOpened: the replica is open and locked.
     pub const REPLICA_OPENED: u8 = 0x11;
+    /// OpenDisk: open a disk of the replica.
     pub const OPEN_DISK: u8 = 0x12;
+    /// ResumeInfo: what the target holds of a disk, where to resume.
     pub const RESUME_INFO: u8 = 0x13;
+    /// DigestMapRequest: ask for a disk's digest map.
     pub const DIGEST_MAP_REQUEST: u8 = 0x20;
+    /// DigestMapPart: a run of digests.
     pub const DIGEST_MAP_PART: u8 = 0x21;
+    /// DigestMapEnd: end of a digest map reply.
     pub const DIGEST_MAP_END: u8 = 0x22;
+    /// Data: one chunk.
     pub const DATA: u8 = 0x30;
+    /// ZeroRun: a run of all-zero chunks.
     pub const ZERO_RUN: u8 = 0x31;
+    /// Flush: source watermark, make it durable.
     pub const FLUSH: u8 = 0x32;
+    /// Checkpoint: target watermark, durable.
     pub const CHECKPOINT: u8 = 0x33;
+    /// Commit: make the restore point.
     pub const COMMIT: u8 = 0x40;
+    /// Committed: the restore point is durable.
     pub const COMMITTED: u8 = 0x41;
+    /// Progress: optional report.
     pub const PROGRESS: u8 = 0x50;
+    /// Keepalive: optional liveness.
     pub const KEEPALIVE: u8 = 0x51;
+    /// Error: typed error, then close.
     pub const ERROR: u8 = 0x7E;
+    /// Close: orderly end of the session.
     pub const CLOSE: u8 = 0x7F;
 }
 
@@ -457,28 +479,48 @@ pub struct ErrorFrame {
 
 /// A frame of protocol v1.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(missing_docs)]
 pub enum Frame {
+    /// Client's first frame (type 0x01).
     Hello(Hello),
+    /// Server's answer to Hello (0x02).
     Welcome(Welcome),
+    /// Client's proof (0x03).
     AuthProof(AuthProof),
+    /// Server's acceptance and proof (0x04).
     AuthOk(AuthOk),
+    /// Open a replica (0x10).
     OpenReplica(OpenReplica),
+    /// The replica is open (0x11).
     ReplicaOpened(ReplicaOpened),
+    /// Open a disk (0x12).
     OpenDisk(OpenDisk),
+    /// The target's state of a disk (0x13).
     ResumeInfo(ResumeInfo),
+    /// Ask for a digest map (0x20).
     DigestMapRequest(DigestMapRequest),
+    /// Digests of a run of chunks (0x21).
     DigestMapPart(DigestMapPart),
+    /// End of a digest map (0x22).
     DigestMapEnd(DigestMapEnd),
+    /// One chunk (0x30).
     Data(Data),
+    /// All-zero chunks (0x31).
     ZeroRun(ZeroRun),
+    /// Source watermark (0x32).
     Flush(Flush),
+    /// Durable watermark (0x33).
     Checkpoint(Checkpoint),
+    /// Make the restore point (0x40).
     Commit(Commit),
+    /// The restore point exists (0x41).
     Committed(Committed),
+    /// Progress report, optional (0x50).
     Progress(Progress),
+    /// Liveness, optional (0x51).
     Keepalive,
+    /// Typed error; the sender closes (0x7E).
     Error(ErrorFrame),
+    /// Orderly end of the session (0x7F).
     Close,
     /// A frame of unknown type that carried FLAG_OPTIONAL: skipped by v1 peers.
     Unknown {
