@@ -13,7 +13,7 @@
 //! bytes 0..8, so a stream that lost sync is detected at the very next header.
 //!
 //! DO NOT MODIFY the layouts below: they are protocol v1, pinned by the golden
-//! vectors in `tests/golden.rs`. A change is a new protocol version.
+//! vectors in `tests/golden/frames.hex`. A change is a new protocol version.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 

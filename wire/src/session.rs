@@ -151,6 +151,8 @@ pub struct Session {
     local: LocalInfo,
     peer_nonce: [u8; 32],
     peer: Option<PeerInfo>,
+    /// Set once the peer's proof checked out: `peer` is only handed out then.
+    authenticated: bool,
     disks: HashMap<u32, DiskTrack>,
     deframer: Deframer,
     out: BytesMut,
@@ -191,6 +193,7 @@ impl Session {
             local,
             peer_nonce: [0; 32],
             peer: None,
+            authenticated: false,
             disks: HashMap::new(),
             deframer: Deframer::new(),
             out: BytesMut::new(),
@@ -207,9 +210,9 @@ impl Session {
         self.state
     }
 
-    /// The peer, once authenticated.
+    /// The peer, once authenticated (`None` before, even if it already said who it claims to be).
     pub fn peer(&self) -> Option<&PeerInfo> {
-        self.peer.as_ref()
+        self.peer.as_ref().filter(|_| self.authenticated)
     }
 
     /// True once Close or Error went either way.
@@ -350,6 +353,7 @@ impl Session {
                 let proof = self.auth.proof(Role::Server, &self.peer_nonce, &self.local.nonce);
                 Frame::AuthOk(AuthOk { proof }).encode(&mut self.out);
                 self.state = State::Ready;
+                self.authenticated = true;
                 Ok(self.peer.clone().map(Event::Authenticated))
             }
             (Frame::AuthOk(a), Role::Client, State::AwaitAuthOk) => {
@@ -358,6 +362,7 @@ impl Session {
                     return Err(WireError::ServerAuthFailed);
                 }
                 self.state = State::Ready;
+                self.authenticated = true;
                 Ok(self.peer.clone().map(Event::Authenticated))
             }
             (Frame::Error(e), _, _) => {

@@ -21,8 +21,10 @@ fn wrong_token_fails_at_the_server_and_reveals_nothing() {
     let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)));
     assert_eq!(deliver(&mut c, &mut s), Ok(None)); // Hello -> Welcome
     assert_eq!(deliver(&mut s, &mut c), Ok(None)); // Welcome -> AuthProof
+    assert_eq!(s.peer(), None, "the peer's claims are not trusted before its proof");
     assert_eq!(deliver(&mut c, &mut s), Err(WireError::AuthFailed));
     assert!(s.is_closed());
+    assert_eq!(s.peer(), None);
     // The server sends exactly one Error frame, with a fixed message.
     let out = s.take_transmit().unwrap();
     assert_eq!(
