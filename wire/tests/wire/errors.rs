@@ -469,3 +469,14 @@ fn features_must_be_negotiated_before_use() {
     s.receive(&z.to_bytes());
     assert!(matches!(s.poll_event(), Err(WireError::InvalidValue { value: FEATURE_ZSTD, .. })));
 }
+
+/// Regression: a refused DigestMapEnd used to clear the request in flight, so
+/// the correct End that followed was refused as "without a request".
+#[test]
+fn regression_refused_digest_map_end_keeps_the_request() {
+    let (mut c, mut s) = drive(5);
+    let end = |n| Frame::DigestMapEnd(DigestMapEnd { disk: 0, chunk_count: n, map_hash: [0; 32], cache_hit: false });
+    assert!(matches!(s.send(&end(1)), Err(WireError::Chunk { .. })));
+    s.send(&end(0)).unwrap();
+    assert_eq!(pump(&mut s, &mut c), vec![Event::Frame(end(0))]);
+}
