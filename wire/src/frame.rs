@@ -35,6 +35,10 @@ pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
 pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// Largest frame body: a full chunk plus the data frame's fixed fields, with room to spare.
 pub const MAX_BODY_LEN: u32 = MAX_CHUNK_SIZE + 1024;
+/// Largest frame body a session accepts before the peer is authenticated: an
+/// unauthenticated peer can not make a receiver reserve more than this. Every
+/// handshake frame (and an Error frame) fits.
+pub const MAX_HANDSHAKE_BODY_LEN: u32 = 8 * 1024;
 /// Longest replica, disk or peer name in bytes.
 pub const MAX_NAME_LEN: usize = 255;
 /// Longest software version string in bytes.
@@ -985,16 +989,36 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
 /// Read socket data straight into [`Deframer::buffer_mut`] (or push it with
 /// [`Deframer::push`]); [`Deframer::next_frame`] returns `Ok(None)` while it
 /// needs more bytes. Decoded payloads are slices of this buffer, not copies.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Deframer {
     buf: BytesMut,
     header: Option<Header>,
+    max_body_len: u32,
+}
+
+impl Default for Deframer {
+    fn default() -> Self {
+        Deframer { buf: BytesMut::new(), header: None, max_body_len: MAX_BODY_LEN }
+    }
 }
 
 impl Deframer {
-    /// A deframer with an empty buffer.
+    /// A deframer with an empty buffer, accepting bodies up to [`MAX_BODY_LEN`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Lower the body length limit for the frames not yet started (at most
+    /// [`MAX_BODY_LEN`]): a larger announced length is [`WireError::FrameTooLarge`]
+    /// as soon as its header is in. Sessions use [`MAX_HANDSHAKE_BODY_LEN`]
+    /// until the peer is authenticated.
+    pub fn set_max_body_len(&mut self, max: u32) {
+        self.max_body_len = max.min(MAX_BODY_LEN);
+    }
+
+    /// The body length limit in force.
+    pub fn max_body_len(&self) -> u32 {
+        self.max_body_len
     }
 
     /// Append bytes received from the peer.
@@ -1034,6 +1058,13 @@ impl Deframer {
                 let mut raw = [0u8; HEADER_LEN];
                 raw.copy_from_slice(&self.buf[..HEADER_LEN]);
                 let h = decode_header(&raw)?;
+                if h.body_len > self.max_body_len {
+                    return Err(WireError::FrameTooLarge {
+                        frame_type: h.frame_type,
+                        len: h.body_len,
+                        max: self.max_body_len,
+                    });
+                }
                 self.buf.advance(HEADER_LEN);
                 self.header = Some(h);
                 h
@@ -1041,7 +1072,7 @@ impl Deframer {
         };
         let len = header.body_len as usize;
         if self.buf.len() < len {
-            // Reserve for the announced body (already bounded by MAX_BODY_LEN).
+            // Reserve for the announced body (already bounded by max_body_len).
             self.buf.reserve(len - self.buf.len());
             return Ok(None);
         }

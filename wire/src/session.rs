@@ -186,6 +186,8 @@ impl Session {
     }
 
     fn new(role: Role, state: State, local: LocalInfo, auth: Arc<dyn Authenticator>) -> Session {
+        let mut deframer = Deframer::new();
+        deframer.set_max_body_len(MAX_HANDSHAKE_BODY_LEN);
         Session {
             role,
             state,
@@ -195,7 +197,7 @@ impl Session {
             peer: None,
             authenticated: false,
             disks: HashMap::new(),
-            deframer: Deframer::new(),
+            deframer,
             out: BytesMut::new(),
         }
     }
@@ -354,6 +356,7 @@ impl Session {
                 Frame::AuthOk(AuthOk { proof }).encode(&mut self.out);
                 self.state = State::Ready;
                 self.authenticated = true;
+                self.deframer.set_max_body_len(MAX_BODY_LEN);
                 Ok(self.peer.clone().map(Event::Authenticated))
             }
             (Frame::AuthOk(a), Role::Client, State::AwaitAuthOk) => {
@@ -363,6 +366,7 @@ impl Session {
                 }
                 self.state = State::Ready;
                 self.authenticated = true;
+                self.deframer.set_max_body_len(MAX_BODY_LEN);
                 Ok(self.peer.clone().map(Event::Authenticated))
             }
             (Frame::Error(e), _, _) => {

@@ -480,3 +480,31 @@ fn regression_refused_digest_map_end_keeps_the_request() {
     s.send(&end(0)).unwrap();
     assert_eq!(pump(&mut s, &mut c), vec![Event::Frame(end(0))]);
 }
+
+#[test]
+fn unauthenticated_peer_can_not_announce_large_frames() {
+    // Before authentication: 8 KiB, refused from the header alone.
+    let (_, mut s) = pair();
+    s.receive(&encode_header(frame_type::HELLO, 0, MAX_HANDSHAKE_BODY_LEN + 1));
+    assert_eq!(
+        s.poll_event(),
+        Err(WireError::FrameTooLarge {
+            frame_type: frame_type::HELLO,
+            len: MAX_HANDSHAKE_BODY_LEN + 1,
+            max: MAX_HANDSHAKE_BODY_LEN
+        })
+    );
+    assert!(s.buffer_mut().capacity() < 64 * 1024, "nothing reserved for the body");
+    let (mut c, _) = pair();
+    let _ = c.take_transmit();
+    c.receive(&encode_header(frame_type::WELCOME, 0, 1 << 20));
+    assert!(matches!(c.poll_event(), Err(WireError::FrameTooLarge { max: MAX_HANDSHAKE_BODY_LEN, .. })));
+    // After: full-size data frames flow (the pair tests move 64 KiB chunks); the limit is MAX_BODY_LEN.
+    let (_, mut s) = drive(4);
+    s.receive(&encode_header(frame_type::DATA, 0, MAX_BODY_LEN));
+    assert_eq!(s.poll_event(), Ok(None));
+    let mut d = Deframer::new();
+    assert_eq!(d.max_body_len(), MAX_BODY_LEN);
+    d.set_max_body_len(u32::MAX);
+    assert_eq!(d.max_body_len(), MAX_BODY_LEN);
+}
