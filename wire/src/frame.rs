@@ -13,7 +13,7 @@
 //! bytes 0..8, so a stream that lost sync is detected at the very next header.
 //!
 //! DO NOT MODIFY the layouts below: they are protocol v1, pinned by the golden
-//! vectors in `tests/golden.rs`. A change is a new protocol version.
+//! vectors in `tests/golden/frames.hex`. A change is a new protocol version.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -35,6 +35,10 @@ pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
 pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// Largest frame body: a full chunk plus the data frame's fixed fields, with room to spare.
 pub const MAX_BODY_LEN: u32 = MAX_CHUNK_SIZE + 1024;
+/// Largest frame body a session accepts before the peer is authenticated: an
+/// unauthenticated peer can not make a receiver reserve more than this. Every
+/// handshake frame (and an Error frame) fits.
+pub const MAX_HANDSHAKE_BODY_LEN: u32 = 8 * 1024;
 /// Longest replica, disk or peer name in bytes.
 pub const MAX_NAME_LEN: usize = 255;
 /// Longest software version string in bytes.
@@ -64,28 +68,50 @@ pub const FEATURES_V1: u64 = FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME;
 pub type Digest = [u8; DIGEST_LEN];
 
 /// The frame type byte of each message.
+///
+/// DO NOT MODIFY: protocol v1. New frames take new values.
 pub mod frame_type {
-    #![allow(missing_docs)]
+    /// Hello: client's first frame (version range, features, nonce).
     pub const HELLO: u8 = 0x01;
+    /// Welcome: server's answer (version, features, nonce).
     pub const WELCOME: u8 = 0x02;
+    /// AuthProof: client's proof of the token.
     pub const AUTH_PROOF: u8 = 0x03;
+    /// AuthOk: server accepts and proves the token.
     pub const AUTH_OK: u8 = 0x04;
+    /// OpenReplica: open or resume a replica session.
     pub const OPEN_REPLICA: u8 = 0x10;
+    /// ReplicaOpened: the replica is open and locked.
     pub const REPLICA_OPENED: u8 = 0x11;
+    /// OpenDisk: open a disk of the replica.
     pub const OPEN_DISK: u8 = 0x12;
+    /// ResumeInfo: what the target holds of a disk, where to resume.
     pub const RESUME_INFO: u8 = 0x13;
+    /// DigestMapRequest: ask for a disk's digest map.
     pub const DIGEST_MAP_REQUEST: u8 = 0x20;
+    /// DigestMapPart: a run of digests.
     pub const DIGEST_MAP_PART: u8 = 0x21;
+    /// DigestMapEnd: end of a digest map reply.
     pub const DIGEST_MAP_END: u8 = 0x22;
+    /// Data: one chunk.
     pub const DATA: u8 = 0x30;
+    /// ZeroRun: a run of all-zero chunks.
     pub const ZERO_RUN: u8 = 0x31;
+    /// Flush: source watermark, make it durable.
     pub const FLUSH: u8 = 0x32;
+    /// Checkpoint: target watermark, durable.
     pub const CHECKPOINT: u8 = 0x33;
+    /// Commit: make the restore point.
     pub const COMMIT: u8 = 0x40;
+    /// Committed: the restore point is durable.
     pub const COMMITTED: u8 = 0x41;
+    /// Progress: optional report.
     pub const PROGRESS: u8 = 0x50;
+    /// Keepalive: optional liveness.
     pub const KEEPALIVE: u8 = 0x51;
+    /// Error: typed error, then close.
     pub const ERROR: u8 = 0x7E;
+    /// Close: orderly end of the session.
     pub const CLOSE: u8 = 0x7F;
 }
 
@@ -457,28 +483,48 @@ pub struct ErrorFrame {
 
 /// A frame of protocol v1.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(missing_docs)]
 pub enum Frame {
+    /// Client's first frame (type 0x01).
     Hello(Hello),
+    /// Server's answer to Hello (0x02).
     Welcome(Welcome),
+    /// Client's proof (0x03).
     AuthProof(AuthProof),
+    /// Server's acceptance and proof (0x04).
     AuthOk(AuthOk),
+    /// Open a replica (0x10).
     OpenReplica(OpenReplica),
+    /// The replica is open (0x11).
     ReplicaOpened(ReplicaOpened),
+    /// Open a disk (0x12).
     OpenDisk(OpenDisk),
+    /// The target's state of a disk (0x13).
     ResumeInfo(ResumeInfo),
+    /// Ask for a digest map (0x20).
     DigestMapRequest(DigestMapRequest),
+    /// Digests of a run of chunks (0x21).
     DigestMapPart(DigestMapPart),
+    /// End of a digest map (0x22).
     DigestMapEnd(DigestMapEnd),
+    /// One chunk (0x30).
     Data(Data),
+    /// All-zero chunks (0x31).
     ZeroRun(ZeroRun),
+    /// Source watermark (0x32).
     Flush(Flush),
+    /// Durable watermark (0x33).
     Checkpoint(Checkpoint),
+    /// Make the restore point (0x40).
     Commit(Commit),
+    /// The restore point exists (0x41).
     Committed(Committed),
+    /// Progress report, optional (0x50).
     Progress(Progress),
+    /// Liveness, optional (0x51).
     Keepalive,
+    /// Typed error; the sender closes (0x7E).
     Error(ErrorFrame),
+    /// Orderly end of the session (0x7F).
     Close,
     /// A frame of unknown type that carried FLAG_OPTIONAL: skipped by v1 peers.
     Unknown {
@@ -782,6 +828,16 @@ impl Frame {
                 })?;
                 let digest = r.array("digest")?;
                 let payload = r.rest();
+                // The sender refuses payloads above a chunk (a zstd frame that does not
+                // shrink the chunk is sent raw instead); refuse them here too.
+                if payload.len() > MAX_CHUNK_SIZE as usize {
+                    return Err(WireError::FieldTooLong {
+                        frame: name,
+                        field: "payload",
+                        len: payload.len() as u64,
+                        max: MAX_CHUNK_SIZE.into(),
+                    });
+                }
                 if codec == Codec::None && payload.len() != logical_len as usize {
                     return Err(WireError::InvalidValue {
                         frame: name,
@@ -933,16 +989,36 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
 /// Read socket data straight into [`Deframer::buffer_mut`] (or push it with
 /// [`Deframer::push`]); [`Deframer::next_frame`] returns `Ok(None)` while it
 /// needs more bytes. Decoded payloads are slices of this buffer, not copies.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Deframer {
     buf: BytesMut,
     header: Option<Header>,
+    max_body_len: u32,
+}
+
+impl Default for Deframer {
+    fn default() -> Self {
+        Deframer { buf: BytesMut::new(), header: None, max_body_len: MAX_BODY_LEN }
+    }
 }
 
 impl Deframer {
-    /// A deframer with an empty buffer.
+    /// A deframer with an empty buffer, accepting bodies up to [`MAX_BODY_LEN`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Lower the body length limit for the frames not yet started (at most
+    /// [`MAX_BODY_LEN`]): a larger announced length is [`WireError::FrameTooLarge`]
+    /// as soon as its header is in. Sessions use [`MAX_HANDSHAKE_BODY_LEN`]
+    /// until the peer is authenticated.
+    pub fn set_max_body_len(&mut self, max: u32) {
+        self.max_body_len = max.min(MAX_BODY_LEN);
+    }
+
+    /// The body length limit in force.
+    pub fn max_body_len(&self) -> u32 {
+        self.max_body_len
     }
 
     /// Append bytes received from the peer.
@@ -982,6 +1058,13 @@ impl Deframer {
                 let mut raw = [0u8; HEADER_LEN];
                 raw.copy_from_slice(&self.buf[..HEADER_LEN]);
                 let h = decode_header(&raw)?;
+                if h.body_len > self.max_body_len {
+                    return Err(WireError::FrameTooLarge {
+                        frame_type: h.frame_type,
+                        len: h.body_len,
+                        max: self.max_body_len,
+                    });
+                }
                 self.buf.advance(HEADER_LEN);
                 self.header = Some(h);
                 h
@@ -989,7 +1072,7 @@ impl Deframer {
         };
         let len = header.body_len as usize;
         if self.buf.len() < len {
-            // Reserve for the announced body (already bounded by MAX_BODY_LEN).
+            // Reserve for the announced body (already bounded by max_body_len).
             self.buf.reserve(len - self.buf.len());
             return Ok(None);
         }

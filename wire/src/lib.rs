@@ -8,7 +8,8 @@
 //!
 //! Invariants:
 //! - The decoder never panics and never allocates more than
-//!   [`MAX_BODY_LEN`] for a frame: the header's length is checked first.
+//!   [`MAX_BODY_LEN`] for a frame ([`MAX_HANDSHAKE_BODY_LEN`] in a session
+//!   before the peer is authenticated): the header's length is checked first.
 //! - Every field is bounds-checked; a body with bytes after its last field is
 //!   an error ([`WireError::TrailingBytes`]).
 //! - Data payloads are [`bytes::Bytes`] slices of the receive buffer, never copied.

@@ -123,6 +123,8 @@ struct DiskTrack {
     next_min: u64,
     /// Highest Flush so far.
     flushed: u64,
+    /// Highest durable watermark seen (ResumeInfo, then Checkpoints): never goes back.
+    durable: u64,
     /// Digest map reply in progress: the next part's first chunk.
     map_next: Option<u64>,
 }
@@ -149,6 +151,8 @@ pub struct Session {
     local: LocalInfo,
     peer_nonce: [u8; 32],
     peer: Option<PeerInfo>,
+    /// Set once the peer's proof checked out: `peer` is only handed out then.
+    authenticated: bool,
     disks: HashMap<u32, DiskTrack>,
     deframer: Deframer,
     out: BytesMut,
@@ -182,6 +186,8 @@ impl Session {
     }
 
     fn new(role: Role, state: State, local: LocalInfo, auth: Arc<dyn Authenticator>) -> Session {
+        let mut deframer = Deframer::new();
+        deframer.set_max_body_len(MAX_HANDSHAKE_BODY_LEN);
         Session {
             role,
             state,
@@ -189,8 +195,9 @@ impl Session {
             local,
             peer_nonce: [0; 32],
             peer: None,
+            authenticated: false,
             disks: HashMap::new(),
-            deframer: Deframer::new(),
+            deframer,
             out: BytesMut::new(),
         }
     }
@@ -205,9 +212,9 @@ impl Session {
         self.state
     }
 
-    /// The peer, once authenticated.
+    /// The peer, once authenticated (`None` before, even if it already said who it claims to be).
     pub fn peer(&self) -> Option<&PeerInfo> {
-        self.peer.as_ref()
+        self.peer.as_ref().filter(|_| self.authenticated)
     }
 
     /// True once Close or Error went either way.
@@ -359,6 +366,8 @@ impl Session {
                 let proof = self.auth.proof(Role::Server, &self.peer_nonce, &self.local.nonce);
                 Frame::AuthOk(AuthOk { proof }).encode(&mut self.out);
                 self.state = State::Ready;
+                self.authenticated = true;
+                self.deframer.set_max_body_len(MAX_BODY_LEN);
                 Ok(self.peer.clone().map(Event::Authenticated))
             }
             (Frame::AuthOk(a), Role::Client, State::AwaitAuthOk) => {
@@ -367,6 +376,8 @@ impl Session {
                     return Err(WireError::ServerAuthFailed);
                 }
                 self.state = State::Ready;
+                self.authenticated = true;
+                self.deframer.set_max_body_len(MAX_BODY_LEN);
                 Ok(self.peer.clone().map(Event::Authenticated))
             }
             (Frame::Error(e), _, _) => {
@@ -420,6 +431,7 @@ impl Session {
                         open: false,
                         next_min: 0,
                         flushed: 0,
+                        durable: 0,
                         map_next: None,
                     },
                 );
@@ -437,9 +449,11 @@ impl Session {
                 d.open = true;
                 d.next_min = r.next_chunk;
                 d.flushed = r.next_chunk;
+                d.durable = r.next_chunk;
                 Ok(())
             }
             Frame::DigestMapRequest(r) if from_client && self.state == State::ReplicaOpen => {
+                self.require_feature(FEATURE_DIGEST_MAP, frame.name(), "digest map (feature not negotiated)")?;
                 let d = self.disk(r.disk, true)?;
                 if d.map_next.is_some() {
                     return Err(WireError::Disk { what: "second DigestMapRequest in flight for", disk: r.disk });
@@ -464,15 +478,27 @@ impl Session {
             }
             Frame::DigestMapEnd(e) if !from_client && self.state == State::ReplicaOpen => {
                 let d = self.disk(e.disk, true)?;
-                let Some(next) = d.map_next.take() else {
+                // Not `take()`: a refused frame must leave the state as it was.
+                let Some(next) = d.map_next else {
                     return Err(WireError::Disk { what: "DigestMapEnd without a request for", disk: e.disk });
                 };
                 if !e.cache_hit && next != e.chunk_count {
                     return Err(WireError::Chunk { disk: e.disk, chunk: next, what: "digest map ended early or late" });
                 }
+                if e.cache_hit && next != 0 {
+                    return Err(WireError::Chunk {
+                        disk: e.disk,
+                        chunk: next,
+                        what: "digest map cache hit after parts",
+                    });
+                }
+                d.map_next = None;
                 Ok(())
             }
             Frame::Data(data) if from_client && self.state == State::ReplicaOpen => {
+                if data.codec == Codec::Zstd {
+                    self.require_feature(FEATURE_ZSTD, frame.name(), "codec zstd (feature not negotiated)")?;
+                }
                 let d = self.disk(data.disk, true)?;
                 check_chunk(data.disk, d, data.chunk, 1)?;
                 if u64::from(data.logical_len) != d.logical_len(data.chunk) {
@@ -513,6 +539,14 @@ impl Session {
                         what: "checkpoint ahead of the last flush",
                     });
                 }
+                if c.next_chunk < d.durable {
+                    return Err(WireError::Chunk {
+                        disk: c.disk,
+                        chunk: c.next_chunk,
+                        what: "checkpoint behind an earlier checkpoint",
+                    });
+                }
+                d.durable = c.next_chunk;
                 Ok(())
             }
             Frame::Commit(c) if from_client && self.state == State::ReplicaOpen => {
@@ -528,6 +562,12 @@ impl Session {
                         disk: *id,
                     });
                 }
+                if let Some((id, _)) = self.disks.iter().find(|(_, d)| d.map_next.is_some()) {
+                    return Err(WireError::Disk {
+                        what: "Commit while a digest map reply is in flight for",
+                        disk: *id,
+                    });
+                }
                 self.state = State::Committing;
                 Ok(())
             }
@@ -537,6 +577,14 @@ impl Session {
                 Ok(())
             }
             _ => Err(illegal(self.state)),
+        }
+    }
+
+    /// A frame that needs a feature both ends agreed on in the handshake.
+    fn require_feature(&self, feature: u64, frame: &'static str, field: &'static str) -> Result<(), WireError> {
+        match &self.peer {
+            Some(p) if p.features & feature != 0 => Ok(()),
+            _ => Err(WireError::InvalidValue { frame, field, value: feature }),
         }
     }
 
@@ -570,11 +618,21 @@ fn check_limits(frame: &Frame) -> Result<(), WireError> {
             Ok(())
         }
     };
+    let bad_chunk_size = |c: u32| !c.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c);
     match frame {
         Frame::OpenReplica(o) => too_long("replica", o.replica.len(), MAX_NAME_LEN),
+        Frame::ReplicaOpened(r) if r.chunk_size != 0 && bad_chunk_size(r.chunk_size) => {
+            Err(WireError::InvalidValue { frame: name, field: "chunk_size", value: r.chunk_size.into() })
+        }
+        Frame::ResumeInfo(r) if r.flags & !(ResumeInfo::EXISTED | ResumeInfo::FINISHED) != 0 => {
+            Err(WireError::InvalidValue { frame: name, field: "flags", value: r.flags.into() })
+        }
+        Frame::Unknown { frame_type } if type_name(*frame_type) != "Unknown" => {
+            Err(WireError::InvalidValue { frame: name, field: "frame_type", value: (*frame_type).into() })
+        }
         Frame::OpenDisk(o) => {
             too_long("name", o.name.len(), MAX_NAME_LEN)?;
-            if !o.chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&o.chunk_size) {
+            if bad_chunk_size(o.chunk_size) {
                 return Err(WireError::InvalidValue { frame: name, field: "chunk_size", value: o.chunk_size.into() });
             }
             Ok(())

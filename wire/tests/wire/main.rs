@@ -1,0 +1,19 @@
+//! Integration tests of ferry-wire: one test binary (see STYLE.md).
+//!
+//! - `roundtrip`: proptest encode/decode of every frame type, whole and split.
+//! - `pair`: two in-memory sessions (quinn-proto's `Pair`) with random cuts.
+//! - `golden`: the committed v1 byte vectors.
+//! - `errors`: every typed error.
+//! - `corpus`: the fuzz corpus replayed through the fuzz targets' checks.
+//! - `zero_copy`: data payloads are slices of the receive buffer.
+
+#[path = "../../fuzz/fuzz_targets/checks.rs"]
+mod checks;
+mod common;
+
+mod corpus;
+mod errors;
+mod golden;
+mod pair;
+mod roundtrip;
+mod zero_copy;
