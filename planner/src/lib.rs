@@ -58,11 +58,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod backup;
 pub mod cbt;
 pub mod digest_map;
 mod error;
 mod extent;
 pub mod plan;
+pub mod time;
 
 pub use cbt::{parse_cbt, parse_cbt_with_format, CbtFormat};
 pub use digest_map::{
