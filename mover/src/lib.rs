@@ -6,6 +6,7 @@
 //! - [`target`]: the target session (receiver, verify workers, writer) and the datastore.
 //! - [`conn`]: sockets, the wire session, handshake and authentication ([`auth`]).
 //! - [`export`]: raw images out of a datastore.
+//! - [`backup`]: replica from backup: repositories of restore points (ferry datastores, qcow2 chains).
 //!
 //! A chunk travels reader -> worker -> socket with one copy at most (the
 //! kernel's), and socket -> verify worker -> writer with one copy into an
@@ -14,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod backup;
 pub mod backend;
 pub mod buf;
 pub mod conn;

@@ -1,0 +1,353 @@
+//! Replica from backup: the IO side. Lists the restore points of backup
+//! repositories (ferry datastores, qcow2 chain directories; layouts and the
+//! manifest format are in `ferry_planner::backup` and docs/BACKUP.md) and
+//! turns one point into disks the source pipeline can read.
+//!
+//! How a point is read (first version): every disk of the point is
+//! materialised as a temporary sparse raw file in a private work directory
+//! that is removed when the [`Prepared`] point is dropped:
+//! - qcow2: `qemu-img convert -U -O raw` of the point's top file (the backing
+//!   chain is followed by qemu-img);
+//! - ferry datastore: [`crate::target::points::export_point`] (latest image
+//!   plus the undo files of the newer points).
+//!
+//! What changed since the replica's latest point, when that point is an
+//! ancestor of the new one (same point time), is written as a JSON extent
+//! list and fed to cbt mode:
+//! - qcow2: `qemu-img map --output=json` of the top file: the extents
+//!   allocated in the layers above the ancestor's file;
+//! - ferry: the chunks recorded in the undo files of the points from the
+//!   ancestor up to the point before the new one (undo(K-1) holds the chunks
+//!   point K overwrote).
+//!
+//! Otherwise the disks go in auto mode (digest when the replica has the disk).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferry_planner::backup::{self as plan, BackupPoint, Locator};
+use ferry_planner::{ChangeMap, Extent};
+use ferry_wire::Mode;
+
+use crate::error::{MoveError, Result};
+use crate::source::DiskSpec;
+use crate::target::datastore::Datastore;
+
+const DATASTORE_MARKER: &str = "ferry-datastore.json";
+
+fn cfg_err(e: plan::BackupError) -> MoveError {
+    MoveError::Config(e.to_string())
+}
+
+/// Every restore point of the given repositories, with the backing chains
+/// of the qcow2 points, checked (parents, missing backing files, chains that
+/// cross VMs).
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    /// All points of all repositories.
+    pub points: Vec<BackupPoint>,
+    /// (point index, disk) -> qcow2 chain, top first (canonical paths).
+    pub chains: BTreeMap<(usize, String), Vec<String>>,
+}
+
+/// Scan the repositories. Any broken repository is an error.
+pub fn scan(repos: &[PathBuf]) -> Result<Inventory> {
+    let mut points = Vec::new();
+    for r in repos {
+        if !r.is_dir() {
+            return Err(MoveError::Config(format!("backup repository {} is not a directory", r.display())));
+        }
+        if r.join(DATASTORE_MARKER).exists() {
+            points.extend(scan_ferry(r)?);
+        } else {
+            points.extend(scan_qcow2(r)?);
+        }
+    }
+    plan::check_parents(&points).map_err(cfg_err)?;
+    let mut chains = BTreeMap::new();
+    for (i, p) in points.iter().enumerate() {
+        if let Locator::Qcow2 { files } = &p.locator {
+            for (disk, f) in files {
+                let chain = backing_chain(p, disk, Path::new(f))?;
+                chains.insert((i, disk.clone()), chain);
+            }
+        }
+    }
+    plan::check_chains(&points, &chains).map_err(cfg_err)?;
+    Ok(Inventory { points, chains })
+}
+
+fn repo_label(r: &Path) -> String {
+    r.display().to_string()
+}
+
+fn scan_ferry(repo: &Path) -> Result<Vec<BackupPoint>> {
+    let ds = Datastore::open(repo)?;
+    let mut out = Vec::new();
+    for name in ds.replicas()? {
+        let r = ds.replica(&name)?;
+        let mut prev: Option<String> = None;
+        for p in r.catalog()?.points {
+            let id = p.id.to_string();
+            out.push(BackupPoint {
+                repo: repo_label(repo),
+                id: format!("{name}#{id}"),
+                vm: name.clone(),
+                time_ns: p.point_time_ns,
+                parent: prev.clone(),
+                locator: Locator::Ferry {
+                    replica: name.clone(),
+                    point: p.id,
+                    disks: p.disks.iter().map(|d| (d.name.clone(), d.size)).collect(),
+                },
+            });
+            prev = Some(format!("{name}#{id}"));
+        }
+    }
+    Ok(out)
+}
+
+fn canonical(path: &Path, what: &str) -> Result<String> {
+    std::fs::canonicalize(path)
+        .map(|p| p.display().to_string())
+        .map_err(|e| MoveError::Config(format!("{what}: {} ({e})", path.display())))
+}
+
+fn scan_qcow2(repo: &Path) -> Result<Vec<BackupPoint>> {
+    let mut out = Vec::new();
+    let mut vm_dirs: Vec<PathBuf> = read_dir_sorted(repo)?.into_iter().filter(|p| p.is_dir()).collect();
+    vm_dirs.sort();
+    for dir in vm_dirs {
+        let dir_vm = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let entries = read_dir_sorted(&dir)?;
+        let mut named = Vec::new();
+        for m in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
+            let label = m.display().to_string();
+            let content = std::fs::read(m).map_err(|e| MoveError::file("reading manifest", m, e))?;
+            let (man, t) = plan::parse_manifest(&label, &content).map_err(cfg_err)?;
+            if man.vm != dir_vm {
+                return Err(MoveError::Config(format!(
+                    "broken manifest {label}: it is for VM {:?} but lies in the directory of VM {dir_vm:?}",
+                    man.vm
+                )));
+            }
+            let mut files = BTreeMap::new();
+            for (disk, f) in &man.disks {
+                let path = dir.join(f);
+                let c = canonical(&path, &format!("broken manifest {label}: disk {disk:?}: missing file"))?;
+                named.push(c.clone());
+                files.insert(disk.clone(), c);
+            }
+            let id = m.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push(BackupPoint {
+                repo: repo_label(repo),
+                id: format!("{dir_vm}/{id}"),
+                vm: man.vm,
+                time_ns: t,
+                parent: man.parent.map(|p| format!("{dir_vm}/{p}")),
+                locator: Locator::Qcow2 { files },
+            });
+        }
+        for q in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "qcow2")) {
+            let c = canonical(q, "qcow2 file")?;
+            if named.contains(&c) {
+                continue;
+            }
+            let fname = q.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let disk = fname.split('.').next().unwrap_or("disk").to_string();
+            let meta = std::fs::metadata(q).map_err(|e| MoveError::file("inspecting", q, e))?;
+            let mtime = meta.modified().map_err(|e| MoveError::file("inspecting", q, e))?;
+            let ns = mtime.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+            let stem = q.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push(BackupPoint {
+                repo: repo_label(repo),
+                id: format!("{dir_vm}/{stem}"),
+                vm: dir_vm.clone(),
+                time_ns: ns,
+                parent: None,
+                locator: Locator::Qcow2 { files: BTreeMap::from([(disk, c)]) },
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| MoveError::file("listing", dir, e))? {
+        v.push(e.map_err(|e| MoveError::file("listing", dir, e))?.path());
+    }
+    v.sort();
+    Ok(v)
+}
+
+fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| MoveError::Config(format!("running qemu-img (install qemu-utils): {e}")))?;
+    if !out.status.success() {
+        return Err(MoveError::Config(format!(
+            "qemu-img {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(out.stdout)
+}
+
+/// The backing chain of `top`, top first, each backing file checked to exist.
+fn backing_chain(p: &BackupPoint, disk: &str, top: &Path) -> Result<Vec<String>> {
+    let mut chain = vec![top.display().to_string()];
+    let mut cur = top.to_path_buf();
+    loop {
+        let label = cur.display().to_string();
+        let out = qemu_img(&["info", "-U", "--output=json", &label])?;
+        let v: serde_json::Value = serde_json::from_slice(&out)
+            .map_err(|e| MoveError::Config(format!("qemu-img info {label}: unreadable output: {e}")))?;
+        let Some(b) = v.get("backing-filename").and_then(|b| b.as_str()) else { break };
+        let b = Path::new(b);
+        let path = if b.is_absolute() { b.to_path_buf() } else { cur.parent().unwrap_or(Path::new(".")).join(b) };
+        let c = std::fs::canonicalize(&path).map_err(|_| {
+            MoveError::Config(format!(
+                "restore point {} disk {disk:?}: backing file {} of {label} is missing",
+                p.label(),
+                path.display()
+            ))
+        })?;
+        let c = c.display().to_string();
+        if chain.contains(&c) || chain.len() > 1000 {
+            return Err(MoveError::Config(format!("restore point {}: backing chain of {label} loops", p.label())));
+        }
+        chain.push(c);
+        cur = PathBuf::from(chain.last().expect("pushed"));
+    }
+    Ok(chain)
+}
+
+/// A private work directory, removed on drop.
+#[derive(Debug)]
+pub struct WorkDir(PathBuf);
+
+impl WorkDir {
+    /// Create one under `parent` (the system temp directory by default).
+    pub fn new(parent: Option<&Path>) -> Result<WorkDir> {
+        let base = parent.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
+        let rnd = u64::from_le_bytes(crate::auth::random_bytes::<8>());
+        let dir = base.join(format!("ferry-backup-{}-{rnd:016x}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| MoveError::file("creating work directory", &dir, e))?;
+        Ok(WorkDir(dir))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A point ready to replicate: disks to read, and the work directory holding them.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Disks (raw files in the work directory).
+    pub disks: Vec<DiskSpec>,
+    /// How the changes were found, for messages.
+    pub how: String,
+    /// Keeps the files alive.
+    pub work: WorkDir,
+}
+
+fn write_extents(path: &Path, map: &ChangeMap) -> Result<()> {
+    let v: Vec<serde_json::Value> =
+        map.extents().iter().map(|e| serde_json::json!({"offset": e.offset, "length": e.len})).collect();
+    std::fs::write(path, serde_json::to_vec(&v).expect("json")).map_err(|e| MoveError::file("writing", path, e))
+}
+
+/// Materialise `point` for replication onto a replica whose latest point time is `replica_latest_ns`.
+pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i64>) -> Result<Prepared> {
+    let work = WorkDir::new(None)?;
+    let idx = inv.points.iter().position(|p| p == point).expect("point of the inventory");
+    // The ancestor the replica is at, if any.
+    let base = replica_latest_ns
+        .and_then(|t| plan::ancestors(&inv.points, point).into_iter().find(|a| a.time_ns == t))
+        .cloned();
+    let mut disks = Vec::new();
+    let mut how = match &base {
+        Some(b) => format!("changes since {}", b.label()),
+        None => "what differs from the replica".to_string(),
+    };
+    match &point.locator {
+        Locator::Qcow2 { files } => {
+            for (disk, top) in files {
+                let raw = work.path().join(format!("{disk}.raw"));
+                qemu_img(&["convert", "-U", "-f", "qcow2", "-O", "raw", top, &raw.display().to_string()])?;
+                let mut spec = DiskSpec { name: disk.clone(), path: raw, mode: None, cbt: None };
+                let chain = &inv.chains[&(idx, disk.clone())];
+                let depth = base.as_ref().and_then(|b| match &b.locator {
+                    Locator::Qcow2 { files } => files.get(disk).and_then(|f| chain.iter().position(|c| c == f)),
+                    Locator::Ferry { .. } => None,
+                });
+                match depth {
+                    Some(d) => {
+                        let out = qemu_img(&["map", "-U", "-f", "qcow2", "--output=json", top])?;
+                        let entries = plan::parse_qemu_map(top, &out).map_err(cfg_err)?;
+                        let map = plan::changed_above(&entries, d as u64);
+                        let list = work.path().join(format!("{disk}.changes.json"));
+                        write_extents(&list, &map)?;
+                        spec.mode = Some(Mode::Cbt);
+                        spec.cbt = Some(list);
+                    }
+                    None if base.is_some() => how = "what differs from the replica".to_string(),
+                    None => {}
+                }
+                disks.push(spec);
+            }
+        }
+        Locator::Ferry { replica, point: id, disks: sizes } => {
+            let repo = PathBuf::from(&point.repo);
+            let ds = Datastore::open(&repo)?;
+            let r = ds.replica(replica)?;
+            let catalog = r.catalog()?;
+            for (disk, &size) in sizes {
+                let raw = work.path().join(format!("{disk}.raw"));
+                crate::target::points::export_point(&ds, replica, disk, Some(*id), &raw)?;
+                let mut spec = DiskSpec { name: disk.clone(), path: raw, mode: None, cbt: None };
+                if let Some(Locator::Ferry { point: from, .. }) = base.as_ref().map(|b| &b.locator) {
+                    // undo(J) holds the chunks point J+1 overwrote: J from the base up to the point before this one.
+                    let mut map = ChangeMap::new();
+                    let mut complete = true;
+                    for p in catalog.points.iter().filter(|p| p.id >= *from && p.id < *id) {
+                        let path = crate::target::undo::undo_path(&r.dir, p.id, disk);
+                        if !path.exists() {
+                            // The disk did not change at p+1 only if p+1 lists it; be safe otherwise.
+                            complete = false;
+                            break;
+                        }
+                        let u = crate::target::undo::UndoReader::open(&path)?;
+                        let cs = u64::from(u.chunk_size);
+                        for &c in u.records.keys() {
+                            map.insert(Extent::new(c * cs, cs));
+                        }
+                    }
+                    if complete {
+                        let map = map.clip(size);
+                        let list = work.path().join(format!("{disk}.changes.json"));
+                        write_extents(&list, &map)?;
+                        spec.mode = Some(Mode::Cbt);
+                        spec.cbt = Some(list);
+                    } else {
+                        how = "what differs from the replica".to_string();
+                    }
+                }
+                disks.push(spec);
+            }
+        }
+    }
+    Ok(Prepared { disks, how, work })
+}
