@@ -64,7 +64,6 @@ pub fn scan(repos: &[PathBuf]) -> Result<Inventory> {
             points.extend(scan_qcow2(r)?);
         }
     }
-    plan::check_parents(&points).map_err(cfg_err)?;
     let mut chains = BTreeMap::new();
     for (i, p) in points.iter().enumerate() {
         if let Locator::Qcow2 { files } = &p.locator {
@@ -75,6 +74,7 @@ pub fn scan(repos: &[PathBuf]) -> Result<Inventory> {
         }
     }
     plan::check_chains(&points, &chains).map_err(cfg_err)?;
+    plan::check_parents(&points).map_err(cfg_err)?;
     Ok(Inventory { points, chains })
 }
 

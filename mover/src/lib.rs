@@ -15,8 +15,8 @@
 #![warn(missing_docs)]
 
 pub mod auth;
-pub mod backup;
 pub mod backend;
+pub mod backup;
 pub mod buf;
 pub mod conn;
 pub mod digests;

@@ -5,6 +5,7 @@
 //! error, 3 finished with a warning. With `--json`, stdout carries NDJSON
 //! events ending in one `summary` event.
 
+mod backup;
 mod demo;
 mod report;
 mod time;
@@ -39,7 +40,7 @@ enum Cmd {
     /// Serve a datastore to sources over TCP.
     Serve(ServeArgs),
     /// Replicate disks to a target (a datastore directory or ferry://HOST:PORT).
-    Replicate(ReplicateArgs),
+    Replicate(Box<ReplicateArgs>),
     /// Restore points of a replica.
     Points {
         #[command(subcommand)]
@@ -88,8 +89,19 @@ struct IoArgs {
 #[derive(Debug, Args)]
 struct ReplicateArgs {
     /// Source disk: PATH or NAME=PATH (file or block device). Repeat for several disks.
-    #[arg(long = "source", required = true)]
+    #[arg(long = "source", required_unless_present = "from_backup")]
     sources: Vec<String>,
+    /// Replicate from the restore points of a backup repository (a ferry datastore or a qcow2
+    /// chain directory, see docs/BACKUP.md) instead of --source. Repeat for several repositories.
+    #[arg(long = "from-backup")]
+    from_backup: Vec<PathBuf>,
+    /// With --from-backup: the VM whose restore points to replicate.
+    #[arg(long)]
+    vm: Option<String>,
+    /// With --from-backup: replicate every restore point newer than the replica's latest, oldest
+    /// first, each as its own replica point (default: only the latest).
+    #[arg(long)]
+    catch_up: bool,
     /// Target: a datastore directory, or ferry://HOST:PORT of a `ferry serve`.
     #[arg(long)]
     target: String,
@@ -279,7 +291,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
-        Cmd::Replicate(a) => replicate(a),
+        Cmd::Replicate(a) => replicate(*a),
         Cmd::Points { cmd } => points(cmd),
         Cmd::Token { cmd: TokenCmd::New { out } } => {
             ferry_mover::auth::write_new_token(&out)?;
@@ -435,28 +447,45 @@ fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
 }
 
 fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
+    if !a.from_backup.is_empty() || a.vm.is_some() || a.catch_up {
+        return backup::replicate_from_backup(a);
+    }
     let cfg = replicate_config(&a)?;
     let spec = TargetSpec::parse(&a.target)?;
     let serve_cfg = serve_config(&a.io)?;
-    let retry_for = parse_duration(&a.retry_for)?;
     let obs: Box<dyn report::JobObserver> = if a.json {
         Box::new(JsonObserver::default())
     } else {
         Box::new(TextObserver::new(std::io::stderr().is_terminal()))
     };
+    match run_job(&a, &spec, &serve_cfg, &cfg, obs.as_ref())? {
+        Ok(rep) => {
+            let status = if obs.warned() { Status::Warning } else { Status::Ok };
+            Ok(obs.finish_ok(&cfg, &rep, status))
+        }
+        Err(e) => Ok(obs.finish_err(&cfg, &anyhow!(e))),
+    }
+}
+
+/// Run one job, reconnecting (and resuming) on transient failures until --retry-for runs out.
+fn run_job(
+    a: &ReplicateArgs,
+    spec: &TargetSpec,
+    serve_cfg: &ServeConfig,
+    cfg: &ReplicateConfig,
+    obs: &dyn report::JobObserver,
+) -> anyhow::Result<Result<ferry_mover::source::JobReport, MoveError>> {
+    let retry_for = parse_duration(&a.retry_for)?;
     let deadline = std::time::Instant::now() + retry_for;
     let mut delay = std::time::Duration::from_secs(1);
     loop {
-        let result = ferry_mover::connect(&spec, a.token_file.as_deref(), &serve_cfg).and_then(|c| {
-            let r = ferry_mover::source::replicate(c.sock, &c.peer, c.auth, &cfg, obs.as_observer());
+        let result = ferry_mover::connect(spec, a.token_file.as_deref(), serve_cfg).and_then(|c| {
+            let r = ferry_mover::source::replicate(c.sock, &c.peer, c.auth, cfg, obs.as_observer());
             let local_error = c.local.and_then(|h| h.join().ok()).and_then(|r| r.error);
             r.map_err(|e| with_local(e, local_error))
         });
         match result {
-            Ok(rep) => {
-                let status = if obs.warned() { Status::Warning } else { Status::Ok };
-                return Ok(obs.finish_ok(&cfg, &rep, status));
-            }
+            Ok(rep) => return Ok(Ok(rep)),
             Err(e) if e.is_transient() && std::time::Instant::now() + delay < deadline => {
                 obs.as_observer().event(&ferry_mover::source::JobEvent::Notice(format!(
                     "{}; reconnecting in {} s (the session resumes where it stopped; giving up after --retry-for {})",
@@ -467,7 +496,7 @@ fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(std::time::Duration::from_secs(60));
             }
-            Err(e) => return Ok(obs.finish_err(&cfg, &anyhow!(e))),
+            Err(e) => return Ok(Err(e)),
         }
     }
 }

@@ -1,0 +1,151 @@
+//! `ferry replicate --from-backup`: replica from the restore points of backup
+//! repositories (see docs/BACKUP.md). Each backup point becomes one replica
+//! point carrying the backup's point time.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use ferry_mover::source::{JobEvent, JobReport, ReplicateConfig};
+use ferry_mover::target::datastore::Datastore;
+use ferry_mover::TargetSpec;
+use ferry_planner::backup as plan;
+
+use crate::report::{self, JobObserver, JsonObserver, Status, TextObserver};
+use crate::time::format_rfc3339;
+use crate::{replicate_config, run_job, serve_config, usage, ReplicateArgs};
+
+/// The message of a run that found nothing new (exit 3).
+pub const NOTHING_NEW: &str = "latest restore point already replicated";
+
+/// Latest restore point (id, point time) of a replica in a local datastore.
+fn replica_latest(dir: &std::path::Path, replica: &str) -> anyhow::Result<Option<(u64, i64)>> {
+    if !dir.join("ferry-datastore.json").exists() || !dir.join(replica).join("replica.json").exists() {
+        return Ok(None);
+    }
+    let ds = Datastore::open(dir)?;
+    let r = ds.replica(replica)?;
+    Ok(r.catalog()?.points.last().map(|p| (p.id, p.point_time_ns)))
+}
+
+/// Run `ferry replicate --from-backup ...`.
+pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
+    if !a.sources.is_empty() {
+        return Err(usage(
+            "--source and --from-backup exclude each other: replicate either from disks (--source) or from the \
+             restore points of backup repositories (--from-backup REPO --vm NAME)",
+        ));
+    }
+    if a.from_backup.is_empty() {
+        return Err(usage("--vm and --catch-up go with --from-backup REPO"));
+    }
+    let Some(vm) = a.vm.clone() else {
+        return Err(usage("--from-backup needs --vm NAME: the VM whose restore points to replicate"));
+    };
+    if !a.cbt.is_empty() || a.mode != "auto" || a.point_time.is_some() {
+        return Err(usage(
+            "--from-backup chooses the mode and the point time itself (from the backup): drop --cbt, --mode and \
+             --point-time",
+        ));
+    }
+    let base = replicate_config(&a)?;
+    let spec = TargetSpec::parse(&a.target)?;
+    let TargetSpec::Local(dir) = &spec else {
+        return Err(usage(
+            "--from-backup needs the replica's latest point time before it starts: for now it works with a local \
+             datastore target (--target DIR) only",
+        ));
+    };
+    let serve_cfg = serve_config(&a.io)?;
+    let obs: Box<dyn JobObserver> = if a.json {
+        Box::new(JsonObserver::default())
+    } else {
+        Box::new(TextObserver::new(std::io::stderr().is_terminal()))
+    };
+    let fail = |e: anyhow::Error| Ok(obs.finish_err(&base, &e));
+    let latest = match replica_latest(dir, &a.replica) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    let inv = match ferry_mover::backup::scan(&a.from_backup) {
+        Ok(i) => i,
+        Err(e) => return fail(anyhow!(e)),
+    };
+    let mut latest_ns = latest.map(|l| l.1);
+    let chosen: Vec<plan::BackupPoint> = match plan::select(&inv.points, &vm, latest_ns, a.catch_up) {
+        Ok(c) => c.into_iter().cloned().collect(),
+        Err(e) => return fail(anyhow!(ferry_mover::MoveError::Config(e.to_string()))),
+    };
+    if chosen.is_empty() {
+        let newest = inv.points.iter().filter(|p| p.vm == vm).map(|p| p.time_ns).max().unwrap_or(0);
+        obs.as_observer().event(&JobEvent::Notice(format!(
+            "VM {vm:?}: the newest backup point is from {}; replica {:?} is at {}",
+            format_rfc3339(newest),
+            a.replica,
+            format_rfc3339(latest_ns.unwrap_or(0))
+        )));
+        obs.as_observer().event(&JobEvent::Warning(NOTHING_NEW.into()));
+        let (point_id, point_time_ns) = latest.unwrap_or((0, 0));
+        let rep = JobReport {
+            disks: Vec::new(),
+            duration_s: 0.0,
+            stages: Vec::new(),
+            point_id,
+            point_time_ns,
+            backend: "none".into(),
+            resumed: false,
+            chunk_size: 0,
+            wire_bytes: 0,
+        };
+        return Ok(obs.finish_ok(&base, &rep, Status::Warning));
+    }
+    let n = chosen.len();
+    for (i, p) in chosen.iter().enumerate() {
+        let prepared = match ferry_mover::backup::prepare(&inv, p, latest_ns) {
+            Ok(x) => x,
+            Err(e) => return fail(anyhow!(e)),
+        };
+        obs.as_observer().event(&JobEvent::Notice(format!(
+            "restore point {} of VM {vm:?} ({}), {} of {n}: moving {}",
+            p.label(),
+            format_rfc3339(p.time_ns),
+            i + 1,
+            prepared.how
+        )));
+        let mut cfg: ReplicateConfig = base.clone();
+        cfg.disks = prepared.disks.clone();
+        cfg.point_time_ns = p.time_ns;
+        let rep = match run_job(&a, &spec, &serve_cfg, &cfg, obs.as_ref()) {
+            Ok(Ok(rep)) => rep,
+            Ok(Err(e)) => return fail(anyhow!(e)),
+            Err(e) => return fail(e),
+        };
+        drop(prepared);
+        latest_ns = Some(p.time_ns);
+        let totals = report::totals(&rep.disks);
+        if a.json {
+            report::print_json(&serde_json::json!({
+                "event": "point_done",
+                "backup_point": p.label(),
+                "vm": vm,
+                "point_id": rep.point_id,
+                "point_time": format_rfc3339(rep.point_time_ns),
+                "totals": totals,
+                "disks": rep.disks,
+            }));
+        } else {
+            eprintln!(
+                "backup point {} -> replica point {} ({}): {} chunks sent",
+                p.label(),
+                rep.point_id,
+                format_rfc3339(rep.point_time_ns),
+                totals.chunks_sent
+            );
+        }
+        if i + 1 == n {
+            let status = if obs.warned() { Status::Warning } else { Status::Ok };
+            return Ok(obs.finish_ok(&cfg, &rep, status));
+        }
+    }
+    unreachable!("the loop returns at its last point")
+}
