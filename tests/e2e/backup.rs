@@ -362,3 +362,49 @@ fn qcow2_without_manifest_uses_mtime() {
     let got = export(&ds, "vm9", r.summary()["point_id"].as_u64().unwrap(), &tmp.path().join("got.raw"));
     assert!(same_bytes(&got, &want));
 }
+
+/// An interrupted session goes on with its own backup point before a newer one.
+#[test]
+fn interrupted_session_finishes_its_point_first() {
+    use ferry_mover::target::datastore::{Datastore, SessionState};
+    if !have_qemu() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (r1, r2, ds) = (tmp.path().join("repo1"), tmp.path().join("repo2"), tmp.path().join("dr"));
+    let sun = Point { repo: &r1, vm: "web1", id: "sun", time: SUN, parent: None }.create(None, &[(&[0, 1], 1)]);
+    from_backup(&[&r1], "web1", &ds, "web1-dr", &[]).expect_code(0);
+    let mon = Point { repo: &r2, vm: "web1", id: "mon", time: MON, parent: None }.create(Some(&sun), &[(&[4], 2)]);
+    let tue = Point { repo: &r1, vm: "web1", id: "tue", time: TUE, parent: Some("sun") }
+        .create(None, &[(&[4], 2), (&[9], 3)]);
+    // A run for Monday was interrupted (before any disk data).
+    let pending = |t: &str| {
+        let store = Datastore::open(&ds).unwrap();
+        let r = store.lock_replica("web1-dr", "test", 0, 0).unwrap();
+        r.write_session(&SessionState {
+            version: ferry_mover::target::datastore::DATASTORE_VERSION,
+            session_id: "00".repeat(16),
+            point_time_ns: ferry_planner::time::parse_rfc3339(t).unwrap(),
+            started_ns: 0,
+            disks: Default::default(),
+        })
+        .unwrap();
+    };
+    pending("2026-11-22T12:00:00Z");
+    let r = from_backup(&[&r1, &r2], "web1", &ds, "web1-dr", &[]);
+    r.expect_code(2);
+    assert!(r.summary()["error"].as_str().unwrap().contains("interrupted session"), "{}", r.stdout);
+    pending(MON);
+    let r = from_backup(&[&r1, &r2], "web1", &ds, "web1-dr", &[]);
+    r.expect_code(0);
+    let times: Vec<Value> = point_done(&r).iter().map(|p| p["point_time"].clone()).collect();
+    assert_eq!(times, [MON, TUE], "{}", r.stdout);
+    let pts = points_of(&ds, "web1-dr");
+    assert_eq!(pts.len(), 3);
+    for (p, img) in pts[1..].iter().zip([&mon, &tue]) {
+        let id = p["id"].as_u64().unwrap();
+        let want = reference(img, &tmp.path().join(format!("ref-{id}.raw")));
+        let got = export(&ds, "web1-dr", id, &tmp.path().join(format!("exp-{id}.raw")));
+        assert!(same_bytes(&got, &want), "point {id}");
+    }
+}

@@ -18,14 +18,18 @@ use crate::{replicate_config, run_job, serve_config, usage, ReplicateArgs};
 /// The message of a run that found nothing new (exit 3).
 pub const NOTHING_NEW: &str = "latest restore point already replicated";
 
-/// Latest restore point (id, point time) of a replica in a local datastore.
-fn replica_latest(dir: &std::path::Path, replica: &str) -> anyhow::Result<Option<(u64, i64)>> {
+/// What a local replica holds: its latest restore point (id, point time),
+/// and the point time of an interrupted session, if any.
+type ReplicaState = (Option<(u64, i64)>, Option<i64>);
+
+fn replica_state(dir: &std::path::Path, replica: &str) -> anyhow::Result<ReplicaState> {
     if !dir.join("ferry-datastore.json").exists() || !dir.join(replica).join("replica.json").exists() {
-        return Ok(None);
+        return Ok((None, None));
     }
     let ds = Datastore::open(dir)?;
     let r = ds.replica(replica)?;
-    Ok(r.catalog()?.points.last().map(|p| (p.id, p.point_time_ns)))
+    let latest = r.catalog()?.points.last().map(|p| (p.id, p.point_time_ns));
+    Ok((latest, r.session()?.map(|s| s.point_time_ns)))
 }
 
 /// Run `ferry replicate --from-backup ...`.
@@ -63,7 +67,7 @@ pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         Box::new(TextObserver::new(std::io::stderr().is_terminal()))
     };
     let fail = |e: anyhow::Error| Ok(obs.finish_err(&base, &e));
-    let latest = match replica_latest(dir, &a.replica) {
+    let (latest, pending) = match replica_state(dir, &a.replica) {
         Ok(l) => l,
         Err(e) => return fail(e),
     };
@@ -72,10 +76,34 @@ pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return fail(anyhow!(e)),
     };
     let mut latest_ns = latest.map(|l| l.1);
-    let chosen: Vec<plan::BackupPoint> = match plan::select(&inv.points, &vm, latest_ns, a.catch_up) {
+    let mut chosen: Vec<plan::BackupPoint> = match plan::select(&inv.points, &vm, latest_ns, a.catch_up) {
         Ok(c) => c.into_iter().cloned().collect(),
         Err(e) => return fail(anyhow!(ferry_mover::MoveError::Config(e.to_string()))),
     };
+    // An interrupted session resumes where it stopped: it must go on with the same backup point,
+    // or the replica would mix two points. Finish that point first.
+    if let Some(t) = pending.filter(|&t| chosen.first().map(|p| p.time_ns) != Some(t)) {
+        match inv.points.iter().find(|p| p.vm == vm && p.time_ns == t) {
+            Some(p) => {
+                obs.as_observer().event(&JobEvent::Notice(format!(
+                    "replica {:?} has an interrupted session for restore point {} ({}): finishing it first",
+                    a.replica,
+                    p.label(),
+                    format_rfc3339(t)
+                )));
+                chosen.retain(|c| c.time_ns > t);
+                chosen.insert(0, p.clone());
+            }
+            None => {
+                return fail(anyhow!(ferry_mover::MoveError::Config(format!(
+                    "replica {:?} has an interrupted session (point time {}) that is no restore point of VM {vm:?} \
+                     in these repositories: undo it with `ferry points rollback --incomplete --yes` first",
+                    a.replica,
+                    format_rfc3339(t)
+                ))))
+            }
+        }
+    }
     if chosen.is_empty() {
         let newest = inv.points.iter().filter(|p| p.vm == vm).map(|p| p.time_ns).max().unwrap_or(0);
         obs.as_observer().event(&JobEvent::Notice(format!(
