@@ -116,6 +116,8 @@ pub struct ReplicateConfig {
     /// With CBT: chunks that CBT calls unchanged to check against the
     /// target's digests (0: trust CBT blindly).
     pub verify_samples: usize,
+    /// Plan only: read, hash and compress as a run would, send nothing, change nothing at the target.
+    pub plan_only: bool,
 }
 
 impl ReplicateConfig {
@@ -134,6 +136,7 @@ impl ReplicateConfig {
             checkpoint_bytes: 256 << 20,
             retain: 0,
             verify_samples: 200,
+            plan_only: false,
         }
     }
 }
@@ -327,6 +330,7 @@ fn run_job(
         point_time_ns: cfg.point_time_ns,
         session_id,
         retain: cfg.retain,
+        flags: if cfg.plan_only { OpenReplica::PLAN_ONLY } else { 0 },
     }))?;
     let opened_reply = match expect_frame(conn, &mut rx)? {
         Frame::ReplicaOpened(r) => r,
@@ -440,6 +444,10 @@ fn run_job(
 
     let run = run_pipeline(conn, &mut disks, cfg, chunk_size, &rx_msgs, obs);
     let outcome = run.and_then(|(stats, backend)| {
+        if cfg.plan_only {
+            let _ = conn.send(&Frame::Close);
+            return Ok((stats, backend, 0, cfg.point_time_ns));
+        }
         conn.send(&Frame::Commit(Commit { disk_count: disks.len() as u32 }))?;
         match rx_msgs.recv() {
             Ok(RxMsg::Committed { point_id, point_time_ns }) => {
@@ -804,7 +812,7 @@ fn send_loop(
     let flush_zero = |zero_run: &mut Option<ZeroRun>, disks: &mut [JobDisk], stats: &mut StageStats| -> Result<()> {
         if let Some(z) = zero_run.take() {
             let t = Instant::now();
-            let n = conn.send(&Frame::ZeroRun(z.clone()))?;
+            let n = emit(conn, cfg.plan_only, &Frame::ZeroRun(z.clone()))?;
             stats.record(Stage::Send, t.elapsed());
             disks[z.disk as usize].counters.bytes_sent += n;
         }
@@ -823,7 +831,7 @@ fn send_loop(
                 Outcome::Data(data) => {
                     flush_zero(&mut zero_run, disks, &mut stats)?;
                     let t = Instant::now();
-                    let n = match conn.send_data(data) {
+                    let n = match emit_data(conn, cfg.plan_only, data) {
                         Ok(n) => n,
                         Err(e) => return Err(prefer_target_error(rx_msgs, e)),
                     };
@@ -874,7 +882,8 @@ fn send_loop(
                             jd.disk.name, jd.disk.size, now
                         )));
                     }
-                    let n = conn.send(&Frame::Flush(Flush { disk: *disk, next_chunk: jd.chunk_count }))?;
+                    let n =
+                        emit(conn, cfg.plan_only, &Frame::Flush(Flush { disk: *disk, next_chunk: jd.chunk_count }))?;
                     jd.counters.bytes_sent += n;
                     obs.event(&JobEvent::Progress {
                         disk: jd.disk.name.clone(),
@@ -891,7 +900,7 @@ fn send_loop(
             done_bytes[disk as usize] += len;
             if since_flush[disk as usize] >= cfg.checkpoint_bytes {
                 flush_zero(&mut zero_run, disks, &mut stats)?;
-                let n = conn.send(&Frame::Flush(Flush { disk, next_chunk: chunk + 1 }))?;
+                let n = emit(conn, cfg.plan_only, &Frame::Flush(Flush { disk, next_chunk: chunk + 1 }))?;
                 disks[disk as usize].counters.bytes_sent += n;
                 since_flush[disk as usize] = 0;
             }
@@ -907,6 +916,22 @@ fn send_loop(
         }
     }
     Ok((stats, ()))
+}
+
+/// Send a frame, or in a plan only count the bytes it would take.
+fn emit(conn: &Conn, plan_only: bool, f: &Frame) -> Result<u64> {
+    if plan_only {
+        return Ok(f.to_bytes().len() as u64);
+    }
+    conn.send(f)
+}
+
+/// Send a data frame, or in a plan only count the bytes it would take.
+fn emit_data(conn: &Conn, plan_only: bool, d: &Data) -> Result<u64> {
+    if plan_only {
+        return Ok((ferry_wire::HEADER_LEN + ferry_wire::DATA_FIXED_LEN + d.payload.len()) as u64);
+    }
+    conn.send_data(d)
 }
 
 /// When a send fails because the target went away, its own Error frame (if

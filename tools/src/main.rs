@@ -40,6 +40,9 @@ enum Cmd {
     Serve(ServeArgs),
     /// Replicate disks to a target (a datastore directory or ferry://HOST:PORT).
     Replicate(ReplicateArgs),
+    /// What `replicate` with the same options would move, per disk: reads, hashes and
+    /// compresses like a run, sends nothing, changes nothing at the target.
+    Plan(ReplicateArgs),
     /// Restore points of a replica.
     Points {
         #[command(subcommand)]
@@ -280,6 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Replicate(a) => replicate(a),
+        Cmd::Plan(a) => plan(a),
         Cmd::Points { cmd } => points(cmd),
         Cmd::Token { cmd: TokenCmd::New { out } } => {
             ferry_mover::auth::write_new_token(&out)?;
@@ -447,7 +451,7 @@ fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let deadline = std::time::Instant::now() + retry_for;
     let mut delay = std::time::Duration::from_secs(1);
     loop {
-        let result = ferry_mover::connect(&spec, a.token_file.as_deref(), &serve_cfg).and_then(|c| {
+        let result = ferry_mover::connect(&spec, a.token_file.as_deref(), &serve_cfg, true).and_then(|c| {
             let r = ferry_mover::source::replicate(c.sock, &c.peer, c.auth, &cfg, obs.as_observer());
             let local_error = c.local.and_then(|h| h.join().ok()).and_then(|r| r.error);
             r.map_err(|e| with_local(e, local_error))
@@ -470,6 +474,19 @@ fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             Err(e) => return Ok(obs.finish_err(&cfg, &anyhow!(e))),
         }
     }
+}
+
+fn plan(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = replicate_config(&a)?;
+    cfg.plan_only = true;
+    let spec = TargetSpec::parse(&a.target)?;
+    let c = ferry_mover::connect(&spec, a.token_file.as_deref(), &serve_config(&a.io)?, false)?;
+    let obs = report::WarningsOnly::default();
+    let r = ferry_mover::source::replicate(c.sock, &c.peer, c.auth, &cfg, &obs);
+    let local_error = c.local.and_then(|h| h.join().ok()).and_then(|r| r.error);
+    let rep = r.map_err(|e| with_local(e, local_error))?;
+    report::print_plan(&cfg, &rep, a.json);
+    Ok(ExitCode::from(if obs.warned() { 3 } else { 0 }))
 }
 
 /// A local target's own error explains more than "peer gone".
