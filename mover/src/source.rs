@@ -39,6 +39,86 @@ use crate::error::{MoveError, Result};
 use crate::stats::{DiskCounters, Stage, StageStats, StageSummary};
 use ferry_planner::{parse_cbt, sample_unchanged, ChangeMap, ChunkSet, ZeroDigests};
 
+/// zstd levels `--compress auto` moves between (0: off).
+pub const AUTO_LEVELS: [i32; 3] = [0, 1, 3];
+
+/// Shared state of `--compress auto`: the level the sender chose, and what
+/// the workers measured compressing (including 1-in-16 probes while off).
+#[derive(Debug, Default)]
+struct AutoCompress {
+    /// Index into [`AUTO_LEVELS`].
+    idx: std::sync::atomic::AtomicUsize,
+    comp_ns: std::sync::atomic::AtomicU64,
+    comp_in: std::sync::atomic::AtomicU64,
+    comp_out: std::sync::atomic::AtomicU64,
+}
+
+/// Sender-side controller: every window compares the link rate L (bytes per
+/// second of socket writes) with what the workers can compress, W x C, at
+/// ratio R. Compression pays only while the CPUs outrun the link.
+struct AutoController {
+    workers: f64,
+    window_start: Instant,
+    send_ns: u64,
+    send_bytes: u64,
+    last: (u64, u64, u64),
+    /// Windows spent at each level.
+    windows: [u64; 3],
+}
+
+impl AutoController {
+    const WINDOW: Duration = Duration::from_millis(250);
+
+    fn new(workers: usize) -> AutoController {
+        AutoController {
+            workers: workers as f64,
+            window_start: Instant::now(),
+            send_ns: 0,
+            send_bytes: 0,
+            last: (0, 0, 0),
+            windows: [0; 3],
+        }
+    }
+
+    fn sent(&mut self, bytes: u64, took: Duration) {
+        self.send_bytes += bytes;
+        self.send_ns += took.as_nanos() as u64;
+    }
+
+    fn tick(&mut self, auto: &AutoCompress) {
+        if self.window_start.elapsed() < Self::WINDOW {
+            return;
+        }
+        self.window_start = Instant::now();
+        let idx = auto.idx.load(Ordering::Relaxed);
+        self.windows[idx] += 1;
+        let now = (
+            auto.comp_ns.load(Ordering::Relaxed),
+            auto.comp_in.load(Ordering::Relaxed),
+            auto.comp_out.load(Ordering::Relaxed),
+        );
+        let (dns, din, dout) = (now.0 - self.last.0, now.1 - self.last.1, now.2 - self.last.2);
+        self.last = now;
+        let (send_ns, send_bytes) = (std::mem::take(&mut self.send_ns), std::mem::take(&mut self.send_bytes));
+        if dns < 1_000_000 || din == 0 || send_ns < 1_000_000 || send_bytes < (1 << 20) {
+            return; // not enough to judge this window
+        }
+        let link = send_bytes as f64 / (send_ns as f64 / 1e9); // bytes/s the link took
+        let cpu = self.workers * din as f64 / (dns as f64 / 1e9); // logical bytes/s the workers can compress
+        let ratio = din as f64 / dout.max(1) as f64;
+        let next = if cpu < link || ratio < 1.1 {
+            idx.saturating_sub(1) // compression is the bottleneck, or buys nothing
+        } else if cpu > 3.0 * link * ratio && idx + 1 < AUTO_LEVELS.len() {
+            idx + 1 // plenty of CPU headroom over a slow link: compress harder
+        } else if idx == 0 {
+            1
+        } else {
+            idx
+        };
+        auto.idx.store(next, Ordering::Relaxed);
+    }
+}
+
 /// Default chunk size for new replicas.
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
 
@@ -197,6 +277,19 @@ pub struct JobReport {
     pub chunk_size: u32,
     /// Bytes written to the connection in all.
     pub wire_bytes: u64,
+    /// What `--compress auto` chose (None for a fixed policy).
+    pub compress_auto: Option<CompressChoice>,
+}
+
+/// What `--compress auto` chose during a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CompressChoice {
+    /// zstd levels it moves between (0: off).
+    pub levels: Vec<i32>,
+    /// 250 ms windows spent at each level.
+    pub windows: Vec<u64>,
+    /// Level at the end of the run.
+    pub final_level: i32,
 }
 
 enum Work {
@@ -443,16 +536,16 @@ fn run_job(
     };
 
     let run = run_pipeline(conn, &mut disks, cfg, chunk_size, &rx_msgs, obs);
-    let outcome = run.and_then(|(stats, backend)| {
+    let outcome = run.and_then(|(stats, backend, chosen)| {
         if cfg.plan_only {
             let _ = conn.send(&Frame::Close);
-            return Ok((stats, backend, 0, cfg.point_time_ns));
+            return Ok((stats, backend, chosen, 0, cfg.point_time_ns));
         }
         conn.send(&Frame::Commit(Commit { disk_count: disks.len() as u32 }))?;
         match rx_msgs.recv() {
             Ok(RxMsg::Committed { point_id, point_time_ns }) => {
                 let _ = conn.send(&Frame::Close);
-                Ok((stats, backend, point_id, point_time_ns))
+                Ok((stats, backend, chosen, point_id, point_time_ns))
             }
             Ok(RxMsg::Failed(e)) => Err(e),
             Err(_) => Err(MoveError::PeerGone { peer: conn.peer().into(), side: "target" }),
@@ -460,7 +553,7 @@ fn run_job(
     });
     conn.shutdown();
     let _ = receiver.join();
-    let (stats, backend, point_id, point_time_ns) = outcome?;
+    let (stats, backend, compress_auto, point_id, point_time_ns) = outcome?;
     Ok(JobReport {
         disks: disks.into_iter().map(|d| d.counters).collect(),
         duration_s: start.elapsed().as_secs_f64(),
@@ -471,6 +564,7 @@ fn run_job(
         resumed: opened_reply.resumed,
         chunk_size,
         wire_bytes: conn.bytes_sent(),
+        compress_auto,
     })
 }
 
@@ -538,7 +632,7 @@ fn run_pipeline(
     chunk_size: u32,
     rx_msgs: &Receiver<RxMsg>,
     obs: &dyn Observer,
-) -> Result<(StageStats, String)> {
+) -> Result<(StageStats, String, Option<CompressChoice>)> {
     let workers = cfg.workers.max(1);
     let depth = cfg.queue_depth.clamp(1, 256);
     let read_pool = BufPool::new(depth + workers * 3 + 8, chunk_size as usize);
@@ -561,6 +655,9 @@ fn run_pipeline(
     let digests: Vec<Option<Vec<[u8; 32]>>> = disks.iter_mut().map(|d| d.target_digests.take()).collect();
     let cs = u64::from(chunk_size);
 
+    let auto = AutoCompress::default();
+    auto.idx.store(1, Ordering::Relaxed); // start at zstd 1; the controller adapts within a window
+    let auto = &auto;
     std::thread::scope(|s| {
         let reader = s.spawn(|| {
             let r = read_loop(backend, &read_pool, &plans, cs, &work_tx, &abort);
@@ -572,12 +669,13 @@ fn run_pipeline(
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
             let (out_pool, digests, names) = (&out_pool, &digests, &names);
-            worker_handles
-                .push(s.spawn(move || work_loop(work_rx, done_tx, out_pool, digests, names, cfg.compress, chunk_size)));
+            worker_handles.push(
+                s.spawn(move || work_loop(work_rx, done_tx, out_pool, digests, names, cfg.compress, chunk_size, auto)),
+            );
         }
         drop(work_rx);
         drop(done_tx);
-        let sent = send_loop(conn, disks, cfg, cs, &done_rx, rx_msgs, obs);
+        let sent = send_loop(conn, disks, cfg, cs, &done_rx, rx_msgs, obs, auto, workers);
         if sent.is_err() {
             abort.store(true, Ordering::Relaxed);
         }
@@ -589,11 +687,16 @@ fn run_pipeline(
             }
         }
         let read = reader.join().unwrap_or_else(|_| Err(MoveError::Config("reader thread panicked".into())));
-        let (sender_stats, _) = sent?;
+        let (sender_stats, windows) = sent?;
         let read_stats = read?;
         stats.merge(&read_stats);
         stats.merge(&sender_stats);
-        Ok((stats, backend_name))
+        let chosen = (cfg.compress == CompressPolicy::Auto).then(|| CompressChoice {
+            levels: AUTO_LEVELS.to_vec(),
+            windows: windows.to_vec(),
+            final_level: AUTO_LEVELS[auto.idx.load(Ordering::Relaxed)],
+        });
+        Ok((stats, backend_name, chosen))
     })
 }
 
@@ -681,9 +784,12 @@ fn work_loop(
     names: &[String],
     policy: CompressPolicy,
     chunk_size: u32,
+    auto: &AutoCompress,
 ) -> StageStats {
     let mut stats = StageStats::default();
     let zeros = ZeroDigests::new(chunk_size);
+    let mut cur_level = 1;
+    let mut probe = 0u64;
     let level = match policy {
         CompressPolicy::Zstd(l) => l,
         _ => 1,
@@ -742,7 +848,18 @@ fn work_loop(
                             CompressPolicy::None => false,
                             CompressPolicy::Zstd(_) => true,
                             CompressPolicy::Auto => {
-                                if skip > 0 {
+                                let lvl = AUTO_LEVELS[auto.idx.load(Ordering::Relaxed)];
+                                // While off, 1 chunk in 16 is compressed anyway to keep measuring.
+                                probe += 1;
+                                let want = if lvl == 0 { probe % 16 == 0 } else { true };
+                                let lvl = lvl.max(1);
+                                if want && lvl != cur_level {
+                                    let _ = cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(lvl));
+                                    cur_level = lvl;
+                                }
+                                if !want {
+                                    false
+                                } else if skip > 0 {
                                     skip -= 1;
                                     false
                                 } else {
@@ -756,6 +873,11 @@ fn work_loop(
                                 let t = Instant::now();
                                 let cap = expected - expected / 8;
                                 let r = cctx.compress_to_buffer(&buf[..], &mut out.spare_mut()[..cap]);
+                                let took = t.elapsed();
+                                auto.comp_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+                                auto.comp_in.fetch_add(expected as u64, Ordering::Relaxed);
+                                auto.comp_out
+                                    .fetch_add(r.as_ref().map_or(expected as u64, |&n| n as u64), Ordering::Relaxed);
                                 stats.record(Stage::Compress, t.elapsed());
                                 match r {
                                     Ok(n) if n < cap => {
@@ -793,7 +915,10 @@ fn send_loop(
     rx: &Receiver<Done>,
     rx_msgs: &Receiver<RxMsg>,
     obs: &dyn Observer,
-) -> Result<(StageStats, ())> {
+    auto: &AutoCompress,
+    workers: usize,
+) -> Result<(StageStats, [u64; 3])> {
+    let mut ctl = AutoController::new(workers);
     let mut stats = StageStats::default();
     let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
     let mut next = 0u64;
@@ -835,7 +960,9 @@ fn send_loop(
                         Ok(n) => n,
                         Err(e) => return Err(prefer_target_error(rx_msgs, e)),
                     };
-                    stats.record(Stage::Send, t.elapsed());
+                    let took = t.elapsed();
+                    stats.record(Stage::Send, took);
+                    ctl.sent(n, took);
                     let c = &mut disks[data.disk as usize].counters;
                     c.bytes_sent += n;
                     c.chunks_sent += 1;
@@ -904,6 +1031,9 @@ fn send_loop(
                 disks[disk as usize].counters.bytes_sent += n;
                 since_flush[disk as usize] = 0;
             }
+            if cfg.compress == CompressPolicy::Auto {
+                ctl.tick(auto);
+            }
             if last_progress.elapsed() >= Duration::from_millis(200) {
                 last_progress = Instant::now();
                 let jd = &disks[disk as usize];
@@ -915,7 +1045,7 @@ fn send_loop(
             }
         }
     }
-    Ok((stats, ()))
+    Ok((stats, ctl.windows))
 }
 
 /// Send a frame, or in a plan only count the bytes it would take.

@@ -91,6 +91,7 @@ fn summary_json(cfg: &ReplicateConfig, rep: &JobReport, status: &str) -> Value {
         "chunk_size": rep.chunk_size,
         "resumed": rep.resumed,
         "wire_bytes": rep.wire_bytes,
+        "compress_auto": rep.compress_auto,
         "totals": totals(&rep.disks),
         "disks": rep.disks,
         "stages": stages_json(&rep.stages),
