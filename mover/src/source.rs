@@ -776,6 +776,8 @@ fn is_zero(b: &[u8]) -> bool {
     b.chunks(4096).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
+// One pipeline stage: its channels, shared pools and the job's settings.
+#[allow(clippy::too_many_arguments)]
 fn work_loop(
     rx: Receiver<Work>,
     tx: Sender<Done>,
@@ -907,6 +909,8 @@ fn work_loop(
     stats
 }
 
+// One pipeline stage: its channels, shared pools and the job's settings.
+#[allow(clippy::too_many_arguments)]
 fn send_loop(
     conn: &Conn,
     disks: &mut [JobDisk],
