@@ -98,7 +98,7 @@ impl SourceDisk {
     /// server has it, and `qemu:dirty-bitmap:BITMAP` when `bitmap` is given
     /// (a bitmap the server does not export is a configuration error).
     pub fn open_nbd(name: &str, uri: &str, bitmap: Option<&str>) -> Result<SourceDisk> {
-        let nbd_err = |e| MoveError::Nbd { disk: name.to_string(), uri: uri.to_string(), source: e };
+        let nbd_err = |e| MoveError::Nbd { disk: name.to_string(), uri: uri.to_string(), source: Box::new(e) };
         let bitmap_ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
         let mut allocation = true;
         let client = loop {
@@ -167,7 +167,11 @@ impl SourceDisk {
         match &self.backing {
             Backing::Nbd { uri, client, .. } => {
                 let mut c = client.lock().unwrap_or_else(|p| p.into_inner());
-                Some(f(&mut c).map_err(|e| MoveError::Nbd { disk: self.name.clone(), uri: uri.clone(), source: e }))
+                Some(f(&mut c).map_err(|e| MoveError::Nbd {
+                    disk: self.name.clone(),
+                    uri: uri.clone(),
+                    source: Box::new(e),
+                }))
             }
             Backing::File { .. } => None,
         }
@@ -317,6 +321,17 @@ pub fn parse_named(spec: &str) -> (String, PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_chunks_of_hole_extents() {
+        // 64 KiB chunks, a disk of 10 chunks and 100 bytes (11 chunks).
+        let (cs, size) = (65536, 10 * 65536 + 100);
+        assert_eq!(whole_chunks(0, 65536, cs, size, 11), 0..1);
+        assert_eq!(whole_chunks(1, 3 * 65536, cs, size, 11), 1..3, "a partly covered chunk is read");
+        assert_eq!(whole_chunks(100, 65535, cs, size, 11), 1..1);
+        assert_eq!(whole_chunks(9 * 65536, size, cs, size, 11), 9..11, "the short last chunk up to the end");
+        assert_eq!(whole_chunks(9 * 65536, size - 1, cs, size, 11), 9..10);
+    }
 
     #[test]
     fn named_specs() {

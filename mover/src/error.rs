@@ -54,9 +54,9 @@ pub enum MoveError {
         disk: String,
         /// The NBD URI.
         uri: String,
-        /// What the NBD client said.
+        /// What the NBD client said (boxed: it is large).
         #[source]
-        source: crate::nbd::NbdError,
+        source: Box<crate::nbd::NbdError>,
     },
     /// The connection to the peer failed.
     #[error("connection to {peer}")]

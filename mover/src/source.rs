@@ -656,9 +656,9 @@ fn backend_error(plan: &ReadPlan, e: std::io::Error) -> MoveError {
     match &plan.nbd_uri {
         Some(uri) => {
             let source = match e.into_inner().map(|i| i.downcast::<crate::nbd::NbdError>()) {
-                Some(Ok(n)) => *n,
-                Some(Err(other)) => crate::nbd::NbdError::Broken(other.to_string()),
-                None => crate::nbd::NbdError::Broken("IO error".into()),
+                Some(Ok(n)) => n,
+                Some(Err(other)) => Box::new(crate::nbd::NbdError::Broken(other.to_string())),
+                None => Box::new(crate::nbd::NbdError::Broken("IO error".into())),
             };
             MoveError::Nbd { disk: plan.name.clone(), uri: uri.clone(), source }
         }
