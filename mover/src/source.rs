@@ -31,10 +31,10 @@ use ferry_wire::{
     ResumeInfo, ZeroRun,
 };
 
-use crate::backend::{open_backend, BackendChoice, IoBackend, IoKind, IoRequest};
+use crate::backend::{open_backend, BackendChoice, IoBackend, IoKind, IoRequest, NbdBackend};
 use crate::buf::{BufPool, PoolBuf, ALIGN};
 use crate::conn::{client_handshake, Conn, Rx, Sock};
-use crate::disk::SourceDisk;
+use crate::disk::{is_nbd_uri, SourceDisk};
 use crate::error::{MoveError, Result};
 use crate::stats::{DiskCounters, Stage, StageStats, StageSummary};
 use ferry_planner::{parse_cbt, sample_unchanged, ChangeMap, ChunkSet, ZeroDigests};
@@ -159,12 +159,14 @@ impl std::str::FromStr for CompressPolicy {
 pub struct DiskSpec {
     /// Disk name at the target.
     pub name: String,
-    /// Source path (file or block device).
+    /// Source path (file or block device), or an NBD URI
+    /// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`).
     pub path: PathBuf,
     /// How changes are found; `None` for auto: cbt when a change list is
     /// given, digest when the target already has the disk, else full.
     pub mode: Option<Mode>,
-    /// Changed-block-tracking list (any format the planner recognises).
+    /// Changed-block-tracking list (any format the planner recognises), or
+    /// `qemu-bitmap:BITMAP`: the dirty bitmap BITMAP of the disk's NBD export.
     pub cbt: Option<PathBuf>,
 }
 
@@ -179,7 +181,7 @@ pub struct ReplicateConfig {
     pub chunk_size: Option<u32>,
     /// Compression.
     pub compress: CompressPolicy,
-    /// IO backend for reads.
+    /// IO backend for reads of files (NBD disks always read through their connection).
     pub backend: BackendChoice,
     /// Reads in flight.
     pub queue_depth: usize,
@@ -302,6 +304,13 @@ enum Work {
         buf: PoolBuf,
         result: std::io::Result<usize>,
     },
+    /// A chunk the NBD server reported as unallocated zeros: not read.
+    Hole {
+        seq: u64,
+        disk: u32,
+        chunk: u64,
+        len: u64,
+    },
     DiskEnd {
         seq: u64,
         disk: u32,
@@ -310,9 +319,22 @@ enum Work {
 
 enum Outcome {
     Data(Data),
-    Zero { disk: u32, chunk: u64, len: u64 },
-    Unchanged { disk: u32, chunk: u64, len: u64 },
-    DiskEnd { disk: u32 },
+    /// `skipped`: not read (an NBD hole).
+    Zero {
+        disk: u32,
+        chunk: u64,
+        len: u64,
+        skipped: bool,
+    },
+    Unchanged {
+        disk: u32,
+        chunk: u64,
+        len: u64,
+        skipped: bool,
+    },
+    DiskEnd {
+        disk: u32,
+    },
     Failed(MoveError),
 }
 
@@ -331,9 +353,16 @@ enum RxMsg {
 /// What the reader reads of one disk.
 struct ReadPlan {
     disk: u32,
+    name: String,
     fd: i32,
     size: u64,
     ranges: Vec<Range<u64>>,
+    /// Chunks not to read (NBD holes): they become zero chunks.
+    holes: ChunkSet,
+    /// NBD disks: their own backend (files share the reader's one) ...
+    nbd: Option<Box<dyn IoBackend>>,
+    /// ... and their URI, for messages.
+    nbd_uri: Option<String>,
 }
 
 /// Per-disk state of a running job.
@@ -341,6 +370,8 @@ struct JobDisk {
     disk: SourceDisk,
     chunk_count: u64,
     ranges: Vec<Range<u64>>,
+    /// Planned chunks not to read (NBD holes).
+    holes: ChunkSet,
     counters: DiskCounters,
     /// Target digests (digest mode).
     target_digests: Option<Vec<[u8; 32]>>,
@@ -364,10 +395,27 @@ pub fn replicate(
         if opened.iter().any(|(o, _, _): &(SourceDisk, _, _)| o.name == d.name) {
             return Err(MoveError::Config(format!("disk name {:?} given twice", d.name)));
         }
-        let sd = SourceDisk::open(&d.name, &d.path, cfg.direct_io)?;
-        let cbt = match &d.cbt {
-            None => None,
-            Some(p) => {
+        let bitmap = d.cbt.as_ref().and_then(|p| p.to_str()).and_then(|s| s.strip_prefix("qemu-bitmap:"));
+        let sd = match bitmap {
+            None => SourceDisk::open(&d.name, &d.path, cfg.direct_io)?,
+            Some("") => return Err(MoveError::Config(format!("disk {:?}: qemu-bitmap: needs a bitmap name", d.name))),
+            Some(b) => match d.path.to_str().filter(|p| is_nbd_uri(p)) {
+                Some(uri) => SourceDisk::open_nbd(&d.name, uri, Some(b))?,
+                None => {
+                    return Err(MoveError::Config(format!(
+                        "disk {:?}: qemu-bitmap CBT needs an NBD source (--source {}=nbd+unix:///EXPORT?socket=PATH \
+                         or nbd://HOST:PORT/EXPORT), not {}",
+                        d.name,
+                        d.name,
+                        d.path.display()
+                    )))
+                }
+            },
+        };
+        let cbt = match (&d.cbt, bitmap) {
+            (None, _) => None,
+            (Some(_), Some(b)) => Some(sd.dirty_map(b)?),
+            (Some(p), None) => {
                 let content = std::fs::read(p).map_err(|e| MoveError::file("reading change list", p, e))?;
                 let label = p.display().to_string();
                 Some(
@@ -511,6 +559,7 @@ fn run_job(
             }
         };
         let todo = wanted.difference(&ChunkSet::from_range(0..resume.next_chunk));
+        let holes = sd.hole_chunks(&todo, cs)?;
         let counters = DiskCounters {
             disk: sd.name.clone(),
             mode: format!("{mode:?}").to_lowercase(),
@@ -520,7 +569,7 @@ fn run_job(
             chunks_resumed: wanted.count() - todo.count(),
             ..Default::default()
         };
-        disks.push(JobDisk { disk: sd, chunk_count, ranges: todo.ranges().to_vec(), counters, target_digests });
+        disks.push(JobDisk { disk: sd, chunk_count, ranges: todo.ranges().to_vec(), holes, counters, target_digests });
     }
     obs.event(&JobEvent::Plan(disks.iter().map(|d| d.counters.clone()).collect()));
 
@@ -642,15 +691,34 @@ fn run_pipeline(
     if let Some(w) = warning {
         obs.event(&JobEvent::Notice(w));
     }
-    let backend_name = backend.name().to_string();
     let abort = AtomicBool::new(false);
     let (work_tx, work_rx) = bounded::<Work>(depth + workers * 2);
     let (done_tx, done_rx) = bounded::<Done>(depth + workers * 2);
-    let plans: Vec<ReadPlan> = disks
+    // Files share `backend`; each NBD disk reads through its own connection.
+    let mut plans: Vec<ReadPlan> = disks
         .iter()
         .enumerate()
-        .map(|(i, d)| ReadPlan { disk: i as u32, fd: d.disk.read_fd(), size: d.disk.size, ranges: d.ranges.clone() })
+        .map(|(i, d)| ReadPlan {
+            disk: i as u32,
+            name: d.disk.name.clone(),
+            fd: d.disk.read_fd(),
+            size: d.disk.size,
+            ranges: d.ranges.clone(),
+            holes: d.holes.clone(),
+            nbd: d
+                .disk
+                .nbd_client()
+                .zip(d.disk.nbd_uri())
+                .map(|(c, uri)| Box::new(NbdBackend::new(c, depth, uri)) as Box<dyn IoBackend>),
+            nbd_uri: d.disk.nbd_uri().map(str::to_string),
+        })
         .collect();
+    let nbd_disks = plans.iter().filter(|p| p.nbd.is_some()).count();
+    let backend_name = match nbd_disks {
+        0 => backend.name().to_string(),
+        n if n == plans.len() => "nbd".to_string(),
+        _ => format!("{}+nbd", backend.name()),
+    };
     let names: Vec<String> = disks.iter().map(|d| d.disk.name.clone()).collect();
     let digests: Vec<Option<Vec<[u8; 32]>>> = disks.iter_mut().map(|d| d.target_digests.take()).collect();
     let cs = u64::from(chunk_size);
@@ -660,7 +728,7 @@ fn run_pipeline(
     let auto = &auto;
     std::thread::scope(|s| {
         let reader = s.spawn(|| {
-            let r = read_loop(backend, &read_pool, &plans, cs, &work_tx, &abort);
+            let r = read_loop(backend, &read_pool, &mut plans, cs, &work_tx, &abort);
             drop(work_tx);
             r
         });
@@ -700,10 +768,25 @@ fn run_pipeline(
     })
 }
 
+/// An error of `plan`'s backend (NBD: the disk and URI named, exit 1).
+fn backend_error(plan: &ReadPlan, e: std::io::Error) -> MoveError {
+    match &plan.nbd_uri {
+        Some(uri) => {
+            let source = match e.into_inner().map(|i| i.downcast::<crate::nbd::NbdError>()) {
+                Some(Ok(n)) => n,
+                Some(Err(other)) => Box::new(crate::nbd::NbdError::Broken(other.to_string())),
+                None => Box::new(crate::nbd::NbdError::Broken("IO error".into())),
+            };
+            MoveError::Nbd { disk: plan.name.clone(), uri: uri.clone(), source }
+        }
+        None => MoveError::Config(format!("IO backend failed: {e}")),
+    }
+}
+
 fn read_loop(
-    mut backend: Box<dyn IoBackend>,
+    mut file_backend: Box<dyn IoBackend>,
     pool: &BufPool,
-    plans: &[ReadPlan],
+    plans: &mut [ReadPlan],
     cs: u64,
     tx: &Sender<Work>,
     abort: &AtomicBool,
@@ -714,24 +797,38 @@ fn read_loop(
     let mut seq = 0u64;
     // Hand one completion downstream; false when downstream is gone.
     let complete = |backend: &mut Box<dyn IoBackend>,
+                    plan: &ReadPlan,
                     stats: &mut StageStats,
                     inflight: &mut HashMap<u64, (u32, u64, usize, Instant)>|
      -> Result<bool> {
-        let c = backend.wait().map_err(|e| MoveError::Config(format!("IO backend failed: {e}")))?;
+        let c = backend.wait().map_err(|e| backend_error(plan, e))?;
         let (disk, chunk, expected, t) = inflight.remove(&c.tag).expect("completion of a submitted read");
         stats.record(Stage::Read, t.elapsed());
         Ok(tx
             .send(Work::Chunk { seq: c.tag, disk, chunk, offset: c.offset, expected, buf: c.buf, result: c.result })
             .is_ok())
     };
-    for plan in plans {
+    for plan in plans.iter_mut() {
+        let mut own = plan.nbd.take();
+        let plan = &*plan;
+        let backend = own.as_mut().unwrap_or(&mut file_backend);
         for r in &plan.ranges {
             for chunk in r.clone() {
                 if abort.load(Ordering::Relaxed) {
                     return Ok(stats);
                 }
+                let offset = chunk * cs;
+                let expected = (plan.size - offset).min(cs) as usize;
+                if plan.holes.contains(chunk) {
+                    let hole = Work::Hole { seq, disk: plan.disk, chunk, len: expected as u64 };
+                    if tx.send(hole).is_err() {
+                        return Ok(stats);
+                    }
+                    seq += 1;
+                    continue;
+                }
                 while backend.in_flight() >= backend.depth() {
-                    if !complete(&mut backend, &mut stats, &mut inflight)? {
+                    if !complete(backend, plan, &mut stats, &mut inflight)? {
                         return Ok(stats);
                     }
                 }
@@ -744,23 +841,21 @@ fn read_loop(
                     if let Some(b) = pool.try_get() {
                         break b;
                     }
-                    if !complete(&mut backend, &mut stats, &mut inflight)? {
+                    if !complete(backend, plan, &mut stats, &mut inflight)? {
                         return Ok(stats);
                     }
                 };
-                let offset = chunk * cs;
-                let expected = (plan.size - offset).min(cs) as usize;
                 // O_DIRECT needs whole blocks: read the aligned length; the file ends where it ends.
                 let len = (expected.div_ceil(ALIGN) * ALIGN).min(buf.capacity());
                 inflight.insert(seq, (plan.disk, chunk, expected, Instant::now()));
                 backend
                     .submit(IoRequest { tag: seq, fd: plan.fd, offset, len, kind: IoKind::Read, buf })
-                    .map_err(|e| MoveError::Config(format!("IO backend failed: {e}")))?;
+                    .map_err(|e| backend_error(plan, e))?;
                 seq += 1;
             }
         }
         while backend.in_flight() > 0 {
-            if !complete(&mut backend, &mut stats, &mut inflight)? {
+            if !complete(backend, plan, &mut stats, &mut inflight)? {
                 return Ok(stats);
             }
         }
@@ -809,6 +904,18 @@ fn work_loop(
                 }
                 continue;
             }
+            Work::Hole { seq, disk, chunk, len } => {
+                let target = digests[disk as usize].as_ref().map(|m| &m[chunk as usize]);
+                let outcome = if target.is_some_and(|d| *d == zeros.digest(len as u32)) {
+                    Outcome::Unchanged { disk, chunk, len, skipped: true }
+                } else {
+                    Outcome::Zero { disk, chunk, len, skipped: true }
+                };
+                if tx.send(Done { seq, outcome, compressed: (0, 0) }).is_err() {
+                    break;
+                }
+                continue;
+            }
             Work::Chunk { seq, disk, chunk, offset, expected, buf, result } => {
                 (seq, disk, chunk, offset, expected, buf, result)
             }
@@ -835,16 +942,16 @@ fn work_loop(
                 if zero {
                     stats.record(Stage::Hash, t.elapsed());
                     if target.is_some_and(|d| *d == zeros.digest(expected as u32)) {
-                        Outcome::Unchanged { disk, chunk, len: expected as u64 }
+                        Outcome::Unchanged { disk, chunk, len: expected as u64, skipped: false }
                     } else {
-                        Outcome::Zero { disk, chunk, len: expected as u64 }
+                        Outcome::Zero { disk, chunk, len: expected as u64, skipped: false }
                     }
                 } else {
                     let digest = *blake3::hash(&buf).as_bytes();
                     stats.record(Stage::Hash, t.elapsed());
                     let unchanged = target.is_some_and(|d| *d == digest);
                     if unchanged {
-                        Outcome::Unchanged { disk, chunk, len: expected as u64 }
+                        Outcome::Unchanged { disk, chunk, len: expected as u64, skipped: false }
                     } else {
                         let try_compress = match policy {
                             CompressPolicy::None => false,
@@ -980,9 +1087,13 @@ fn send_loop(
                     }
                     (data.disk, data.chunk)
                 }
-                Outcome::Zero { disk, chunk, len } => {
+                Outcome::Zero { disk, chunk, len, skipped } => {
                     let c = &mut disks[*disk as usize].counters;
-                    c.bytes_read += len;
+                    if *skipped {
+                        c.bytes_hole_skipped += len;
+                    } else {
+                        c.bytes_read += len;
+                    }
                     c.bytes_zero += len;
                     c.chunks_zero += 1;
                     match &mut zero_run {
@@ -994,10 +1105,14 @@ fn send_loop(
                     }
                     (*disk, *chunk)
                 }
-                Outcome::Unchanged { disk, chunk, len } => {
+                Outcome::Unchanged { disk, chunk, len, skipped } => {
                     flush_zero(&mut zero_run, disks, &mut stats)?;
                     let c = &mut disks[*disk as usize].counters;
-                    c.bytes_read += len;
+                    if *skipped {
+                        c.bytes_hole_skipped += len;
+                    } else {
+                        c.bytes_read += len;
+                    }
                     c.bytes_unchanged += len;
                     c.chunks_unchanged += 1;
                     (*disk, *chunk)

@@ -1,4 +1,5 @@
 //! ferry's end-to-end tests: one binary, one module per area.
 
 mod datapath;
+mod nbd;
 mod plan;

@@ -77,7 +77,8 @@ struct ServeArgs {
 
 #[derive(Debug, Args, Clone)]
 struct IoArgs {
-    /// IO backend: auto (io_uring if available), uring, portable.
+    /// IO backend: auto (io_uring if available), uring, portable. For `replicate` it applies to
+    /// file and block-device sources; NBD sources always read through their NBD connection.
     #[arg(long, default_value = "auto")]
     io_backend: String,
     /// IO operations in flight.
@@ -90,7 +91,8 @@ struct IoArgs {
 
 #[derive(Debug, Args)]
 struct ReplicateArgs {
-    /// Source disk: PATH or NAME=PATH (file or block device). Repeat for several disks.
+    /// Source disk: [NAME=]PATH (file or block device) or [NAME=]URI of an NBD export
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH). Repeat for several disks.
     #[arg(long = "source", required = true)]
     sources: Vec<String>,
     /// Target: a datastore directory, or ferry://HOST:PORT of a `ferry serve`.
@@ -107,7 +109,8 @@ struct ReplicateArgs {
     #[arg(long, default_value = "auto")]
     mode: String,
     /// Changed-block list for a disk: [NAME=]PATH (VMware QueryChangedDiskAreas JSON,
-    /// a JSON extent list, or `nbdinfo --map --json` of a dirty bitmap).
+    /// a JSON extent list, or `nbdinfo --map --json` of a dirty bitmap), or
+    /// [NAME=]qemu-bitmap:BITMAP: the dirty bitmap BITMAP of the disk's NBD export (qemu-nbd -B BITMAP).
     #[arg(long = "cbt")]
     cbt: Vec<String>,
     /// With CBT, chunks it calls unchanged to check against the replica (0: trust CBT).
