@@ -37,7 +37,12 @@ fn plain_name(p: &Path) -> bool {
         .is_some_and(|n| n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b)))
 }
 
-/// Copies up to `budget` bytes of regular files from `ROOTS` into `dst`, sorted walk.
+/// Space a file takes in the image: whole 4 KiB blocks plus its inode.
+fn on_disk(len: u64) -> u64 {
+    len.div_ceil(4096) * 4096 + 256
+}
+
+/// Copies up to `budget` bytes (counted as in-image space) of regular files from `ROOTS` into `dst`, sorted walk.
 /// Returns the copied files (relative paths) and their total size.
 pub fn copy_tree(dst: &Path, budget: u64) -> Result<(Vec<PathBuf>, u64)> {
     let mut files = Vec::new();
@@ -68,13 +73,13 @@ fn walk(src: &Path, rel: &Path, dst: &Path, budget: u64, total: &mut u64, files:
         let r = rel.join(p.file_name().unwrap_or_default());
         if md.is_dir() {
             walk(&p, &r, dst, budget, total, files)?;
-        } else if md.is_file() && md.len() <= MAX_FILE && *total + md.len() <= budget {
+        } else if md.is_file() && md.len() <= MAX_FILE && *total + on_disk(md.len()) <= budget {
             let target = dst.join(&r);
             if let Some(parent) = target.parent() {
                 std::fs::create_dir_all(parent)?;
             }
             if std::fs::copy(&p, &target).is_ok() {
-                *total += md.len();
+                *total += on_disk(md.len());
                 files.push(r);
             }
         }
@@ -99,12 +104,22 @@ pub fn fix_times(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs mke2fs to make an ext4 image of `size` bytes holding `tree`.
+fn count_entries(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()).map(|e| 1 + if e.path().is_dir() { count_entries(&e.path()) } else { 0 }).sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Runs mke2fs to make an ext4 image of `size` bytes holding `tree`, with
+/// inodes for the tree and as many again (small files are common in /usr).
 pub fn make_image(tree: &Path, img: &Path, size: u64) -> Result<()> {
     let _ = std::fs::remove_file(img);
+    let inodes = (count_entries(tree) * 2).max(size / (16 << 10)).max(1024);
     let out = Command::new("mke2fs")
         .env("E2FSPROGS_FAKE_TIME", FIXED_TIME.to_string())
-        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-U", UUID])
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-U", UUID, "-N", &inodes.to_string()])
         .arg("-E")
         .arg(format!("hash_seed={UUID},root_owner=0:0"))
         .arg("-d")

@@ -7,6 +7,7 @@
 //! resident set size of the largest single process of the tree.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -71,6 +72,8 @@ impl Tree {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(Stdio::from(err))
+            // Its own process group, so that stopping the tree reaches every process in it.
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting sh -c {script:?}"))?;
         Ok(Tree { child, started, reaped: false })
@@ -98,13 +101,13 @@ impl Tree {
         rc == 0 && unsafe { info.si_pid() } == 0
     }
 
-    /// Sends a signal to the tree's top process (the shell `exec`s daemons, so
-    /// this reaches the daemon itself).
+    /// Sends a signal to every process of the tree (its process group).
     pub fn signal(&self, sig: libc::c_int) {
         if !self.reaped {
-            // SAFETY: kill() on the pid of our own unreaped child: it cannot have been recycled.
+            // SAFETY: kill() on the process group our own unreaped child leads: the
+            // group id cannot have been recycled while the leader is unreaped.
             unsafe {
-                libc::kill(self.pid() as libc::pid_t, sig);
+                libc::kill(-(self.pid() as libc::pid_t), sig);
             }
         }
     }
@@ -172,19 +175,39 @@ fn unsafe_zeroed_siginfo() -> libc::siginfo_t {
     unsafe { std::mem::zeroed() }
 }
 
-/// Waits until every port in `ports` is in LISTEN state in the network namespace
-/// of process `pid` (read from /proc/PID/net/tcp{,6}, so nothing connects to a
-/// one-shot listener such as `nc -l`).
+/// Processes of process group `pgid` (read from /proc/*/stat).
+fn group_pids(pgid: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return vec![pgid] };
+    let mut v: Vec<u32> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command name (which may hold spaces): state ppid pgrp ...
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            rest.split_whitespace().nth(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+        })
+        .collect();
+    if v.is_empty() {
+        v.push(pgid);
+    }
+    v
+}
+
+/// Waits until every port in `ports` is in LISTEN state in the network
+/// namespace of some process of the tree led by `pid` (read from
+/// /proc/PID/net/tcp{,6}, so nothing connects to a one-shot listener such as
+/// `nc -l`; `ip netns exec` forks, so the whole process group is looked at).
 pub fn wait_listening(pid: u32, ports: &[u16], timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut text = String::new();
-        for f in ["tcp", "tcp6"] {
-            text.push_str(&std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap_or_default());
+        for p in group_pids(pid) {
+            for f in ["tcp", "tcp6"] {
+                text.push_str(&std::fs::read_to_string(format!("/proc/{p}/net/{f}")).unwrap_or_default());
+            }
         }
         let listening: Vec<u16> = text
             .lines()
-            .skip(1)
             .filter_map(|l| {
                 let cols: Vec<&str> = l.split_whitespace().collect();
                 if cols.get(3) != Some(&"0A") {

@@ -236,7 +236,7 @@ fn measure_net(
     let front: Vec<u16> = proxies.iter().map(|p| p.port).collect();
     let rx_script = in_ns(&net.dst_prefix, receiver(&back));
     let rx = Tree::spawn(&rx_script, Some(&dir.join("receiver.out")), &dir.join("receiver.err"))?;
-    if let Err(e) = wait_listening(rx.pid(), &back, Duration::from_secs(20)) {
+    if let Err(e) = wait_listening(rx.pid(), &back, Duration::from_secs(10)) {
         bail!("{e:#}; receiver stderr: {}", tail(&dir.join("receiver.err")));
     }
     prepare_run(env, sources)?;
