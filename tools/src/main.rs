@@ -1,1 +1,444 @@
-fn main() {}
+//! ferry: the command-line interface.
+//!
+//! Raw flags (clap) are validated into the mover's config types before
+//! anything runs. Exit codes: 0 success, 1 failed, 2 usage or configuration
+//! error, 3 finished with a warning. With `--json`, stdout carries NDJSON
+//! events ending in one `summary` event.
+
+mod demo;
+mod report;
+mod time;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Parser, Subcommand};
+use ferry_mover::backend::BackendChoice;
+use ferry_mover::source::{CompressPolicy, DiskSpec, ReplicateConfig};
+use ferry_mover::target::datastore::Datastore;
+use ferry_mover::target::ServeConfig;
+use ferry_mover::{MoveError, TargetSpec};
+use ferry_wire::Mode;
+
+use report::{JsonObserver, Status, TextObserver};
+
+/// ferry: block-level replication of virtual-machine disks for disaster recovery.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve a datastore to sources over TCP.
+    Serve(ServeArgs),
+    /// Replicate disks to a target (a datastore directory or ferry://HOST:PORT).
+    Replicate(ReplicateArgs),
+    /// Restore points of a replica.
+    Points {
+        #[command(subcommand)]
+        cmd: PointsCmd,
+    },
+    /// Authentication tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// A first run: make a sample disk, replicate it through the real protocol, verify, print figures.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7420.
+    #[arg(long)]
+    listen: String,
+    /// Datastore directory (created when absent).
+    #[arg(long)]
+    datastore: PathBuf,
+    /// File holding the shared token (see `ferry token new`).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    io: IoArgs,
+    /// NDJSON events on stdout (one `session_done` per session).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+struct IoArgs {
+    /// IO backend: auto (io_uring if available), uring, portable.
+    #[arg(long, default_value = "auto")]
+    io_backend: String,
+    /// IO operations in flight.
+    #[arg(long, default_value_t = 16)]
+    queue_depth: usize,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+struct ReplicateArgs {
+    /// Source disk: PATH or NAME=PATH (file or block device). Repeat for several disks.
+    #[arg(long = "source", required = true)]
+    sources: Vec<String>,
+    /// Target: a datastore directory, or ferry://HOST:PORT of a `ferry serve`.
+    #[arg(long)]
+    target: String,
+    /// Replica name at the target.
+    #[arg(long)]
+    replica: String,
+    /// Token file for a remote target.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Chunk size of a new replica (64K..4M, power of two). An existing replica keeps its own.
+    #[arg(long)]
+    chunk_size: Option<String>,
+    /// Compression: auto, none, zstd:LEVEL.
+    #[arg(long, default_value = "auto")]
+    compress: String,
+    /// Point time of the restore point (RFC 3339); default: the start of the run.
+    #[arg(long)]
+    point_time: Option<String>,
+    /// Restore points to keep for this replica (stored in its settings).
+    #[arg(long)]
+    retain: Option<u32>,
+    /// Read the source with O_DIRECT (bypasses the page cache; spares production caches).
+    #[arg(long)]
+    direct_io: bool,
+    #[command(flatten)]
+    io: IoArgs,
+    /// NDJSON events on stdout, ending with one `summary` event.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum PointsCmd {
+    /// List the restore points of a replica.
+    List {
+        /// Datastore directory.
+        #[arg(long)]
+        target: PathBuf,
+        /// Replica name.
+        #[arg(long)]
+        replica: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a replica disk as a raw image (sparse).
+    Export {
+        /// Datastore directory.
+        #[arg(long)]
+        target: PathBuf,
+        /// Replica name.
+        #[arg(long)]
+        replica: String,
+        /// Disk name.
+        #[arg(long)]
+        disk: String,
+        /// Output file (created or truncated).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Write a fresh random token (64 hex characters, mode 0600).
+    New {
+        /// Where to write it (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::from(exit_code_of(&e))
+        }
+    }
+}
+
+/// 2 for configuration errors, 1 for everything else.
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(m) = cause.downcast_ref::<MoveError>() {
+            return match m {
+                MoveError::Config(_) => 2,
+                MoveError::File { what, .. }
+                    if what.starts_with("opening source") || what.starts_with("reading token") =>
+                {
+                    2
+                }
+                _ => 1,
+            };
+        }
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return 2;
+        }
+    }
+    1
+}
+
+/// A usage error found while validating flags.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Replicate(a) => replicate(a),
+        Cmd::Points { cmd } => points(cmd),
+        Cmd::Token { cmd: TokenCmd::New { out } } => {
+            ferry_mover::auth::write_new_token(&out)?;
+            eprintln!(
+                "wrote a new token to {} (mode 0600); give the same file to `serve` and `replicate`",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo(a) => demo::run(a),
+    }
+}
+
+/// Parse a size: 262144, 256K, 256KiB, 1M, 4MiB.
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num.parse().map_err(|_| usage(format!("bad size {s:?}")))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(usage(format!("bad size unit in {s:?} (use K, M or G)"))),
+    };
+    n.checked_mul(mult).ok_or_else(|| usage(format!("size {s:?} too large")))
+}
+
+fn serve_config(io: &IoArgs) -> anyhow::Result<ServeConfig> {
+    let backend: BackendChoice = io.io_backend.parse().map_err(usage)?;
+    let mut cfg = ServeConfig { backend, queue_depth: io.queue_depth.clamp(1, 256), ..ServeConfig::default() };
+    if let Some(w) = io.workers {
+        cfg.workers = w.clamp(1, 64);
+    }
+    Ok(cfg)
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let Some(token_file) = a.token_file else {
+        return Err(usage(
+            "ferry serve needs --token-file: create a token with `ferry token new --out PATH` and give the same file to the sources",
+        ));
+    };
+    let auth: Arc<dyn ferry_wire::Authenticator> = Arc::new(ferry_mover::auth::TokenAuth::from_file(&token_file)?);
+    let ds = Datastore::open_or_create(&a.datastore)?;
+    let cfg = serve_config(&a.io)?;
+    let listener = std::net::TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    let local = listener.local_addr()?;
+    if a.json {
+        report::print_json(
+            &serde_json::json!({"event": "listening", "address": local.to_string(), "datastore": a.datastore}),
+        );
+    } else {
+        eprintln!("ferry serve: listening on {local}, datastore {}", a.datastore.display());
+    }
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("ferry serve: accept failed: {e}");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_else(|_| "unknown".into());
+        let (ds, auth, cfg, json) = (ds.clone(), auth.clone(), cfg.clone(), a.json);
+        std::thread::spawn(move || {
+            let rep =
+                ferry_mover::target::serve_connection(ferry_mover::conn::Sock::Tcp(stream), &peer, &ds, auth, &cfg);
+            report::session_done(&rep, json);
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
+    let mut disks = Vec::new();
+    for s in &a.sources {
+        let (name, path) = ferry_mover::disk::parse_named(s);
+        disks.push(DiskSpec { name, path, mode: Mode::Full, chunks: None });
+    }
+    let mut cfg = ReplicateConfig::new(&a.replica, disks);
+    ferry_mover::target::datastore::validate_name("replica", &a.replica)?;
+    if let Some(cs) = &a.chunk_size {
+        let n = parse_size(cs)?;
+        if !n.is_power_of_two()
+            || !(u64::from(ferry_wire::MIN_CHUNK_SIZE)..=u64::from(ferry_wire::MAX_CHUNK_SIZE)).contains(&n)
+        {
+            return Err(usage(format!("--chunk-size {cs}: must be a power of two from 64K to 4M")));
+        }
+        cfg.chunk_size = Some(n as u32);
+    }
+    cfg.compress = a.compress.parse::<CompressPolicy>().map_err(usage)?;
+    cfg.backend = a.io.io_backend.parse().map_err(usage)?;
+    cfg.queue_depth = a.io.queue_depth.clamp(1, 256);
+    if let Some(w) = a.io.workers {
+        cfg.workers = w.clamp(1, 64);
+    }
+    if let Some(t) = &a.point_time {
+        cfg.point_time_ns = time::parse_rfc3339(t).map_err(usage)?;
+    }
+    if let Some(r) = a.retain {
+        if r == 0 {
+            return Err(usage("--retain must be at least 1"));
+        }
+        cfg.retain = r;
+    }
+    cfg.direct_io = a.direct_io;
+    Ok(cfg)
+}
+
+fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
+    let cfg = replicate_config(&a)?;
+    let spec = TargetSpec::parse(&a.target)?;
+    let serve_cfg = serve_config(&a.io)?;
+    let obs: Box<dyn report::JobObserver> = if a.json {
+        Box::new(JsonObserver::default())
+    } else {
+        Box::new(TextObserver::new(std::io::stderr().is_terminal()))
+    };
+    let connected = match ferry_mover::connect(&spec, a.token_file.as_deref(), &serve_cfg) {
+        Ok(c) => c,
+        Err(e) => return Ok(obs.finish_err(&cfg, &anyhow!(e))),
+    };
+    let local = connected.local;
+    let result =
+        ferry_mover::source::replicate(connected.sock, &connected.peer, connected.auth, &cfg, obs.as_observer());
+    let local_report = local.and_then(|h| h.join().ok());
+    match result {
+        Ok(rep) => {
+            let status = if obs.warned() { Status::Warning } else { Status::Ok };
+            Ok(obs.finish_ok(&cfg, &rep, status))
+        }
+        Err(e) => {
+            // A local target's own error explains more than "peer gone".
+            let err = match (&e, local_report.and_then(|r| r.error)) {
+                (MoveError::PeerGone { .. } | MoveError::Net { .. }, Some(t)) => anyhow!(e).context(t),
+                _ => anyhow!(e),
+            };
+            Ok(obs.finish_err(&cfg, &err))
+        }
+    }
+}
+
+fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PointsCmd::List { target, replica, json } => {
+            let ds = Datastore::open(&target)?;
+            let r = ds.replica(&replica)?;
+            let catalog = r.catalog()?;
+            let session = r.session()?;
+            if json {
+                let points: Vec<_> = catalog
+                    .points
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "id": p.id,
+                            "point_time": time::format_rfc3339(p.point_time_ns),
+                            "completed": time::format_rfc3339(p.completed_ns),
+                            "ferry_version": p.ferry_version,
+                            "disks": p.disks,
+                        })
+                    })
+                    .collect();
+                report::print_json(&serde_json::json!({
+                    "replica": replica,
+                    "chunk_size": r.settings.chunk_size,
+                    "retain": r.settings.retain,
+                    "points": points,
+                    "interrupted_session": session.is_some(),
+                }));
+            } else {
+                println!("{:>4}  {:<24}  {:<24}  {:>8}  {:>12}", "id", "point time", "completed", "disks", "changed");
+                for p in &catalog.points {
+                    let changed: u64 = p.disks.iter().map(|d| d.bytes_changed).sum();
+                    println!(
+                        "{:>4}  {:<24}  {:<24}  {:>8}  {:>12}",
+                        p.id,
+                        time::format_rfc3339(p.point_time_ns - p.point_time_ns % 1_000_000_000),
+                        time::format_rfc3339(p.completed_ns - p.completed_ns % 1_000_000_000),
+                        p.disks.len(),
+                        report::human_bytes(changed)
+                    );
+                }
+                if session.is_some() {
+                    println!("an interrupted session is pending: the next `ferry replicate` resumes it");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PointsCmd::Export { target, replica, disk, out } => {
+            let ds = Datastore::open(&target)?;
+            let rep = ferry_mover::export::export_latest(&ds, &replica, &disk, &out)?;
+            eprintln!(
+                "exported {replica}/{disk} to {} ({} , {} of data)",
+                out.display(),
+                report::human_bytes(rep.size),
+                report::human_bytes(rep.data_bytes)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("262144").unwrap(), 262144);
+        assert_eq!(parse_size("256K").unwrap(), 262144);
+        assert_eq!(parse_size("4MiB").unwrap(), 4 << 20);
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

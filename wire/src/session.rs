@@ -276,6 +276,17 @@ impl Session {
         }
     }
 
+    /// Validate a frame decoded by the caller's own [`Deframer`] (for a
+    /// receiver thread that reads without holding the session): the same as
+    /// one step of [`Session::poll_event`], including its error handling.
+    /// `Ok(None)` means the frame was consumed by the session itself.
+    pub fn handle_frame(&mut self, frame: Frame) -> Result<Option<Event>, WireError> {
+        if self.state == State::Closed {
+            return Err(WireError::Closed);
+        }
+        self.handle(frame).map_err(|e| self.fail(e))
+    }
+
     /// Close locally with an error and queue an Error frame for the peer.
     pub fn fail(&mut self, e: WireError) -> WireError {
         if self.state != State::Closed && !matches!(e, WireError::Remote { .. } | WireError::Closed) {

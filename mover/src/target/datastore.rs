@@ -1,0 +1,403 @@
+//! The target datastore: a directory of replicas (see DATASTORE.md).
+//!
+//! ```text
+//! DATASTORE/
+//!   ferry-datastore.json        {"format":"ferry-datastore","version":1}
+//!   REPLICA/
+//!     lock                      flock()ed by the session writing the replica
+//!     replica.json              settings: chunk size, retention
+//!     catalog.json              restore points, oldest first
+//!     session.json              only while a session is in progress (resume state)
+//!     disks/DISK.img            latest state of each disk: flat, sparse
+//!     disks/DISK.digests        BLAKE3 per chunk of DISK.img
+//! ```
+//!
+//! Every metadata file is replaced atomically: written to a temporary file,
+//! fsynced, renamed over the old one, and the directory fsynced.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MoveError, Result};
+
+/// Version of the datastore layout. DO NOT MODIFY without a migration.
+pub const DATASTORE_VERSION: u32 = 1;
+const MARKER: &str = "ferry-datastore.json";
+/// Longest replica or disk name in bytes.
+pub const MAX_NAME: usize = 128;
+
+/// Check a replica or disk name: it becomes a file or directory name, so it
+/// must not escape the datastore.
+pub fn validate_name(kind: &str, name: &str) -> Result<()> {
+    let bad = |why: &str| Err(MoveError::Config(format!("{kind} name {name:?} is not allowed: {why}")));
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_NAME {
+        return bad(&format!("longer than {MAX_NAME} bytes"));
+    }
+    if name == "." || name == ".." || name.starts_with('.') {
+        return bad("must not start with '.'");
+    }
+    if let Some(c) = name.chars().find(|c| *c == '/' || *c == '\\' || c.is_control()) {
+        return bad(&format!("contains {c:?}"));
+    }
+    Ok(())
+}
+
+/// Replica settings, fixed when the replica is created (chunk size) or set by the user (retention).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaSettings {
+    /// Layout version.
+    pub version: u32,
+    /// Chunk size of every disk of the replica.
+    pub chunk_size: u32,
+    /// Restore points to keep.
+    pub retain: u32,
+    /// Creation time (ns since the epoch).
+    pub created_ns: i64,
+}
+
+/// One disk's part of a restore point.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PointDisk {
+    /// Disk name.
+    pub name: String,
+    /// Size of the disk at this point.
+    pub size: u64,
+    /// Chunks written by the session that made this point.
+    pub chunks_changed: u64,
+    /// Logical bytes written by that session.
+    pub bytes_changed: u64,
+}
+
+/// A restore point.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestorePoint {
+    /// Id, increasing.
+    pub id: u64,
+    /// The source's point in time (ns since the epoch).
+    pub point_time_ns: i64,
+    /// When the point was completed at the target (ns).
+    pub completed_ns: i64,
+    /// Software that made it.
+    pub ferry_version: String,
+    /// Session that made it (hex).
+    pub session_id: String,
+    /// Disks at this point.
+    pub disks: Vec<PointDisk>,
+}
+
+/// The catalog of restore points.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Catalog {
+    /// Layout version.
+    pub version: u32,
+    /// Next point id.
+    pub next_id: u64,
+    /// Points, oldest first. The last one is the state of the images.
+    pub points: Vec<RestorePoint>,
+}
+
+/// State of one disk in a session in progress.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionDisk {
+    /// Size the source announced.
+    pub size: u64,
+    /// Size at the target before the session.
+    pub previous_size: u64,
+    /// First chunk not yet durable.
+    pub next_chunk: u64,
+    /// Chunks written so far.
+    pub chunks_changed: u64,
+    /// Bytes written so far.
+    pub bytes_changed: u64,
+}
+
+/// A session in progress: written at every checkpoint, removed at commit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionState {
+    /// Layout version.
+    pub version: u32,
+    /// Session id (hex).
+    pub session_id: String,
+    /// Point time of the point being made.
+    pub point_time_ns: i64,
+    /// When the session started (ns).
+    pub started_ns: i64,
+    /// Disks by name.
+    pub disks: BTreeMap<String, SessionDisk>,
+}
+
+/// Current time in ns since the epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Write `bytes` to `dir/name` atomically and durably.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dst = dir.join(name);
+    let mut f = File::create(&tmp).map_err(|e| MoveError::file("creating", &tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| MoveError::file("writing", &tmp, e))?;
+    drop(f);
+    fs::rename(&tmp, &dst).map_err(|e| MoveError::file("renaming into place", &dst, e))?;
+    sync_dir(dir)
+}
+
+/// fsync a directory (makes renames and creations in it durable).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| MoveError::file("syncing directory", dir, e))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            MoveError::Datastore(format!("{} is corrupt ({e}); the datastore needs repair", path.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(MoveError::file("reading", path, e)),
+    }
+}
+
+/// A datastore directory.
+#[derive(Debug, Clone)]
+pub struct Datastore {
+    root: PathBuf,
+}
+
+impl Datastore {
+    /// Open a datastore, creating it (and its directory) when absent.
+    pub fn open_or_create(root: &Path) -> Result<Datastore> {
+        fs::create_dir_all(root).map_err(|e| MoveError::file("creating datastore", root, e))?;
+        let marker = root.join(MARKER);
+        if !marker.exists() {
+            let non_empty = fs::read_dir(root).map_err(|e| MoveError::file("listing", root, e))?.next().is_some();
+            if non_empty {
+                return Err(MoveError::Config(format!(
+                    "{} is not empty and not a ferry datastore; use an empty or new directory",
+                    root.display()
+                )));
+            }
+            write_atomic(
+                root,
+                MARKER,
+                format!("{{\"format\":\"ferry-datastore\",\"version\":{DATASTORE_VERSION}}}\n").as_bytes(),
+            )?;
+        }
+        Datastore::open(root)
+    }
+
+    /// Open an existing datastore.
+    pub fn open(root: &Path) -> Result<Datastore> {
+        let marker = root.join(MARKER);
+        let v: Option<serde_json::Value> = read_json(&marker)?;
+        let Some(v) = v else {
+            return Err(MoveError::Config(format!("{} is not a ferry datastore (no {MARKER})", root.display())));
+        };
+        let version = v.get("version").and_then(|x| x.as_u64()).unwrap_or(0);
+        if version != u64::from(DATASTORE_VERSION) {
+            return Err(MoveError::Config(format!(
+                "datastore {} has layout version {version}; this ferry reads version {DATASTORE_VERSION}",
+                root.display()
+            )));
+        }
+        Ok(Datastore { root: root.to_path_buf() })
+    }
+
+    /// The datastore's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of a replica (the name is validated).
+    pub fn replica_dir(&self, name: &str) -> Result<PathBuf> {
+        validate_name("replica", name)?;
+        Ok(self.root.join(name))
+    }
+
+    /// Names of the replicas.
+    pub fn replicas(&self) -> Result<Vec<String>> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(&self.root).map_err(|e| MoveError::file("listing", &self.root, e))? {
+            let e = e.map_err(|e| MoveError::file("listing", &self.root, e))?;
+            if e.path().join("replica.json").exists() {
+                v.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+
+    /// Open an existing replica for reading (no lock).
+    pub fn replica(&self, name: &str) -> Result<Replica> {
+        let dir = self.replica_dir(name)?;
+        let settings: ReplicaSettings = read_json(&dir.join("replica.json"))?
+            .ok_or_else(|| MoveError::Config(format!("no replica {name:?} in datastore {}", self.root.display())))?;
+        Ok(Replica { name: name.to_string(), dir, settings, lock: None })
+    }
+
+    /// Lock a replica for writing, creating it with `chunk_size` and `retain` when new.
+    ///
+    /// A second writer gets [`MoveError::Busy`] at once.
+    pub fn lock_replica(&self, name: &str, holder: &str, chunk_size: u32, retain: u32) -> Result<Replica> {
+        let dir = self.replica_dir(name)?;
+        fs::create_dir_all(dir.join("disks")).map_err(|e| MoveError::file("creating replica", &dir, e))?;
+        let lock_path = dir.join("lock");
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| MoveError::file("opening lock", &lock_path, e))?;
+        // SAFETY: flock on an open fd.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = fs::read_to_string(&lock_path).unwrap_or_default().trim().to_string();
+            return Err(MoveError::Busy {
+                replica: name.to_string(),
+                holder: if holder.is_empty() { "another session".into() } else { holder },
+            });
+        }
+        let _ = lock.set_len(0).and_then(|_| lock.write_all(holder.as_bytes()));
+        let settings_path = dir.join("replica.json");
+        let settings = match read_json::<ReplicaSettings>(&settings_path)? {
+            Some(mut s) => {
+                if retain != 0 && retain != s.retain {
+                    s.retain = retain;
+                    write_atomic(&dir, "replica.json", &serde_json::to_vec_pretty(&s).expect("json"))?;
+                }
+                s
+            }
+            None => {
+                let s = ReplicaSettings {
+                    version: DATASTORE_VERSION,
+                    chunk_size,
+                    retain: if retain == 0 { 7 } else { retain },
+                    created_ns: now_ns(),
+                };
+                write_atomic(&dir, "replica.json", &serde_json::to_vec_pretty(&s).expect("json"))?;
+                s
+            }
+        };
+        Ok(Replica { name: name.to_string(), dir, settings, lock: Some(lock) })
+    }
+}
+
+/// A replica, locked for writing or opened for reading.
+#[derive(Debug)]
+pub struct Replica {
+    /// Replica name.
+    pub name: String,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its settings.
+    pub settings: ReplicaSettings,
+    lock: Option<File>,
+}
+
+impl Replica {
+    /// True when this handle holds the write lock.
+    pub fn is_locked(&self) -> bool {
+        self.lock.is_some()
+    }
+
+    /// Path of a disk's image (the name is validated).
+    pub fn disk_path(&self, disk: &str) -> Result<PathBuf> {
+        validate_name("disk", disk)?;
+        Ok(self.dir.join("disks").join(format!("{disk}.img")))
+    }
+
+    /// Path of a disk's digest map.
+    pub fn digests_path(&self, disk: &str) -> Result<PathBuf> {
+        validate_name("disk", disk)?;
+        Ok(self.dir.join("disks").join(format!("{disk}.digests")))
+    }
+
+    /// The restore points.
+    pub fn catalog(&self) -> Result<Catalog> {
+        Ok(read_json(&self.dir.join("catalog.json"))?.unwrap_or(Catalog {
+            version: DATASTORE_VERSION,
+            next_id: 1,
+            points: vec![],
+        }))
+    }
+
+    /// Replace the catalog atomically.
+    pub fn write_catalog(&self, c: &Catalog) -> Result<()> {
+        write_atomic(&self.dir, "catalog.json", &serde_json::to_vec_pretty(c).expect("json"))
+    }
+
+    /// The interrupted session, if any.
+    pub fn session(&self) -> Result<Option<SessionState>> {
+        read_json(&self.dir.join("session.json"))
+    }
+
+    /// Replace the session state atomically.
+    pub fn write_session(&self, s: &SessionState) -> Result<()> {
+        write_atomic(&self.dir, "session.json", &serde_json::to_vec_pretty(s).expect("json"))
+    }
+
+    /// Remove the session state (after commit), durably.
+    pub fn clear_session(&self) -> Result<()> {
+        let p = self.dir.join("session.json");
+        match fs::remove_file(&p) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(MoveError::file("removing", &p, e)),
+        }
+    }
+
+    /// Names of the disks that have images.
+    pub fn disks(&self) -> Result<Vec<String>> {
+        let d = self.dir.join("disks");
+        let mut v = Vec::new();
+        for e in fs::read_dir(&d).map_err(|e| MoveError::file("listing", &d, e))? {
+            let e = e.map_err(|e| MoveError::file("listing", &d, e))?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = n.strip_suffix(".img") {
+                v.push(stem.to_string());
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_escape_are_refused() {
+        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "a\0b", "a\nb", &"x".repeat(129)] {
+            assert!(validate_name("disk", bad).is_err(), "{bad:?} must be refused");
+        }
+        for good in ["vm1", "disk-0.img", "web server", "a=b", &"x".repeat(128)] {
+            validate_name("disk", good).unwrap();
+        }
+    }
+
+    #[test]
+    fn second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Datastore::open_or_create(dir.path()).unwrap();
+        let a = ds.lock_replica("r", "first", 65536, 0).unwrap();
+        let err = ds.lock_replica("r", "second", 65536, 0).unwrap_err();
+        assert!(matches!(err, MoveError::Busy { ref holder, .. } if holder == "first"), "{err}");
+        drop(a);
+        ds.lock_replica("r", "third", 65536, 0).unwrap();
+    }
+
+    #[test]
+    fn foreign_directory_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("something"), b"x").unwrap();
+        assert!(Datastore::open_or_create(dir.path()).is_err());
+    }
+}

@@ -1,0 +1,871 @@
+//! The target: receives a session, verifies every chunk, writes the datastore.
+//!
+//! ```text
+//! connection thread (deframe, validate) --Data--> verify workers (zstd, BLAKE3)
+//!        |  ZeroRun, Flush, Commit                        | verified chunk
+//!        v                                                v
+//!                      writer thread (IO backend, holes, fdatasync)
+//!                                 | Checkpoint / Committed
+//!                                 v
+//!                               source
+//! ```
+//!
+//! Ordering: the connection thread counts the items it dispatches; a Flush
+//! becomes a barrier that the writer runs once that many items are written.
+//! At a barrier the writer fdatasyncs the image, stores the digest map and the
+//! session state (atomically), and only then sends the Checkpoint: a
+//! checkpoint the source sees is durable.
+
+pub mod datastore;
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use ferry_planner::digest_map::DigestMap;
+use ferry_wire::{
+    Authenticator, Checkpoint, Codec, Committed, Data, DigestMapEnd, DigestMapPart, Event, Frame, OpenDisk,
+    ReplicaOpened, ResumeInfo, MAX_DIGESTS_PER_PART,
+};
+use serde::Serialize;
+
+use crate::backend::{open_backend, BackendChoice, IoBackend, IoKind, IoRequest};
+use crate::buf::{BufPool, PoolBuf, ALIGN};
+use crate::conn::{server_handshake, Conn, Sock};
+use crate::digests::{self, UNKNOWN_DIGEST};
+use crate::error::{MoveError, Result};
+use crate::stats::{Stage, StageStats};
+use datastore::{now_ns, Datastore, PointDisk, Replica, RestorePoint, SessionDisk, SessionState};
+
+/// Target settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// IO backend for writes.
+    pub backend: BackendChoice,
+    /// Writes in flight.
+    pub queue_depth: usize,
+    /// Verify workers.
+    pub workers: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            backend: BackendChoice::Auto,
+            queue_depth: 8,
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8),
+        }
+    }
+}
+
+/// What one session did, for logs and `serve --json`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SessionReport {
+    /// Peer address.
+    pub peer: String,
+    /// Peer's name from the handshake.
+    pub peer_name: String,
+    /// Replica written.
+    pub replica: Option<String>,
+    /// Restore point made, if the session committed.
+    pub point_id: Option<u64>,
+    /// True when an interrupted session was resumed.
+    pub resumed: bool,
+    /// Bytes received from the connection.
+    pub bytes_received: u64,
+    /// Chunks written.
+    pub chunks_written: u64,
+    /// Logical bytes written.
+    pub bytes_written: u64,
+    /// Zero chunks (holes).
+    pub chunks_zero: u64,
+    /// IO backend used.
+    pub backend: String,
+    /// Seconds from handshake to end.
+    pub duration_s: f64,
+    /// Stage figures.
+    pub stages: Vec<crate::stats::StageSummary>,
+    /// The error that ended the session, if any.
+    pub error: Option<String>,
+    /// Warning shown once (IO backend fallback).
+    pub warning: Option<String>,
+}
+
+/// Serve one connection to its end. Never panics on bad input; the report says how it ended.
+pub fn serve_connection(
+    sock: Sock,
+    peer: &str,
+    ds: &Datastore,
+    auth: Arc<dyn Authenticator>,
+    cfg: &ServeConfig,
+) -> SessionReport {
+    let start = Instant::now();
+    let mut report = SessionReport { peer: peer.to_string(), ..Default::default() };
+    let (conn, mut rx, info) = match server_handshake(sock, peer, auth) {
+        Ok(x) => x,
+        Err(e) => {
+            report.error = Some(e.detail());
+            return report;
+        }
+    };
+    report.peer_name = info.name.clone();
+    let mut t =
+        TargetSession { conn: conn.clone(), ds, cfg, holder: format!("{} from {peer}", info.name), inner: None };
+    let result = t.run(&mut rx, &mut report);
+    if let Err(e) = &result {
+        conn.send_error(e.code(), &e.detail());
+        report.error = Some(e.detail());
+    }
+    if let Some(inner) = t.inner.take() {
+        let (stats, wr) = inner.finish();
+        if report.error.is_none() {
+            report.error = wr;
+        }
+        report.stages = stats.summary();
+    }
+    conn.shutdown();
+    report.bytes_received = rx.bytes_received;
+    report.duration_s = start.elapsed().as_secs_f64();
+    report
+}
+
+struct TargetSession<'a> {
+    conn: Arc<Conn>,
+    ds: &'a Datastore,
+    cfg: &'a ServeConfig,
+    holder: String,
+    inner: Option<Active>,
+}
+
+/// A replica opened in a session, with its pipeline.
+struct Active {
+    replica: Arc<Replica>,
+    state: SessionState,
+    /// Disk id -> name.
+    disk_names: HashMap<u32, String>,
+    pipeline: Option<Pipeline>,
+    dispatched: u64,
+    latest_point: Option<RestorePoint>,
+    resumed: bool,
+}
+
+struct Pipeline {
+    to_workers: Option<Sender<Data>>,
+    to_writer: Sender<WriterMsg>,
+    workers: Vec<std::thread::JoinHandle<StageStats>>,
+    writer: Option<std::thread::JoinHandle<WriterOutcome>>,
+    counters: Arc<Counters>,
+    error: Arc<Mutex<Option<String>>>,
+    backend_name: &'static str,
+    warning: Option<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    chunks_written: AtomicU64,
+    bytes_written: AtomicU64,
+    chunks_zero: AtomicU64,
+}
+
+struct WriterOutcome {
+    stats: StageStats,
+}
+
+impl Active {
+    fn finish(mut self) -> (StageStats, Option<String>) {
+        let mut stats = StageStats::default();
+        let mut err = None;
+        if let Some(mut p) = self.pipeline.take() {
+            drop(p.to_workers.take());
+            for w in p.workers.drain(..) {
+                if let Ok(s) = w.join() {
+                    stats.merge(&s);
+                }
+            }
+            let _ = p.to_writer.send(WriterMsg::Stop);
+            if let Some(w) = p.writer.take() {
+                if let Ok(o) = w.join() {
+                    stats.merge(&o.stats);
+                }
+            }
+            err = p.error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        }
+        (stats, err)
+    }
+}
+
+impl TargetSession<'_> {
+    fn run(&mut self, rx: &mut crate::conn::Rx, report: &mut SessionReport) -> Result<()> {
+        loop {
+            let frame = match rx.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    if self.inner.is_some() {
+                        return Err(MoveError::PeerGone { peer: self.conn.peer().to_string(), side: "source" });
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(self.writer_error().unwrap_or(e)),
+            };
+            let Some(Event::Frame(frame)) = self.conn.handle(frame)? else { continue };
+            match frame {
+                Frame::OpenReplica(o) => {
+                    let replica = self.ds.lock_replica(&o.replica, &self.holder, 0, o.retain)?;
+                    let catalog = replica.catalog()?;
+                    let latest = catalog.points.last().cloned();
+                    let (state, resumed) = match replica.session()? {
+                        Some(mut s) if latest.as_ref().is_none_or(|p| p.session_id != s.session_id) => {
+                            s.point_time_ns = o.point_time_ns;
+                            (s, true)
+                        }
+                        _ => (
+                            SessionState {
+                                version: datastore::DATASTORE_VERSION,
+                                session_id: hex(&o.session_id),
+                                point_time_ns: o.point_time_ns,
+                                started_ns: now_ns(),
+                                disks: Default::default(),
+                            },
+                            false,
+                        ),
+                    };
+                    replica.write_session(&state)?;
+                    report.replica = Some(o.replica.clone());
+                    report.resumed = resumed;
+                    let mut sid = [0u8; 16];
+                    unhex(&state.session_id, &mut sid);
+                    self.conn.send(&Frame::ReplicaOpened(ReplicaOpened {
+                        session_id: sid,
+                        resumed,
+                        latest_point: latest.as_ref().map_or(0, |p| p.id),
+                        latest_point_time_ns: latest.as_ref().map_or(0, |p| p.point_time_ns),
+                        chunk_size: replica.settings.chunk_size,
+                    }))?;
+                    self.inner = Some(Active {
+                        replica: Arc::new(replica),
+                        state,
+                        disk_names: HashMap::new(),
+                        pipeline: None,
+                        dispatched: 0,
+                        latest_point: latest,
+                        resumed,
+                    });
+                }
+                Frame::OpenDisk(o) => self.open_disk(&o, report)?,
+                Frame::DigestMapRequest(r) => {
+                    let a = self.active()?;
+                    let (tx, reply) = bounded(1);
+                    a.pipeline()?.to_writer.send(WriterMsg::GetDigests { disk: r.disk, reply: tx }).ok();
+                    let map = reply.recv().map_err(|_| self.writer_gone())?;
+                    let hash = digests::map_hash(&map);
+                    let cache_hit = hash == r.cached_map_hash;
+                    if !cache_hit {
+                        for (i, part) in map.digests.chunks(MAX_DIGESTS_PER_PART).enumerate() {
+                            let bytes: Vec<u8> = part.iter().flatten().copied().collect();
+                            self.conn.send(&Frame::DigestMapPart(DigestMapPart {
+                                disk: r.disk,
+                                first_chunk: (i * MAX_DIGESTS_PER_PART) as u64,
+                                digests: bytes.into(),
+                            }))?;
+                        }
+                    }
+                    self.conn.send(&Frame::DigestMapEnd(DigestMapEnd {
+                        disk: r.disk,
+                        chunk_count: map.digests.len() as u64,
+                        map_hash: hash,
+                        cache_hit,
+                    }))?;
+                }
+                Frame::Data(d) => {
+                    let a = self.active_mut()?;
+                    a.dispatched += 1;
+                    let p = a.pipeline()?;
+                    if p.to_workers.as_ref().is_none_or(|w| w.send(d).is_err()) {
+                        return Err(self.writer_gone());
+                    }
+                }
+                Frame::ZeroRun(z) => {
+                    let a = self.active_mut()?;
+                    a.dispatched += 1;
+                    let msg = WriterMsg::Zero { disk: z.disk, first: z.first_chunk, count: z.count };
+                    if a.pipeline()?.to_writer.send(msg).is_err() {
+                        return Err(self.writer_gone());
+                    }
+                }
+                Frame::Flush(f) => {
+                    let a = self.active()?;
+                    let msg = WriterMsg::Barrier { disk: f.disk, next_chunk: f.next_chunk, items_before: a.dispatched };
+                    if a.pipeline()?.to_writer.send(msg).is_err() {
+                        return Err(self.writer_gone());
+                    }
+                }
+                Frame::Commit(_) => {
+                    let point = self.commit()?;
+                    report.point_id = Some(point.id);
+                    self.conn.send(&Frame::Committed(Committed {
+                        point_id: point.id,
+                        point_time_ns: point.point_time_ns,
+                    }))?;
+                    if let Some(inner) = self.inner.take() {
+                        if let Some(p) = &inner.pipeline {
+                            report.chunks_written = p.counters.chunks_written.load(Ordering::Relaxed);
+                            report.bytes_written = p.counters.bytes_written.load(Ordering::Relaxed);
+                            report.chunks_zero = p.counters.chunks_zero.load(Ordering::Relaxed);
+                        }
+                        let (stats, err) = inner.finish();
+                        report.stages = stats.summary();
+                        if let Some(e) = err {
+                            return Err(MoveError::Datastore(e));
+                        }
+                    }
+                }
+                Frame::Close => return Ok(()),
+                Frame::Progress(_) | Frame::Keepalive | Frame::Unknown { .. } => {}
+                other => {
+                    return Err(MoveError::Config(format!("unexpected {} frame from the source", other.name())));
+                }
+            }
+        }
+    }
+
+    fn active(&self) -> Result<&Active> {
+        self.inner.as_ref().ok_or_else(|| MoveError::Config("no replica open".into()))
+    }
+
+    fn active_mut(&mut self) -> Result<&mut Active> {
+        self.inner.as_mut().ok_or_else(|| MoveError::Config("no replica open".into()))
+    }
+
+    fn writer_error(&self) -> Option<MoveError> {
+        let p = self.inner.as_ref()?.pipeline.as_ref()?;
+        let e = p.error.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        Some(MoveError::Datastore(e))
+    }
+
+    fn writer_gone(&self) -> MoveError {
+        self.writer_error().unwrap_or_else(|| MoveError::Datastore("the target writer stopped".into()))
+    }
+
+    fn open_disk(&mut self, o: &OpenDisk, report: &mut SessionReport) -> Result<()> {
+        datastore::validate_name("disk", &o.name)?;
+        let cfg = self.cfg.clone();
+        let conn = self.conn.clone();
+        let a = self.active_mut()?;
+        if a.disk_names.values().any(|n| n == &o.name) {
+            return Err(MoveError::Config(format!("disk {:?} opened twice in one session", o.name)));
+        }
+        let replica_cs = a.replica.settings.chunk_size;
+        if replica_cs != 0 && replica_cs != o.chunk_size {
+            return Err(MoveError::Config(format!(
+                "replica {:?} uses chunk size {} and cannot take disk {:?} with chunk size {}",
+                a.replica.name, replica_cs, o.name, o.chunk_size
+            )));
+        }
+        if replica_cs == 0 {
+            let mut s = a.replica.settings.clone();
+            s.chunk_size = o.chunk_size;
+            datastore::write_atomic(&a.replica.dir, "replica.json", &serde_json::to_vec_pretty(&s).expect("json"))?;
+            // The settings are read again by later sessions; this one keeps o.chunk_size.
+        }
+        let path = a.replica.disk_path(&o.name)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| MoveError::file("opening replica disk", &path, e))?;
+        let existing = file.metadata().map_err(|e| MoveError::file("inspecting", &path, e))?.len();
+        let existed = existing > 0 || a.latest_point.as_ref().is_some_and(|p| p.disks.iter().any(|d| d.name == o.name));
+        let chunk_count = o.size.div_ceil(u64::from(o.chunk_size));
+        let resume = a.state.disks.get(&o.name).filter(|d| d.size == o.size).cloned();
+        let (previous_size, next_chunk) = match &resume {
+            Some(d) => (d.previous_size, d.next_chunk.min(chunk_count)),
+            None => (existing, 0),
+        };
+        if existing != o.size {
+            file.set_len(o.size).map_err(|e| MoveError::file("resizing replica disk", &path, e))?;
+        }
+        let digests_path = a.replica.digests_path(&o.name)?;
+        let mut map = digests::load(&digests_path, o.chunk_size, previous_size).unwrap_or_else(|| {
+            // No usable map: a new disk is all zeros; an existing one is unknown until rebuilt.
+            let fill = if existing == 0 { None } else { Some(UNKNOWN_DIGEST) };
+            digests::filled(o.chunk_size, previous_size, fill)
+        });
+        digests::resize(&mut map, o.size);
+        if resume.is_some() {
+            // Chunks after the last checkpoint may have been written without the map knowing.
+            for d in map.digests.iter_mut().skip(next_chunk as usize) {
+                *d = UNKNOWN_DIGEST;
+            }
+        }
+        let entry = resume.unwrap_or(SessionDisk {
+            size: o.size,
+            previous_size,
+            next_chunk: 0,
+            chunks_changed: 0,
+            bytes_changed: 0,
+        });
+        a.state.disks.insert(o.name.clone(), entry.clone());
+        a.replica.write_session(&a.state)?;
+        if a.pipeline.is_none() {
+            let p = start_pipeline(&cfg, o.chunk_size, a.replica.clone(), a.state.clone(), conn.clone())?;
+            report.backend = p.backend_name.to_string();
+            report.warning = p.warning.clone();
+            a.pipeline = Some(p);
+        }
+        let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&path).ok();
+        a.disk_names.insert(o.disk, o.name.clone());
+        let msg = WriterMsg::OpenDisk(
+            o.disk,
+            Box::new(WDisk {
+                name: o.name.clone(),
+                file,
+                direct,
+                size: o.size,
+                chunk_size: o.chunk_size,
+                digests: map,
+                digests_path,
+                dirty: false,
+                entry,
+            }),
+        );
+        if a.pipeline()?.to_writer.send(msg).is_err() {
+            return Err(self.writer_gone());
+        }
+        let finished = next_chunk == chunk_count && chunk_count > 0 && self.active()?.resumed;
+        self.conn.send(&Frame::ResumeInfo(ResumeInfo {
+            disk: o.disk,
+            previous_size,
+            next_chunk,
+            flags: (if existed { ResumeInfo::EXISTED } else { 0 }) | (if finished { ResumeInfo::FINISHED } else { 0 }),
+        }))?;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<RestorePoint> {
+        let a = self.active()?;
+        let (tx, reply) = bounded(1);
+        a.pipeline()?
+            .to_writer
+            .send(WriterMsg::Commit { items_before: a.dispatched, reply: tx })
+            .map_err(|_| self.writer_gone())?;
+        let disks = reply.recv().map_err(|_| self.writer_gone())??;
+        let a = self.active()?;
+        let mut catalog = a.replica.catalog()?;
+        let point = RestorePoint {
+            id: catalog.next_id.max(1),
+            point_time_ns: a.state.point_time_ns,
+            completed_ns: now_ns(),
+            ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+            session_id: a.state.session_id.clone(),
+            disks,
+        };
+        catalog.next_id = point.id + 1;
+        catalog.points.push(point.clone());
+        // The catalog write is the commit point; session.json goes after it.
+        a.replica.write_catalog(&catalog)?;
+        a.replica.clear_session()?;
+        Ok(point)
+    }
+}
+
+impl Active {
+    fn pipeline(&self) -> Result<&Pipeline> {
+        self.pipeline.as_ref().ok_or_else(|| MoveError::Config("no disk open".into()))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str, out: &mut [u8]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = s.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+    }
+}
+
+/// A disk as the writer holds it.
+struct WDisk {
+    name: String,
+    file: File,
+    direct: Option<File>,
+    size: u64,
+    chunk_size: u32,
+    digests: DigestMap,
+    digests_path: std::path::PathBuf,
+    dirty: bool,
+    entry: SessionDisk,
+}
+
+enum WriterMsg {
+    OpenDisk(u32, Box<WDisk>),
+    Chunk { disk: u32, chunk: u64, buf: PoolBuf, digest: [u8; 32] },
+    Zero { disk: u32, first: u64, count: u64 },
+    Barrier { disk: u32, next_chunk: u64, items_before: u64 },
+    GetDigests { disk: u32, reply: Sender<DigestMap> },
+    Commit { items_before: u64, reply: Sender<Result<Vec<PointDisk>>> },
+    Failed(MoveError),
+    Stop,
+}
+
+fn start_pipeline(
+    cfg: &ServeConfig,
+    chunk_size: u32,
+    replica: Arc<Replica>,
+    state: SessionState,
+    conn: Arc<Conn>,
+) -> Result<Pipeline> {
+    let workers = cfg.workers.max(1);
+    let depth = cfg.queue_depth.max(1);
+    let pool = Arc::new(BufPool::new(depth + 2 * workers + 4, chunk_size as usize));
+    let (backend, warning) =
+        open_backend(cfg.backend, &pool, depth).map_err(|e| MoveError::Config(format!("target IO backend: {e}")))?;
+    let backend_name = backend.name();
+    let (to_writer, writer_rx) = bounded::<WriterMsg>(depth + 2 * workers + 16);
+    let (to_workers, work_rx) = bounded::<Data>(workers * 2);
+    let counters = Arc::new(Counters::default());
+    let error = Arc::new(Mutex::new(None));
+    let mut handles = Vec::new();
+    for i in 0..workers {
+        let rx = work_rx.clone();
+        let tx = to_writer.clone();
+        let pool = pool.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("ferry-verify-{i}"))
+                .spawn(move || verify_worker(rx, tx, pool))
+                .expect("spawn verify worker"),
+        );
+    }
+    let writer = {
+        let counters = counters.clone();
+        let error = error.clone();
+        std::thread::Builder::new()
+            .name("ferry-writer".into())
+            .spawn(move || {
+                let mut w = Writer {
+                    backend,
+                    disks: HashMap::new(),
+                    written: 0,
+                    barriers: VecDeque::new(),
+                    replica,
+                    state,
+                    conn,
+                    counters,
+                    stats: StageStats::default(),
+                    started: HashMap::new(),
+                };
+                if let Err(e) = w.run(writer_rx) {
+                    w.conn.send_error(e.code(), &e.detail());
+                    *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.detail());
+                    w.conn.shutdown();
+                }
+                w.drain();
+                WriterOutcome { stats: w.stats }
+            })
+            .expect("spawn writer")
+    };
+    Ok(Pipeline {
+        to_workers: Some(to_workers),
+        to_writer,
+        workers: handles,
+        writer: Some(writer),
+        counters,
+        error,
+        backend_name,
+        warning,
+    })
+}
+
+/// Decompress and verify chunks; a chunk that fails is never passed on.
+fn verify_worker(rx: Receiver<Data>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) -> StageStats {
+    let mut stats = StageStats::default();
+    let mut dctx = zstd::bulk::Decompressor::new().expect("zstd decompressor");
+    for d in rx {
+        let t = Instant::now();
+        let mut buf = pool.get();
+        let len = d.logical_len as usize;
+        let disk_label = || format!("#{}", d.disk);
+        let res = if len > buf.capacity() {
+            Err(MoveError::Decompress {
+                disk: disk_label(),
+                chunk: d.chunk,
+                expected: len,
+                detail: "longer than the chunk size".into(),
+            })
+        } else {
+            match d.codec {
+                Codec::None => {
+                    buf.spare_mut()[..len].copy_from_slice(&d.payload);
+                    Ok(())
+                }
+                Codec::Zstd => match dctx.decompress_to_buffer(&d.payload, &mut buf.spare_mut()[..len]) {
+                    Ok(n) if n == len => Ok(()),
+                    Ok(n) => Err(MoveError::Decompress {
+                        disk: disk_label(),
+                        chunk: d.chunk,
+                        expected: len,
+                        detail: format!("got {n} bytes"),
+                    }),
+                    Err(e) => Err(MoveError::Decompress {
+                        disk: disk_label(),
+                        chunk: d.chunk,
+                        expected: len,
+                        detail: e.to_string(),
+                    }),
+                },
+            }
+        };
+        let msg = match res {
+            Err(e) => WriterMsg::Failed(e),
+            Ok(()) => {
+                buf.set_len(len);
+                if *blake3::hash(&buf).as_bytes() != d.digest {
+                    WriterMsg::Failed(MoveError::DigestMismatch { disk: disk_label(), chunk: d.chunk })
+                } else {
+                    WriterMsg::Chunk { disk: d.disk, chunk: d.chunk, buf, digest: d.digest }
+                }
+            }
+        };
+        stats.record(Stage::Verify, t.elapsed());
+        if tx.send(msg).is_err() {
+            break;
+        }
+    }
+    stats
+}
+
+struct Writer {
+    backend: Box<dyn IoBackend>,
+    disks: HashMap<u32, WDisk>,
+    written: u64,
+    barriers: VecDeque<WriterMsg>,
+    replica: Arc<Replica>,
+    state: SessionState,
+    conn: Arc<Conn>,
+    counters: Arc<Counters>,
+    stats: StageStats,
+    /// Write start times by tag, for latency.
+    started: HashMap<u64, Instant>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: Receiver<WriterMsg>) -> Result<()> {
+        let mut tag = 0u64;
+        loop {
+            self.run_barriers()?;
+            let busy = self.backend.in_flight();
+            let msg = if busy >= self.backend.depth() {
+                None
+            } else if busy > 0 {
+                rx.try_recv().ok()
+            } else {
+                match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return Ok(()),
+                }
+            };
+            let Some(msg) = msg else {
+                self.complete_one()?;
+                continue;
+            };
+            match msg {
+                WriterMsg::Stop => return Ok(()),
+                WriterMsg::Failed(e) => {
+                    let e = match e {
+                        MoveError::DigestMismatch { disk, chunk } => {
+                            MoveError::DigestMismatch { disk: self.disk_name(&disk), chunk }
+                        }
+                        other => other,
+                    };
+                    return Err(e);
+                }
+                WriterMsg::OpenDisk(id, d) => {
+                    self.disks.insert(id, *d);
+                }
+                WriterMsg::Chunk { disk, chunk, buf, digest } => {
+                    let d = self.disks.get_mut(&disk).ok_or_else(|| MoveError::Config(format!("no disk {disk}")))?;
+                    let offset = chunk * u64::from(d.chunk_size);
+                    let len = buf.len();
+                    let fd = match &d.direct {
+                        Some(f) if len % ALIGN == 0 => f.as_raw_fd(),
+                        _ => d.file.as_raw_fd(),
+                    };
+                    d.digests.digests[chunk as usize] = digest;
+                    d.dirty = true;
+                    d.entry.chunks_changed += 1;
+                    d.entry.bytes_changed += len as u64;
+                    tag += 1;
+                    self.started.insert(tag, Instant::now());
+                    self.backend
+                        .submit(IoRequest {
+                            tag: (u64::from(disk) << 48) | tag,
+                            fd,
+                            offset,
+                            len,
+                            kind: IoKind::Write,
+                            buf,
+                        })
+                        .map_err(|e| MoveError::DiskIo {
+                            what: "writing",
+                            disk: d.name.clone(),
+                            offset,
+                            len,
+                            source: e,
+                        })?;
+                }
+                WriterMsg::Zero { disk, first, count } => {
+                    let t = Instant::now();
+                    let d = self.disks.get_mut(&disk).ok_or_else(|| MoveError::Config(format!("no disk {disk}")))?;
+                    let cs = u64::from(d.chunk_size);
+                    let offset = first * cs;
+                    let end = ((first + count) * cs).min(d.size);
+                    crate::disk::punch_hole(d.file.as_raw_fd(), offset, end - offset).map_err(|e| {
+                        MoveError::DiskIo {
+                            what: "punching a hole in",
+                            disk: d.name.clone(),
+                            offset,
+                            len: (end - offset) as usize,
+                            source: e,
+                        }
+                    })?;
+                    for c in first..first + count {
+                        let len = (d.size - c * cs).min(cs) as u32;
+                        d.digests.digests[c as usize] = digests::zero_digest(len);
+                    }
+                    d.dirty = true;
+                    d.entry.chunks_changed += count;
+                    d.entry.bytes_changed += end - offset;
+                    self.counters.chunks_zero.fetch_add(count, Ordering::Relaxed);
+                    self.written += 1;
+                    self.stats.record(Stage::Write, t.elapsed());
+                }
+                WriterMsg::GetDigests { disk, reply } => {
+                    let map = self.disks.get(&disk).map(|d| d.digests.clone());
+                    if let Some(m) = map {
+                        let _ = reply.send(m);
+                    }
+                }
+                b @ (WriterMsg::Barrier { .. } | WriterMsg::Commit { .. }) => self.barriers.push_back(b),
+            }
+        }
+    }
+
+    fn disk_name(&self, label: &str) -> String {
+        label
+            .strip_prefix('#')
+            .and_then(|n| n.parse::<u32>().ok())
+            .and_then(|id| self.disks.get(&id))
+            .map_or_else(|| label.to_string(), |d| d.name.clone())
+    }
+
+    fn complete_one(&mut self) -> Result<()> {
+        let c = self.backend.wait().map_err(|e| MoveError::Datastore(format!("target IO backend failed: {e}")))?;
+        let disk = (c.tag >> 48) as u32;
+        if let Some(t) = self.started.remove(&(c.tag & ((1 << 48) - 1))) {
+            self.stats.record(Stage::Write, t.elapsed());
+        }
+        let name = self.disks.get(&disk).map_or_else(String::new, |d| d.name.clone());
+        c.result.map_err(|e| MoveError::DiskIo {
+            what: "writing",
+            disk: name,
+            offset: c.offset,
+            len: c.len,
+            source: e,
+        })?;
+        self.written += 1;
+        self.counters.chunks_written.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_written.fetch_add(c.len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn drain(&mut self) {
+        while self.backend.in_flight() > 0 {
+            if self.complete_one().is_err() {
+                continue;
+            }
+        }
+    }
+
+    fn run_barriers(&mut self) -> Result<()> {
+        while let Some(front) = self.barriers.front() {
+            let need = match front {
+                WriterMsg::Barrier { items_before, .. } | WriterMsg::Commit { items_before, .. } => *items_before,
+                _ => 0,
+            };
+            if self.written < need {
+                return Ok(());
+            }
+            match self.barriers.pop_front().expect("front exists") {
+                WriterMsg::Barrier { disk, next_chunk, .. } => {
+                    let t = Instant::now();
+                    self.sync_disk(disk)?;
+                    if let Some(d) = self.disks.get_mut(&disk) {
+                        d.entry.next_chunk = next_chunk;
+                        self.state.disks.insert(d.name.clone(), d.entry.clone());
+                    }
+                    self.replica.write_session(&self.state)?;
+                    self.stats.record(Stage::Sync, t.elapsed());
+                    self.conn.send(&Frame::Checkpoint(Checkpoint { disk, next_chunk }))?;
+                }
+                WriterMsg::Commit { reply, .. } => {
+                    let t = Instant::now();
+                    let ids: Vec<u32> = self.disks.keys().copied().collect();
+                    let mut result = Ok(());
+                    for id in ids {
+                        if let Err(e) = self.sync_disk(id) {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                    self.stats.record(Stage::Sync, t.elapsed());
+                    let mut disks: Vec<PointDisk> = self
+                        .disks
+                        .values()
+                        .map(|d| PointDisk {
+                            name: d.name.clone(),
+                            size: d.size,
+                            chunks_changed: d.entry.chunks_changed,
+                            bytes_changed: d.entry.bytes_changed,
+                        })
+                        .collect();
+                    disks.sort_by(|a, b| a.name.cmp(&b.name));
+                    let failed = result.is_err();
+                    let _ = reply.send(result.map(|_| disks));
+                    if failed {
+                        return Err(MoveError::Datastore("commit failed".into()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Make a disk's image and digest map durable.
+    fn sync_disk(&mut self, disk: u32) -> Result<()> {
+        let Some(d) = self.disks.get_mut(&disk) else { return Ok(()) };
+        // SAFETY: fdatasync on an open fd.
+        if unsafe { libc::fdatasync(d.file.as_raw_fd()) } != 0 {
+            return Err(MoveError::DiskIo {
+                what: "syncing",
+                disk: d.name.clone(),
+                offset: 0,
+                len: 0,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        if d.dirty {
+            digests::store(&d.digests_path, &d.digests)?;
+            d.dirty = false;
+        }
+        Ok(())
+    }
+}
