@@ -20,6 +20,12 @@ pub struct StageLatency {
     pub p99_us: f64,
     /// 99.9th percentile.
     pub p999_us: f64,
+    /// Time spent in the stage summed over threads, seconds (when ferry reports it).
+    #[serde(default)]
+    pub busy_s: Option<f64>,
+    /// Operations recorded (when ferry reports it).
+    #[serde(default)]
+    pub count: Option<u64>,
 }
 
 /// One measured run of one tool.
@@ -464,7 +470,10 @@ mod tests {
             ferry_status: wire.map(|_| "ok".into()),
             ferry_totals: wire.map(|w| serde_json::json!({"bytes_sent": w})),
             stages: wire.map(|_| {
-                BTreeMap::from([("read".to_string(), StageLatency { p50_us: 10.0, p99_us: 80.0, p999_us: 200.0 })])
+                BTreeMap::from([(
+                    "read".to_string(),
+                    StageLatency { p50_us: 10.0, p99_us: 80.0, p999_us: 200.0, busy_s: Some(1.5), count: None },
+                )])
             }),
         }
     }

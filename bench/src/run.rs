@@ -151,6 +151,7 @@ impl Scenario {
 }
 
 struct Env {
+    ferry_modes: bool,
     ferry: PathBuf,
     token: PathBuf,
     runs: u32,
@@ -335,7 +336,9 @@ fn parse_stages(v: &serde_json::Value, prefix: &str, into: &mut BTreeMap<String,
             let f = |k: &str| l.get(k).and_then(|x| x.as_f64());
             if let (Some(p50_us), Some(p99_us), Some(p999_us)) = (f("p50_us"), f("p99_us"), f("p999_us")) {
                 let key = if into.contains_key(name) { format!("{prefix}{name}") } else { name.clone() };
-                into.insert(key, StageLatency { p50_us, p99_us, p999_us });
+                let busy_s = l.get("busy_s").and_then(|x| x.as_f64());
+                let count = l.get("count").and_then(|x| x.as_u64());
+                into.insert(key, StageLatency { p50_us, p99_us, p999_us, busy_s, count });
             }
         }
     }
@@ -853,7 +856,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         Ok(o) => token_error = Some(format!("`ferry token new` failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
         Err(e) => token_error = Some(format!("cannot run ferry at {}: {e} (pass --ferry PATH)", ferry.display())),
     }
+    // The incremental modes come with the planner (issue 5); a ferry without them
+    // is skipped in those scenarios, with the reason recorded, rather than failed.
+    let help = Command::new(&ferry).args(["replicate", "--help"]).output();
+    let ferry_modes = help.as_ref().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--mode"));
     let env = Env {
+        ferry_modes,
         ferry: ferry.clone(),
         token,
         runs,
@@ -873,6 +881,15 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             .filter(|t| *t == "ferry" || a.tools.is_empty() || a.tools.iter().any(|x| x == t))
             .filter(|t| !env.missing.contains_key(t))
             .collect();
+        let mut tools = tools;
+        if matches!(sc.kind, Kind::Cbt | Kind::Digest | Kind::Seed) && !env.ferry_modes && token_error.is_none() {
+            tools.retain(|t| *t != "ferry");
+            skipped.push(Skip {
+                scenario: Some(sc.id.clone()),
+                tool: Some("ferry".into()),
+                reason: "this ferry binary has no `replicate --mode` (incremental modes not built yet)".into(),
+            });
+        }
         let net = match (&env.wan, sc.kind) {
             (Some(w), Kind::Wan) => Net {
                 host: netns::DST_ADDR,
