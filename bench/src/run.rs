@@ -64,7 +64,7 @@ pub struct RunArgs {
     /// ext4 image size (default: 128M quick, 2G full).
     #[arg(long, value_parser = crate::parse_size)]
     pub fs_size: Option<u64>,
-    /// Image size for the WAN scenario (default: 48M quick, 1G full).
+    /// Image size for the WAN scenario (default: 48M quick, 512M full).
     #[arg(long, value_parser = crate::parse_size)]
     pub wan_size: Option<u64>,
     /// Share of zero regions in synthetic images.
@@ -227,6 +227,7 @@ fn measure_net(
     daemon: bool,
     receiver: &dyn Fn(&[u16]) -> String,
     sender: &dyn Fn(&[u16]) -> String,
+    daemon_done: Option<&dyn Fn() -> bool>,
 ) -> Result<Measured> {
     let back: Vec<u16> = (0..nports).map(|_| free_port()).collect::<Result<_>>()?;
     let mut proxies = Vec::new();
@@ -247,6 +248,13 @@ fn measure_net(
     let (tx_status, _, tx_usage) = tx.wait()?;
     let mut wall = t0.elapsed();
     let (rx_ok, rx_usage) = if daemon {
+        // Let the daemon finish its bookkeeping of the session (untimed) before stopping it.
+        if let Some(done) = daemon_done {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tx_status.success() && !done() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let (_, u) = rx.stop(Duration::from_secs(10))?;
         (true, u)
     } else {
@@ -280,7 +288,11 @@ fn ferry_replicate_cmd(env: &Env, sc: &Scenario, port: u16, mode: &str, with_cbt
     for (name, p) in &sc.sources {
         c += &format!(" --source {}", sh_quote(&format!("{name}={}", p.display())));
     }
-    c += &format!(" --target ferry://127.0.0.1:{port} --replica bench --token-file {} --mode {mode}", shq(&env.token));
+    c += &format!(" --target ferry://127.0.0.1:{port} --replica bench --token-file {}", shq(&env.token));
+    // Full is the default; leaving it out also works with a ferry that has no --mode yet.
+    if mode != "full" {
+        c += &format!(" --mode {mode}");
+    }
     if with_cbt {
         for ((name, _), e) in sc.sources.iter().zip(&sc.cbt) {
             c += &format!(" --cbt {}", sh_quote(&format!("{name}={}", e.display())));
@@ -365,9 +377,19 @@ fn run_ferry(env: &Env, net: &Net, sc: &Scenario, dir: &Path) -> Result<Run> {
         ferry_seed_datastore(env, dir, &ds, sc)?;
     }
     let host = net.host.to_string();
-    let m = measure_net(env, net, dir, &sc.sources, 1, true, &|b| ferry_serve_cmd(env, &host, b[0], &ds), &|f| {
-        ferry_replicate_cmd(env, sc, f[0], mode, sc.kind == Kind::Cbt)
-    })?;
+    let session_done =
+        || std::fs::read_to_string(dir.join("receiver.out")).is_ok_and(|s| s.contains("\"session_done\""));
+    let m = measure_net(
+        env,
+        net,
+        dir,
+        &sc.sources,
+        1,
+        true,
+        &|b| ferry_serve_cmd(env, &host, b[0], &ds),
+        &|f| ferry_replicate_cmd(env, sc, f[0], mode, sc.kind == Kind::Cbt),
+        Some(&session_done),
+    )?;
     let events = json_lines(&dir.join("sender.out"));
     let summary = events.iter().rev().find(|e| e.get("event").and_then(|x| x.as_str()) == Some("summary"));
     let mut stages = BTreeMap::new();
@@ -481,7 +503,7 @@ fn run_peer(env: &Env, net: &Net, sc: &Scenario, tool: &str, dir: &Path) -> Resu
                 format!("exec rsync --daemon --no-detach --address {host} --port {} --config {}", b[0], shq(&conf))
             };
             let snd = |f: &[u16]| format!("rsync -I {flags} {} rsync://127.0.0.1:{}/m/", files.join(" "), f[0]);
-            let m = measure_net(env, net, dir, &sc.sources, 1, true, &rcv, &snd)?;
+            let m = measure_net(env, net, dir, &sc.sources, 1, true, &rcv, &snd, None)?;
             (m, snd(&[0]), Some(rcv(&[0])))
         }
         "zstd-nc" | "nc" => {
@@ -515,7 +537,7 @@ fn run_peer(env: &Env, net: &Net, sc: &Scenario, tool: &str, dir: &Path) -> Resu
                     .collect();
                 parallel(&parts)
             };
-            let m = measure_net(env, net, dir, &sc.sources, n, false, &rcv, &snd)?;
+            let m = measure_net(env, net, dir, &sc.sources, n, false, &rcv, &snd, None)?;
             (m, snd(&vec![0; n]), Some(rcv(&vec![0; n])))
         }
         "qemu-img" | "cp" | "nbdcopy" => {
@@ -815,7 +837,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let sizes = (
         a.synth_size.unwrap_or(if quick { 128 << 20 } else { 4 << 30 }),
         a.fs_size.unwrap_or(if quick { 128 << 20 } else { 2 << 30 }),
-        a.wan_size.unwrap_or(if quick { 48 << 20 } else { 1 << 30 }),
+        a.wan_size.unwrap_or(if quick { 48 << 20 } else { 512 << 20 }),
     );
     let runs = a.runs.unwrap_or(if quick { 1 } else { 3 }).max(1);
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating output directory {}", a.out.display()))?;
