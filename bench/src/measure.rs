@@ -146,19 +146,41 @@ impl Tree {
         Ok((ExitStatus::from_raw(status), wall, usage))
     }
 
-    /// Stops a daemon: SIGTERM, then SIGKILL after `grace`; returns its usage.
+    /// Number of processes in the tree's process group (zombies included).
+    pub fn group_size(&self) -> usize {
+        group_pids(self.pid()).len()
+    }
+
+    /// Stops a daemon: SIGTERM to its top process (so it can reap its own
+    /// children and their usage is counted), SIGKILL after `grace`, then SIGKILL
+    /// to whatever is left in the group; returns its usage.
     pub fn stop(mut self, grace: Duration) -> Result<(ExitStatus, TreeUsage)> {
-        self.signal(libc::SIGTERM);
+        let leader = self.pid() as libc::pid_t;
+        // SAFETY: kill() on our own unreaped child.
+        unsafe { libc::kill(leader, libc::SIGTERM) };
         let deadline = Instant::now() + grace;
         while self.is_running() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         if self.is_running() {
-            self.signal(libc::SIGKILL);
+            // SAFETY: as above.
+            unsafe { libc::kill(leader, libc::SIGKILL) };
         }
+        // The leader is not reaped yet, so the group id still names our group.
+        self.signal(libc::SIGKILL);
         let (st, _, u) = self.wait_inner()?;
         Ok((st, u))
     }
+}
+
+/// The peak RSS every measured tree starts with: Linux keeps `ru_maxrss` across
+/// execve, so a child starts from this harness's resident size at the time it
+/// was spawned. Measured by spawning `true`.
+pub fn rss_floor(scratch: &Path) -> u64 {
+    let err = scratch.join(format!("ferry-bench-rss-floor-{}.err", std::process::id()));
+    let floor = Tree::spawn("true", None, &err).and_then(|t| t.wait()).map_or(0, |(_, _, u)| u.max_rss_bytes);
+    let _ = std::fs::remove_file(err);
+    floor
 }
 
 impl Drop for Tree {
@@ -176,7 +198,7 @@ fn unsafe_zeroed_siginfo() -> libc::siginfo_t {
 }
 
 /// Processes of process group `pgid` (read from /proc/*/stat).
-fn group_pids(pgid: u32) -> Vec<u32> {
+pub fn group_pids(pgid: u32) -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else { return vec![pgid] };
     let mut v: Vec<u32> = rd
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())

@@ -6,7 +6,7 @@
 //! lives in `src` and forwards to the receiver in `dst`. Dropping the `Wan`
 //! removes both namespaces (and with them the veth pair), also on error or panic.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -33,6 +33,9 @@ fn ip(args: &[&str]) -> Result<()> {
 
 /// Why the WAN scenario cannot run here, if it cannot.
 pub fn unavailable_reason() -> Option<String> {
+    if Command::new("nsenter").arg("--version").output().is_err() {
+        return Some("`nsenter` (util-linux) is not installed".into());
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root: network namespaces and tc need root".into());
@@ -47,6 +50,7 @@ pub fn unavailable_reason() -> Option<String> {
 impl Wan {
     /// Creates the namespaces, the veth pair and the shaping.
     pub fn create(rate: &str) -> Result<Wan> {
+        Self::remove_stale();
         let pid = std::process::id();
         let wan = Wan { src: format!("fbench-s-{pid}"), dst: format!("fbench-d-{pid}") };
         // A guard exists from here on: a failure below still removes what was made.
@@ -76,9 +80,24 @@ impl Wan {
         PathBuf::from("/var/run/netns").join(ns)
     }
 
-    /// Prefix that runs a shell command inside a namespace.
+    /// Prefix that runs a shell command inside a namespace. nsenter execs the
+    /// command in place (`ip netns exec` forks and would hide it from wait4).
     pub fn exec_prefix(ns: &str) -> String {
-        format!("ip netns exec {ns} ")
+        format!("nsenter --net={} ", Self::path(ns).display())
+    }
+
+    /// Removes namespaces left by runs that were killed (their pid is gone).
+    pub fn remove_stale() {
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            let pid = name.strip_prefix("fbench-s-").or_else(|| name.strip_prefix("fbench-d-"));
+            if let Some(pid) = pid {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = Command::new("ip").args(["netns", "del", name]).output();
+                }
+            }
+        }
     }
 }
 

@@ -167,6 +167,10 @@ pub struct Results {
     pub skipped: Vec<Skip>,
     /// Every run of every tool ran and was byte-identical.
     pub ok: bool,
+    /// Peak RSS every measured process tree starts from (this harness's own
+    /// size, which Linux carries across execve): RSS figures below it mean nothing.
+    #[serde(default)]
+    pub rss_floor_bytes: u64,
 }
 
 /// Summarises runs (median by wall time).
@@ -244,7 +248,9 @@ pub fn markdown(r: &Results) -> String {
         s,
         "\nTimes are medians over the runs (min–max in brackets); MiB/s is logical disk bytes per second; \
          ferry/peer is ferry's median time divided by the peer's (below 1: ferry is faster). \
-         CPU is user+sys of every process of the tool; RSS is the largest single process.\n"
+         CPU is user+sys of every process of the tool; RSS is the largest single process \
+         (every figure starts from a floor of {} MiB: the harness's own size, which Linux carries across execve).\n",
+        mib(r.rss_floor_bytes)
     );
     for sc in &r.scenarios {
         let rows: Vec<&ToolResult> = r.results.iter().filter(|t| t.scenario == sc.id).collect();
@@ -515,6 +521,7 @@ mod tests {
             results,
             skipped: vec![Skip { scenario: None, tool: Some("bdsync".into()), reason: "not packaged".into() }],
             ok: true,
+            rss_floor_bytes: 9 << 20,
         }
     }
 

@@ -174,7 +174,9 @@ struct Net<'a> {
 
 fn in_ns(prefix: &Option<String>, script: String) -> String {
     match prefix {
-        Some(p) => format!("{p}sh -c {}", sh_quote(&script)),
+        // exec: the daemon must be the top process of the tree, so that SIGTERM
+        // reaches it first and its usage (and its children's) is reaped by wait4.
+        Some(p) => format!("exec {p}sh -c {}", sh_quote(&script)),
         None => script,
     }
 }
@@ -194,7 +196,11 @@ fn tail(path: &Path) -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
+/// Largest RSS floor seen before any run (see `measure::rss_floor`).
+static RSS_FLOOR: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn prepare_run(env: &Env, sources: &[(String, PathBuf)]) -> Result<()> {
+    RSS_FLOOR.fetch_max(crate::measure::rss_floor(&std::env::temp_dir()), std::sync::atomic::Ordering::Relaxed);
     run_quiet("sync")?;
     if env.drop_caches {
         std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache (needs root)")?;
@@ -241,6 +247,7 @@ fn measure_net(
     if let Err(e) = wait_listening(rx.pid(), &back, Duration::from_secs(10)) {
         bail!("{e:#}; receiver stderr: {}", tail(&dir.join("receiver.err")));
     }
+    let baseline = rx.group_size();
     prepare_run(env, sources)?;
     let tx_script = in_ns(&net.src_prefix, sender(&front));
     let t0 = Instant::now();
@@ -254,6 +261,15 @@ fn measure_net(
             while tx_status.success() && !done() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+        // A forking daemon (rsync) must have reaped its session process, or that
+        // process's CPU would not be counted.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rx.group_size() > baseline && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if std::env::var_os("FERRY_BENCH_DEBUG").is_some() {
+            eprintln!("daemon group: baseline {baseline}, now {}", rx.group_size());
         }
         let (_, u) = rx.stop(Duration::from_secs(10))?;
         (true, u)
@@ -991,8 +1007,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         results,
         skipped,
         ok,
+        rss_floor_bytes: 0,
     };
     drop(env);
+    let mut doc = doc;
+    doc.rss_floor_bytes = RSS_FLOOR.load(std::sync::atomic::Ordering::Relaxed);
     std::fs::write(a.out.join("results.json"), serde_json::to_string_pretty(&doc)? + "\n")?;
     let md = report::markdown(&doc);
     std::fs::write(a.out.join("results.md"), &md)?;
