@@ -51,6 +51,18 @@ impl SourceDisk {
         self.direct.is_some()
     }
 
+    /// Read exactly `buf.len()` bytes at `offset` through the buffered handle.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, offset).map_err(|e| MoveError::DiskIo {
+            what: "reading",
+            disk: self.name.clone(),
+            offset,
+            len: buf.len(),
+            source: e,
+        })
+    }
+
     /// Size of the file now (to detect a disk resized during the run).
     pub fn current_size(&self) -> Result<u64> {
         file_size(&self.file, &self.path)

@@ -37,6 +37,7 @@ use crate::conn::{client_handshake, Conn, Rx, Sock};
 use crate::disk::SourceDisk;
 use crate::error::{MoveError, Result};
 use crate::stats::{DiskCounters, Stage, StageStats, StageSummary};
+use ferry_planner::{parse_cbt, sample_unchanged, ChangeMap, ChunkSet, ZeroDigests};
 
 /// Default chunk size for new replicas.
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
@@ -80,10 +81,11 @@ pub struct DiskSpec {
     pub name: String,
     /// Source path (file or block device).
     pub path: PathBuf,
-    /// How changes are found.
-    pub mode: Mode,
-    /// Chunks to consider (in chunk indices), `None` for all. From CBT.
-    pub chunks: Option<Vec<Range<u64>>>,
+    /// How changes are found; `None` for auto: cbt when a change list is
+    /// given, digest when the target already has the disk, else full.
+    pub mode: Option<Mode>,
+    /// Changed-block-tracking list (any format the planner recognises).
+    pub cbt: Option<PathBuf>,
 }
 
 /// A replication job.
@@ -111,6 +113,9 @@ pub struct ReplicateConfig {
     pub checkpoint_bytes: u64,
     /// Retention to set on the replica (0: keep).
     pub retain: u32,
+    /// With CBT: chunks that CBT calls unchanged to check against the
+    /// target's digests (0: trust CBT blindly).
+    pub verify_samples: usize,
 }
 
 impl ReplicateConfig {
@@ -128,6 +133,7 @@ impl ReplicateConfig {
             direct_io: false,
             checkpoint_bytes: 256 << 20,
             retain: 0,
+            verify_samples: 200,
         }
     }
 }
@@ -259,10 +265,25 @@ pub fn replicate(
     let mut opened = Vec::new();
     for d in &cfg.disks {
         crate::target::datastore::validate_name("disk", &d.name)?;
-        if opened.iter().any(|(o, _): &(SourceDisk, _)| o.name == d.name) {
+        if opened.iter().any(|(o, _, _): &(SourceDisk, _, _)| o.name == d.name) {
             return Err(MoveError::Config(format!("disk name {:?} given twice", d.name)));
         }
-        opened.push((SourceDisk::open(&d.name, &d.path, cfg.direct_io)?, d));
+        let sd = SourceDisk::open(&d.name, &d.path, cfg.direct_io)?;
+        let cbt = match &d.cbt {
+            None => None,
+            Some(p) => {
+                let content = std::fs::read(p).map_err(|e| MoveError::file("reading change list", p, e))?;
+                let label = p.display().to_string();
+                Some(
+                    parse_cbt(&label, &content, sd.size)
+                        .map_err(|e| MoveError::Config(format!("disk {:?}: {e}", d.name)))?,
+                )
+            }
+        };
+        if d.mode == Some(Mode::Cbt) && cbt.is_none() {
+            return Err(MoveError::Config(format!("disk {:?}: --mode cbt needs a change list (--cbt)", d.name)));
+        }
+        opened.push((sd, d, cbt));
     }
     let (conn, rx, _peer_info) = client_handshake(sock, peer, auth)?;
     conn.set_write_timeout(Some(Duration::from_secs(120)));
@@ -295,7 +316,7 @@ fn unexpected(conn: &Conn, f: &Frame, wanted: &str) -> MoveError {
 fn run_job(
     conn: &Arc<Conn>,
     mut rx: Rx,
-    opened: Vec<(SourceDisk, &DiskSpec)>,
+    opened: Vec<(SourceDisk, &DiskSpec, Option<ChangeMap>)>,
     cfg: &ReplicateConfig,
     obs: &dyn Observer,
     start: Instant,
@@ -326,56 +347,77 @@ fn run_job(
     let cs = u64::from(chunk_size);
 
     let mut disks = Vec::new();
-    for (i, (sd, spec)) in opened.into_iter().enumerate() {
+    for (i, (sd, spec, cbt)) in opened.into_iter().enumerate() {
         let id = i as u32;
+        let requested = spec.mode.unwrap_or(if cbt.is_some() { Mode::Cbt } else { Mode::Digest });
         conn.send(&Frame::OpenDisk(OpenDisk {
             disk: id,
             name: sd.name.clone(),
             size: sd.size,
             chunk_size,
-            mode: spec.mode,
+            mode: requested,
         }))?;
         let resume: ResumeInfo = match expect_frame(conn, &mut rx)? {
             Frame::ResumeInfo(r) if r.disk == id => r,
             f => return Err(unexpected(conn, &f, "ResumeInfo")),
         };
         let chunk_count = sd.size.div_ceil(cs);
-        // A disk new to the replica, or one that grew, is copied in full where it is new.
-        let mut mode = spec.mode;
-        if resume.flags & ResumeInfo::EXISTED == 0 && mode != Mode::Full {
+        let existed = resume.flags & ResumeInfo::EXISTED != 0;
+        let mut mode = spec.mode.unwrap_or(match (&cbt, existed) {
+            (Some(_), _) => Mode::Cbt,
+            (None, true) => Mode::Digest,
+            (None, false) => Mode::Full,
+        });
+        if !existed && mode != Mode::Full {
             obs.event(&JobEvent::Notice(format!("disk {:?} is new to the replica: copying it in full", sd.name)));
             mode = Mode::Full;
         }
-        let target_digests = if matches!(mode, Mode::Digest | Mode::Seed) {
-            Some(fetch_digests(conn, &mut rx, id, chunk_count)?)
-        } else {
-            None
-        };
-        let wanted: Vec<Range<u64>> = match (&spec.chunks, mode) {
-            (Some(r), Mode::Cbt) => {
-                let mut r = r.clone();
-                // Chunks beyond the target's previous size are new: always sent.
-                let grown_from = resume.previous_size / cs;
-                if grown_from < chunk_count {
-                    r.push(grown_from..chunk_count);
-                }
-                normalize(r, chunk_count)
+        let all = ChunkSet::all(chunk_count);
+        let mut target_digests = None;
+        let wanted = match mode {
+            Mode::Full => all,
+            Mode::Digest | Mode::Seed => {
+                target_digests = Some(fetch_digests(conn, &mut rx, id, chunk_count)?);
+                all
             }
-            _ => std::iter::once(0..chunk_count).collect(),
+            Mode::Cbt => {
+                let map = cbt.as_ref().expect("cbt mode has a change list");
+                // Chunks the target did not have (the disk grew; the old partial last chunk changed length).
+                let grown = ChunkSet::from_range(resume.previous_size / cs..chunk_count);
+                let changed = map.chunks(chunk_size, sd.size).union(&grown);
+                if cfg.verify_samples == 0 {
+                    changed
+                } else {
+                    let digests = fetch_digests(conn, &mut rx, id, chunk_count)?;
+                    let seed = u64::from_le_bytes(crate::auth::random_bytes::<8>());
+                    let samples = sample_unchanged(&changed, chunk_count, cfg.verify_samples, seed);
+                    match first_mismatch(&sd, cs, &samples, &digests)? {
+                        None => changed,
+                        Some(chunk) => {
+                            obs.event(&JobEvent::Warning(format!(
+                                "disk {:?}: changed block tracking missed a change (chunk {chunk} differs from the \
+                                 replica but is not in the change list); replicating this disk in digest mode",
+                                sd.name
+                            )));
+                            mode = Mode::Digest;
+                            target_digests = Some(digests);
+                            all
+                        }
+                    }
+                }
+            }
         };
-        let ranges = clip_from(&wanted, resume.next_chunk);
-        let planned: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-        let bytes_planned: u64 = ranges.iter().map(|r| range_bytes(r, cs, sd.size)).sum();
-        let resumed_chunks: u64 = wanted.iter().map(|r| r.end - r.start).sum::<u64>() - planned;
+        let todo = wanted.difference(&ChunkSet::from_range(0..resume.next_chunk));
         let counters = DiskCounters {
             disk: sd.name.clone(),
+            mode: format!("{mode:?}").to_lowercase(),
             size: sd.size,
-            chunks_planned: planned,
-            bytes_planned,
-            chunks_resumed: resumed_chunks,
+            chunks_planned: todo.count(),
+            bytes_planned: todo.bytes(chunk_size, sd.size),
+            chunks_resumed: wanted.count() - todo.count(),
             ..Default::default()
         };
-        disks.push(JobDisk { disk: sd, chunk_count, ranges, counters, target_digests });
+        disks.push(JobDisk { disk: sd, chunk_count, ranges: todo.ranges().to_vec(), counters, target_digests });
     }
     obs.event(&JobEvent::Plan(disks.iter().map(|d| d.counters.clone()).collect()));
 
@@ -460,27 +502,19 @@ fn fetch_digests(conn: &Conn, rx: &mut Rx, disk: u32, chunk_count: u64) -> Resul
     Ok(v)
 }
 
-/// Sort, merge and clip chunk ranges to `0..count`.
-pub fn normalize(mut r: Vec<Range<u64>>, count: u64) -> Vec<Range<u64>> {
-    r.retain(|x| x.start < x.end.min(count));
-    r.sort_by_key(|x| x.start);
-    let mut out: Vec<Range<u64>> = Vec::new();
-    for x in r {
-        let x = x.start..x.end.min(count);
-        match out.last_mut() {
-            Some(l) if x.start <= l.end => l.end = l.end.max(x.end),
-            _ => out.push(x),
+/// Read and hash `samples` (chunks CBT calls unchanged) and return the
+/// first whose digest differs from the target's.
+fn first_mismatch(sd: &SourceDisk, cs: u64, samples: &[u64], target: &[[u8; 32]]) -> Result<Option<u64>> {
+    let mut buf = vec![0u8; cs as usize];
+    for &chunk in samples {
+        let offset = chunk * cs;
+        let len = (sd.size - offset).min(cs) as usize;
+        sd.read_at(offset, &mut buf[..len])?;
+        if blake3::hash(&buf[..len]).as_bytes() != &target[chunk as usize] {
+            return Ok(Some(chunk));
         }
     }
-    out
-}
-
-fn clip_from(r: &[Range<u64>], from: u64) -> Vec<Range<u64>> {
-    r.iter().filter(|x| x.end > from).map(|x| x.start.max(from)..x.end).collect()
-}
-
-fn range_bytes(r: &Range<u64>, cs: u64, size: u64) -> u64 {
-    (r.end * cs).min(size).saturating_sub(r.start * cs)
+    Ok(None)
 }
 
 fn run_pipeline(
@@ -524,7 +558,8 @@ fn run_pipeline(
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
             let (out_pool, digests, names) = (&out_pool, &digests, &names);
-            worker_handles.push(s.spawn(move || work_loop(work_rx, done_tx, out_pool, digests, names, cfg.compress)));
+            worker_handles
+                .push(s.spawn(move || work_loop(work_rx, done_tx, out_pool, digests, names, cfg.compress, chunk_size)));
         }
         drop(work_rx);
         drop(done_tx);
@@ -631,8 +666,10 @@ fn work_loop(
     digests: &[Option<Vec<[u8; 32]>>],
     names: &[String],
     policy: CompressPolicy,
+    chunk_size: u32,
 ) -> StageStats {
     let mut stats = StageStats::default();
+    let zeros = ZeroDigests::new(chunk_size);
     let level = match policy {
         CompressPolicy::Zstd(l) => l,
         _ => 1,
@@ -672,13 +709,18 @@ fn work_loop(
                 buf.set_len(expected);
                 let t = Instant::now();
                 let zero = is_zero(&buf);
+                let target = digests[disk as usize].as_ref().map(|m| &m[chunk as usize]);
                 if zero {
                     stats.record(Stage::Hash, t.elapsed());
-                    Outcome::Zero { disk, chunk, len: expected as u64 }
+                    if target.is_some_and(|d| *d == zeros.digest(expected as u32)) {
+                        Outcome::Unchanged { disk, chunk, len: expected as u64 }
+                    } else {
+                        Outcome::Zero { disk, chunk, len: expected as u64 }
+                    }
                 } else {
                     let digest = *blake3::hash(&buf).as_bytes();
                     stats.record(Stage::Hash, t.elapsed());
-                    let unchanged = digests[disk as usize].as_ref().is_some_and(|m| m[chunk as usize] == digest);
+                    let unchanged = target.is_some_and(|d| *d == digest);
                     if unchanged {
                         Outcome::Unchanged { disk, chunk, len: expected as u64 }
                     } else {

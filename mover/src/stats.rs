@@ -134,6 +134,8 @@ pub struct StageSummary {
 pub struct DiskCounters {
     /// Disk name.
     pub disk: String,
+    /// How its changes were found (full, cbt, digest, seed).
+    pub mode: String,
     /// Disk size in bytes.
     pub size: u64,
     /// Chunks the plan selected.

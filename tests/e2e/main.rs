@@ -1,1 +1,3 @@
+//! ferry's end-to-end tests: one binary, one module per area.
 
+mod datapath;

@@ -1,1 +1,311 @@
-//! Helpers for ferry end-to-end tests.
+//! Helpers for ferry's end-to-end tests: the real `ferry` binary, real
+//! files, real sockets.
+//!
+//! [`ferry_bin`] builds the binary once (a nested `cargo build -p ferry`, so
+//! `cargo test --workspace` always tests the current code) and returns its
+//! path. [`Server`] runs `ferry serve` on a free loopback port and kills it
+//! when dropped, also when a test fails.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// Path of the freshly built `ferry` binary.
+pub fn ferry_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "ferry", "--locked"])
+            .status()
+            .expect("run cargo build -p ferry");
+        assert!(st.success(), "building the ferry binary failed");
+        // target/debug/deps/e2e-HASH -> target/debug/ferry
+        let exe = std::env::current_exe().expect("current exe");
+        let dir = exe.parent().and_then(Path::parent).expect("target/debug");
+        let bin = dir.join("ferry");
+        assert!(bin.exists(), "no ferry binary at {}", bin.display());
+        bin
+    })
+}
+
+/// A `ferry` command.
+pub fn ferry() -> Command {
+    Command::new(ferry_bin())
+}
+
+/// Result of a command: exit code, stdout, stderr.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    /// The last `summary` event of a `--json` run.
+    pub fn summary(&self) -> serde_json::Value {
+        self.events()
+            .into_iter()
+            .rev()
+            .find(|e| e["event"] == "summary")
+            .unwrap_or_else(|| panic!("no summary event in stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr))
+    }
+
+    /// Every NDJSON event on stdout.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// Panic with the output unless the exit code is `code`.
+    pub fn expect_code(&self, code: i32) -> &Run {
+        assert_eq!(self.code, code, "exit code\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// Run `ferry ARGS` to completion.
+pub fn run<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out: Output = ferry().args(args).stdin(Stdio::null()).output().expect("run ferry");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), for test images.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Next 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Fill a buffer.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// Kinds of content for [`write_image`] regions.
+#[derive(Debug, Clone, Copy)]
+pub enum Fill {
+    /// Zeros (left as a hole).
+    Zero,
+    /// Incompressible.
+    Random,
+    /// Compressible text-like bytes.
+    Text,
+}
+
+/// Write an image of `size` bytes made of 1 MiB regions of the given kinds in turn.
+pub fn write_image(path: &Path, size: u64, seed: u64, pattern: &[Fill]) {
+    let mut f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+    let mut rng = Rng::new(seed);
+    let words: [&[u8]; 8] = [b"replica ", b"disk ", b"block ", b"ferry ", b"chunk ", b"site\n", b"point ", b"the "];
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    let mut i = 0;
+    while off < size {
+        let n = ((size - off) as usize).min(buf.len());
+        match pattern[i % pattern.len()] {
+            Fill::Zero => {}
+            Fill::Random => {
+                rng.fill(&mut buf[..n]);
+                write_at(&mut f, off, &buf[..n]);
+            }
+            Fill::Text => {
+                let mut p = 0;
+                while p < n {
+                    let w = words[rng.below(8) as usize];
+                    let k = w.len().min(n - p);
+                    buf[p..p + k].copy_from_slice(&w[..k]);
+                    p += k;
+                }
+                write_at(&mut f, off, &buf[..n]);
+            }
+        }
+        off += n as u64;
+        i += 1;
+    }
+    f.sync_all().expect("sync image");
+}
+
+/// Write `data` at `offset`.
+pub fn write_at(f: &mut std::fs::File, offset: u64, data: &[u8]) {
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(offset)).expect("seek");
+    f.write_all(data).expect("write");
+}
+
+/// Overwrite `count` distinct blocks of `block` bytes with random data; returns their indices, sorted.
+pub fn mutate_blocks(path: &Path, block: u64, count: usize, seed: u64) -> Vec<u64> {
+    let size = std::fs::metadata(path).expect("stat").len();
+    let blocks = size / block;
+    assert!(count as u64 <= blocks, "not enough blocks");
+    let mut rng = Rng::new(seed);
+    let mut chosen = std::collections::BTreeSet::new();
+    while chosen.len() < count {
+        chosen.insert(rng.below(blocks));
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).expect("open");
+    let mut buf = vec![0u8; block as usize];
+    for &b in &chosen {
+        rng.fill(&mut buf);
+        write_at(&mut f, b * block, &buf);
+    }
+    f.sync_all().expect("sync");
+    chosen.into_iter().collect()
+}
+
+/// True when two files have the same bytes (compared in 1 MiB steps).
+pub fn same_bytes(a: &Path, b: &Path) -> bool {
+    let (mut fa, mut fb) = (std::fs::File::open(a).expect("open a"), std::fs::File::open(b).expect("open b"));
+    if fa.metadata().unwrap().len() != fb.metadata().unwrap().len() {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if na != nb || ba[..na] != bb[..nb] {
+            return false;
+        }
+        if na == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).expect("read") {
+            0 => break,
+            k => n += k,
+        }
+    }
+    n
+}
+
+/// Allocated bytes of a file (to check sparseness).
+pub fn allocated_bytes(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).expect("stat").blocks() * 512
+}
+
+/// Export a replica disk and check it equals `source`.
+pub fn assert_replica_equals(datastore: &Path, replica: &str, disk: &str, source: &Path) {
+    let out = datastore.parent().unwrap_or(datastore).join(format!("export-{replica}-{disk}.raw"));
+    let r = ferry()
+        .args(["points", "export", "--target"])
+        .arg(datastore)
+        .args(["--replica", replica, "--disk", disk, "--out"])
+        .arg(&out)
+        .output()
+        .expect("run export");
+    assert!(r.status.success(), "export failed: {}", String::from_utf8_lossy(&r.stderr));
+    assert!(same_bytes(&out, source), "replica {replica}/{disk} differs from {}", source.display());
+    let _ = std::fs::remove_file(&out);
+}
+
+/// A token file in `dir`.
+pub fn new_token(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    run(["token", "new", "--out", p.to_str().expect("utf-8 path")]).expect_code(0);
+    p
+}
+
+/// `ferry serve` on a free loopback port; killed when dropped.
+pub struct Server {
+    child: Child,
+    /// `ferry://127.0.0.1:PORT`.
+    pub url: String,
+    events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Server {
+    /// Start a server on `datastore` with `token`, plus extra args.
+    pub fn start(datastore: &Path, token: &Path, extra: &[&str]) -> Server {
+        let mut child = ferry()
+            .args(["serve", "--listen", "127.0.0.1:0", "--json", "--datastore"])
+            .arg(datastore)
+            .arg("--token-file")
+            .arg(token)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ferry serve");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read listening line");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("bad first line {line:?}"));
+        let addr = v["address"].as_str().expect("address").to_string();
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        Server { child, url: format!("ferry://{addr}"), events }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kill it with SIGKILL and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait (up to 20 s) until the server has reported `n` finished sessions; return them.
+    pub fn sessions(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let done: Vec<serde_json::Value> =
+                self.events.lock().unwrap().iter().filter(|v| v["event"] == "session_done").cloned().collect();
+            if done.len() >= n || std::time::Instant::now() > deadline {
+                return done;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -98,6 +98,17 @@ struct ReplicateArgs {
     /// Token file for a remote target.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// How changes are found: auto (cbt with --cbt, digest when the target has the disk, else full),
+    /// full, cbt, digest, seed (the target holds a copy placed there: only differences move).
+    #[arg(long, default_value = "auto")]
+    mode: String,
+    /// Changed-block list for a disk: [NAME=]PATH (VMware QueryChangedDiskAreas JSON,
+    /// a JSON extent list, or `nbdinfo --map --json` of a dirty bitmap).
+    #[arg(long = "cbt")]
+    cbt: Vec<String>,
+    /// With CBT, chunks it calls unchanged to check against the replica (0: trust CBT).
+    #[arg(long, default_value_t = 200)]
+    verify_samples: usize,
     /// Chunk size of a new replica (64K..4M, power of two). An existing replica keeps its own.
     #[arg(long)]
     chunk_size: Option<String>,
@@ -294,10 +305,38 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
+    let mode = match a.mode.as_str() {
+        "auto" => None,
+        "full" => Some(Mode::Full),
+        "cbt" => Some(Mode::Cbt),
+        "digest" => Some(Mode::Digest),
+        "seed" => Some(Mode::Seed),
+        other => return Err(usage(format!("--mode {other}: use auto, full, cbt, digest or seed"))),
+    };
     let mut disks = Vec::new();
     for s in &a.sources {
         let (name, path) = ferry_mover::disk::parse_named(s);
-        disks.push(DiskSpec { name, path, mode: Mode::Full, chunks: None });
+        disks.push(DiskSpec { name, path, mode, cbt: None });
+    }
+    for c in &a.cbt {
+        let (name, path) = match c.split_once('=') {
+            Some((n, p)) if disks.iter().any(|d| d.name == n) => (n.to_string(), PathBuf::from(p)),
+            _ if disks.len() == 1 => (disks[0].name.clone(), PathBuf::from(c)),
+            _ => {
+                let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
+                return Err(usage(format!(
+                    "--cbt {c}: say which disk it is for as NAME=PATH (disks: {})",
+                    names.join(", ")
+                )));
+            }
+        };
+        let d = disks.iter_mut().find(|d| d.name == name).expect("found above");
+        if d.cbt.replace(path).is_some() {
+            return Err(usage(format!("--cbt given twice for disk {name:?}")));
+        }
+    }
+    if !a.cbt.is_empty() && !matches!(mode, None | Some(Mode::Cbt)) {
+        return Err(usage(format!("--cbt goes with --mode cbt (or auto), not --mode {}", a.mode)));
     }
     let mut cfg = ReplicateConfig::new(&a.replica, disks);
     ferry_mover::target::datastore::validate_name("replica", &a.replica)?;
@@ -326,6 +365,7 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
         cfg.retain = r;
     }
     cfg.direct_io = a.direct_io;
+    cfg.verify_samples = a.verify_samples;
     Ok(cfg)
 }
 

@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use ferry_planner::digest_map::DigestMap;
 use ferry_wire::{
     Authenticator, Checkpoint, Codec, Committed, Data, DigestMapEnd, DigestMapPart, Event, Frame, OpenDisk,
     ReplicaOpened, ResumeInfo, MAX_DIGESTS_PER_PART,
@@ -37,7 +36,7 @@ use serde::Serialize;
 use crate::backend::{open_backend, BackendChoice, IoBackend, IoKind, IoRequest};
 use crate::buf::{BufPool, PoolBuf, ALIGN};
 use crate::conn::{server_handshake, Conn, Sock};
-use crate::digests::{self, UNKNOWN_DIGEST};
+use crate::digests::{self, DigestMap, ZeroDigests};
 use crate::error::{MoveError, Result};
 use crate::stats::{Stage, StageStats};
 use datastore::{now_ns, Datastore, PointDisk, Replica, RestorePoint, SessionDisk, SessionState};
@@ -262,10 +261,10 @@ impl TargetSession<'_> {
                     let (tx, reply) = bounded(1);
                     a.pipeline()?.to_writer.send(WriterMsg::GetDigests { disk: r.disk, reply: tx }).ok();
                     let map = reply.recv().map_err(|_| self.writer_gone())?;
-                    let hash = digests::map_hash(&map);
+                    let hash = map.map_hash();
                     let cache_hit = hash == r.cached_map_hash;
                     if !cache_hit {
-                        for (i, part) in map.digests.chunks(MAX_DIGESTS_PER_PART).enumerate() {
+                        for (i, part) in map.digests().chunks(MAX_DIGESTS_PER_PART).enumerate() {
                             let bytes: Vec<u8> = part.iter().flatten().copied().collect();
                             self.conn.send(&Frame::DigestMapPart(DigestMapPart {
                                 disk: r.disk,
@@ -276,7 +275,7 @@ impl TargetSession<'_> {
                     }
                     self.conn.send(&Frame::DigestMapEnd(DigestMapEnd {
                         disk: r.disk,
-                        chunk_count: map.digests.len() as u64,
+                        chunk_count: map.chunk_count(),
                         map_hash: hash,
                         cache_hit,
                     }))?;
@@ -392,16 +391,19 @@ impl TargetSession<'_> {
             file.set_len(o.size).map_err(|e| MoveError::file("resizing replica disk", &path, e))?;
         }
         let digests_path = a.replica.digests_path(&o.name)?;
-        let mut map = digests::load(&digests_path, o.chunk_size, previous_size).unwrap_or_else(|| {
+        let zeros = ZeroDigests::new(o.chunk_size);
+        let mut map = match digests::load(&digests_path, o.chunk_size, previous_size) {
+            Some(m) => Ok(m),
             // No usable map: a new disk is all zeros; an existing one is unknown until rebuilt.
-            let fill = if existing == 0 { None } else { Some(UNKNOWN_DIGEST) };
-            digests::filled(o.chunk_size, previous_size, fill)
-        });
-        digests::resize(&mut map, o.size);
+            None if existing == 0 => DigestMap::zeroed(o.chunk_size, previous_size, &zeros),
+            None => DigestMap::new(o.chunk_size, previous_size),
+        }
+        .map_err(|e| MoveError::Config(e.to_string()))?;
+        map.resize(o.size, |l| zeros.digest(l));
         if resume.is_some() {
             // Chunks after the last checkpoint may have been written without the map knowing.
-            for d in map.digests.iter_mut().skip(next_chunk as usize) {
-                *d = UNKNOWN_DIGEST;
+            for i in next_chunk..chunk_count {
+                map.mark_unknown(i);
             }
         }
         let entry = resume.unwrap_or(SessionDisk {
@@ -430,6 +432,7 @@ impl TargetSession<'_> {
                 size: o.size,
                 chunk_size: o.chunk_size,
                 digests: map,
+                zeros,
                 digests_path,
                 dirty: false,
                 entry,
@@ -499,6 +502,7 @@ struct WDisk {
     size: u64,
     chunk_size: u32,
     digests: DigestMap,
+    zeros: ZeroDigests,
     digests_path: std::path::PathBuf,
     dirty: bool,
     entry: SessionDisk,
@@ -642,6 +646,31 @@ fn verify_worker(rx: Receiver<Data>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) 
     stats
 }
 
+/// Hash the chunks of an image whose digests are unknown (a seed placed in
+/// the datastore, a lost or stale map), at local disk speed.
+fn rebuild_unknown(d: &mut WDisk) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let cs = u64::from(d.chunk_size);
+    let mut buf = vec![0u8; d.chunk_size as usize];
+    for i in 0..d.digests.chunk_count() {
+        if d.digests.is_known(i) {
+            continue;
+        }
+        let offset = i * cs;
+        let len = d.digests.chunk_len(i) as usize;
+        d.file.read_exact_at(&mut buf[..len], offset).map_err(|e| MoveError::DiskIo {
+            what: "hashing",
+            disk: d.name.clone(),
+            offset,
+            len,
+            source: e,
+        })?;
+        d.digests.set(i, *blake3::hash(&buf[..len]).as_bytes());
+    }
+    d.dirty = true;
+    Ok(())
+}
+
 struct Writer {
     backend: Box<dyn IoBackend>,
     disks: HashMap<u32, WDisk>,
@@ -698,7 +727,7 @@ impl Writer {
                         Some(f) if len % ALIGN == 0 => f.as_raw_fd(),
                         _ => d.file.as_raw_fd(),
                     };
-                    d.digests.digests[chunk as usize] = digest;
+                    d.digests.set(chunk, digest);
                     d.dirty = true;
                     d.entry.chunks_changed += 1;
                     d.entry.bytes_changed += len as u64;
@@ -738,7 +767,7 @@ impl Writer {
                     })?;
                     for c in first..first + count {
                         let len = (d.size - c * cs).min(cs) as u32;
-                        d.digests.digests[c as usize] = digests::zero_digest(len);
+                        d.digests.set(c, d.zeros.digest(len));
                     }
                     d.dirty = true;
                     d.entry.chunks_changed += count;
@@ -748,10 +777,13 @@ impl Writer {
                     self.stats.record(Stage::Write, t.elapsed());
                 }
                 WriterMsg::GetDigests { disk, reply } => {
-                    let map = self.disks.get(&disk).map(|d| d.digests.clone());
-                    if let Some(m) = map {
-                        let _ = reply.send(m);
+                    let Some(d) = self.disks.get_mut(&disk) else { continue };
+                    if d.digests.unknown_count() > 0 {
+                        let t = Instant::now();
+                        rebuild_unknown(d)?;
+                        self.stats.record(Stage::Verify, t.elapsed());
                     }
+                    let _ = reply.send(d.digests.clone());
                 }
                 b @ (WriterMsg::Barrier { .. } | WriterMsg::Commit { .. }) => self.barriers.push_back(b),
             }

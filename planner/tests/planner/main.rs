@@ -1,0 +1,5 @@
+//! The integration tests of ferry-planner (one binary).
+
+mod algebra;
+mod cbt;
+mod digest_map;
