@@ -332,6 +332,17 @@ fn ferry_serve_cmd(env: &Env, host: &str, port: u16, ds: &Path) -> String {
     )
 }
 
+/// Has `ferry serve` create an empty datastore in `ds` (untimed).
+fn ferry_init_datastore(env: &Env, dir: &Path, ds: &Path) -> Result<()> {
+    let port = free_port()?;
+    let err = dir.join("init.err");
+    let rx = Tree::spawn(&ferry_serve_cmd(env, "127.0.0.1", port, ds), None, &err)?;
+    wait_listening(rx.pid(), &[port], Duration::from_secs(20))
+        .with_context(|| format!("ferry serve creating a datastore: {}", tail(&err)))?;
+    rx.stop(Duration::from_secs(10))?;
+    Ok(())
+}
+
 /// Puts the target's previous state into a fresh datastore with an untimed full replication.
 fn ferry_seed_datastore(env: &Env, dir: &Path, ds: &Path, sc: &Scenario) -> Result<()> {
     let prev = Scenario {
@@ -389,7 +400,16 @@ fn run_ferry(env: &Env, net: &Net, sc: &Scenario, dir: &Path) -> Result<Run> {
         Kind::Digest => "digest",
         Kind::Seed => "seed",
     };
-    if !sc.previous.is_empty() {
+    if sc.kind == Kind::Seed {
+        // A seed is a copy placed by other means: let ferry create the datastore,
+        // then put the copy where the replica's disk lives.
+        ferry_init_datastore(env, dir, &ds)?;
+        let disks = ds.join("bench").join("disks");
+        std::fs::create_dir_all(&disks)?;
+        for ((name, _), prev) in sc.sources.iter().zip(&sc.previous) {
+            copy_sparse(prev, &disks.join(format!("{name}.img")))?;
+        }
+    } else if !sc.previous.is_empty() {
         ferry_seed_datastore(env, dir, &ds, sc)?;
     }
     let host = net.host.to_string();
@@ -798,7 +818,7 @@ fn build(a: &RunArgs, dir: &Path, sizes: (u64, u64, u64), skipped: &mut Vec<Skip
             copy_sparse(base, &seed_img)?;
             let n = mutate::blocks_for_share(size, a.block_size, 0.05);
             let e = mutate::mutate_blocks(&seed_img, a.block_size, n, Placement::Uniform, a.seed + 95)?;
-            scenarios.push(one("seed-95", Kind::Seed, base.clone(), Some(seed_img), None, Some(extent_bytes(&e)), format!("Seeding: the target already holds a copy of the {fam} image with 5% of its {} KiB blocks different (placed with an untimed ferry full run; rsync's module holds the same copy); ferry runs --mode seed.", a.block_size >> 10)));
+            scenarios.push(one("seed-95", Kind::Seed, base.clone(), Some(seed_img), None, Some(extent_bytes(&e)), format!("Seeding: the target already holds a copy of the {fam} image with 5% of its {} KiB blocks different, placed by other means (copied to DATASTORE/REPLICA/disks/disk0.img with no digests; rsync's module holds the same copy); ferry runs --mode seed.", a.block_size >> 10)));
         }
     }
     if wanted(&a.scenarios, "multi-3") {
