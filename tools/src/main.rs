@@ -55,6 +55,13 @@ enum Cmd {
     },
     /// A first run: make a sample disk, replicate it through the real protocol, verify, print figures.
     Demo(demo::DemoArgs),
+    /// The benchmark harness: ferry against rsync, zstd | nc, qemu-img convert, cp (see bench/README.md).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments of the harness (`ferry bench --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -297,6 +304,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Bench { args } => {
+            ferry_bench::main_with_args(std::iter::once("ferry bench".to_string()).chain(args).collect())
+        }
     }
 }
 
