@@ -47,6 +47,17 @@ pub enum MoveError {
         /// Bytes read.
         got: usize,
     },
+    /// An NBD source disk failed: unreachable, gone, timed out or broke the protocol.
+    #[error("disk {disk:?}: NBD source {uri}")]
+    Nbd {
+        /// Disk name.
+        disk: String,
+        /// The NBD URI.
+        uri: String,
+        /// What the NBD client said (boxed: it is large).
+        #[source]
+        source: Box<crate::nbd::NbdError>,
+    },
     /// The connection to the peer failed.
     #[error("connection to {peer}")]
     Net {
@@ -128,7 +139,7 @@ impl MoveError {
             {
                 ErrorCode::NoSpace
             }
-            MoveError::File { .. } | MoveError::DiskIo { .. } => ErrorCode::Io,
+            MoveError::File { .. } | MoveError::DiskIo { .. } | MoveError::Nbd { .. } => ErrorCode::Io,
             _ => ErrorCode::Internal,
         }
     }

@@ -83,7 +83,13 @@ impl std::fmt::Debug for Connected {
 
 /// Connect to a target: TCP for a remote one (authenticated with `token`),
 /// an in-process target over a socketpair for a local one.
-pub fn connect(spec: &TargetSpec, token: Option<&std::path::Path>, serve: &target::ServeConfig) -> Result<Connected> {
+/// With `create` false (plans), a local datastore is never created.
+pub fn connect(
+    spec: &TargetSpec,
+    token: Option<&std::path::Path>,
+    serve: &target::ServeConfig,
+    create: bool,
+) -> Result<Connected> {
     match spec {
         TargetSpec::Remote(addr) => {
             let token = token.ok_or_else(|| {
@@ -108,7 +114,13 @@ pub fn connect(spec: &TargetSpec, token: Option<&std::path::Path>, serve: &targe
             })
         }
         TargetSpec::Local(dir) => {
-            let ds = target::datastore::Datastore::open_or_create(dir)?;
+            let ds = if create {
+                target::datastore::Datastore::open_or_create(dir)?
+            } else if dir.join("ferry-datastore.json").exists() {
+                target::datastore::Datastore::open(dir)?
+            } else {
+                target::datastore::Datastore::at(dir)
+            };
             let auth: Arc<dyn Authenticator> = Arc::new(auth::TokenAuth::ephemeral());
             let (a, b) = std::os::unix::net::UnixStream::pair()
                 .map_err(|e| MoveError::Net { peer: "local target".into(), source: e })?;

@@ -31,13 +31,93 @@ use ferry_wire::{
     ResumeInfo, ZeroRun,
 };
 
-use crate::backend::{open_backend, BackendChoice, IoBackend, IoKind, IoRequest};
+use crate::backend::{open_backend, BackendChoice, IoBackend, IoKind, IoRequest, NbdBackend};
 use crate::buf::{BufPool, PoolBuf, ALIGN};
 use crate::conn::{client_handshake, Conn, Rx, Sock};
-use crate::disk::SourceDisk;
+use crate::disk::{is_nbd_uri, SourceDisk};
 use crate::error::{MoveError, Result};
 use crate::stats::{DiskCounters, Stage, StageStats, StageSummary};
 use ferry_planner::{parse_cbt, sample_unchanged, ChangeMap, ChunkSet, ZeroDigests};
+
+/// zstd levels `--compress auto` moves between (0: off).
+pub const AUTO_LEVELS: [i32; 3] = [0, 1, 3];
+
+/// Shared state of `--compress auto`: the level the sender chose, and what
+/// the workers measured compressing (including 1-in-16 probes while off).
+#[derive(Debug, Default)]
+struct AutoCompress {
+    /// Index into [`AUTO_LEVELS`].
+    idx: std::sync::atomic::AtomicUsize,
+    comp_ns: std::sync::atomic::AtomicU64,
+    comp_in: std::sync::atomic::AtomicU64,
+    comp_out: std::sync::atomic::AtomicU64,
+}
+
+/// Sender-side controller: every window compares the link rate L (bytes per
+/// second of socket writes) with what the workers can compress, W x C, at
+/// ratio R. Compression pays only while the CPUs outrun the link.
+struct AutoController {
+    workers: f64,
+    window_start: Instant,
+    send_ns: u64,
+    send_bytes: u64,
+    last: (u64, u64, u64),
+    /// Windows spent at each level.
+    windows: [u64; 3],
+}
+
+impl AutoController {
+    const WINDOW: Duration = Duration::from_millis(250);
+
+    fn new(workers: usize) -> AutoController {
+        AutoController {
+            workers: workers as f64,
+            window_start: Instant::now(),
+            send_ns: 0,
+            send_bytes: 0,
+            last: (0, 0, 0),
+            windows: [0; 3],
+        }
+    }
+
+    fn sent(&mut self, bytes: u64, took: Duration) {
+        self.send_bytes += bytes;
+        self.send_ns += took.as_nanos() as u64;
+    }
+
+    fn tick(&mut self, auto: &AutoCompress) {
+        if self.window_start.elapsed() < Self::WINDOW {
+            return;
+        }
+        self.window_start = Instant::now();
+        let idx = auto.idx.load(Ordering::Relaxed);
+        self.windows[idx] += 1;
+        let now = (
+            auto.comp_ns.load(Ordering::Relaxed),
+            auto.comp_in.load(Ordering::Relaxed),
+            auto.comp_out.load(Ordering::Relaxed),
+        );
+        let (dns, din, dout) = (now.0 - self.last.0, now.1 - self.last.1, now.2 - self.last.2);
+        self.last = now;
+        let (send_ns, send_bytes) = (std::mem::take(&mut self.send_ns), std::mem::take(&mut self.send_bytes));
+        if dns < 1_000_000 || din == 0 || send_ns < 1_000_000 || send_bytes < (1 << 20) {
+            return; // not enough to judge this window
+        }
+        let link = send_bytes as f64 / (send_ns as f64 / 1e9); // bytes/s the link took
+        let cpu = self.workers * din as f64 / (dns as f64 / 1e9); // logical bytes/s the workers can compress
+        let ratio = din as f64 / dout.max(1) as f64;
+        let next = if cpu < link || ratio < 1.1 {
+            idx.saturating_sub(1) // compression is the bottleneck, or buys nothing
+        } else if cpu > 3.0 * link * ratio && idx + 1 < AUTO_LEVELS.len() {
+            idx + 1 // plenty of CPU headroom over a slow link: compress harder
+        } else if idx == 0 {
+            1
+        } else {
+            idx
+        };
+        auto.idx.store(next, Ordering::Relaxed);
+    }
+}
 
 /// Default chunk size for new replicas.
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
@@ -79,12 +159,14 @@ impl std::str::FromStr for CompressPolicy {
 pub struct DiskSpec {
     /// Disk name at the target.
     pub name: String,
-    /// Source path (file or block device).
+    /// Source path (file or block device), or an NBD URI
+    /// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`).
     pub path: PathBuf,
     /// How changes are found; `None` for auto: cbt when a change list is
     /// given, digest when the target already has the disk, else full.
     pub mode: Option<Mode>,
-    /// Changed-block-tracking list (any format the planner recognises).
+    /// Changed-block-tracking list (any format the planner recognises), or
+    /// `qemu-bitmap:BITMAP`: the dirty bitmap BITMAP of the disk's NBD export.
     pub cbt: Option<PathBuf>,
 }
 
@@ -99,7 +181,7 @@ pub struct ReplicateConfig {
     pub chunk_size: Option<u32>,
     /// Compression.
     pub compress: CompressPolicy,
-    /// IO backend for reads.
+    /// IO backend for reads of files (NBD disks always read through their connection).
     pub backend: BackendChoice,
     /// Reads in flight.
     pub queue_depth: usize,
@@ -116,6 +198,8 @@ pub struct ReplicateConfig {
     /// With CBT: chunks that CBT calls unchanged to check against the
     /// target's digests (0: trust CBT blindly).
     pub verify_samples: usize,
+    /// Plan only: read, hash and compress as a run would, send nothing, change nothing at the target.
+    pub plan_only: bool,
 }
 
 impl ReplicateConfig {
@@ -134,6 +218,7 @@ impl ReplicateConfig {
             checkpoint_bytes: 256 << 20,
             retain: 0,
             verify_samples: 200,
+            plan_only: false,
         }
     }
 }
@@ -194,6 +279,19 @@ pub struct JobReport {
     pub chunk_size: u32,
     /// Bytes written to the connection in all.
     pub wire_bytes: u64,
+    /// What `--compress auto` chose (None for a fixed policy).
+    pub compress_auto: Option<CompressChoice>,
+}
+
+/// What `--compress auto` chose during a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CompressChoice {
+    /// zstd levels it moves between (0: off).
+    pub levels: Vec<i32>,
+    /// 250 ms windows spent at each level.
+    pub windows: Vec<u64>,
+    /// Level at the end of the run.
+    pub final_level: i32,
 }
 
 enum Work {
@@ -206,6 +304,13 @@ enum Work {
         buf: PoolBuf,
         result: std::io::Result<usize>,
     },
+    /// A chunk the NBD server reported as unallocated zeros: not read.
+    Hole {
+        seq: u64,
+        disk: u32,
+        chunk: u64,
+        len: u64,
+    },
     DiskEnd {
         seq: u64,
         disk: u32,
@@ -214,9 +319,22 @@ enum Work {
 
 enum Outcome {
     Data(Data),
-    Zero { disk: u32, chunk: u64, len: u64 },
-    Unchanged { disk: u32, chunk: u64, len: u64 },
-    DiskEnd { disk: u32 },
+    /// `skipped`: not read (an NBD hole).
+    Zero {
+        disk: u32,
+        chunk: u64,
+        len: u64,
+        skipped: bool,
+    },
+    Unchanged {
+        disk: u32,
+        chunk: u64,
+        len: u64,
+        skipped: bool,
+    },
+    DiskEnd {
+        disk: u32,
+    },
     Failed(MoveError),
 }
 
@@ -235,9 +353,16 @@ enum RxMsg {
 /// What the reader reads of one disk.
 struct ReadPlan {
     disk: u32,
+    name: String,
     fd: i32,
     size: u64,
     ranges: Vec<Range<u64>>,
+    /// Chunks not to read (NBD holes): they become zero chunks.
+    holes: ChunkSet,
+    /// NBD disks: their own backend (files share the reader's one) ...
+    nbd: Option<Box<dyn IoBackend>>,
+    /// ... and their URI, for messages.
+    nbd_uri: Option<String>,
 }
 
 /// Per-disk state of a running job.
@@ -245,6 +370,8 @@ struct JobDisk {
     disk: SourceDisk,
     chunk_count: u64,
     ranges: Vec<Range<u64>>,
+    /// Planned chunks not to read (NBD holes).
+    holes: ChunkSet,
     counters: DiskCounters,
     /// Target digests (digest mode).
     target_digests: Option<Vec<[u8; 32]>>,
@@ -268,10 +395,27 @@ pub fn replicate(
         if opened.iter().any(|(o, _, _): &(SourceDisk, _, _)| o.name == d.name) {
             return Err(MoveError::Config(format!("disk name {:?} given twice", d.name)));
         }
-        let sd = SourceDisk::open(&d.name, &d.path, cfg.direct_io)?;
-        let cbt = match &d.cbt {
-            None => None,
-            Some(p) => {
+        let bitmap = d.cbt.as_ref().and_then(|p| p.to_str()).and_then(|s| s.strip_prefix("qemu-bitmap:"));
+        let sd = match bitmap {
+            None => SourceDisk::open(&d.name, &d.path, cfg.direct_io)?,
+            Some("") => return Err(MoveError::Config(format!("disk {:?}: qemu-bitmap: needs a bitmap name", d.name))),
+            Some(b) => match d.path.to_str().filter(|p| is_nbd_uri(p)) {
+                Some(uri) => SourceDisk::open_nbd(&d.name, uri, Some(b))?,
+                None => {
+                    return Err(MoveError::Config(format!(
+                        "disk {:?}: qemu-bitmap CBT needs an NBD source (--source {}=nbd+unix:///EXPORT?socket=PATH \
+                         or nbd://HOST:PORT/EXPORT), not {}",
+                        d.name,
+                        d.name,
+                        d.path.display()
+                    )))
+                }
+            },
+        };
+        let cbt = match (&d.cbt, bitmap) {
+            (None, _) => None,
+            (Some(_), Some(b)) => Some(sd.dirty_map(b)?),
+            (Some(p), None) => {
                 let content = std::fs::read(p).map_err(|e| MoveError::file("reading change list", p, e))?;
                 let label = p.display().to_string();
                 Some(
@@ -327,6 +471,7 @@ fn run_job(
         point_time_ns: cfg.point_time_ns,
         session_id,
         retain: cfg.retain,
+        flags: if cfg.plan_only { OpenReplica::PLAN_ONLY } else { 0 },
     }))?;
     let opened_reply = match expect_frame(conn, &mut rx)? {
         Frame::ReplicaOpened(r) => r,
@@ -414,6 +559,7 @@ fn run_job(
             }
         };
         let todo = wanted.difference(&ChunkSet::from_range(0..resume.next_chunk));
+        let holes = sd.hole_chunks(&todo, cs)?;
         let counters = DiskCounters {
             disk: sd.name.clone(),
             mode: format!("{mode:?}").to_lowercase(),
@@ -423,7 +569,7 @@ fn run_job(
             chunks_resumed: wanted.count() - todo.count(),
             ..Default::default()
         };
-        disks.push(JobDisk { disk: sd, chunk_count, ranges: todo.ranges().to_vec(), counters, target_digests });
+        disks.push(JobDisk { disk: sd, chunk_count, ranges: todo.ranges().to_vec(), holes, counters, target_digests });
     }
     obs.event(&JobEvent::Plan(disks.iter().map(|d| d.counters.clone()).collect()));
 
@@ -439,12 +585,16 @@ fn run_job(
     };
 
     let run = run_pipeline(conn, &mut disks, cfg, chunk_size, &rx_msgs, obs);
-    let outcome = run.and_then(|(stats, backend)| {
+    let outcome = run.and_then(|(stats, backend, chosen)| {
+        if cfg.plan_only {
+            let _ = conn.send(&Frame::Close);
+            return Ok((stats, backend, chosen, 0, cfg.point_time_ns));
+        }
         conn.send(&Frame::Commit(Commit { disk_count: disks.len() as u32 }))?;
         match rx_msgs.recv() {
             Ok(RxMsg::Committed { point_id, point_time_ns }) => {
                 let _ = conn.send(&Frame::Close);
-                Ok((stats, backend, point_id, point_time_ns))
+                Ok((stats, backend, chosen, point_id, point_time_ns))
             }
             Ok(RxMsg::Failed(e)) => Err(e),
             Err(_) => Err(MoveError::PeerGone { peer: conn.peer().into(), side: "target" }),
@@ -452,7 +602,7 @@ fn run_job(
     });
     conn.shutdown();
     let _ = receiver.join();
-    let (stats, backend, point_id, point_time_ns) = outcome?;
+    let (stats, backend, compress_auto, point_id, point_time_ns) = outcome?;
     Ok(JobReport {
         disks: disks.into_iter().map(|d| d.counters).collect(),
         duration_s: start.elapsed().as_secs_f64(),
@@ -463,6 +613,7 @@ fn run_job(
         resumed: opened_reply.resumed,
         chunk_size,
         wire_bytes: conn.bytes_sent(),
+        compress_auto,
     })
 }
 
@@ -530,7 +681,7 @@ fn run_pipeline(
     chunk_size: u32,
     rx_msgs: &Receiver<RxMsg>,
     obs: &dyn Observer,
-) -> Result<(StageStats, String)> {
+) -> Result<(StageStats, String, Option<CompressChoice>)> {
     let workers = cfg.workers.max(1);
     let depth = cfg.queue_depth.clamp(1, 256);
     let read_pool = BufPool::new(depth + workers * 3 + 8, chunk_size as usize);
@@ -540,22 +691,44 @@ fn run_pipeline(
     if let Some(w) = warning {
         obs.event(&JobEvent::Notice(w));
     }
-    let backend_name = backend.name().to_string();
     let abort = AtomicBool::new(false);
     let (work_tx, work_rx) = bounded::<Work>(depth + workers * 2);
     let (done_tx, done_rx) = bounded::<Done>(depth + workers * 2);
-    let plans: Vec<ReadPlan> = disks
+    // Files share `backend`; each NBD disk reads through its own connection.
+    let mut plans: Vec<ReadPlan> = disks
         .iter()
         .enumerate()
-        .map(|(i, d)| ReadPlan { disk: i as u32, fd: d.disk.read_fd(), size: d.disk.size, ranges: d.ranges.clone() })
+        .map(|(i, d)| ReadPlan {
+            disk: i as u32,
+            name: d.disk.name.clone(),
+            fd: d.disk.read_fd(),
+            size: d.disk.size,
+            ranges: d.ranges.clone(),
+            holes: d.holes.clone(),
+            nbd: d
+                .disk
+                .nbd_client()
+                .zip(d.disk.nbd_uri())
+                .map(|(c, uri)| Box::new(NbdBackend::new(c, depth, uri)) as Box<dyn IoBackend>),
+            nbd_uri: d.disk.nbd_uri().map(str::to_string),
+        })
         .collect();
+    let nbd_disks = plans.iter().filter(|p| p.nbd.is_some()).count();
+    let backend_name = match nbd_disks {
+        0 => backend.name().to_string(),
+        n if n == plans.len() => "nbd".to_string(),
+        _ => format!("{}+nbd", backend.name()),
+    };
     let names: Vec<String> = disks.iter().map(|d| d.disk.name.clone()).collect();
     let digests: Vec<Option<Vec<[u8; 32]>>> = disks.iter_mut().map(|d| d.target_digests.take()).collect();
     let cs = u64::from(chunk_size);
 
+    let auto = AutoCompress::default();
+    auto.idx.store(1, Ordering::Relaxed); // start at zstd 1; the controller adapts within a window
+    let auto = &auto;
     std::thread::scope(|s| {
         let reader = s.spawn(|| {
-            let r = read_loop(backend, &read_pool, &plans, cs, &work_tx, &abort);
+            let r = read_loop(backend, &read_pool, &mut plans, cs, &work_tx, &abort);
             drop(work_tx);
             r
         });
@@ -564,12 +737,13 @@ fn run_pipeline(
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
             let (out_pool, digests, names) = (&out_pool, &digests, &names);
-            worker_handles
-                .push(s.spawn(move || work_loop(work_rx, done_tx, out_pool, digests, names, cfg.compress, chunk_size)));
+            worker_handles.push(
+                s.spawn(move || work_loop(work_rx, done_tx, out_pool, digests, names, cfg.compress, chunk_size, auto)),
+            );
         }
         drop(work_rx);
         drop(done_tx);
-        let sent = send_loop(conn, disks, cfg, cs, &done_rx, rx_msgs, obs);
+        let sent = send_loop(conn, disks, cfg, cs, &done_rx, rx_msgs, obs, auto, workers);
         if sent.is_err() {
             abort.store(true, Ordering::Relaxed);
         }
@@ -581,18 +755,38 @@ fn run_pipeline(
             }
         }
         let read = reader.join().unwrap_or_else(|_| Err(MoveError::Config("reader thread panicked".into())));
-        let (sender_stats, _) = sent?;
+        let (sender_stats, windows) = sent?;
         let read_stats = read?;
         stats.merge(&read_stats);
         stats.merge(&sender_stats);
-        Ok((stats, backend_name))
+        let chosen = (cfg.compress == CompressPolicy::Auto).then(|| CompressChoice {
+            levels: AUTO_LEVELS.to_vec(),
+            windows: windows.to_vec(),
+            final_level: AUTO_LEVELS[auto.idx.load(Ordering::Relaxed)],
+        });
+        Ok((stats, backend_name, chosen))
     })
 }
 
+/// An error of `plan`'s backend (NBD: the disk and URI named, exit 1).
+fn backend_error(plan: &ReadPlan, e: std::io::Error) -> MoveError {
+    match &plan.nbd_uri {
+        Some(uri) => {
+            let source = match e.into_inner().map(|i| i.downcast::<crate::nbd::NbdError>()) {
+                Some(Ok(n)) => n,
+                Some(Err(other)) => Box::new(crate::nbd::NbdError::Broken(other.to_string())),
+                None => Box::new(crate::nbd::NbdError::Broken("IO error".into())),
+            };
+            MoveError::Nbd { disk: plan.name.clone(), uri: uri.clone(), source }
+        }
+        None => MoveError::Config(format!("IO backend failed: {e}")),
+    }
+}
+
 fn read_loop(
-    mut backend: Box<dyn IoBackend>,
+    mut file_backend: Box<dyn IoBackend>,
     pool: &BufPool,
-    plans: &[ReadPlan],
+    plans: &mut [ReadPlan],
     cs: u64,
     tx: &Sender<Work>,
     abort: &AtomicBool,
@@ -603,24 +797,38 @@ fn read_loop(
     let mut seq = 0u64;
     // Hand one completion downstream; false when downstream is gone.
     let complete = |backend: &mut Box<dyn IoBackend>,
+                    plan: &ReadPlan,
                     stats: &mut StageStats,
                     inflight: &mut HashMap<u64, (u32, u64, usize, Instant)>|
      -> Result<bool> {
-        let c = backend.wait().map_err(|e| MoveError::Config(format!("IO backend failed: {e}")))?;
+        let c = backend.wait().map_err(|e| backend_error(plan, e))?;
         let (disk, chunk, expected, t) = inflight.remove(&c.tag).expect("completion of a submitted read");
         stats.record(Stage::Read, t.elapsed());
         Ok(tx
             .send(Work::Chunk { seq: c.tag, disk, chunk, offset: c.offset, expected, buf: c.buf, result: c.result })
             .is_ok())
     };
-    for plan in plans {
+    for plan in plans.iter_mut() {
+        let mut own = plan.nbd.take();
+        let plan = &*plan;
+        let backend = own.as_mut().unwrap_or(&mut file_backend);
         for r in &plan.ranges {
             for chunk in r.clone() {
                 if abort.load(Ordering::Relaxed) {
                     return Ok(stats);
                 }
+                let offset = chunk * cs;
+                let expected = (plan.size - offset).min(cs) as usize;
+                if plan.holes.contains(chunk) {
+                    let hole = Work::Hole { seq, disk: plan.disk, chunk, len: expected as u64 };
+                    if tx.send(hole).is_err() {
+                        return Ok(stats);
+                    }
+                    seq += 1;
+                    continue;
+                }
                 while backend.in_flight() >= backend.depth() {
-                    if !complete(&mut backend, &mut stats, &mut inflight)? {
+                    if !complete(backend, plan, &mut stats, &mut inflight)? {
                         return Ok(stats);
                     }
                 }
@@ -633,23 +841,21 @@ fn read_loop(
                     if let Some(b) = pool.try_get() {
                         break b;
                     }
-                    if !complete(&mut backend, &mut stats, &mut inflight)? {
+                    if !complete(backend, plan, &mut stats, &mut inflight)? {
                         return Ok(stats);
                     }
                 };
-                let offset = chunk * cs;
-                let expected = (plan.size - offset).min(cs) as usize;
                 // O_DIRECT needs whole blocks: read the aligned length; the file ends where it ends.
                 let len = (expected.div_ceil(ALIGN) * ALIGN).min(buf.capacity());
                 inflight.insert(seq, (plan.disk, chunk, expected, Instant::now()));
                 backend
                     .submit(IoRequest { tag: seq, fd: plan.fd, offset, len, kind: IoKind::Read, buf })
-                    .map_err(|e| MoveError::Config(format!("IO backend failed: {e}")))?;
+                    .map_err(|e| backend_error(plan, e))?;
                 seq += 1;
             }
         }
         while backend.in_flight() > 0 {
-            if !complete(&mut backend, &mut stats, &mut inflight)? {
+            if !complete(backend, plan, &mut stats, &mut inflight)? {
                 return Ok(stats);
             }
         }
@@ -665,6 +871,8 @@ fn is_zero(b: &[u8]) -> bool {
     b.chunks(4096).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
+// One pipeline stage: its channels, shared pools and the job's settings.
+#[allow(clippy::too_many_arguments)]
 fn work_loop(
     rx: Receiver<Work>,
     tx: Sender<Done>,
@@ -673,9 +881,12 @@ fn work_loop(
     names: &[String],
     policy: CompressPolicy,
     chunk_size: u32,
+    auto: &AutoCompress,
 ) -> StageStats {
     let mut stats = StageStats::default();
     let zeros = ZeroDigests::new(chunk_size);
+    let mut cur_level = 1;
+    let mut probe = 0u64;
     let level = match policy {
         CompressPolicy::Zstd(l) => l,
         _ => 1,
@@ -689,6 +900,18 @@ fn work_loop(
         let (seq, disk, chunk, offset, expected, buf, result) = match w {
             Work::DiskEnd { seq, disk } => {
                 if tx.send(Done { seq, outcome: Outcome::DiskEnd { disk }, compressed: (0, 0) }).is_err() {
+                    break;
+                }
+                continue;
+            }
+            Work::Hole { seq, disk, chunk, len } => {
+                let target = digests[disk as usize].as_ref().map(|m| &m[chunk as usize]);
+                let outcome = if target.is_some_and(|d| *d == zeros.digest(len as u32)) {
+                    Outcome::Unchanged { disk, chunk, len, skipped: true }
+                } else {
+                    Outcome::Zero { disk, chunk, len, skipped: true }
+                };
+                if tx.send(Done { seq, outcome, compressed: (0, 0) }).is_err() {
                     break;
                 }
                 continue;
@@ -719,22 +942,33 @@ fn work_loop(
                 if zero {
                     stats.record(Stage::Hash, t.elapsed());
                     if target.is_some_and(|d| *d == zeros.digest(expected as u32)) {
-                        Outcome::Unchanged { disk, chunk, len: expected as u64 }
+                        Outcome::Unchanged { disk, chunk, len: expected as u64, skipped: false }
                     } else {
-                        Outcome::Zero { disk, chunk, len: expected as u64 }
+                        Outcome::Zero { disk, chunk, len: expected as u64, skipped: false }
                     }
                 } else {
                     let digest = *blake3::hash(&buf).as_bytes();
                     stats.record(Stage::Hash, t.elapsed());
                     let unchanged = target.is_some_and(|d| *d == digest);
                     if unchanged {
-                        Outcome::Unchanged { disk, chunk, len: expected as u64 }
+                        Outcome::Unchanged { disk, chunk, len: expected as u64, skipped: false }
                     } else {
                         let try_compress = match policy {
                             CompressPolicy::None => false,
                             CompressPolicy::Zstd(_) => true,
                             CompressPolicy::Auto => {
-                                if skip > 0 {
+                                let lvl = AUTO_LEVELS[auto.idx.load(Ordering::Relaxed)];
+                                // While off, 1 chunk in 16 is compressed anyway to keep measuring.
+                                probe += 1;
+                                let want = if lvl == 0 { probe % 16 == 0 } else { true };
+                                let lvl = lvl.max(1);
+                                if want && lvl != cur_level {
+                                    let _ = cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(lvl));
+                                    cur_level = lvl;
+                                }
+                                if !want {
+                                    false
+                                } else if skip > 0 {
                                     skip -= 1;
                                     false
                                 } else {
@@ -748,6 +982,11 @@ fn work_loop(
                                 let t = Instant::now();
                                 let cap = expected - expected / 8;
                                 let r = cctx.compress_to_buffer(&buf[..], &mut out.spare_mut()[..cap]);
+                                let took = t.elapsed();
+                                auto.comp_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+                                auto.comp_in.fetch_add(expected as u64, Ordering::Relaxed);
+                                auto.comp_out
+                                    .fetch_add(r.as_ref().map_or(expected as u64, |&n| n as u64), Ordering::Relaxed);
                                 stats.record(Stage::Compress, t.elapsed());
                                 match r {
                                     Ok(n) if n < cap => {
@@ -777,6 +1016,8 @@ fn work_loop(
     stats
 }
 
+// One pipeline stage: its channels, shared pools and the job's settings.
+#[allow(clippy::too_many_arguments)]
 fn send_loop(
     conn: &Conn,
     disks: &mut [JobDisk],
@@ -785,7 +1026,10 @@ fn send_loop(
     rx: &Receiver<Done>,
     rx_msgs: &Receiver<RxMsg>,
     obs: &dyn Observer,
-) -> Result<(StageStats, ())> {
+    auto: &AutoCompress,
+    workers: usize,
+) -> Result<(StageStats, [u64; 3])> {
+    let mut ctl = AutoController::new(workers);
     let mut stats = StageStats::default();
     let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
     let mut next = 0u64;
@@ -804,7 +1048,7 @@ fn send_loop(
     let flush_zero = |zero_run: &mut Option<ZeroRun>, disks: &mut [JobDisk], stats: &mut StageStats| -> Result<()> {
         if let Some(z) = zero_run.take() {
             let t = Instant::now();
-            let n = conn.send(&Frame::ZeroRun(z.clone()))?;
+            let n = emit(conn, cfg.plan_only, &Frame::ZeroRun(z.clone()))?;
             stats.record(Stage::Send, t.elapsed());
             disks[z.disk as usize].counters.bytes_sent += n;
         }
@@ -823,11 +1067,13 @@ fn send_loop(
                 Outcome::Data(data) => {
                     flush_zero(&mut zero_run, disks, &mut stats)?;
                     let t = Instant::now();
-                    let n = match conn.send_data(data) {
+                    let n = match emit_data(conn, cfg.plan_only, data) {
                         Ok(n) => n,
                         Err(e) => return Err(prefer_target_error(rx_msgs, e)),
                     };
-                    stats.record(Stage::Send, t.elapsed());
+                    let took = t.elapsed();
+                    stats.record(Stage::Send, took);
+                    ctl.sent(n, took);
                     let c = &mut disks[data.disk as usize].counters;
                     c.bytes_sent += n;
                     c.chunks_sent += 1;
@@ -841,9 +1087,13 @@ fn send_loop(
                     }
                     (data.disk, data.chunk)
                 }
-                Outcome::Zero { disk, chunk, len } => {
+                Outcome::Zero { disk, chunk, len, skipped } => {
                     let c = &mut disks[*disk as usize].counters;
-                    c.bytes_read += len;
+                    if *skipped {
+                        c.bytes_hole_skipped += len;
+                    } else {
+                        c.bytes_read += len;
+                    }
                     c.bytes_zero += len;
                     c.chunks_zero += 1;
                     match &mut zero_run {
@@ -855,10 +1105,14 @@ fn send_loop(
                     }
                     (*disk, *chunk)
                 }
-                Outcome::Unchanged { disk, chunk, len } => {
+                Outcome::Unchanged { disk, chunk, len, skipped } => {
                     flush_zero(&mut zero_run, disks, &mut stats)?;
                     let c = &mut disks[*disk as usize].counters;
-                    c.bytes_read += len;
+                    if *skipped {
+                        c.bytes_hole_skipped += len;
+                    } else {
+                        c.bytes_read += len;
+                    }
                     c.bytes_unchanged += len;
                     c.chunks_unchanged += 1;
                     (*disk, *chunk)
@@ -874,7 +1128,8 @@ fn send_loop(
                             jd.disk.name, jd.disk.size, now
                         )));
                     }
-                    let n = conn.send(&Frame::Flush(Flush { disk: *disk, next_chunk: jd.chunk_count }))?;
+                    let n =
+                        emit(conn, cfg.plan_only, &Frame::Flush(Flush { disk: *disk, next_chunk: jd.chunk_count }))?;
                     jd.counters.bytes_sent += n;
                     obs.event(&JobEvent::Progress {
                         disk: jd.disk.name.clone(),
@@ -891,9 +1146,12 @@ fn send_loop(
             done_bytes[disk as usize] += len;
             if since_flush[disk as usize] >= cfg.checkpoint_bytes {
                 flush_zero(&mut zero_run, disks, &mut stats)?;
-                let n = conn.send(&Frame::Flush(Flush { disk, next_chunk: chunk + 1 }))?;
+                let n = emit(conn, cfg.plan_only, &Frame::Flush(Flush { disk, next_chunk: chunk + 1 }))?;
                 disks[disk as usize].counters.bytes_sent += n;
                 since_flush[disk as usize] = 0;
+            }
+            if cfg.compress == CompressPolicy::Auto {
+                ctl.tick(auto);
             }
             if last_progress.elapsed() >= Duration::from_millis(200) {
                 last_progress = Instant::now();
@@ -906,7 +1164,23 @@ fn send_loop(
             }
         }
     }
-    Ok((stats, ()))
+    Ok((stats, ctl.windows))
+}
+
+/// Send a frame, or in a plan only count the bytes it would take.
+fn emit(conn: &Conn, plan_only: bool, f: &Frame) -> Result<u64> {
+    if plan_only {
+        return Ok(f.to_bytes().len() as u64);
+    }
+    conn.send(f)
+}
+
+/// Send a data frame, or in a plan only count the bytes it would take.
+fn emit_data(conn: &Conn, plan_only: bool, d: &Data) -> Result<u64> {
+    if plan_only {
+        return Ok((ferry_wire::HEADER_LEN + ferry_wire::DATA_FIXED_LEN + d.payload.len()) as u64);
+    }
+    conn.send_data(d)
 }
 
 /// When a send fails because the target went away, its own Error frame (if

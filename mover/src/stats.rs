@@ -144,8 +144,12 @@ pub struct DiskCounters {
     pub bytes_planned: u64,
     /// Bytes read from the source disk.
     pub bytes_read: u64,
-    /// Bytes found to be zero (sent as zero runs).
+    /// Bytes found to be zero (sent as zero runs), including `bytes_hole_skipped`.
     pub bytes_zero: u64,
+    /// Bytes not read at all because the NBD server reported them as
+    /// unallocated zeros (`base:allocation`); counted in `bytes_zero` (or
+    /// `bytes_unchanged`), not in `bytes_read`.
+    pub bytes_hole_skipped: u64,
     /// Bytes found unchanged by digest comparison (not sent).
     pub bytes_unchanged: u64,
     /// Logical bytes of the chunks sent as data.
@@ -173,6 +177,7 @@ impl DiskCounters {
     pub fn add(&mut self, o: &DiskCounters) {
         self.bytes_read += o.bytes_read;
         self.bytes_zero += o.bytes_zero;
+        self.bytes_hole_skipped += o.bytes_hole_skipped;
         self.bytes_unchanged += o.bytes_unchanged;
         self.bytes_data += o.bytes_data;
         self.bytes_compressed_in += o.bytes_compressed_in;

@@ -218,6 +218,19 @@ fn week_of_backups_then_catch_up_then_datastore_repository() {
     refs.push(reference(&wed, &tmp.path().join("ref-wed.raw")));
     refs.push(thu_raw);
     refs.push(reference(&fri, &tmp.path().join("ref-fri.raw")));
+    // `ferry plan` lists them and moves nothing.
+    let mut args = vec!["plan".to_string(), "--json".into()];
+    for r in &repos {
+        args.extend(["--from-backup".into(), s(r)]);
+    }
+    args.extend(["--vm", "web1", "--target", &s(&ds), "--replica", "web1-dr", "--catch-up"].map(String::from));
+    let r = run(&args);
+    r.expect_code(0);
+    let listed: Vec<Value> =
+        r.events().into_iter().filter(|e| e["event"] == "backup_point").map(|e| e["point_time"].clone()).collect();
+    assert_eq!(listed, [WED, THU, FRI], "{}", r.stdout);
+    assert_eq!(points_of(&ds, "web1-dr").len(), 3, "plan changes nothing");
+
     let r = from_backup(&repos, "web1", &ds, "web1-dr", &["--catch-up"]);
     r.expect_code(0);
     let done = point_done(&r);

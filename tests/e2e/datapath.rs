@@ -302,6 +302,7 @@ fn raw_session(server: &Server, token: &Path, replica: &str) -> (Arc<Conn>, Rx, 
         point_time_ns: 1_700_000_000_000_000_000,
         session_id: [7; 16],
         retain: 0,
+        flags: 0,
     }))
     .unwrap();
     let reply = next_frame(&conn, &mut rx);

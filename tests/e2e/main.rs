@@ -2,3 +2,5 @@
 
 mod backup;
 mod datapath;
+mod nbd;
+mod plan;

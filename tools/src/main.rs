@@ -41,6 +41,9 @@ enum Cmd {
     Serve(ServeArgs),
     /// Replicate disks to a target (a datastore directory or ferry://HOST:PORT).
     Replicate(Box<ReplicateArgs>),
+    /// What `replicate` with the same options would move, per disk: reads, hashes and
+    /// compresses like a run, sends nothing, changes nothing at the target.
+    Plan(Box<ReplicateArgs>),
     /// Restore points of a replica.
     Points {
         #[command(subcommand)]
@@ -53,6 +56,13 @@ enum Cmd {
     },
     /// A first run: make a sample disk, replicate it through the real protocol, verify, print figures.
     Demo(demo::DemoArgs),
+    /// The benchmark harness: ferry against rsync, zstd | nc, qemu-img convert, cp (see bench/README.md).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments of the harness (`ferry bench --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -75,7 +85,8 @@ struct ServeArgs {
 
 #[derive(Debug, Args, Clone)]
 struct IoArgs {
-    /// IO backend: auto (io_uring if available), uring, portable.
+    /// IO backend: auto (io_uring if available), uring, portable. For `replicate` it applies to
+    /// file and block-device sources; NBD sources always read through their NBD connection.
     #[arg(long, default_value = "auto")]
     io_backend: String,
     /// IO operations in flight.
@@ -88,7 +99,8 @@ struct IoArgs {
 
 #[derive(Debug, Args)]
 struct ReplicateArgs {
-    /// Source disk: PATH or NAME=PATH (file or block device). Repeat for several disks.
+    /// Source disk: [NAME=]PATH (file or block device) or [NAME=]URI of an NBD export
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH). Repeat for several disks.
     #[arg(long = "source", required_unless_present = "from_backup")]
     sources: Vec<String>,
     /// Replicate from the restore points of a backup repository (a ferry datastore or a qcow2
@@ -116,7 +128,8 @@ struct ReplicateArgs {
     #[arg(long, default_value = "auto")]
     mode: String,
     /// Changed-block list for a disk: [NAME=]PATH (VMware QueryChangedDiskAreas JSON,
-    /// a JSON extent list, or `nbdinfo --map --json` of a dirty bitmap).
+    /// a JSON extent list, or `nbdinfo --map --json` of a dirty bitmap), or
+    /// [NAME=]qemu-bitmap:BITMAP: the dirty bitmap BITMAP of the disk's NBD export (qemu-nbd -B BITMAP).
     #[arg(long = "cbt")]
     cbt: Vec<String>,
     /// With CBT, chunks it calls unchanged to check against the replica (0: trust CBT).
@@ -292,6 +305,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Replicate(a) => replicate(*a),
+        Cmd::Plan(a) => plan(*a),
         Cmd::Points { cmd } => points(cmd),
         Cmd::Token { cmd: TokenCmd::New { out } } => {
             ferry_mover::auth::write_new_token(&out)?;
@@ -302,6 +316,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Bench { args } => {
+            ferry_bench::main_with_args(std::iter::once("ferry bench".to_string()).chain(args).collect())
+        }
     }
 }
 
@@ -479,7 +496,7 @@ fn run_job(
     let deadline = std::time::Instant::now() + retry_for;
     let mut delay = std::time::Duration::from_secs(1);
     loop {
-        let result = ferry_mover::connect(spec, a.token_file.as_deref(), serve_cfg).and_then(|c| {
+        let result = ferry_mover::connect(spec, a.token_file.as_deref(), serve_cfg, true).and_then(|c| {
             let r = ferry_mover::source::replicate(c.sock, &c.peer, c.auth, cfg, obs.as_observer());
             let local_error = c.local.and_then(|h| h.join().ok()).and_then(|r| r.error);
             r.map_err(|e| with_local(e, local_error))
@@ -499,6 +516,22 @@ fn run_job(
             Err(e) => return Ok(Err(e)),
         }
     }
+}
+
+fn plan(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
+    if !a.from_backup.is_empty() || a.vm.is_some() || a.catch_up {
+        return backup::plan_from_backup(a);
+    }
+    let mut cfg = replicate_config(&a)?;
+    cfg.plan_only = true;
+    let spec = TargetSpec::parse(&a.target)?;
+    let c = ferry_mover::connect(&spec, a.token_file.as_deref(), &serve_config(&a.io)?, false)?;
+    let obs = report::WarningsOnly::default();
+    let r = ferry_mover::source::replicate(c.sock, &c.peer, c.auth, &cfg, &obs);
+    let local_error = c.local.and_then(|h| h.join().ok()).and_then(|r| r.error);
+    let rep = r.map_err(|e| with_local(e, local_error))?;
+    report::print_plan(&cfg, &rep, a.json);
+    Ok(ExitCode::from(if obs.warned() { 3 } else { 0 }))
 }
 
 /// A local target's own error explains more than "peer gone".

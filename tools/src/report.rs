@@ -91,6 +91,7 @@ fn summary_json(cfg: &ReplicateConfig, rep: &JobReport, status: &str) -> Value {
         "chunk_size": rep.chunk_size,
         "resumed": rep.resumed,
         "wire_bytes": rep.wire_bytes,
+        "compress_auto": rep.compress_auto,
         "totals": totals(&rep.disks),
         "disks": rep.disks,
         "stages": stages_json(&rep.stages),
@@ -289,6 +290,83 @@ pub fn session_done(rep: &SessionReport, json_out: bool) {
                 rep.chunks_zero,
                 rep.duration_s
             ),
+        }
+    }
+}
+
+/// Print what a plan found: per disk, what would be read and moved.
+pub fn print_plan(cfg: &ReplicateConfig, rep: &JobReport, json_out: bool) {
+    let share = |c: &DiskCounters| if c.size == 0 { 0.0 } else { c.bytes_data as f64 / c.size as f64 };
+    if json_out {
+        let disks: Vec<Value> = rep
+            .disks
+            .iter()
+            .map(|c| {
+                let mut v = serde_json::to_value(c).expect("json");
+                v["share"] = json!(share(c));
+                v["expected_wire_bytes"] = json!(c.bytes_sent);
+                v
+            })
+            .collect();
+        let t = totals(&rep.disks);
+        print_json(&json!({
+            "event": "plan",
+            "replica": cfg.replica,
+            "chunk_size": rep.chunk_size,
+            "resumes_interrupted_session": rep.resumed,
+            "disks": disks,
+            "totals": t,
+            "expected_wire_bytes": t.bytes_sent,
+            "share": share(&t),
+        }));
+        return;
+    }
+    println!(
+        "{:<16} {:<7} {:>10} {:>8} {:>8} {:>8} {:>9} {:>11} {:>7} {:>11}",
+        "disk", "mode", "size", "chunks", "to send", "zero", "unchanged", "to move", "share", "wire bytes"
+    );
+    let mut all = rep.disks.clone();
+    all.push(totals(&rep.disks));
+    for c in &all {
+        println!(
+            "{:<16} {:<7} {:>10} {:>8} {:>8} {:>8} {:>9} {:>11} {:>6.2}% {:>11}",
+            c.disk,
+            c.mode,
+            human_bytes(c.size),
+            c.chunks_planned,
+            c.chunks_sent,
+            c.chunks_zero,
+            c.chunks_unchanged,
+            human_bytes(c.bytes_data),
+            100.0 * share(c),
+            human_bytes(c.bytes_sent)
+        );
+    }
+    println!("chunk size {} KiB; nothing was sent and the target was not changed", rep.chunk_size / 1024);
+}
+
+/// Prints warnings and notices to stderr, nothing else (for `ferry plan`).
+#[derive(Debug, Default)]
+pub struct WarningsOnly {
+    warned: AtomicBool,
+}
+
+impl WarningsOnly {
+    /// True when a warning was reported.
+    pub fn warned(&self) -> bool {
+        self.warned.load(Ordering::Relaxed)
+    }
+}
+
+impl Observer for WarningsOnly {
+    fn event(&self, e: &JobEvent) {
+        match e {
+            JobEvent::Warning(m) => {
+                self.warned.store(true, Ordering::Relaxed);
+                eprintln!("warning: {m}");
+            }
+            JobEvent::Notice(m) => eprintln!("note: {m}"),
+            _ => {}
         }
     }
 }

@@ -306,6 +306,15 @@ pub struct OpenReplica {
     pub session_id: [u8; 16],
     /// Restore points to keep (0: keep the replica's setting).
     pub retain: u32,
+    /// Flags: [`OpenReplica::PLAN_ONLY`]; other bits must be zero.
+    pub flags: u8,
+}
+
+impl OpenReplica {
+    /// Flag: plan only. The target changes nothing (no lock taken for
+    /// writing, no file created or resized) and answers ResumeInfo and digest
+    /// maps as they are; Data, ZeroRun, Flush and Commit are illegal.
+    pub const PLAN_ONLY: u8 = 0x01;
 }
 
 /// The replica is open and locked for this session.
@@ -645,6 +654,7 @@ impl Frame {
                 b.put_i64_le(o.point_time_ns);
                 b.put_slice(&o.session_id);
                 b.put_u32_le(o.retain);
+                b.put_u8(o.flags);
             }
             Frame::ReplicaOpened(r) => {
                 b.put_slice(&r.session_id);
@@ -744,6 +754,13 @@ impl Frame {
                 point_time_ns: r.i64("point_time_ns")?,
                 session_id: r.array("session_id")?,
                 retain: r.u32("retain")?,
+                flags: {
+                    let f = r.u8("flags")?;
+                    if f & !OpenReplica::PLAN_ONLY != 0 {
+                        return Err(WireError::InvalidValue { frame: name, field: "flags", value: f.into() });
+                    }
+                    f
+                },
             }),
             t::REPLICA_OPENED => Frame::ReplicaOpened(ReplicaOpened {
                 session_id: r.array("session_id")?,

@@ -154,6 +154,8 @@ pub struct Session {
     /// Set once the peer's proof checked out: `peer` is only handed out then.
     authenticated: bool,
     disks: HashMap<u32, DiskTrack>,
+    /// The open replica session is plan only: no data, flush or commit.
+    plan_only: bool,
     deframer: Deframer,
     out: BytesMut,
 }
@@ -197,6 +199,7 @@ impl Session {
             peer: None,
             authenticated: false,
             disks: HashMap::new(),
+            plan_only: false,
             deframer,
             out: BytesMut::new(),
         }
@@ -408,7 +411,17 @@ impl Session {
                 Ok(())
             }
             Frame::Progress(_) | Frame::Keepalive | Frame::Unknown { .. } if authenticated => Ok(()),
-            Frame::OpenReplica(_) if from_client && self.state == State::Ready => {
+            Frame::Data(_) | Frame::ZeroRun(_) | Frame::Flush(_) | Frame::Commit(_)
+                if self.plan_only && self.state == State::ReplicaOpen =>
+            {
+                Err(WireError::IllegalFrame {
+                    frame: frame.name(),
+                    direction: if dir == Dir::Send { "sent" } else { "received" },
+                    state: "ReplicaOpen (plan only)",
+                })
+            }
+            Frame::OpenReplica(o) if from_client && self.state == State::Ready => {
+                self.plan_only = o.flags & OpenReplica::PLAN_ONLY != 0;
                 self.disks.clear();
                 self.state = State::OpeningReplica;
                 Ok(())

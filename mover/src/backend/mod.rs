@@ -6,8 +6,11 @@
 //! write into it. [`open_backend`] probes io_uring at start and falls back to
 //! the portable backend with one warning when it is unavailable (seccomp in
 //! containers, `kernel.io_uring_disabled`, RLIMIT_MEMLOCK too small for the
-//! registered pool); naming `uring` explicitly fails instead.
+//! registered pool); naming `uring` explicitly fails instead. Disks read
+//! over NBD use [`NbdBackend`] (reads on the disk's NBD connection) whatever
+//! the choice for files.
 
+mod nbd;
 mod portable;
 mod uring;
 
@@ -16,6 +19,7 @@ use std::os::fd::RawFd;
 
 use crate::buf::{BufPool, PoolBuf};
 
+pub use nbd::NbdBackend;
 pub use portable::PortableBackend;
 pub use uring::UringBackend;
 

@@ -1,5 +1,6 @@
 //! A blocking NBD client over TCP or Unix sockets. See the module docs.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -67,17 +68,46 @@ impl NbdOptions {
 /// A block status extent: offset, length, flags.
 pub type Extent = (u64, u64, u32);
 
-/// A finished [`NbdClient::submit_read`]: the buffer comes back with the result.
+/// A finished [`NbdClient::submit_read`] (or [`NbdClient::submit_read_buf`]):
+/// the buffer comes back with the result.
 #[derive(Debug)]
-pub struct ReadCompletion {
+pub struct ReadCompletion<B = Vec<u8>> {
     /// The handle `submit_read` returned.
     pub handle: u64,
     /// The offset read.
     pub offset: u64,
     /// The buffer, filled on success.
-    pub buf: Vec<u8>,
+    pub buf: B,
     /// The outcome.
     pub result: Result<(), NbdError>,
+}
+
+/// A buffer that an owned read fills: any `AsMut<[u8]> + Send + 'static`
+/// (a `Vec<u8>`, a pool buffer wrapper, ...). Type-erased while in flight.
+trait OwnedBuf: Send {
+    fn bytes(&mut self) -> &mut [u8];
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+    fn is(&self, t: std::any::TypeId) -> bool;
+}
+
+impl<B: AsMut<[u8]> + Send + 'static> OwnedBuf for B {
+    fn bytes(&mut self) -> &mut [u8] {
+        self.as_mut()
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+    fn is(&self, t: std::any::TypeId) -> bool {
+        t == std::any::TypeId::of::<B>()
+    }
+}
+
+/// A completed owned read waiting for `wait_read*`.
+struct Ready {
+    handle: u64,
+    offset: u64,
+    buf: Box<dyn OwnedBuf>,
+    result: Result<(), NbdError>,
 }
 
 /// Where a parsed URI points.
@@ -293,8 +323,8 @@ impl RecvBuf {
 enum Target {
     /// No data (WRITE, TRIM, ...).
     None,
-    /// A READ into a buffer owned by the pending entry (`submit_read`).
-    Owned(Vec<u8>),
+    /// A READ into a buffer owned by the pending entry (`submit_read*`).
+    Owned(Box<dyn OwnedBuf>),
     /// A READ into the caller's buffer passed to `wait_for`, from `start`.
     Borrowed { start: usize },
     /// A BLOCK_STATUS for one context id.
@@ -342,7 +372,7 @@ pub struct NbdClient {
     /// Completed requests that `wait_for` did not wait for yet.
     done: HashMap<u64, Pending>,
     /// Completed `submit_read`s.
-    ready: VecDeque<ReadCompletion>,
+    ready: VecDeque<Ready>,
     owned_reads: usize,
     broken: Option<String>,
 }
@@ -740,7 +770,7 @@ impl NbdClient {
         if let Target::Owned(_) = p.target {
             let Pending { req, target, error, .. } = p;
             let Target::Owned(buf) = target else { return };
-            self.ready.push_back(ReadCompletion {
+            self.ready.push_back(Ready {
                 handle: req.handle,
                 offset: req.offset,
                 buf,
@@ -861,17 +891,29 @@ impl NbdClient {
     /// [`NbdClient::max_request_len`]). Returns the handle; the buffer comes
     /// back from [`NbdClient::wait_read`].
     pub fn submit_read(&mut self, offset: u64, buf: Vec<u8>) -> Result<u64, NbdError> {
+        self.submit_read_buf(offset, buf)
+    }
+
+    /// Like [`NbdClient::submit_read`] for any owned buffer: reads
+    /// `buf.as_mut().len()` bytes at `offset` straight into it. The buffer
+    /// comes back from [`NbdClient::wait_read_buf`] with the same type `B`
+    /// (every owned read in flight at once should use one buffer type).
+    pub fn submit_read_buf<B: AsMut<[u8]> + Send + 'static>(
+        &mut self,
+        offset: u64,
+        mut buf: B,
+    ) -> Result<u64, NbdError> {
         self.check_usable()?;
-        self.check_range(Command::Read, offset, buf.len() as u64)?;
-        if buf.len() > self.max_request_len() as usize || buf.is_empty() {
+        let len = buf.as_mut().len();
+        self.check_range(Command::Read, offset, len as u64)?;
+        if len > self.max_request_len() as usize || len == 0 {
             return Err(NbdError::InvalidArgument(format!(
-                "read of {} bytes: must be 1..={} bytes",
-                buf.len(),
+                "read of {len} bytes: must be 1..={} bytes",
                 self.max_request_len()
             )));
         }
-        let req = self.new_request(Command::Read, 0, offset, buf.len() as u32);
-        let h = self.submit(req, None, Target::Owned(buf))?;
+        let req = self.new_request(Command::Read, 0, offset, len as u32);
+        let h = self.submit(req, None, Target::Owned(Box::new(buf)))?;
         self.owned_reads += 1;
         Ok(h)
     }
@@ -885,10 +927,26 @@ impl NbdClient {
     /// A server error fails only that read (in `result`); a connection error
     /// is returned as `Err`.
     pub fn wait_read(&mut self) -> Result<ReadCompletion, NbdError> {
+        self.wait_read_buf::<Vec<u8>>()
+    }
+
+    /// [`NbdClient::wait_read`] for reads submitted with
+    /// [`NbdClient::submit_read_buf`] with buffers of type `B`. If the next
+    /// completed read holds another buffer type, it stays queued and this
+    /// returns [`NbdError::InvalidArgument`].
+    pub fn wait_read_buf<B: 'static>(&mut self) -> Result<ReadCompletion<B>, NbdError> {
         loop {
-            if let Some(c) = self.ready.pop_front() {
+            if let Some(c) = self.ready.front() {
+                if !c.buf.is(std::any::TypeId::of::<B>()) {
+                    return Err(NbdError::InvalidArgument(format!(
+                        "wait_read_buf::<{}>: the next completed read holds another buffer type",
+                        std::any::type_name::<B>()
+                    )));
+                }
+                let c = self.ready.pop_front().expect("front exists");
                 self.owned_reads -= 1;
-                return Ok(c);
+                let buf = *c.buf.into_any().downcast::<B>().expect("type checked above");
+                return Ok(ReadCompletion { handle: c.handle, offset: c.offset, buf, result: c.result });
             }
             if self.owned_reads == 0 {
                 return Err(NbdError::InvalidArgument("wait_read with no read in flight".into()));
@@ -1176,7 +1234,7 @@ fn data_dest<'a>(
     ctx: &ReplyContext,
 ) -> Result<&'a mut [u8], NbdError> {
     let (buf, start) = match target {
-        Target::Owned(v) => (v.as_mut_slice(), 0),
+        Target::Owned(v) => (v.bytes(), 0),
         Target::Borrowed { start } => match dst {
             Some(d) => (d, *start),
             None => return Err(ctx.bad_reply("internal: read data without a destination buffer")),

@@ -2,6 +2,14 @@
 //! Device protocol (qemu-nbd, nbdkit, qemu's built-in server), and reads
 //! their allocation and dirty-bitmap metadata for change detection.
 //!
+//! Used by the source side: `--source NAME=nbd+unix:///EXPORT?socket=PATH` or
+//! `NAME=nbd://HOST:PORT/EXPORT` opens a [`crate::disk::SourceDisk`] over one
+//! connection; the reader reads it through [`crate::backend::NbdBackend`]
+//! (one READ per chunk, many in flight, replies straight into pool buffers
+//! via [`NbdClient::submit_read_buf`]); `base:allocation` lets it skip
+//! unallocated zero chunks, and `--cbt NAME=qemu-bitmap:BITMAP` takes the
+//! change map from `qemu:dirty-bitmap:BITMAP`. See docs/NBD.md.
+//!
 //! Two layers:
 //! - [`proto`]: the wire format, sans-IO (encoders, and decoders that return
 //!   `Ok(None)` for "need more bytes" and check every length before
@@ -23,7 +31,9 @@
 //!   ERROR_OFFSET, NONE) reassembled in any order, interleaved across
 //!   requests.
 //! - Many requests in flight on one connection: [`NbdClient::submit_read`] /
-//!   [`NbdClient::wait_read`] (buffers move in and come back), and
+//!   [`NbdClient::wait_read`] (buffers move in and come back; any
+//!   `AsMut<[u8]>` buffer with [`NbdClient::submit_read_buf`] /
+//!   [`NbdClient::wait_read_buf`]), and
 //!   [`NbdClient::read_many`]; `read_at`/`write_at` pipeline their own parts.
 //!   Read data goes from the socket straight into the destination buffer
 //!   (only bytes that arrived together with a reply header, at most 16 KiB,

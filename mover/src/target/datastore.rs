@@ -210,6 +210,13 @@ impl Datastore {
         Ok(Datastore { root: root.to_path_buf() })
     }
 
+    /// A handle on a directory that may not be a datastore (yet), for
+    /// plan-only reads: nothing is created, and replica lookups fail as
+    /// "no replica" when it holds none.
+    pub fn at(root: &Path) -> Datastore {
+        Datastore { root: root.to_path_buf() }
+    }
+
     /// The datastore's directory.
     pub fn root(&self) -> &Path {
         &self.root

@@ -115,8 +115,14 @@ pub fn serve_connection(
         }
     };
     report.peer_name = info.name.clone();
-    let mut t =
-        TargetSession { conn: conn.clone(), ds, cfg, holder: format!("{} from {peer}", info.name), inner: None };
+    let mut t = TargetSession {
+        conn: conn.clone(),
+        ds,
+        cfg,
+        holder: format!("{} from {peer}", info.name),
+        inner: None,
+        plan: None,
+    };
     let result = t.run(&mut rx, &mut report);
     if let Err(e) = &result {
         conn.send_error(e.code(), &e.detail());
@@ -142,6 +148,15 @@ struct TargetSession<'a> {
     cfg: &'a ServeConfig,
     holder: String,
     inner: Option<Active>,
+    plan: Option<PlanSession>,
+}
+
+/// A plan-only replica session: reads the datastore, changes nothing.
+struct PlanSession {
+    replica: Option<Replica>,
+    session: Option<SessionState>,
+    /// Disk id -> (image opened read-only, name, digest map as the disk would have it).
+    disks: HashMap<u32, (Option<File>, String, DigestMap)>,
 }
 
 /// A replica opened in a session, with its pipeline.
@@ -228,6 +243,27 @@ impl TargetSession<'_> {
             };
             let Some(Event::Frame(frame)) = self.conn.handle(frame)? else { continue };
             match frame {
+                Frame::OpenReplica(o) if o.flags & ferry_wire::OpenReplica::PLAN_ONLY != 0 => {
+                    datastore::validate_name("replica", &o.replica)?;
+                    let replica = match self.ds.replica(&o.replica) {
+                        Ok(r) => Some(r),
+                        Err(MoveError::Config(_)) => None, // a new replica
+                        Err(e) => return Err(e),
+                    };
+                    let session = replica.as_ref().map(|r| r.session()).transpose()?.flatten();
+                    let catalog = replica.as_ref().map(|r| r.catalog()).transpose()?.unwrap_or_default();
+                    let latest = catalog.points.last();
+                    self.conn.send(&Frame::ReplicaOpened(ReplicaOpened {
+                        session_id: o.session_id,
+                        resumed: session.is_some(),
+                        latest_point: latest.map_or(0, |p| p.id),
+                        latest_point_time_ns: latest.map_or(0, |p| p.point_time_ns),
+                        chunk_size: replica.as_ref().map_or(0, |r| r.settings.chunk_size),
+                    }))?;
+                    report.replica = Some(o.replica.clone());
+                    self.plan = Some(PlanSession { replica, session, disks: HashMap::new() });
+                }
+                Frame::OpenDisk(o) if self.plan.is_some() => self.plan_open_disk(&o)?,
                 Frame::OpenReplica(o) => {
                     let replica = self.ds.lock_replica(&o.replica, &self.holder, 0, o.retain)?;
                     // A rollback interrupted by a crash is finished before anything else.
@@ -273,29 +309,24 @@ impl TargetSession<'_> {
                     });
                 }
                 Frame::OpenDisk(o) => self.open_disk(&o, report)?,
+                Frame::DigestMapRequest(r) if self.plan.is_some() => {
+                    let plan = self.plan.as_mut().expect("checked");
+                    let (file, name, map) =
+                        plan.disks.get_mut(&r.disk).ok_or_else(|| MoveError::Config(format!("no disk {}", r.disk)))?;
+                    if map.unknown_count() > 0 {
+                        match file {
+                            Some(f) => rebuild_unknown(f, name, map)?,
+                            None => return Err(MoveError::Datastore(format!("disk {name:?} has no image to hash"))),
+                        }
+                    }
+                    send_digest_map(&self.conn, r.disk, map, &r.cached_map_hash)?;
+                }
                 Frame::DigestMapRequest(r) => {
                     let a = self.active()?;
                     let (tx, reply) = bounded(1);
                     a.pipeline()?.to_writer.send(WriterMsg::GetDigests { disk: r.disk, reply: tx }).ok();
                     let map = reply.recv().map_err(|_| self.writer_gone())?;
-                    let hash = map.map_hash();
-                    let cache_hit = hash == r.cached_map_hash;
-                    if !cache_hit {
-                        for (i, part) in map.digests().chunks(MAX_DIGESTS_PER_PART).enumerate() {
-                            let bytes: Vec<u8> = part.iter().flatten().copied().collect();
-                            self.conn.send(&Frame::DigestMapPart(DigestMapPart {
-                                disk: r.disk,
-                                first_chunk: (i * MAX_DIGESTS_PER_PART) as u64,
-                                digests: bytes.into(),
-                            }))?;
-                        }
-                    }
-                    self.conn.send(&Frame::DigestMapEnd(DigestMapEnd {
-                        disk: r.disk,
-                        chunk_count: map.chunk_count(),
-                        map_hash: hash,
-                        cache_hit,
-                    }))?;
+                    send_digest_map(&self.conn, r.disk, &map, &r.cached_map_hash)?;
                 }
                 Frame::Data(d) => {
                     let a = self.active_mut()?;
@@ -486,6 +517,49 @@ impl TargetSession<'_> {
             previous_size,
             next_chunk,
             flags: (if existed { ResumeInfo::EXISTED } else { 0 }) | (if finished { ResumeInfo::FINISHED } else { 0 }),
+        }))?;
+        Ok(())
+    }
+
+    /// OpenDisk in a plan-only session: what the target holds, nothing created or resized.
+    fn plan_open_disk(&mut self, o: &OpenDisk) -> Result<()> {
+        datastore::validate_name("disk", &o.name)?;
+        let plan = self.plan.as_mut().expect("plan session");
+        let (file, existing) = match &plan.replica {
+            Some(r) => {
+                if r.settings.chunk_size != 0 && r.settings.chunk_size != o.chunk_size {
+                    return Err(MoveError::Config(format!(
+                        "replica {:?} uses chunk size {} and cannot take disk {:?} with chunk size {}",
+                        r.name, r.settings.chunk_size, o.name, o.chunk_size
+                    )));
+                }
+                let f = File::open(r.disk_path(&o.name)?).ok();
+                let size = f.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+                (f, size)
+            }
+            None => (None, 0),
+        };
+        let cs = o.chunk_size;
+        let chunk_count = o.size.div_ceil(u64::from(cs));
+        let resume = plan.session.as_ref().and_then(|s| s.disks.get(&o.name)).filter(|d| d.size == o.size);
+        let (previous_size, next_chunk) =
+            resume.map_or((existing, 0), |d| (d.previous_size, d.next_chunk.min(chunk_count)));
+        let zeros = ZeroDigests::new(cs);
+        let stored = plan.replica.as_ref().map(|r| r.digests_path(&o.name)).transpose()?;
+        let mut map = match stored.and_then(|p| digests::load(&p, cs, existing)) {
+            Some(m) => Ok(m),
+            None if existing == 0 => DigestMap::zeroed(cs, existing, &zeros),
+            None => DigestMap::new(cs, existing),
+        }
+        .map_err(|e| MoveError::Config(e.to_string()))?;
+        map.resize(o.size, |l| zeros.digest(l));
+        let existed = file.is_some() && existing > 0;
+        plan.disks.insert(o.disk, (file, o.name.clone(), map));
+        self.conn.send(&Frame::ResumeInfo(ResumeInfo {
+            disk: o.disk,
+            previous_size,
+            next_chunk,
+            flags: if existed { ResumeInfo::EXISTED } else { 0 },
         }))?;
         Ok(())
     }
@@ -727,26 +801,47 @@ fn read_exact_at(f: &File, buf: &mut [u8], offset: u64, disk: &str) -> Result<()
 
 /// Hash the chunks of an image whose digests are unknown (a seed placed in
 /// the datastore, a lost or stale map), at local disk speed.
-fn rebuild_unknown(d: &mut WDisk) -> Result<()> {
+fn rebuild_unknown(file: &File, disk: &str, map: &mut DigestMap) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let cs = u64::from(d.chunk_size);
-    let mut buf = vec![0u8; d.chunk_size as usize];
-    for i in 0..d.digests.chunk_count() {
-        if d.digests.is_known(i) {
+    let cs = u64::from(map.chunk_size());
+    let file_size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = vec![0u8; map.chunk_size() as usize];
+    for i in 0..map.chunk_count() {
+        if map.is_known(i) {
             continue;
         }
         let offset = i * cs;
-        let len = d.digests.chunk_len(i) as usize;
-        d.file.read_exact_at(&mut buf[..len], offset).map_err(|e| MoveError::DiskIo {
+        let len = map.chunk_len(i) as usize;
+        // Bytes past the end of the image read as zeros (it grows sparse).
+        let avail = file_size.saturating_sub(offset).min(len as u64) as usize;
+        buf[avail..len].fill(0);
+        file.read_exact_at(&mut buf[..avail], offset).map_err(|e| MoveError::DiskIo {
             what: "hashing",
-            disk: d.name.clone(),
+            disk: disk.to_string(),
             offset,
             len,
             source: e,
         })?;
-        d.digests.set(i, *blake3::hash(&buf[..len]).as_bytes());
+        map.set(i, *blake3::hash(&buf[..len]).as_bytes());
     }
-    d.dirty = true;
+    Ok(())
+}
+
+/// Send a digest map as parts and an end (or only the end when the client's cached copy is current).
+fn send_digest_map(conn: &Conn, disk: u32, map: &DigestMap, cached: &[u8; 32]) -> Result<()> {
+    let hash = map.map_hash();
+    let cache_hit = hash == *cached;
+    if !cache_hit {
+        for (i, part) in map.digests().chunks(MAX_DIGESTS_PER_PART).enumerate() {
+            let bytes: Vec<u8> = part.iter().flatten().copied().collect();
+            conn.send(&Frame::DigestMapPart(DigestMapPart {
+                disk,
+                first_chunk: (i * MAX_DIGESTS_PER_PART) as u64,
+                digests: bytes.into(),
+            }))?;
+        }
+    }
+    conn.send(&Frame::DigestMapEnd(DigestMapEnd { disk, chunk_count: map.chunk_count(), map_hash: hash, cache_hit }))?;
     Ok(())
 }
 
@@ -876,7 +971,8 @@ impl Writer {
                     let Some(d) = self.disks.get_mut(&disk) else { continue };
                     if d.digests.unknown_count() > 0 {
                         let t = Instant::now();
-                        rebuild_unknown(d)?;
+                        rebuild_unknown(&d.file, &d.name, &mut d.digests)?;
+                        d.dirty = true;
                         self.stats.record(Stage::Verify, t.elapsed());
                     }
                     let _ = reply.send(d.digests.clone());

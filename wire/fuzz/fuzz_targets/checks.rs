@@ -81,6 +81,7 @@ pub fn drive(stage: u8) -> (Session, Session) {
             point_time_ns: 1_700_000_000_000_000_000,
             session_id: [7; 16],
             retain: 0,
+            flags: 0,
         }))
         .unwrap();
         pump(&mut c, &mut s);

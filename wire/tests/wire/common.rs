@@ -51,7 +51,13 @@ pub fn arb_frame() -> impl Strategy<Value = Frame> {
         arr32().prop_map(|proof| Frame::AuthProof(AuthProof { proof })),
         arr32().prop_map(|proof| Frame::AuthOk(AuthOk { proof })),
         (name(60), any::<i64>(), any::<[u8; 16]>(), any::<u32>()).prop_map(|(r, t, id, k)| {
-            Frame::OpenReplica(OpenReplica { replica: r, point_time_ns: t, session_id: id, retain: k })
+            Frame::OpenReplica(OpenReplica {
+                replica: r,
+                point_time_ns: t,
+                session_id: id,
+                retain: k,
+                flags: (k & 1) as u8,
+            })
         }),
         (any::<[u8; 16]>(), any::<bool>(), any::<u64>(), any::<i64>(), prop_oneof![Just(0), chunk_size()]).prop_map(
             |(id, r, p, t, c)| Frame::ReplicaOpened(ReplicaOpened {
@@ -131,6 +137,7 @@ pub fn known_frames() -> Vec<(&'static str, Frame)> {
                 point_time_ns: 1_700_000_000_123_456_789,
                 session_id: [0x5A; 16],
                 retain: 7,
+                flags: 0,
             }),
         ),
         (

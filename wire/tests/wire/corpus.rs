@@ -44,7 +44,13 @@ fn transcripts() -> (Vec<u8>, Vec<u8>) {
     }
     let (d, sz) = (checks::CHUNK, checks::DISK_SIZE);
     let client_frames = [
-        Frame::OpenReplica(OpenReplica { replica: "vm1".into(), point_time_ns: 1, session_id: [7; 16], retain: 0 }),
+        Frame::OpenReplica(OpenReplica {
+            replica: "vm1".into(),
+            point_time_ns: 1,
+            session_id: [7; 16],
+            retain: 0,
+            flags: 0,
+        }),
         Frame::OpenDisk(OpenDisk { disk: 0, name: "d".into(), size: sz, chunk_size: d, mode: Mode::Digest }),
         Frame::DigestMapRequest(DigestMapRequest { disk: 0, cached_map_hash: [0; 32] }),
         Frame::Data(Data {

@@ -287,8 +287,14 @@ fn illegal_transitions_are_typed() {
         Err(WireError::IllegalFrame { frame: "Data", state: "OpeningReplica", .. })
     ));
     let (mut c, mut s) = drive(2);
-    c.send(&Frame::OpenReplica(OpenReplica { replica: "r".into(), point_time_ns: 0, session_id: [0; 16], retain: 0 }))
-        .unwrap();
+    c.send(&Frame::OpenReplica(OpenReplica {
+        replica: "r".into(),
+        point_time_ns: 0,
+        session_id: [0; 16],
+        retain: 0,
+        flags: 0,
+    }))
+    .unwrap();
     pump(&mut c, &mut s);
     s.send(&Frame::ReplicaOpened(ReplicaOpened {
         session_id: [0; 16],
@@ -405,7 +411,7 @@ fn sender_refuses_what_the_peer_must_refuse() {
     ));
     let long = "x".repeat(MAX_NAME_LEN + 1);
     let (mut c, _) = drive(2);
-    let or = OpenReplica { replica: long, point_time_ns: 0, session_id: [0; 16], retain: 0 };
+    let or = OpenReplica { replica: long, point_time_ns: 0, session_id: [0; 16], retain: 0, flags: 0 };
     assert!(matches!(c.send(&Frame::OpenReplica(or)), Err(WireError::FieldTooLong { .. })));
 }
 
@@ -431,8 +437,14 @@ fn features_must_be_negotiated_before_use() {
     }
     assert_eq!(c.peer().unwrap().features, 0);
     assert_eq!(s.peer().unwrap().features, 0);
-    c.send(&Frame::OpenReplica(OpenReplica { replica: "r".into(), point_time_ns: 0, session_id: [0; 16], retain: 0 }))
-        .unwrap();
+    c.send(&Frame::OpenReplica(OpenReplica {
+        replica: "r".into(),
+        point_time_ns: 0,
+        session_id: [0; 16],
+        retain: 0,
+        flags: 0,
+    }))
+    .unwrap();
     pump(&mut c, &mut s);
     s.send(&Frame::ReplicaOpened(ReplicaOpened {
         session_id: [0; 16],
@@ -507,4 +519,58 @@ fn unauthenticated_peer_can_not_announce_large_frames() {
     assert_eq!(d.max_body_len(), MAX_BODY_LEN);
     d.set_max_body_len(u32::MAX);
     assert_eq!(d.max_body_len(), MAX_BODY_LEN);
+}
+
+#[test]
+fn plan_only_session_refuses_data_flush_and_commit_on_both_ends() {
+    let (mut c, mut s) = drive(2);
+    c.send(&Frame::OpenReplica(OpenReplica {
+        replica: "r".into(),
+        point_time_ns: 0,
+        session_id: [0; 16],
+        retain: 0,
+        flags: OpenReplica::PLAN_ONLY,
+    }))
+    .unwrap();
+    pump(&mut c, &mut s);
+    s.send(&Frame::ReplicaOpened(ReplicaOpened {
+        session_id: [0; 16],
+        resumed: false,
+        latest_point: 0,
+        latest_point_time_ns: 0,
+        chunk_size: 0,
+    }))
+    .unwrap();
+    pump(&mut s, &mut c);
+    let od = OpenDisk { disk: 0, name: "d0".into(), size: 1 << 20, chunk_size: 1 << 16, mode: Mode::Digest };
+    c.send(&Frame::OpenDisk(od)).unwrap();
+    pump(&mut c, &mut s);
+    s.send(&Frame::ResumeInfo(ResumeInfo { disk: 0, previous_size: 1 << 20, next_chunk: 0, flags: 1 })).unwrap();
+    pump(&mut s, &mut c);
+    // Digest maps are fine in a plan; data, flushes and commits are not.
+    c.send(&Frame::DigestMapRequest(DigestMapRequest { disk: 0, cached_map_hash: [0; 32] })).unwrap();
+    let plan_only = |frame| WireError::IllegalFrame { frame, direction: "sent", state: "ReplicaOpen (plan only)" };
+    assert_eq!(c.send(&data(0, 65536)), Err(plan_only("Data")));
+    assert_eq!(c.send(&Frame::ZeroRun(ZeroRun { disk: 0, first_chunk: 0, count: 1 })), Err(plan_only("ZeroRun")));
+    assert_eq!(c.send(&Frame::Flush(Flush { disk: 0, next_chunk: 16 })), Err(plan_only("Flush")));
+    assert_eq!(c.send(&Frame::Commit(Commit { disk_count: 1 })), Err(plan_only("Commit")));
+    // The server refuses a data frame it receives in a plan-only session.
+    s.receive(&data(0, 65536).to_bytes());
+    assert!(matches!(
+        s.poll_event(),
+        Err(WireError::IllegalFrame { frame: "Data", direction: "received", state: "ReplicaOpen (plan only)" })
+    ));
+    // Unknown flag bits are refused by the decoder.
+    let mut body = Frame::OpenReplica(OpenReplica {
+        replica: "r".into(),
+        point_time_ns: 0,
+        session_id: [0; 16],
+        retain: 0,
+        flags: 0,
+    })
+    .to_bytes()
+    .to_vec();
+    *body.last_mut().unwrap() = 0x80;
+    let fixed = raw_frame(frame_type::OPEN_REPLICA, 0, &body[HEADER_LEN..]);
+    assert!(matches!(decode_one(&fixed), Err(WireError::InvalidValue { field: "flags", value: 0x80, .. })));
 }

@@ -36,6 +36,7 @@ fn open_replica(resume: bool) -> Frame {
         point_time_ns: 1_700_000_000_000_000_000,
         session_id: if resume { [9; 16] } else { [7; 16] },
         retain: 3,
+        flags: 0,
     })
 }
 

@@ -1,0 +1,272 @@
+//! Running a command and measuring its whole process tree.
+//!
+//! Every measured command runs as `sh -c SCRIPT` in a child process. When it
+//! ends, `wait4` returns the child's resource usage, which includes every
+//! descendant that was waited for (a shell waits for every stage of its
+//! pipelines): user and system CPU time summed over the tree, and the peak
+//! resident set size of the largest single process of the tree.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// Resource usage of one finished process tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TreeUsage {
+    /// User CPU seconds.
+    pub user_s: f64,
+    /// System CPU seconds.
+    pub sys_s: f64,
+    /// Largest resident set of any one process in the tree, bytes.
+    pub max_rss_bytes: u64,
+}
+
+impl TreeUsage {
+    /// Sums CPU and keeps the larger peak RSS.
+    pub fn combine(self, o: TreeUsage) -> TreeUsage {
+        TreeUsage {
+            user_s: self.user_s + o.user_s,
+            sys_s: self.sys_s + o.sys_s,
+            max_rss_bytes: self.max_rss_bytes.max(o.max_rss_bytes),
+        }
+    }
+}
+
+/// A running `sh -c` process tree.
+#[derive(Debug)]
+pub struct Tree {
+    child: Child,
+    started: Instant,
+    reaped: bool,
+}
+
+/// Quotes a string for `sh`.
+pub fn sh_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Quotes a path for `sh`.
+pub fn shq(p: &Path) -> String {
+    sh_quote(&p.to_string_lossy())
+}
+
+impl Tree {
+    /// Starts `sh -c script`, stdout to `stdout_to` (or discarded) and stderr to `stderr_to`.
+    pub fn spawn(script: &str, stdout_to: Option<&Path>, stderr_to: &Path) -> Result<Tree> {
+        let out = match stdout_to {
+            Some(p) => Stdio::from(File::create(p).with_context(|| format!("creating {}", p.display()))?),
+            None => Stdio::null(),
+        };
+        let err = File::create(stderr_to).with_context(|| format!("creating {}", stderr_to.display()))?;
+        let started = Instant::now();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::from(err))
+            // Its own process group, so that stopping the tree reaches every process in it.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting sh -c {script:?}"))?;
+        Ok(Tree { child, started, reaped: false })
+    }
+
+    /// Process id of the `sh`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True while the tree's top process has not exited (does not reap it).
+    pub fn is_running(&self) -> bool {
+        let mut info: libc::siginfo_t = unsafe_zeroed_siginfo();
+        // SAFETY: waitid with WNOWAIT only inspects the state of our own child and
+        // writes into `info`, a valid siginfo_t we own.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.pid() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is valid to read for a siginfo_t filled by waitid (0 when nothing changed).
+        rc == 0 && unsafe { info.si_pid() } == 0
+    }
+
+    /// Sends a signal to every process of the tree (its process group).
+    pub fn signal(&self, sig: libc::c_int) {
+        if !self.reaped {
+            // SAFETY: kill() on the process group our own unreaped child leads: the
+            // group id cannot have been recycled while the leader is unreaped.
+            unsafe {
+                libc::kill(-(self.pid() as libc::pid_t), sig);
+            }
+        }
+    }
+
+    /// Waits for the tree; returns its exit status, wall time since spawn and usage.
+    pub fn wait(mut self) -> Result<(ExitStatus, Duration, TreeUsage)> {
+        self.wait_inner()
+    }
+
+    fn wait_inner(&mut self) -> Result<(ExitStatus, Duration, TreeUsage)> {
+        let mut status: libc::c_int = 0;
+        // SAFETY: rusage is plain old data; all-zero is a valid value.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let pid = self.pid() as libc::pid_t;
+        loop {
+            // SAFETY: wait4 on our own child with valid out-pointers to locals.
+            let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+            if rc == pid {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e).context("waiting for a measured process");
+            }
+        }
+        let wall = self.started.elapsed();
+        self.reaped = true;
+        use std::os::unix::process::ExitStatusExt;
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        let usage = TreeUsage {
+            user_s: tv(ru.ru_utime),
+            sys_s: tv(ru.ru_stime),
+            // ru_maxrss is in KiB on Linux.
+            max_rss_bytes: ru.ru_maxrss as u64 * 1024,
+        };
+        Ok((ExitStatus::from_raw(status), wall, usage))
+    }
+
+    /// Number of processes in the tree's process group (zombies included).
+    pub fn group_size(&self) -> usize {
+        group_pids(self.pid()).len()
+    }
+
+    /// Stops a daemon: SIGTERM to its top process (so it can reap its own
+    /// children and their usage is counted), SIGKILL after `grace`, then SIGKILL
+    /// to whatever is left in the group; returns its usage.
+    pub fn stop(mut self, grace: Duration) -> Result<(ExitStatus, TreeUsage)> {
+        let leader = self.pid() as libc::pid_t;
+        // SAFETY: kill() on our own unreaped child.
+        unsafe { libc::kill(leader, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while self.is_running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.is_running() {
+            // SAFETY: as above.
+            unsafe { libc::kill(leader, libc::SIGKILL) };
+        }
+        // The leader is not reaped yet, so the group id still names our group.
+        self.signal(libc::SIGKILL);
+        let (st, _, u) = self.wait_inner()?;
+        Ok((st, u))
+    }
+}
+
+/// The peak RSS every measured tree starts with: Linux keeps `ru_maxrss` across
+/// execve, so a child starts from this harness's resident size at the time it
+/// was spawned. Measured by spawning `true`.
+pub fn rss_floor(scratch: &Path) -> u64 {
+    let err = scratch.join(format!("ferry-bench-rss-floor-{}.err", std::process::id()));
+    let floor = Tree::spawn("true", None, &err).and_then(|t| t.wait()).map_or(0, |(_, _, u)| u.max_rss_bytes);
+    let _ = std::fs::remove_file(err);
+    floor
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.signal(libc::SIGKILL);
+            let _ = self.wait_inner();
+        }
+    }
+}
+
+fn unsafe_zeroed_siginfo() -> libc::siginfo_t {
+    // SAFETY: siginfo_t is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Processes of process group `pgid` (read from /proc/*/stat).
+pub fn group_pids(pgid: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return vec![pgid] };
+    let mut v: Vec<u32> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command name (which may hold spaces): state ppid pgrp ...
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            rest.split_whitespace().nth(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+        })
+        .collect();
+    if v.is_empty() {
+        v.push(pgid);
+    }
+    v
+}
+
+/// Waits until every port in `ports` is in LISTEN state in the network
+/// namespace of some process of the tree led by `pid` (read from
+/// /proc/PID/net/tcp{,6}, so nothing connects to a one-shot listener such as
+/// `nc -l`; `ip netns exec` forks, so the whole process group is looked at).
+pub fn wait_listening(pid: u32, ports: &[u16], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut text = String::new();
+        for p in group_pids(pid) {
+            for f in ["tcp", "tcp6"] {
+                text.push_str(&std::fs::read_to_string(format!("/proc/{p}/net/{f}")).unwrap_or_default());
+            }
+        }
+        let listening: Vec<u16> = text
+            .lines()
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                if cols.get(3) != Some(&"0A") {
+                    return None;
+                }
+                let port = cols.get(1)?.rsplit(':').next()?;
+                u16::from_str_radix(port, 16).ok()
+            })
+            .collect();
+        if ports.iter().all(|p| listening.contains(p)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("receiver (pid {pid}) did not listen on ports {ports:?} within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_covers_the_whole_pipeline() {
+        let dir = crate::scratch::ScratchDir::new("measure-test").unwrap();
+        let t = Tree::spawn("head -c 50000000 /dev/zero | sha256sum >/dev/null", None, &dir.path().join("e")).unwrap();
+        let (st, wall, u) = t.wait().unwrap();
+        assert!(st.success());
+        assert!(wall.as_secs_f64() > 0.0);
+        assert!(u.user_s + u.sys_s > 0.0 && u.max_rss_bytes > 0);
+        assert_eq!(sh_quote("a b'c"), r"'a b'\''c'");
+        assert_eq!(sh_quote("/x/y.img"), "/x/y.img");
+    }
+}

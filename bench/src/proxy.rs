@@ -1,0 +1,214 @@
+//! A TCP proxy that counts the bytes on the wire and can add a one-way delay.
+//!
+//! Every networked tool (ferry included) is measured through one of these,
+//! placed in front of its receiver, so "wire bytes" means the same thing for all
+//! of them: TCP payload bytes in both directions. With a delay, each direction
+//! is a reader thread that timestamps what it reads and a writer thread that
+//! forwards it `delay` later (the kernel here has no netem). At most
+//! `DELAY_QUEUE` reads are in flight per direction, which bounds memory and
+//! pushes back on the sender. The proxy's own CPU is not charged to any tool.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+
+const BUF: usize = 256 << 10;
+const DELAY_QUEUE: usize = 64;
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    /// Port it listens on (in its namespace, on `listen`'s address).
+    pub port: u16,
+    bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    /// Listens on `listen` (port 0: any) and forwards every connection to
+    /// `upstream`. With `netns`, the proxy's sockets are created inside the
+    /// network namespace at that path (/var/run/netns/NAME).
+    pub fn start(listen: SocketAddr, upstream: SocketAddr, delay: Duration, netns: Option<PathBuf>) -> Result<Proxy> {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = sync_channel::<Result<u16>>(1);
+        let (b2, s2, c2) = (bytes.clone(), stop.clone(), conns.clone());
+        let accept = std::thread::Builder::new().name("proxy-accept".into()).spawn(move || {
+            let listener = match bind_in(listen, netns) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(listener.local_addr().map(|a| a.port()).unwrap_or(0)));
+            while !s2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((down, _)) => {
+                        let b3 = b2.clone();
+                        // Threads started here inherit this thread's network namespace.
+                        let h = std::thread::spawn(move || {
+                            if let Ok(up) = TcpStream::connect(upstream) {
+                                relay(down, up, delay, b3);
+                            }
+                        });
+                        c2.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        })?;
+        let port = rx.recv().map_err(|_| anyhow!("proxy thread ended before listening"))??;
+        Ok(Proxy { port, bytes, stop, accept: Some(accept), conns })
+    }
+
+    /// Bytes relayed so far, both directions.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Zeroes the counter (between runs).
+    pub fn reset(&self) {
+        self.bytes.store(0, Ordering::Relaxed);
+    }
+
+    /// Waits (up to `timeout`) for finished connections to drain, then returns the count.
+    pub fn settle(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let all_done = self.conns.lock().unwrap_or_else(|p| p.into_inner()).iter().all(|h| h.is_finished());
+            if all_done || Instant::now() > deadline {
+                return self.bytes();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn bind_in(listen: SocketAddr, netns: Option<PathBuf>) -> Result<TcpListener> {
+    if let Some(ns) = netns {
+        let f = std::fs::File::open(&ns).with_context(|| format!("opening network namespace {}", ns.display()))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd we hold open; it only changes the
+        // network namespace of this (proxy) thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("entering the network namespace for the proxy");
+        }
+    }
+    let l = TcpListener::bind(listen).with_context(|| format!("proxy listening on {listen}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn relay(down: TcpStream, up: TcpStream, delay: Duration, bytes: Arc<AtomicU64>) {
+    let _ = down.set_nonblocking(false);
+    let _ = down.set_nodelay(true);
+    let _ = up.set_nodelay(true);
+    let (Ok(d2), Ok(u2)) = (down.try_clone(), up.try_clone()) else { return };
+    let b2 = bytes.clone();
+    let t = std::thread::spawn(move || pump(d2, u2, delay, b2));
+    pump(up, down, delay, bytes);
+    let _ = t.join();
+}
+
+/// Copies `from` to `to` until EOF, then half-closes `to`.
+fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration, bytes: Arc<AtomicU64>) {
+    if delay.is_zero() {
+        let mut buf = vec![0u8; BUF];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    if to.write_all(&buf[..n]).is_err() {
+                        let _ = from.shutdown(Shutdown::Both);
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+        return;
+    }
+    let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(DELAY_QUEUE);
+    let writer = std::thread::spawn(move || delayed_writer(rx, to, delay));
+    let mut buf = vec![0u8; BUF];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+                if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+}
+
+fn delayed_writer(rx: Receiver<(Instant, Vec<u8>)>, mut to: TcpStream, delay: Duration) {
+    for (t, data) in rx {
+        let due = t + delay;
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        if to.write_all(&data).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_both_directions_and_delays() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = server.local_addr().unwrap();
+        let echo = std::thread::spawn(move || {
+            let (mut s, _) = server.accept().unwrap();
+            let mut v = Vec::new();
+            s.read_to_end(&mut v).unwrap();
+            s.write_all(&v[..10]).unwrap();
+        });
+        let p = Proxy::start("127.0.0.1:0".parse().unwrap(), up, Duration::from_millis(30), None).unwrap();
+        let t0 = Instant::now();
+        let mut c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+        c.write_all(&[7u8; 100_000]).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        echo.join().unwrap();
+        assert_eq!(back, vec![7u8; 10]);
+        assert!(t0.elapsed() >= Duration::from_millis(60), "round trip {:?}", t0.elapsed());
+        assert_eq!(p.settle(Duration::from_secs(5)), 100_010);
+    }
+}
