@@ -3,13 +3,17 @@
 //! manifest format are in `ferry_planner::backup` and docs/BACKUP.md) and
 //! turns one point into disks the source pipeline can read.
 //!
-//! How a point is read (first version): every disk of the point is
-//! materialised as a temporary sparse raw file in a private work directory
-//! that is removed when the [`Prepared`] point is dropped:
-//! - qcow2: `qemu-img convert -U -O raw` of the point's top file (the backing
-//!   chain is followed by qemu-img);
-//! - ferry datastore: [`crate::target::points::export_point`] (latest image
-//!   plus the undo files of the newer points).
+//! How a point is read:
+//! - qcow2: a read-only `qemu-nbd` serves the point's top file (qemu follows
+//!   the backing chain) on a unix socket in a private work directory, and the
+//!   source pipeline reads it with ferry's NBD client: cbt mode reads only the
+//!   changed extents, digest mode skips holes. Without qemu-nbd:
+//!   `qemu-img convert -U -O raw` into a temporary sparse file.
+//! - ferry datastore (first version): a temporary sparse raw file made by
+//!   [`crate::target::points::export_point`] (latest image plus the undo files
+//!   of the newer points).
+//!
+//! The work directory and the servers go when the [`Prepared`] point is dropped.
 //!
 //! What changed since the replica's latest point, when that point is an
 //! ancestor of the new one (same point time), is written as a JSON extent
@@ -252,13 +256,67 @@ impl Drop for WorkDir {
     }
 }
 
-/// A point ready to replicate: disks to read, and the work directory holding them.
+/// A read-only `qemu-nbd` serving one qcow2 point on a unix socket; killed and reaped on drop.
+#[derive(Debug)]
+pub struct QemuNbd {
+    child: std::process::Child,
+    /// `nbd+unix:///?socket=PATH`.
+    pub uri: String,
+}
+
+impl QemuNbd {
+    /// True when `qemu-nbd` can be run.
+    pub fn available() -> bool {
+        Command::new("qemu-nbd").arg("--version").output().is_ok_and(|o| o.status.success())
+    }
+
+    /// Serve `image` (qcow2, read-only) on `sock`.
+    pub fn start(image: &str, sock: &Path) -> Result<QemuNbd> {
+        use std::io::Read;
+        let _ = std::fs::remove_file(sock);
+        let mut child = Command::new("qemu-nbd")
+            .args(["--read-only", "--persistent", "--shared=8", "--format=qcow2"])
+            .arg(format!("--socket={}", sock.display()))
+            .arg(image)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| MoveError::Config(format!("running qemu-nbd (install qemu-utils): {e}")))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Err(MoveError::Config(format!("qemu-nbd could not serve {image}: {}", err.trim())));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(QemuNbd { child, uri: format!("nbd+unix:///?socket={}", sock.display()) })
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A point ready to replicate: disks to read, and what serves them.
 #[derive(Debug)]
 pub struct Prepared {
-    /// Disks (raw files in the work directory).
+    /// Disks (NBD exports of qemu-nbd, or raw files in the work directory).
     pub disks: Vec<DiskSpec>,
     /// How the changes were found, for messages.
     pub how: String,
+    /// qemu-nbd servers (dropped before the work directory).
+    pub servers: Vec<QemuNbd>,
     /// Keeps the files alive.
     pub work: WorkDir,
 }
@@ -278,6 +336,8 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
         .and_then(|t| plan::ancestors(&inv.points, point).into_iter().find(|a| a.time_ns == t))
         .cloned();
     let mut disks = Vec::new();
+    let mut servers = Vec::new();
+    let use_nbd = QemuNbd::available();
     let mut how = match &base {
         Some(b) => format!("changes since {}", b.label()),
         None => "what differs from the replica".to_string(),
@@ -285,9 +345,17 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
     match &point.locator {
         Locator::Qcow2 { files } => {
             for (disk, top) in files {
-                let raw = work.path().join(format!("{disk}.raw"));
-                qemu_img(&["convert", "-U", "-f", "qcow2", "-O", "raw", top, &raw.display().to_string()])?;
-                let mut spec = DiskSpec { name: disk.clone(), path: raw, mode: None, cbt: None };
+                let path = if use_nbd {
+                    let server = QemuNbd::start(top, &work.path().join(format!("{disk}.sock")))?;
+                    let uri = PathBuf::from(&server.uri);
+                    servers.push(server);
+                    uri
+                } else {
+                    let raw = work.path().join(format!("{disk}.raw"));
+                    qemu_img(&["convert", "-U", "-f", "qcow2", "-O", "raw", top, &raw.display().to_string()])?;
+                    raw
+                };
+                let mut spec = DiskSpec { name: disk.clone(), path, mode: None, cbt: None };
                 let chain = &inv.chains[&(idx, disk.clone())];
                 let depth = base.as_ref().and_then(|b| match &b.locator {
                     Locator::Qcow2 { files } => files.get(disk).and_then(|f| chain.iter().position(|c| c == f)),
@@ -349,5 +417,5 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
             }
         }
     }
-    Ok(Prepared { disks, how, work })
+    Ok(Prepared { disks, how, servers, work })
 }

@@ -168,6 +168,9 @@ fn week_of_backups_then_catch_up_then_datastore_repository() {
     r.expect_code(0);
     assert_eq!(r.summary()["point_time"], SUN);
     assert_eq!(chunks_sent(&r.summary()), 9, "Sunday's full sends its 9 data chunks");
+    if Command::new("qemu-nbd").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        assert_eq!(r.summary()["backend"], "nbd", "qcow2 points are read through qemu-nbd");
+    }
 
     // Monday: repository 2, full: Sunday plus chunks 10, 11.
     let mon = Point { repo: &r2, vm: "web1", id: "mon", time: MON, parent: None }.create(Some(&sun), &[(&[10, 11], 2)]);
@@ -242,6 +245,8 @@ fn week_of_backups_then_catch_up_then_datastore_repository() {
     assert_eq!(sent, [1, 2, 1]);
     let planned: Vec<u64> = done.iter().map(|p| p["totals"]["chunks_planned"].as_u64().unwrap()).collect();
     assert_eq!(&planned[..2], [1, 2], "cbt plans only the overlay's clusters");
+    let read: Vec<u64> = done.iter().map(|p| p["totals"]["bytes_read"].as_u64().unwrap()).collect();
+    assert_eq!(&read[..2], [CHUNK, 2 * CHUNK], "cbt reads only the overlay's clusters");
 
     let pts = points_of(&ds, "web1-dr");
     let times: Vec<&str> = pts.iter().map(|p| p["point_time"].as_str().unwrap()).collect();
