@@ -219,12 +219,15 @@ impl Observer for TextObserver {
                 }
             }
             JobEvent::Warning(m) | JobEvent::Notice(m) => {
-                if matches!(e, JobEvent::Warning(_)) {
+                let label = if matches!(e, JobEvent::Warning(_)) {
                     self.warned.store(true, Ordering::Relaxed);
-                }
+                    "warning"
+                } else {
+                    "note"
+                };
                 match &self.bar {
-                    Some(b) => b.println(format!("warning: {m}")),
-                    None => eprintln!("warning: {m}"),
+                    Some(b) => b.println(format!("{label}: {m}")),
+                    None => eprintln!("{label}: {m}"),
                 }
             }
         }
