@@ -9,9 +9,11 @@
 //!   source pipeline reads it with ferry's NBD client: cbt mode reads only the
 //!   changed extents, digest mode skips holes. Without qemu-nbd:
 //!   `qemu-img convert -U -O raw` into a temporary sparse file.
-//! - ferry datastore (first version): a temporary sparse raw file made by
-//!   [`crate::target::points::export_point`] (latest image plus the undo files
-//!   of the newer points).
+//! - ferry datastore: the source replica is locked while it is read (no
+//!   session can change it meanwhile); its latest point is its image, read in
+//!   place; an older point is first exported to a temporary sparse raw file
+//!   with [`crate::target::points::export_point`] (latest image plus the undo
+//!   files of the newer points).
 //!
 //! The work directory and the servers go when the [`Prepared`] point is dropped.
 //!
@@ -317,6 +319,8 @@ pub struct Prepared {
     pub how: String,
     /// qemu-nbd servers (dropped before the work directory).
     pub servers: Vec<QemuNbd>,
+    /// A ferry replica being read, locked so no session changes it meanwhile.
+    pub source_lock: Option<crate::target::datastore::Replica>,
     /// Keeps the files alive.
     pub work: WorkDir,
 }
@@ -337,6 +341,7 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
         .cloned();
     let mut disks = Vec::new();
     let mut servers = Vec::new();
+    let mut source_lock = None;
     let use_nbd = QemuNbd::available();
     let mut how = match &base {
         Some(b) => format!("changes since {}", b.label()),
@@ -380,12 +385,21 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
         Locator::Ferry { replica, point: id, disks: sizes } => {
             let repo = PathBuf::from(&point.repo);
             let ds = Datastore::open(&repo)?;
-            let r = ds.replica(replica)?;
+            // Held until the point is replicated: no session may change the images or undo files meanwhile.
+            let r = ds.lock_replica(replica, "ferry replicate --from-backup (reading it)", 0, 0)?;
             let catalog = r.catalog()?;
+            let latest = catalog.points.last().is_some_and(|p| p.id == *id) && r.session()?.is_none();
             for (disk, &size) in sizes {
-                let raw = work.path().join(format!("{disk}.raw"));
-                crate::target::points::export_point(&ds, replica, disk, Some(*id), &raw)?;
-                let mut spec = DiskSpec { name: disk.clone(), path: raw, mode: None, cbt: None };
+                let image = r.disk_path(disk)?;
+                let path = if latest && std::fs::metadata(&image).is_ok_and(|m| m.len() == size) {
+                    // The latest point is the image itself: read it in place (cbt reads only the changes).
+                    image
+                } else {
+                    let raw = work.path().join(format!("{disk}.raw"));
+                    crate::target::points::export_point(&ds, replica, disk, Some(*id), &raw)?;
+                    raw
+                };
+                let mut spec = DiskSpec { name: disk.clone(), path, mode: None, cbt: None };
                 if let Some(Locator::Ferry { point: from, .. }) = base.as_ref().map(|b| &b.locator) {
                     // undo(J) holds the chunks point J+1 overwrote: J from the base up to the point before this one.
                     let mut map = ChangeMap::new();
@@ -415,7 +429,8 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
                 }
                 disks.push(spec);
             }
+            source_lock = Some(r);
         }
     }
-    Ok(Prepared { disks, how, servers, work })
+    Ok(Prepared { disks, how, servers, source_lock, work })
 }
