@@ -362,12 +362,19 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
                 };
                 let mut spec = DiskSpec { name: disk.clone(), path, mode: None, cbt: None };
                 let chain = &inv.chains[&(idx, disk.clone())];
-                let depth = base.as_ref().and_then(|b| match &b.locator {
-                    Locator::Qcow2 { files } => files.get(disk).and_then(|f| chain.iter().position(|c| c == f)),
-                    Locator::Ferry { .. } => None,
+                // The replica's point, if it is in this disk's backing chain (the chain decides, not the
+                // manifests' parents: manifest-less overlays are diffed too).
+                let found = replica_latest_ns.and_then(|t| {
+                    inv.points.iter().filter(|q| q.vm == point.vm && q.time_ns == t).find_map(|q| match &q.locator {
+                        Locator::Qcow2 { files } => {
+                            files.get(disk).and_then(|f| chain.iter().position(|c| c == f)).map(|d| (d, q.label()))
+                        }
+                        Locator::Ferry { .. } => None,
+                    })
                 });
-                match depth {
-                    Some(d) => {
+                match found {
+                    Some((d, label)) => {
+                        how = format!("changes since {label}");
                         let out = qemu_img(&["map", "-U", "-f", "qcow2", "--output=json", top])?;
                         let entries = plan::parse_qemu_map(top, &out).map_err(cfg_err)?;
                         let map = plan::changed_above(&entries, d as u64);
@@ -376,8 +383,7 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
                         spec.mode = Some(Mode::Cbt);
                         spec.cbt = Some(list);
                     }
-                    None if base.is_some() => how = "what differs from the replica".to_string(),
-                    None => {}
+                    None => how = "what differs from the replica".to_string(),
                 }
                 disks.push(spec);
             }

@@ -379,6 +379,21 @@ fn qcow2_without_manifest_uses_mtime() {
     let want = reference(&f, &tmp.path().join("ref.raw"));
     let got = export(&ds, "vm9", r.summary()["point_id"].as_u64().unwrap(), &tmp.path().join("got.raw"));
     assert!(same_bytes(&got, &want));
+
+    // A manifest-less overlay: diffed by its backing chain.
+    let g = dir.join("sda.2026-11-21.qcow2");
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "sda.2026-11-20.qcow2", &s(&g)]);
+    write_chunks(&g, &[7], 5);
+    sh("touch", &["-d", "2026-11-21T05:00:00Z", &s(&g)]);
+    let r = from_backup(&[&repo], "vm9", &ds, "vm9", &[]);
+    r.expect_code(0);
+    let sum = r.summary();
+    assert_eq!(sum["point_time"], "2026-11-21T05:00:00Z");
+    assert_eq!(sum["disks"][0]["mode"], "cbt", "{sum}");
+    assert_eq!(sum["totals"]["chunks_planned"], 1, "{sum}");
+    let want = reference(&g, &tmp.path().join("ref2.raw"));
+    let got = export(&ds, "vm9", sum["point_id"].as_u64().unwrap(), &tmp.path().join("got2.raw"));
+    assert!(same_bytes(&got, &want));
 }
 
 /// An interrupted session goes on with its own backup point before a newer one.
