@@ -1196,3 +1196,40 @@ fn prefer_target_error(rx_msgs: &Receiver<RxMsg>, e: MoveError) -> MoveError {
 pub fn abort_session(conn: &Conn, e: &MoveError) {
     conn.send_error(ErrorCode::Internal, &e.detail());
 }
+
+/// What a target says about a replica, without changing anything there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    /// Id of the latest restore point (0: none).
+    pub latest_point: u64,
+    /// Its point time (ns; 0 when none).
+    pub latest_point_time_ns: i64,
+    /// True when an interrupted session is pending.
+    pub interrupted: bool,
+}
+
+/// Ask a target about `replica` through a plan-only session (side-effect free).
+pub fn replica_info(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>, replica: &str) -> Result<ReplicaInfo> {
+    let (conn, mut rx, _peer_info) = client_handshake(sock, peer, auth)?;
+    conn.set_write_timeout(Some(Duration::from_secs(120)));
+    let result = (|| {
+        conn.send(&Frame::OpenReplica(OpenReplica {
+            replica: replica.to_string(),
+            point_time_ns: 0,
+            session_id: crate::auth::random_bytes::<16>(),
+            retain: 0,
+            flags: OpenReplica::PLAN_ONLY,
+        }))?;
+        match expect_frame(&conn, &mut rx)? {
+            Frame::ReplicaOpened(r) => Ok(ReplicaInfo {
+                latest_point: r.latest_point,
+                latest_point_time_ns: r.latest_point_time_ns,
+                interrupted: r.resumed,
+            }),
+            f => Err(unexpected(&conn, &f, "ReplicaOpened")),
+        }
+    })();
+    let _ = conn.send(&Frame::Close);
+    conn.shutdown();
+    result
+}

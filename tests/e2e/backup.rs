@@ -441,3 +441,35 @@ fn interrupted_session_finishes_its_point_first() {
         assert!(same_bytes(&got, &want), "point {id}");
     }
 }
+
+/// A remote target (`ferry serve`): the replica's latest point time comes from a plan-only session.
+#[test]
+fn remote_target() {
+    if !have_qemu() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, remote) = (tmp.path().join("repo"), tmp.path().join("remote"));
+    let token = new_token(tmp.path(), "token");
+    let server = Server::start(&remote, &token, &[]);
+    let extra = ["--token-file", &s(&token)];
+    let target = PathBuf::from(&server.url);
+    let sun = Point { repo: &repo, vm: "web1", id: "sun", time: SUN, parent: None }.create(None, &[(&[0, 1], 1)]);
+    from_backup(&[&repo], "web1", &target, "web1", &extra).expect_code(0);
+    let r = from_backup(&[&repo], "web1", &target, "web1", &extra);
+    r.expect_code(3);
+    assert_eq!(r.summary()["status"], "warning");
+    let mon = Point { repo: &repo, vm: "web1", id: "mon", time: MON, parent: Some("sun") }.create(None, &[(&[5], 2)]);
+    let r = from_backup(&[&repo], "web1", &target, "web1", &extra);
+    r.expect_code(0);
+    let sum = r.summary();
+    assert_eq!((sum["point_time"].as_str(), sum["disks"][0]["mode"].as_str()), (Some(MON), Some("cbt")), "{sum}");
+    assert_eq!(chunks_sent(&sum), 1);
+    drop(server);
+    let pts = points_of(&remote, "web1");
+    for (p, img) in pts.iter().zip([&sun, &mon]) {
+        let id = p["id"].as_u64().unwrap();
+        let want = reference(img, &tmp.path().join(format!("ref-{id}.raw")));
+        assert!(same_bytes(&export(&remote, "web1", id, &tmp.path().join(format!("exp-{id}.raw"))), &want));
+    }
+}

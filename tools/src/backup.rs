@@ -22,7 +22,34 @@ pub const NOTHING_NEW: &str = "latest restore point already replicated";
 /// and the point time of an interrupted session, if any.
 type ReplicaState = (Option<(u64, i64)>, Option<i64>);
 
-fn replica_state(dir: &std::path::Path, replica: &str) -> anyhow::Result<ReplicaState> {
+fn replica_state(
+    a: &ReplicateArgs,
+    spec: &TargetSpec,
+    serve_cfg: &ferry_mover::target::ServeConfig,
+) -> anyhow::Result<ReplicaState> {
+    let replica = a.replica.as_str();
+    let dir = match spec {
+        TargetSpec::Local(dir) => dir,
+        TargetSpec::Remote(_) => {
+            // A plan-only session: the target answers without changing anything.
+            let c = ferry_mover::connect(spec, a.token_file.as_deref(), serve_cfg, false)?;
+            let info = ferry_mover::source::replica_info(c.sock, &c.peer, c.auth, replica)?;
+            if let Some(h) = c.local {
+                let _ = h.join();
+            }
+            if info.interrupted {
+                return Err(anyhow!(ferry_mover::MoveError::Config(format!(
+                    "replica {replica:?} at {} has an interrupted session, and a remote target does not say which \
+                     point it was for (resuming it with another backup point would mix two points): run once \
+                     with --target on the datastore directory, or undo it there with `ferry points rollback \
+                     --incomplete --yes`",
+                    a.target
+                ))));
+            }
+            let latest = (info.latest_point > 0).then_some((info.latest_point, info.latest_point_time_ns));
+            return Ok((latest, None));
+        }
+    };
     if !dir.join("ferry-datastore.json").exists() || !dir.join(replica).join("replica.json").exists() {
         return Ok((None, None));
     }
@@ -62,10 +89,7 @@ pub fn plan_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let vm = check_args(&a)?;
     let base = replicate_config(&a)?;
     let spec = TargetSpec::parse(&a.target)?;
-    let TargetSpec::Local(dir) = &spec else {
-        return Err(usage("--from-backup works with a local datastore target (--target DIR) only, for now"));
-    };
-    let (latest, _pending) = replica_state(dir, &a.replica)?;
+    let (latest, _pending) = replica_state(&a, &spec, &serve_config(&a.io)?)?;
     let inv = ferry_mover::backup::scan(&a.from_backup)?;
     let mut latest_ns = latest.map(|l| l.1);
     let chosen: Vec<plan::BackupPoint> = plan::select(&inv.points, &vm, latest_ns, a.catch_up)
@@ -122,12 +146,6 @@ pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let vm = check_args(&a)?;
     let base = replicate_config(&a)?;
     let spec = TargetSpec::parse(&a.target)?;
-    let TargetSpec::Local(dir) = &spec else {
-        return Err(usage(
-            "--from-backup needs the replica's latest point time before it starts: for now it works with a local \
-             datastore target (--target DIR) only",
-        ));
-    };
     let serve_cfg = serve_config(&a.io)?;
     let obs: Box<dyn JobObserver> = if a.json {
         Box::new(JsonObserver::default())
@@ -135,7 +153,7 @@ pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         Box::new(TextObserver::new(std::io::stderr().is_terminal()))
     };
     let fail = |e: anyhow::Error| Ok(obs.finish_err(&base, &e));
-    let (latest, pending) = match replica_state(dir, &a.replica) {
+    let (latest, pending) = match replica_state(&a, &spec, &serve_cfg) {
         Ok(l) => l,
         Err(e) => return fail(e),
     };
