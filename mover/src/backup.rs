@@ -351,7 +351,7 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
         Locator::Qcow2 { files } => {
             for (disk, top) in files {
                 let path = if use_nbd {
-                    let server = QemuNbd::start(top, &work.path().join(format!("{disk}.sock")))?;
+                    let server = QemuNbd::start(top, &work.path().join(format!("{}.sock", servers.len())))?;
                     let uri = PathBuf::from(&server.uri);
                     servers.push(server);
                     uri
