@@ -1,4 +1,5 @@
-//! Export a replica disk as a raw image: streaming, bounded memory, holes kept.
+//! Sparse copies of images: streaming, bounded memory, holes kept (used by
+//! [`crate::target::points::export_point`] for the latest point).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -6,7 +7,6 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use crate::error::{MoveError, Result};
-use crate::target::datastore::Datastore;
 
 /// Bytes copied per step.
 const STEP: usize = 1 << 20;
@@ -18,22 +18,6 @@ pub struct ExportReport {
     pub size: u64,
     /// Bytes of data written (the rest are holes).
     pub data_bytes: u64,
-}
-
-/// Export the latest state of `disk` of `replica` to `out` (created or truncated).
-pub fn export_latest(ds: &Datastore, replica: &str, disk: &str, out: &Path) -> Result<ExportReport> {
-    let r = ds.replica(replica)?;
-    if r.session()?.is_some() {
-        return Err(MoveError::Datastore(format!(
-            "replica {replica:?} has an interrupted session: resume it with `ferry replicate`, or roll it back, before exporting"
-        )));
-    }
-    let path = r.disk_path(disk)?;
-    if !path.exists() {
-        let known = r.disks()?.join(", ");
-        return Err(MoveError::Config(format!("replica {replica:?} has no disk {disk:?} (disks: {known})")));
-    }
-    copy_sparse(&path, out)
 }
 
 /// Copy `src` to `dst` keeping holes: data ranges found with SEEK_DATA/SEEK_HOLE,

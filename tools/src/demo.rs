@@ -34,128 +34,12 @@ pub struct DemoArgs {
     keep: bool,
 }
 
-/// Deterministic xorshift64* stream.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn fill(&mut self, b: &mut [u8]) {
-        for c in b.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
-
-const WORDS: &[&str] = &[
-    "the", "replica", "disk", "block", "site", "failover", "point", "restore", "chunk", "kernel", "config", "error",
-    "warning", "info", "user", "service", "started", "stopped", "network", "volume", "snapshot", "backup", "time",
-];
-
-/// One 1 MiB region of the sample disk, by kind.
-fn fill_region(kind: u64, rng: &mut Rng, buf: &mut [u8]) {
-    match kind {
-        // Zero: a hole.
-        0..=2 => buf.fill(0),
-        // Incompressible (media, encrypted, already compressed).
-        3..=4 => rng.fill(buf),
-        // Text-like (logs, configs, source).
-        5..=7 => {
-            let mut p = 0;
-            while p < buf.len() {
-                let w = WORDS[(rng.next() % WORDS.len() as u64) as usize].as_bytes();
-                let sep: &[u8] = if rng.next() % 11 == 0 { b"\n" } else { b" " };
-                for piece in [w, sep] {
-                    let n = piece.len().min(buf.len() - p);
-                    buf[p..p + n].copy_from_slice(&piece[..n]);
-                    p += n;
-                }
-            }
-        }
-        // File-system-like: 4 KiB blocks of records, tables and partly used blocks.
-        _ => {
-            for (i, blk) in buf.chunks_mut(4096).enumerate() {
-                let r = rng.next();
-                match r % 4 {
-                    0 => blk.fill(0),
-                    1 => {
-                        for (j, rec) in blk.chunks_mut(64).enumerate() {
-                            let id = (i * 64 + j) as u64 ^ (r >> 20);
-                            rec.fill(0);
-                            rec[..8].copy_from_slice(&id.to_le_bytes());
-                            rec[8..16].copy_from_slice(&(r >> 8).to_le_bytes());
-                            rec[16..20].copy_from_slice(b"inod");
-                        }
-                    }
-                    2 => {
-                        let used = (r >> 8) as usize % 4096;
-                        rng.fill(&mut blk[..used]);
-                        blk[used..].fill(0);
-                    }
-                    _ => fill_region(5, rng, blk),
-                }
-            }
-        }
-    }
-}
-
-fn make_disk(path: &Path, size: u64) -> anyhow::Result<()> {
-    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.set_len(size)?;
-    let mut rng = Rng(0x5EED_F00D_1234_5678);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < size {
-        let n = ((size - off) as usize).min(buf.len());
-        let kind = rng.next() % 10;
-        fill_region(kind, &mut rng, &mut buf[..n]);
-        if kind > 2 {
-            use std::os::unix::fs::FileExt;
-            f.write_all_at(&buf[..n], off)?;
-        }
-        off += n as u64;
-    }
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Change 1% of the disk's 64 KiB blocks with random data.
-fn change_one_percent(path: &Path) -> anyhow::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path)?;
-    let blocks = f.metadata()?.len() / 65536;
-    let n = (blocks / 100).max(1);
-    let mut rng = Rng(42);
-    let mut buf = vec![0u8; 65536];
-    for _ in 0..n {
-        rng.fill(&mut buf);
-        f.write_all_at(&buf, (rng.next() % blocks) * 65536)?;
-    }
-    f.sync_all()?;
+/// Change 1% of the disk's 64 KiB blocks (the bench harness's mutator); returns how many.
+fn change_one_percent(path: &Path, size: u64) -> anyhow::Result<u64> {
+    use ferry_bench::mutate::{blocks_for_share, mutate_blocks, Placement};
+    let n = blocks_for_share(size, 65536, 0.01).max(1);
+    mutate_blocks(path, 65536, n, Placement::Uniform, 7)?;
     Ok(n)
-}
-
-fn same(a: &Path, b: &Path) -> anyhow::Result<bool> {
-    use std::io::Read;
-    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
-    if fa.metadata()?.len() != fb.metadata()?.len() {
-        return Ok(false);
-    }
-    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let n = fa.read(&mut x)?;
-        if n == 0 {
-            return Ok(true);
-        }
-        fb.read_exact(&mut y[..n])?;
-        if x[..n] != y[..n] {
-            return Ok(false);
-        }
-    }
 }
 
 fn run_once(
@@ -193,7 +77,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let store = dir.join("datastore");
     eprintln!("ferry demo in {}", dir.display());
     let t = Instant::now();
-    make_disk(&disk, size)?;
+    // The benchmark harness's synthetic disk: seeded 1 MiB regions, issue 3's mix.
+    ferry_bench::synth::generate(&ferry_bench::synth::SynthSpec::standard(size, 42), &disk)?;
     eprintln!(
         "made a {} sample disk (zero, text, incompressible and file-system-like regions) in {:.1} s",
         human_bytes(size),
@@ -226,17 +111,17 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let full = run_once(&addr, &auth, &disk, "full replication over TCP")?;
     let out = dir.join("export.img");
-    ferry_mover::export::export_latest(&ds, "demo", "sample", &out)?;
-    if !same(&disk, &out)? {
+    ferry_mover::target::points::export_point(&ds, "demo", "sample", None, &out)?;
+    if !ferry_bench::mutate::files_identical(&disk, &out)? {
         bail!("the replica differs from the source disk: this is a bug, please report it");
     }
     eprintln!("verified: the replica is byte-identical to the source");
 
-    let changed = change_one_percent(&disk)?;
+    let changed = change_one_percent(&disk, size)?;
     eprintln!("changed {changed} blocks of 64 KiB (1%) in the source");
     let incr = run_once(&addr, &auth, &disk, "incremental replication (digest comparison)")?;
-    ferry_mover::export::export_latest(&ds, "demo", "sample", &out)?;
-    if !same(&disk, &out)? {
+    ferry_mover::target::points::export_point(&ds, "demo", "sample", None, &out)?;
+    if !ferry_bench::mutate::files_identical(&disk, &out)? {
         bail!("the replica differs from the source disk after the incremental run: this is a bug, please report it");
     }
     eprintln!("verified: the replica is byte-identical again");
