@@ -429,7 +429,13 @@ impl TargetSession<'_> {
         }
         let digests_path = a.replica.digests_path(&o.name)?;
         let zeros = ZeroDigests::new(o.chunk_size);
-        let mut map = match digests::load(&digests_path, o.chunk_size, previous_size) {
+        // A resumed disk's map was stored at its checkpoints at the session's size; before the
+        // first checkpoint (or without a session) it is the latest point's map at the previous size.
+        let stored = resume
+            .as_ref()
+            .and_then(|_| digests::load(&digests_path, o.chunk_size, o.size))
+            .or_else(|| digests::load(&digests_path, o.chunk_size, previous_size));
+        let mut map = match stored {
             Some(m) => Ok(m),
             // No usable map: a new disk is all zeros; an existing one is unknown until rebuilt.
             None if existing == 0 => DigestMap::zeroed(o.chunk_size, previous_size, &zeros),
