@@ -150,7 +150,10 @@ fn apply_undo(r: &Replica, point: u64, disk: &str, size: u64) -> Result<()> {
     let cs = r.settings.chunk_size;
     let zeros = ZeroDigests::new(cs);
     let dpath = r.digests_path(disk)?;
+    // The map is at the image's size once a checkpoint stored it; before that (or after a
+    // rollback of a size change was cut short) it can still be the point's map at `size`.
     let mut map = digests::load(&dpath, cs, cur)
+        .or_else(|| digests::load(&dpath, cs, size))
         .map_or_else(|| DigestMap::new(cs, cur), Ok)
         .map_err(|e| MoveError::Datastore(e.to_string()))?;
     if size > cur {
@@ -177,6 +180,16 @@ fn apply_undo(r: &Replica, point: u64, disk: &str, size: u64) -> Result<()> {
     }
     f.set_len(size).map_err(|e| MoveError::file("resizing", &image, e))?;
     map.resize(size, |l| zeros.digest(l));
+    // Chunks the map does not know (no usable map, a partial last chunk whose length
+    // changed) are hashed from the restored image: verify and digest mode need them.
+    let mut buf = vec![0u8; cs as usize];
+    for c in 0..map.chunk_count() {
+        if !map.is_known(c) {
+            let len = map.chunk_len(c) as usize;
+            f.read_exact_at(&mut buf[..len], c * u64::from(cs)).map_err(|e| MoveError::file("reading", &image, e))?;
+            map.set(c, *blake3::hash(&buf[..len]).as_bytes());
+        }
+    }
     f.sync_all().map_err(|e| MoveError::file("syncing", &image, e))?;
     digests::store(&dpath, &map)
 }
