@@ -618,12 +618,25 @@ fn start_pipeline(
                     held: Vec::new(),
                     old: Vec::new(),
                 };
+                let rest = writer_rx.clone();
                 if let Err(e) = w.run(writer_rx) {
                     // Recorded before the peer hears of it: the connection thread may see
                     // the peer hang up next and must report this error, not the hang-up.
                     *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.detail());
                     w.conn.send_error(e.code(), &e.detail());
                     w.conn.shutdown();
+                    // Give back every pool buffer: verified chunks queued for this writer (and
+                    // writes held for it) own buffers that a verify worker may be waiting for.
+                    // Without this the workers never end, the session never ends, and the
+                    // replica stays locked until the server restarts.
+                    w.held.clear();
+                    w.barriers.clear();
+                    w.drain();
+                    for m in rest.iter() {
+                        if matches!(m, WriterMsg::Stop) {
+                            break;
+                        }
+                    }
                 }
                 w.drain();
                 WriterOutcome { stats: w.stats }
