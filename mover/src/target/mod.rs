@@ -125,7 +125,9 @@ pub fn serve_connection(
     if let Some(inner) = t.inner.take() {
         inner.fill_counters(&mut report);
         let (stats, wr) = inner.finish();
-        if report.error.is_none() {
+        // The writer's error is the cause; what the connection thread saw next
+        // ("session closed", a hang-up) is its consequence.
+        if wr.is_some() {
             report.error = wr;
         }
         report.stages = stats.summary();
