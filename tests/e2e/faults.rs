@@ -343,3 +343,266 @@ fn source_killed_at_random_moments_resumes_or_rolls_back_exactly() {
     kill_at_random_moments(Victim::Source, false, 10, s + 200);
     kill_at_random_moments(Victim::Source, true, 10, s + 300);
 }
+
+/// Where a cut of the client's stream after `n` bytes falls: (frame type, cut inside its body).
+fn cut_position(stream: &[u8]) -> (u8, bool) {
+    let n = stream.len() as u64;
+    let (ty, start, end) = frame_at(stream, n - 1).expect("a frame holds the last byte");
+    (ty, start + 12 < n && n < end)
+}
+
+const DATA_FRAME: u8 = 0x30;
+
+#[test]
+fn connection_cut_mid_frame_fails_then_resumes_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = new_token(dir.path(), "token");
+    let tok = p(&token);
+    let src = dir.path().join("src.img");
+    write_image(&src, 4 * MIB + 999, 31, &[Fill::Random, Fill::Text, Fill::Random, Fill::Zero]);
+    let ds = dir.path().join("ds");
+    let server = Server::start(&ds, &token, &[]);
+    // 2 MiB + 12345 lands inside a 64 KiB data frame's payload (checked below).
+    let cut = 2 * MIB + 12345;
+    let proxy = Proxy::start(&server.url, vec![cut]);
+    let opts = ["--retry-for", "0", "--checkpoint-every", "256K", "--compress", "none", "--token-file", &tok];
+    let r = replicate(&proxy.url(), "vm1", &src, &opts);
+    r.expect_code(1);
+    assert!(r.stderr.starts_with("ferry: error: "), "{}", r.stderr);
+    assert!(r.stderr.contains(&proxy.addr), "the error names the target {}: {}", proxy.addr, r.stderr);
+    assert_eq!(r.summary()["status"], "failed");
+    let streams = proxy.cut_streams();
+    assert_eq!(streams.len(), 1);
+    assert_eq!(streams[0].len() as u64, cut);
+    assert_eq!(cut_position(&streams[0]), (DATA_FRAME, true), "the cut is inside a data frame's body");
+    wait_server_idle(&server.url);
+    assert!(ds.join("vm1/session.json").exists(), "the interrupted session is kept");
+    assert_eq!(point_ids(&ds, "vm1"), Some(vec![]));
+
+    // A fresh connection resumes and completes.
+    let r = run_unbusy(&replicate_args(&proxy.url(), "vm1", &src, &opts));
+    r.expect_code(0);
+    let s = r.summary();
+    assert_eq!(s["resumed"], true);
+    assert!(u(&s["totals"]["chunks_resumed"]) > 0, "{s}");
+    assert_eq!(s["point_id"], 1);
+    assert_eq!(proxy.connections(), 2);
+    assert_point_equals(&ds, "vm1", None, &src, "resumed after a cut");
+    verify(&ds, "vm1", "resumed after a cut");
+
+    // With --retry-for, one command rides over the cut by reconnecting.
+    let ds2 = dir.path().join("ds2");
+    let server2 = Server::start(&ds2, &token, &[]);
+    let proxy2 = Proxy::start(&server2.url, vec![cut]);
+    let mut opts2 = opts;
+    opts2[1] = "60s";
+    let r = replicate(&proxy2.url(), "vm1", &src, &opts2);
+    r.expect_code(0);
+    let s = r.summary();
+    assert_eq!(s["status"], "ok");
+    assert_eq!(s["resumed"], true);
+    assert_eq!(s["point_id"], 1);
+    assert_eq!(proxy2.connections(), 2, "one cut, one reconnect");
+    let notices: Vec<Value> = r.events().into_iter().filter(|e| e["event"] == "notice").collect();
+    assert!(notices.iter().any(|n| n["message"].as_str().unwrap_or("").contains("reconnecting in 1 s")), "{notices:?}");
+    assert_eq!(cut_position(&proxy2.cut_streams()[0]), (DATA_FRAME, true));
+    assert_point_equals(&ds2, "vm1", None, &src, "reconnected after a cut");
+    verify(&ds2, "vm1", "reconnected after a cut");
+}
+
+/// Unmounts a tmpfs when dropped.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_target_file_system_fails_clearly_and_leaves_the_last_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    }
+    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"]).arg(&mnt).status();
+    if !st.as_ref().is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot mount a tmpfs here ({st:?})");
+        return;
+    }
+    let _mount = Mount(mnt.clone());
+    let token = new_token(dir.path(), "token");
+    let tok = p(&token);
+    let ds = mnt.join("ds");
+    let server = Server::start(&ds, &token, &[]);
+    let v1 = dir.path().join("v1.img");
+    write_image(&v1, 2 * MIB, 41, &[Fill::Random]);
+    replicate(&server.url, "vm1", &v1, &["--retry-for", "0", "--token-file", &tok]).expect_code(0);
+    // v2: the first 2 MiB changed and 8 MiB more: 10 MiB of image and 2 MiB of undo do not fit in 6 MiB.
+    let v2 = dir.path().join("v2.img");
+    write_image(&v2, 10 * MIB, 42, &[Fill::Random]);
+    let opts = ["--retry-for", "0", "--checkpoint-every", "256K", "--compress", "none", "--token-file", &tok];
+    let r = replicate(&server.url, "vm1", &v2, &opts);
+    r.expect_code(1);
+    assert!(r.stderr.contains("No space left on device (os error 28)"), "{}", r.stderr);
+    assert_eq!(r.summary()["status"], "failed");
+    assert!(r.summary()["error"].as_str().unwrap().contains("No space left on device"), "{}", r.summary());
+    wait_server_idle(&server.url);
+    let sessions = server.sessions(2);
+    assert!(sessions[1]["error"].as_str().unwrap_or("").contains("No space left on device"), "{}", sessions[1]);
+
+    let rollback = ["points", "rollback", "--incomplete", "--yes", "--target", &p(&ds), "--replica", "vm1"];
+    let r = run_unbusy(&rollback.map(String::from));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("rolled back the interrupted session of vm1"), "{}", r.stderr);
+    assert_eq!(point_ids(&ds, "vm1"), Some(vec![1]));
+    let out = dir.path().join("after.raw");
+    export(&ds, "vm1", None, &out).expect_code(0);
+    assert!(same_bytes(&out, &v1), "after the rollback the replica is its last point");
+    verify(&ds, "vm1", "after ENOSPC and rollback");
+    // And it takes a change that fits.
+    let v3 = dir.path().join("v3.img");
+    std::fs::copy(&v1, &v3).unwrap();
+    mutate_blocks(&v3, CHUNK, 4, 43);
+    let r = replicate(&server.url, "vm1", &v3, &opts);
+    r.expect_code(0);
+    assert_eq!(r.summary()["point_id"], 2);
+    assert_point_equals(&ds, "vm1", None, &v3, "after ENOSPC");
+    assert_point_equals(&ds, "vm1", Some(1), &v1, "after ENOSPC");
+}
+
+#[test]
+fn resume_after_a_cut_at_half_sends_at_most_55_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = new_token(dir.path(), "token");
+    let tok = p(&token);
+    let src = dir.path().join("src.img");
+    write_image(&src, 16 * MIB, 51, &[Fill::Random]);
+    let opts = ["--retry-for", "0", "--checkpoint-every", "512K", "--compress", "none", "--token-file", &tok];
+    let ds = dir.path().join("ds");
+    let server = Server::start(&ds, &token, &[]);
+    let full = replicate(&server.url, "whole", &src, &opts);
+    full.expect_code(0);
+    let full_sent = u(&full.summary()["totals"]["bytes_sent"]);
+    let full_wire = u(&full.summary()["wire_bytes"]);
+    assert!(full_sent >= 16 * MIB, "{full_sent}");
+
+    let proxy = Proxy::start(&server.url, vec![full_wire / 2]);
+    replicate(&proxy.url(), "cut", &src, &opts).expect_code(1);
+    wait_server_idle(&server.url);
+    let r = run_unbusy(&replicate_args(&proxy.url(), "cut", &src, &opts));
+    r.expect_code(0);
+    let s = r.summary();
+    assert_eq!(s["resumed"], true);
+    let resumed_sent = u(&s["totals"]["bytes_sent"]);
+    eprintln!(
+        "full run {full_sent} bytes, resumed run {resumed_sent} bytes ({:.1} %)",
+        100.0 * resumed_sent as f64 / full_sent as f64
+    );
+    assert!(resumed_sent * 100 <= full_sent * 55, "resume sent {resumed_sent} of {full_sent}");
+    assert!(resumed_sent * 100 >= full_sent * 45, "resume sent only {resumed_sent} of {full_sent}");
+    assert_point_equals(&ds, "cut", None, &src, "resumed");
+    verify(&ds, "cut", "resumed");
+}
+
+#[test]
+fn exports_of_the_last_five_points_equal_the_source_at_each_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let src = dir.path().join("src.img");
+    write_image(&src, 3 * MIB + 4321, 61, &[Fill::Random, Fill::Text, Fill::Zero]);
+    let mut copies = Vec::new();
+    for i in 1..=7u64 {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        match i {
+            1 => {}
+            3 => {
+                // Grow by 1 MiB + 1000 bytes of new data.
+                let mut tail = vec![0u8; (MIB + 1000) as usize];
+                Rng::new(63).fill(&mut tail);
+                write_at(&mut f, 3 * MIB + 4321, &tail);
+            }
+            5 => {
+                // Shrink to 2 MiB + 777 bytes (the last chunk becomes partial).
+                f.set_len(2 * MIB + 777).unwrap();
+            }
+            6 => {
+                // Zero a 256 KiB region.
+                write_at(&mut f, 256 * KIB, &vec![0u8; 256 * KIB as usize]);
+                mutate_blocks(&src, CHUNK, 3, 60 + i);
+            }
+            _ => {
+                mutate_blocks(&src, CHUNK, 5, 60 + i);
+            }
+        }
+        drop(f);
+        let r = replicate(&p(&ds), "vm1", &src, &["--retain", "5"]);
+        r.expect_code(0);
+        assert_eq!(r.summary()["point_id"], i);
+        let copy = dir.path().join(format!("at-{i}.img"));
+        std::fs::copy(&src, &copy).unwrap();
+        copies.push(copy);
+    }
+    assert_eq!(point_ids(&ds, "vm1"), Some(vec![3, 4, 5, 6, 7]));
+    let r = run(["points", "list", "--target", &p(&ds), "--replica", "vm1"]);
+    r.expect_code(0);
+    assert_eq!(r.stdout.lines().count(), 6, "a header and five points:\n{}", r.stdout);
+    for i in 3..=7u64 {
+        assert_point_equals(&ds, "vm1", Some(i), &copies[i as usize - 1], &format!("point {i}"));
+    }
+    for i in [1, 2] {
+        let r = export(&ds, "vm1", Some(i), &dir.path().join("gone.raw"));
+        r.expect_code(2);
+        assert!(
+            r.stderr.contains(&format!("replica \"vm1\" has no restore point {i} (points: 3, 4, 5, 6, 7)")),
+            "{}",
+            r.stderr
+        );
+    }
+    verify(&ds, "vm1", "five points");
+}
+
+#[test]
+fn failback_sends_only_the_chunks_changed_after_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = new_token(dir.path(), "token");
+    let tok = p(&token);
+    // Site A runs the VM; site B is the DR site.
+    let disk_a = dir.path().join("vmA-disk0.img");
+    write_image(&disk_a, 6 * MIB + 512, 71, &[Fill::Random, Fill::Text, Fill::Zero]);
+    let ds_b = dir.path().join("site-b");
+    let server_b = Server::start(&ds_b, &token, &[]);
+    replicate(&server_b.url, "vmA", &disk_a, &["--token-file", &tok]).expect_code(0);
+    // Site A keeps a replica of its own disk (what failback writes back into).
+    let ds_a = dir.path().join("site-a");
+    replicate(&p(&ds_a), "vmA", &disk_a, &[]).expect_code(0);
+
+    // Failover: the latest point of B becomes the running disk.
+    let failed_over = dir.path().join("failed-over.img");
+    export(&ds_b, "vmA", None, &failed_over).expect_code(0);
+    assert!(same_bytes(&failed_over, &disk_a));
+    // The VM runs at B: whole chunks rewritten, and a few bytes in one more chunk.
+    let mut changed: std::collections::BTreeSet<u64> = mutate_blocks(&failed_over, CHUNK, 9, 72).into_iter().collect();
+    let small = (0..96).find(|c| !changed.contains(c)).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&failed_over).unwrap();
+    write_at(&mut f, small * CHUNK + 1000, b"changed at the DR site");
+    drop(f);
+    changed.insert(small);
+
+    // Failback: replicate the failed-over disk into site A's replica in digest mode.
+    let r = replicate(&p(&ds_a), "vmA", &failed_over, &["--mode", "digest"]);
+    r.expect_code(0);
+    let s = r.summary();
+    assert_eq!(s["point_id"], 2);
+    assert_eq!(s["disks"][0]["mode"], "digest");
+    assert_eq!(u(&s["totals"]["chunks_sent"]), changed.len() as u64, "{s}");
+    assert_eq!(u(&s["totals"]["chunks_zero"]), 0, "{s}");
+    assert_eq!(u(&s["totals"]["bytes_data"]), changed.len() as u64 * CHUNK, "{s}");
+    assert_point_equals(&ds_a, "vmA", None, &failed_over, "after failback");
+    assert_point_equals(&ds_a, "vmA", Some(1), &disk_a, "before failback");
+    verify(&ds_a, "vmA", "after failback");
+}

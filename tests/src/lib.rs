@@ -325,8 +325,8 @@ pub fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// A TCP proxy on 127.0.0.1 in front of a server. The i-th connection is cut
-/// (both sockets shut down) after `cuts[i]` bytes from the client have been
-/// forwarded; later connections are forwarded untouched. The client's bytes
+/// after `cuts[i]` bytes from the client have been forwarded (the client's
+/// socket is shut down at once; the server gets those bytes, then the end); later connections are forwarded untouched. The client's bytes
 /// of each cut connection are kept (see [`Proxy::cut_streams`]).
 pub struct Proxy {
     /// `127.0.0.1:PORT` of the proxy.
@@ -393,8 +393,22 @@ fn proxy_connection(client: std::net::TcpStream, server: std::net::TcpStream, cu
     use std::net::Shutdown;
     let (Ok(mut c_read), Ok(mut s_write)) = (client.try_clone(), server.try_clone()) else { return };
     let (Ok(mut s_read), Ok(mut c_write)) = (server.try_clone(), client.try_clone()) else { return };
+    // Server to client. After a cut the server's bytes are still read (and dropped) until it
+    // closes: closing a socket with unread bytes would reset the connection, and a reset makes
+    // the server's kernel drop what it received but the server had not read yet. A cut cable
+    // does not do that: what reached the server is read by the server.
     let down = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut s_read, &mut c_write);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut client_gone = false;
+        loop {
+            let n = match s_read.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if !client_gone && c_write.write_all(&buf[..n]).is_err() {
+                client_gone = true;
+            }
+        }
         let _ = c_write.shutdown(Shutdown::Write);
     });
     let mut seen = Vec::new();
@@ -418,8 +432,8 @@ fn proxy_connection(client: std::net::TcpStream, server: std::net::TcpStream, cu
         }
         if cut == Some(forwarded) {
             st.cut_streams.lock().unwrap().push(std::mem::take(&mut seen));
+            // The source loses the connection at once; the server gets the bytes sent so far, then the end.
             let _ = client.shutdown(Shutdown::Both);
-            let _ = server.shutdown(Shutdown::Both);
             break;
         }
     }
