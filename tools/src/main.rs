@@ -39,7 +39,7 @@ enum Cmd {
     /// Serve a datastore to sources over TCP.
     Serve(ServeArgs),
     /// Replicate disks to a target (a datastore directory or ferry://HOST:PORT).
-    Replicate(ReplicateArgs),
+    Replicate(Box<ReplicateArgs>),
     /// Restore points of a replica.
     Points {
         #[command(subcommand)]
@@ -282,7 +282,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
-        Cmd::Replicate(a) => replicate(a),
+        Cmd::Replicate(a) => replicate(*a),
         Cmd::Points { cmd } => points(cmd),
         Cmd::Token { cmd: TokenCmd::New { out } } => {
             ferry_mover::auth::write_new_token(&out)?;
