@@ -269,19 +269,23 @@ pub fn rollback_incomplete(r: &Replica) -> Result<bool> {
     assert!(r.is_locked(), "rollback needs the replica lock");
     let Some(session) = r.session()? else { return Ok(false) };
     let catalog = r.catalog()?;
+    // Disks the session added: those it recorded, and any image it created before it could
+    // record it (the image is created just before the session state names it).
+    let mut added: std::collections::BTreeSet<String> = session.disks.keys().cloned().collect();
+    added.extend(r.disks()?);
     match catalog.points.last() {
         Some(latest) if latest.session_id == session.session_id => {} // committed already
         Some(latest) => {
             for d in &latest.disks {
                 apply_undo(r, latest.id, &d.name, d.size)?;
             }
-            for name in session.disks.keys().filter(|n| !latest.disks.iter().any(|d| &d.name == *n)) {
+            for name in added.iter().filter(|n| !latest.disks.iter().any(|d| &d.name == *n)) {
                 remove_disk(r, name)?;
             }
             remove_undo_dir(r, latest.id)?;
         }
         None => {
-            for name in session.disks.keys() {
+            for name in &added {
                 remove_disk(r, name)?;
             }
         }
