@@ -10,8 +10,10 @@
 //!                               source
 //! ```
 //!
-//! Ordering: the connection thread counts the items it dispatches; a Flush
-//! becomes a barrier that the writer runs once that many items are written.
+//! Ordering: the connection thread numbers the items it dispatches; a Flush
+//! becomes a barrier that the writer runs once every item numbered below it
+//! is written (verify workers and zero runs finish out of order: a count of
+//! items done is not enough).
 //! At a barrier the writer fdatasyncs the image, stores the digest map and the
 //! session state (atomically), and only then sends the Checkpoint: a
 //! checkpoint the source sees is durable.
@@ -159,7 +161,7 @@ struct Active {
 }
 
 struct Pipeline {
-    to_workers: Option<Sender<Data>>,
+    to_workers: Option<Sender<(u64, Data)>>,
     to_writer: Sender<WriterMsg>,
     workers: Vec<std::thread::JoinHandle<StageStats>>,
     writer: Option<std::thread::JoinHandle<WriterOutcome>>,
@@ -301,16 +303,18 @@ impl TargetSession<'_> {
                 }
                 Frame::Data(d) => {
                     let a = self.active_mut()?;
+                    let seq = a.dispatched;
                     a.dispatched += 1;
                     let p = a.pipeline()?;
-                    if p.to_workers.as_ref().is_none_or(|w| w.send(d).is_err()) {
+                    if p.to_workers.as_ref().is_none_or(|w| w.send((seq, d)).is_err()) {
                         return Err(self.writer_gone());
                     }
                 }
                 Frame::ZeroRun(z) => {
                     let a = self.active_mut()?;
+                    let seq = a.dispatched;
                     a.dispatched += 1;
-                    let msg = WriterMsg::Zero { disk: z.disk, first: z.first_chunk, count: z.count };
+                    let msg = WriterMsg::Zero { seq, disk: z.disk, first: z.first_chunk, count: z.count };
                     if a.pipeline()?.to_writer.send(msg).is_err() {
                         return Err(self.writer_gone());
                     }
@@ -562,8 +566,8 @@ struct WDisk {
 
 enum WriterMsg {
     OpenDisk(u32, Box<WDisk>),
-    Chunk { disk: u32, chunk: u64, buf: PoolBuf, digest: [u8; 32] },
-    Zero { disk: u32, first: u64, count: u64 },
+    Chunk { seq: u64, disk: u32, chunk: u64, buf: PoolBuf, digest: [u8; 32] },
+    Zero { seq: u64, disk: u32, first: u64, count: u64 },
     Barrier { disk: u32, next_chunk: u64, items_before: u64 },
     GetDigests { disk: u32, reply: Sender<DigestMap> },
     Commit { items_before: u64, reply: Sender<Result<Vec<PointDisk>>> },
@@ -585,7 +589,7 @@ fn start_pipeline(
         open_backend(cfg.backend, &pool, depth).map_err(|e| MoveError::Config(format!("target IO backend: {e}")))?;
     let backend_name = backend.name();
     let (to_writer, writer_rx) = bounded::<WriterMsg>(depth + 2 * workers + 16);
-    let (to_workers, work_rx) = bounded::<Data>(workers * 2);
+    let (to_workers, work_rx) = bounded::<(u64, Data)>(workers * 2);
     let counters = Arc::new(Counters::default());
     let error = Arc::new(Mutex::new(None));
     let mut handles = Vec::new();
@@ -610,6 +614,8 @@ fn start_pipeline(
                     backend,
                     disks: HashMap::new(),
                     written: 0,
+                    done: std::collections::BTreeSet::new(),
+                    seq_of: HashMap::new(),
                     barriers: VecDeque::new(),
                     replica,
                     state,
@@ -658,10 +664,10 @@ fn start_pipeline(
 }
 
 /// Decompress and verify chunks; a chunk that fails is never passed on.
-fn verify_worker(rx: Receiver<Data>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) -> StageStats {
+fn verify_worker(rx: Receiver<(u64, Data)>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) -> StageStats {
     let mut stats = StageStats::default();
     let mut dctx = zstd::bulk::Decompressor::new().expect("zstd decompressor");
-    for d in rx {
+    for (seq, d) in rx {
         let t = Instant::now();
         let mut buf = pool.get();
         let len = d.logical_len as usize;
@@ -703,7 +709,7 @@ fn verify_worker(rx: Receiver<Data>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) 
                 if *blake3::hash(&buf).as_bytes() != d.digest {
                     WriterMsg::Failed(MoveError::DigestMismatch { disk: disk_label(), chunk: d.chunk })
                 } else {
-                    WriterMsg::Chunk { disk: d.disk, chunk: d.chunk, buf, digest: d.digest }
+                    WriterMsg::Chunk { seq, disk: d.disk, chunk: d.chunk, buf, digest: d.digest }
                 }
             }
         };
@@ -774,7 +780,12 @@ fn rebuild_unknown(d: &mut WDisk) -> Result<()> {
 struct Writer {
     backend: Box<dyn IoBackend>,
     disks: HashMap<u32, WDisk>,
+    /// Items (Data, ZeroRun) done: every item with a sequence number below this one.
     written: u64,
+    /// Items done out of order, above `written` (workers and zero runs overtake each other).
+    done: std::collections::BTreeSet<u64>,
+    /// Sequence number of each write in flight or held, by tag.
+    seq_of: HashMap<u64, u64>,
     barriers: VecDeque<WriterMsg>,
     replica: Arc<Replica>,
     state: SessionState,
@@ -826,11 +837,11 @@ impl Writer {
                 WriterMsg::OpenDisk(id, d) => {
                     self.disks.insert(id, *d);
                 }
-                WriterMsg::Chunk { disk, chunk, buf, digest } => {
+                WriterMsg::Chunk { seq, disk, chunk, buf, digest } => {
                     let d = self.disks.get_mut(&disk).ok_or_else(|| MoveError::Config(format!("no disk {disk}")))?;
                     if d.digests.get(chunk) == Some(digest) {
                         // The replica already holds these bytes: nothing to write, nothing to undo.
-                        self.written += 1;
+                        self.item_done(seq);
                         continue;
                     }
                     let offset = chunk * u64::from(d.chunk_size);
@@ -847,13 +858,14 @@ impl Writer {
                     tag += 1;
                     let req =
                         IoRequest { tag: (u64::from(disk) << 48) | tag, fd, offset, len, kind: IoKind::Write, buf };
+                    self.seq_of.insert(req.tag, seq);
                     if held {
                         self.held.push(req);
                     } else {
                         self.submit(req)?;
                     }
                 }
-                WriterMsg::Zero { disk, first, count } => {
+                WriterMsg::Zero { seq, disk, first, count } => {
                     let t = Instant::now();
                     let d = self.disks.get_mut(&disk).ok_or_else(|| MoveError::Config(format!("no disk {disk}")))?;
                     let cs = u64::from(d.chunk_size);
@@ -868,7 +880,7 @@ impl Writer {
                     }
                     self.counters.chunks_zero.fetch_add(count, Ordering::Relaxed);
                     if changed == 0 {
-                        self.written += 1;
+                        self.item_done(seq);
                         continue;
                     }
                     if let Some(u) = &mut d.undo {
@@ -890,7 +902,7 @@ impl Writer {
                     d.dirty = true;
                     d.entry.chunks_changed += changed;
                     d.entry.bytes_changed += end - offset;
-                    self.written += 1;
+                    self.item_done(seq);
                     self.stats.record(Stage::Write, t.elapsed());
                 }
                 WriterMsg::GetDigests { disk, reply } => {
@@ -904,6 +916,14 @@ impl Writer {
                 }
                 b @ (WriterMsg::Barrier { .. } | WriterMsg::Commit { .. }) => self.barriers.push_back(b),
             }
+        }
+    }
+
+    /// Item `seq` is done; `written` moves up over every item done without a gap below it.
+    fn item_done(&mut self, seq: u64) {
+        self.done.insert(seq);
+        while self.done.remove(&self.written) {
+            self.written += 1;
         }
     }
 
@@ -959,7 +979,9 @@ impl Writer {
             len: c.len,
             source: e,
         })?;
-        self.written += 1;
+        if let Some(seq) = self.seq_of.remove(&c.tag) {
+            self.item_done(seq);
+        }
         self.counters.chunks_written.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_written.fetch_add(c.len as u64, Ordering::Relaxed);
         Ok(())
