@@ -616,6 +616,7 @@ fn start_pipeline(
                     written: 0,
                     done: std::collections::BTreeSet::new(),
                     seq_of: HashMap::new(),
+                    stopping: false,
                     barriers: VecDeque::new(),
                     replica,
                     state,
@@ -786,6 +787,8 @@ struct Writer {
     done: std::collections::BTreeSet<u64>,
     /// Sequence number of each write in flight or held, by tag.
     seq_of: HashMap<u64, u64>,
+    /// The session is ending: Checkpoints are still made durable, but may find no one to tell.
+    stopping: bool,
     barriers: VecDeque<WriterMsg>,
     replica: Arc<Replica>,
     state: SessionState,
@@ -824,7 +827,18 @@ impl Writer {
                 continue;
             };
             match msg {
-                WriterMsg::Stop => return Ok(()),
+                WriterMsg::Stop => {
+                    // The session is ending: everything the source sent is here. Finish its writes
+                    // and run its Flushes, so that a resume starts from the last Flush received
+                    // rather than from the last one this writer had caught up with. Nobody may be
+                    // listening for those Checkpoints any more; their state is durable first.
+                    self.stopping = true;
+                    self.flush_held()?;
+                    while self.backend.in_flight() > 0 {
+                        self.complete_one()?;
+                    }
+                    return self.run_barriers();
+                }
                 WriterMsg::Failed(e) => {
                     let e = match e {
                         MoveError::DigestMismatch { disk, chunk } => {
@@ -1014,7 +1028,10 @@ impl Writer {
                     }
                     self.replica.write_session(&self.state)?;
                     self.stats.record(Stage::Sync, t.elapsed());
-                    self.conn.send(&Frame::Checkpoint(Checkpoint { disk, next_chunk }))?;
+                    let sent = self.conn.send(&Frame::Checkpoint(Checkpoint { disk, next_chunk }));
+                    if !self.stopping {
+                        sent?;
+                    }
                 }
                 WriterMsg::Commit { reply, .. } => {
                     let t = Instant::now();
