@@ -1028,9 +1028,10 @@ impl Writer {
                     }
                     self.replica.write_session(&self.state)?;
                     self.stats.record(Stage::Sync, t.elapsed());
-                    let sent = self.conn.send(&Frame::Checkpoint(Checkpoint { disk, next_chunk }));
-                    if !self.stopping {
-                        sent?;
+                    // A Checkpoint that cannot be sent (the connection is closing) is still
+                    // durable: keep making the rest durable too, until the session stops us.
+                    if self.conn.send(&Frame::Checkpoint(Checkpoint { disk, next_chunk })).is_err() {
+                        self.stopping = true;
                     }
                 }
                 WriterMsg::Commit { reply, .. } => {
