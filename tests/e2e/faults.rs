@@ -276,7 +276,7 @@ fn kill_at_random_moments(victim: Victim, incremental: bool, cases: usize, seed:
     };
 
     // Kill points by progress, not by the clock (this machine's speed varies): once the target
-    // has made chunk `at` durable (session.json's next_chunk), plus 0-14 ms; `at` 0 is 0-14 ms
+    // has made chunk `at` durable (session.json's next_chunk), plus 0-5 ms; `at` 0 is 0-14 ms
     // after the source starts, before or while it connects.
     //
     // A source, though, runs ahead of the target by what the socket buffers hold (megabytes on
@@ -287,7 +287,7 @@ fn kill_at_random_moments(victim: Victim, incremental: bool, cases: usize, seed:
     let mut tally = Tally::default();
     for case in 0..cases {
         let (at, delay) = match victim {
-            Victim::Target => (rng.below(chunks), rng.below(15)),
+            Victim::Target => (rng.below(chunks), rng.below(6)),
             Victim::Source => (rng.below(chunks * 35 / 100), rng.below(15)),
         };
         let resume = rng.below(2) == 0;
