@@ -2,5 +2,6 @@
 
 mod backup;
 mod datapath;
+mod faults;
 mod nbd;
 mod plan;

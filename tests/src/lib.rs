@@ -309,3 +309,153 @@ impl Drop for Server {
         self.kill();
     }
 }
+
+/// Copy a directory tree (files and directories only).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create copy dir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("dir entry");
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("file type").is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).expect("copy file");
+        }
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a server. The i-th connection is cut
+/// after `cuts[i]` bytes from the client have been forwarded (the client's
+/// socket is shut down at once; the server gets those bytes, then the end); later connections are forwarded untouched. The client's bytes
+/// of each cut connection are kept (see [`Proxy::cut_streams`]).
+pub struct Proxy {
+    /// `127.0.0.1:PORT` of the proxy.
+    pub addr: String,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    connections: std::sync::atomic::AtomicUsize,
+    cut_streams: std::sync::Mutex<Vec<Vec<u8>>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl Proxy {
+    /// Start a proxy to `upstream` (`HOST:PORT` or `ferry://HOST:PORT`).
+    pub fn start(upstream: &str, cuts: Vec<u64>) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let upstream = upstream.strip_prefix("ferry://").unwrap_or(upstream).to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address").to_string();
+        let state = std::sync::Arc::new(ProxyState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if st.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let i = st.connections.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                let cut = cuts.get(i).copied();
+                let st = st.clone();
+                std::thread::spawn(move || proxy_connection(client, server, cut, &st));
+            }
+        });
+        Proxy { addr, state }
+    }
+
+    /// `ferry://` URL of the proxy.
+    pub fn url(&self) -> String {
+        format!("ferry://{}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The client's bytes of each connection cut so far (exactly what was forwarded).
+    pub fn cut_streams(&self) -> Vec<Vec<u8>> {
+        self.state.cut_streams.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(&self.addr);
+    }
+}
+
+fn proxy_connection(client: std::net::TcpStream, server: std::net::TcpStream, cut: Option<u64>, st: &ProxyState) {
+    use std::net::Shutdown;
+    let (Ok(mut c_read), Ok(mut s_write)) = (client.try_clone(), server.try_clone()) else { return };
+    let (Ok(mut s_read), Ok(mut c_write)) = (server.try_clone(), client.try_clone()) else { return };
+    // Server to client. After a cut the server's bytes are still read (and dropped) until it
+    // closes: closing a socket with unread bytes would reset the connection, and a reset makes
+    // the server's kernel drop what it received but the server had not read yet. A cut cable
+    // does not do that: what reached the server is read by the server.
+    let down = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut client_gone = false;
+        loop {
+            let n = match s_read.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if !client_gone && c_write.write_all(&buf[..n]).is_err() {
+                client_gone = true;
+            }
+        }
+        let _ = c_write.shutdown(Shutdown::Write);
+    });
+    let mut seen = Vec::new();
+    let mut forwarded = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match c_read.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let take = match cut {
+            Some(limit) => (n as u64).min(limit - forwarded) as usize,
+            None => n,
+        };
+        if s_write.write_all(&buf[..take]).is_err() {
+            break;
+        }
+        forwarded += take as u64;
+        if cut.is_some() {
+            seen.extend_from_slice(&buf[..take]);
+        }
+        if cut == Some(forwarded) {
+            st.cut_streams.lock().unwrap().push(std::mem::take(&mut seen));
+            // The source loses the connection at once; the server gets the bytes sent so far, then the end.
+            let _ = client.shutdown(Shutdown::Both);
+            break;
+        }
+    }
+    let _ = s_write.shutdown(Shutdown::Write);
+    let _ = down.join();
+}
+
+/// `(type, start, end)` of the frame of a ferry byte stream that holds byte
+/// offset `at` (frames are a 12-byte header with the body length at bytes 4..8).
+pub fn frame_at(stream: &[u8], at: u64) -> Option<(u8, u64, u64)> {
+    let mut pos = 0u64;
+    loop {
+        let p = pos as usize;
+        if p + 8 > stream.len() {
+            return None;
+        }
+        assert_eq!(&stream[p..p + 2], &[0xFE, 0x52], "no frame magic at {pos}");
+        let len = u32::from_le_bytes(stream[p + 4..p + 8].try_into().expect("4 bytes"));
+        let end = pos + 12 + u64::from(len);
+        if at < end {
+            return Some((stream[p + 2], pos, end));
+        }
+        pos = end;
+    }
+}

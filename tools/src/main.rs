@@ -154,6 +154,9 @@ struct ReplicateArgs {
     /// Read the source with O_DIRECT (bypasses the page cache; spares production caches).
     #[arg(long)]
     direct_io: bool,
+    /// Ask the target for a durable checkpoint after this much of each disk (default 256M; for tests).
+    #[arg(long, hide = true)]
+    checkpoint_every: Option<String>,
     #[command(flatten)]
     io: IoArgs,
     /// NDJSON events on stdout, ending with one `summary` event.
@@ -445,6 +448,13 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
         cfg.retain = r;
     }
     cfg.direct_io = a.direct_io;
+    if let Some(c) = &a.checkpoint_every {
+        let n = parse_size(c)?;
+        if n == 0 {
+            return Err(usage("--checkpoint-every must be more than 0"));
+        }
+        cfg.checkpoint_bytes = n;
+    }
     cfg.verify_samples = a.verify_samples;
     Ok(cfg)
 }

@@ -10,8 +10,10 @@
 //!                               source
 //! ```
 //!
-//! Ordering: the connection thread counts the items it dispatches; a Flush
-//! becomes a barrier that the writer runs once that many items are written.
+//! Ordering: the connection thread numbers the items it dispatches; a Flush
+//! becomes a barrier that the writer runs once every item numbered below it
+//! is written (verify workers and zero runs finish out of order: a count of
+//! items done is not enough).
 //! At a barrier the writer fdatasyncs the image, stores the digest map and the
 //! session state (atomically), and only then sends the Checkpoint: a
 //! checkpoint the source sees is durable.
@@ -131,7 +133,9 @@ pub fn serve_connection(
     if let Some(inner) = t.inner.take() {
         inner.fill_counters(&mut report);
         let (stats, wr) = inner.finish();
-        if report.error.is_none() {
+        // The writer's error is the cause; what the connection thread saw next
+        // ("session closed", a hang-up) is its consequence.
+        if wr.is_some() {
             report.error = wr;
         }
         report.stages = stats.summary();
@@ -172,7 +176,7 @@ struct Active {
 }
 
 struct Pipeline {
-    to_workers: Option<Sender<Data>>,
+    to_workers: Option<Sender<(u64, Data)>>,
     to_writer: Sender<WriterMsg>,
     workers: Vec<std::thread::JoinHandle<StageStats>>,
     writer: Option<std::thread::JoinHandle<WriterOutcome>>,
@@ -330,16 +334,18 @@ impl TargetSession<'_> {
                 }
                 Frame::Data(d) => {
                     let a = self.active_mut()?;
+                    let seq = a.dispatched;
                     a.dispatched += 1;
                     let p = a.pipeline()?;
-                    if p.to_workers.as_ref().is_none_or(|w| w.send(d).is_err()) {
+                    if p.to_workers.as_ref().is_none_or(|w| w.send((seq, d)).is_err()) {
                         return Err(self.writer_gone());
                     }
                 }
                 Frame::ZeroRun(z) => {
                     let a = self.active_mut()?;
+                    let seq = a.dispatched;
                     a.dispatched += 1;
-                    let msg = WriterMsg::Zero { disk: z.disk, first: z.first_chunk, count: z.count };
+                    let msg = WriterMsg::Zero { seq, disk: z.disk, first: z.first_chunk, count: z.count };
                     if a.pipeline()?.to_writer.send(msg).is_err() {
                         return Err(self.writer_gone());
                     }
@@ -460,7 +466,13 @@ impl TargetSession<'_> {
         }
         let digests_path = a.replica.digests_path(&o.name)?;
         let zeros = ZeroDigests::new(o.chunk_size);
-        let mut map = match digests::load(&digests_path, o.chunk_size, previous_size) {
+        // A resumed disk's map was stored at its checkpoints at the session's size; before the
+        // first checkpoint (or without a session) it is the latest point's map at the previous size.
+        let stored = resume
+            .as_ref()
+            .and_then(|_| digests::load(&digests_path, o.chunk_size, o.size))
+            .or_else(|| digests::load(&digests_path, o.chunk_size, previous_size));
+        let mut map = match stored {
             Some(m) => Ok(m),
             // No usable map: a new disk is all zeros; an existing one is unknown until rebuilt.
             None if existing == 0 => DigestMap::zeroed(o.chunk_size, previous_size, &zeros),
@@ -628,8 +640,8 @@ struct WDisk {
 
 enum WriterMsg {
     OpenDisk(u32, Box<WDisk>),
-    Chunk { disk: u32, chunk: u64, buf: PoolBuf, digest: [u8; 32] },
-    Zero { disk: u32, first: u64, count: u64 },
+    Chunk { seq: u64, disk: u32, chunk: u64, buf: PoolBuf, digest: [u8; 32] },
+    Zero { seq: u64, disk: u32, first: u64, count: u64 },
     Barrier { disk: u32, next_chunk: u64, items_before: u64 },
     GetDigests { disk: u32, reply: Sender<DigestMap> },
     Commit { items_before: u64, reply: Sender<Result<Vec<PointDisk>>> },
@@ -651,7 +663,7 @@ fn start_pipeline(
         open_backend(cfg.backend, &pool, depth).map_err(|e| MoveError::Config(format!("target IO backend: {e}")))?;
     let backend_name = backend.name();
     let (to_writer, writer_rx) = bounded::<WriterMsg>(depth + 2 * workers + 16);
-    let (to_workers, work_rx) = bounded::<Data>(workers * 2);
+    let (to_workers, work_rx) = bounded::<(u64, Data)>(workers * 2);
     let counters = Arc::new(Counters::default());
     let error = Arc::new(Mutex::new(None));
     let mut handles = Vec::new();
@@ -676,6 +688,9 @@ fn start_pipeline(
                     backend,
                     disks: HashMap::new(),
                     written: 0,
+                    done: std::collections::BTreeSet::new(),
+                    seq_of: HashMap::new(),
+                    stopping: false,
                     barriers: VecDeque::new(),
                     replica,
                     state,
@@ -686,12 +701,25 @@ fn start_pipeline(
                     held: Vec::new(),
                     old: Vec::new(),
                 };
+                let rest = writer_rx.clone();
                 if let Err(e) = w.run(writer_rx) {
                     // Recorded before the peer hears of it: the connection thread may see
                     // the peer hang up next and must report this error, not the hang-up.
                     *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.detail());
                     w.conn.send_error(e.code(), &e.detail());
                     w.conn.shutdown();
+                    // Give back every pool buffer: verified chunks queued for this writer (and
+                    // writes held for it) own buffers that a verify worker may be waiting for.
+                    // Without this the workers never end, the session never ends, and the
+                    // replica stays locked until the server restarts.
+                    w.held.clear();
+                    w.barriers.clear();
+                    w.drain();
+                    for m in rest.iter() {
+                        if matches!(m, WriterMsg::Stop) {
+                            break;
+                        }
+                    }
                 }
                 w.drain();
                 WriterOutcome { stats: w.stats }
@@ -711,10 +739,10 @@ fn start_pipeline(
 }
 
 /// Decompress and verify chunks; a chunk that fails is never passed on.
-fn verify_worker(rx: Receiver<Data>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) -> StageStats {
+fn verify_worker(rx: Receiver<(u64, Data)>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) -> StageStats {
     let mut stats = StageStats::default();
     let mut dctx = zstd::bulk::Decompressor::new().expect("zstd decompressor");
-    for d in rx {
+    for (seq, d) in rx {
         let t = Instant::now();
         let mut buf = pool.get();
         let len = d.logical_len as usize;
@@ -756,7 +784,7 @@ fn verify_worker(rx: Receiver<Data>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) 
                 if *blake3::hash(&buf).as_bytes() != d.digest {
                     WriterMsg::Failed(MoveError::DigestMismatch { disk: disk_label(), chunk: d.chunk })
                 } else {
-                    WriterMsg::Chunk { disk: d.disk, chunk: d.chunk, buf, digest: d.digest }
+                    WriterMsg::Chunk { seq, disk: d.disk, chunk: d.chunk, buf, digest: d.digest }
                 }
             }
         };
@@ -848,7 +876,14 @@ fn send_digest_map(conn: &Conn, disk: u32, map: &DigestMap, cached: &[u8; 32]) -
 struct Writer {
     backend: Box<dyn IoBackend>,
     disks: HashMap<u32, WDisk>,
+    /// Items (Data, ZeroRun) done: every item with a sequence number below this one.
     written: u64,
+    /// Items done out of order, above `written` (workers and zero runs overtake each other).
+    done: std::collections::BTreeSet<u64>,
+    /// Sequence number of each write in flight or held, by tag.
+    seq_of: HashMap<u64, u64>,
+    /// The session is ending: Checkpoints are still made durable, but may find no one to tell.
+    stopping: bool,
     barriers: VecDeque<WriterMsg>,
     replica: Arc<Replica>,
     state: SessionState,
@@ -887,7 +922,18 @@ impl Writer {
                 continue;
             };
             match msg {
-                WriterMsg::Stop => return Ok(()),
+                WriterMsg::Stop => {
+                    // The session is ending: everything the source sent is here. Finish its writes
+                    // and run its Flushes, so that a resume starts from the last Flush received
+                    // rather than from the last one this writer had caught up with. Nobody may be
+                    // listening for those Checkpoints any more; their state is durable first.
+                    self.stopping = true;
+                    self.flush_held()?;
+                    while self.backend.in_flight() > 0 {
+                        self.complete_one()?;
+                    }
+                    return self.run_barriers();
+                }
                 WriterMsg::Failed(e) => {
                     let e = match e {
                         MoveError::DigestMismatch { disk, chunk } => {
@@ -900,11 +946,11 @@ impl Writer {
                 WriterMsg::OpenDisk(id, d) => {
                     self.disks.insert(id, *d);
                 }
-                WriterMsg::Chunk { disk, chunk, buf, digest } => {
+                WriterMsg::Chunk { seq, disk, chunk, buf, digest } => {
                     let d = self.disks.get_mut(&disk).ok_or_else(|| MoveError::Config(format!("no disk {disk}")))?;
                     if d.digests.get(chunk) == Some(digest) {
                         // The replica already holds these bytes: nothing to write, nothing to undo.
-                        self.written += 1;
+                        self.item_done(seq);
                         continue;
                     }
                     let offset = chunk * u64::from(d.chunk_size);
@@ -921,13 +967,14 @@ impl Writer {
                     tag += 1;
                     let req =
                         IoRequest { tag: (u64::from(disk) << 48) | tag, fd, offset, len, kind: IoKind::Write, buf };
+                    self.seq_of.insert(req.tag, seq);
                     if held {
                         self.held.push(req);
                     } else {
                         self.submit(req)?;
                     }
                 }
-                WriterMsg::Zero { disk, first, count } => {
+                WriterMsg::Zero { seq, disk, first, count } => {
                     let t = Instant::now();
                     let d = self.disks.get_mut(&disk).ok_or_else(|| MoveError::Config(format!("no disk {disk}")))?;
                     let cs = u64::from(d.chunk_size);
@@ -942,7 +989,7 @@ impl Writer {
                     }
                     self.counters.chunks_zero.fetch_add(count, Ordering::Relaxed);
                     if changed == 0 {
-                        self.written += 1;
+                        self.item_done(seq);
                         continue;
                     }
                     if let Some(u) = &mut d.undo {
@@ -964,7 +1011,7 @@ impl Writer {
                     d.dirty = true;
                     d.entry.chunks_changed += changed;
                     d.entry.bytes_changed += end - offset;
-                    self.written += 1;
+                    self.item_done(seq);
                     self.stats.record(Stage::Write, t.elapsed());
                 }
                 WriterMsg::GetDigests { disk, reply } => {
@@ -979,6 +1026,14 @@ impl Writer {
                 }
                 b @ (WriterMsg::Barrier { .. } | WriterMsg::Commit { .. }) => self.barriers.push_back(b),
             }
+        }
+    }
+
+    /// Item `seq` is done; `written` moves up over every item done without a gap below it.
+    fn item_done(&mut self, seq: u64) {
+        self.done.insert(seq);
+        while self.done.remove(&self.written) {
+            self.written += 1;
         }
     }
 
@@ -1034,7 +1089,9 @@ impl Writer {
             len: c.len,
             source: e,
         })?;
-        self.written += 1;
+        if let Some(seq) = self.seq_of.remove(&c.tag) {
+            self.item_done(seq);
+        }
         self.counters.chunks_written.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_written.fetch_add(c.len as u64, Ordering::Relaxed);
         Ok(())
@@ -1067,7 +1124,11 @@ impl Writer {
                     }
                     self.replica.write_session(&self.state)?;
                     self.stats.record(Stage::Sync, t.elapsed());
-                    self.conn.send(&Frame::Checkpoint(Checkpoint { disk, next_chunk }))?;
+                    // A Checkpoint that cannot be sent (the connection is closing) is still
+                    // durable: keep making the rest durable too, until the session stops us.
+                    if self.conn.send(&Frame::Checkpoint(Checkpoint { disk, next_chunk })).is_err() {
+                        self.stopping = true;
+                    }
                 }
                 WriterMsg::Commit { reply, .. } => {
                     let t = Instant::now();

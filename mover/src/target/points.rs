@@ -150,7 +150,10 @@ fn apply_undo(r: &Replica, point: u64, disk: &str, size: u64) -> Result<()> {
     let cs = r.settings.chunk_size;
     let zeros = ZeroDigests::new(cs);
     let dpath = r.digests_path(disk)?;
+    // The map is at the image's size once a checkpoint stored it; before that (or after a
+    // rollback of a size change was cut short) it can still be the point's map at `size`.
     let mut map = digests::load(&dpath, cs, cur)
+        .or_else(|| digests::load(&dpath, cs, size))
         .map_or_else(|| DigestMap::new(cs, cur), Ok)
         .map_err(|e| MoveError::Datastore(e.to_string()))?;
     if size > cur {
@@ -177,6 +180,16 @@ fn apply_undo(r: &Replica, point: u64, disk: &str, size: u64) -> Result<()> {
     }
     f.set_len(size).map_err(|e| MoveError::file("resizing", &image, e))?;
     map.resize(size, |l| zeros.digest(l));
+    // Chunks the map does not know (no usable map, a partial last chunk whose length
+    // changed) are hashed from the restored image: verify and digest mode need them.
+    let mut buf = vec![0u8; cs as usize];
+    for c in 0..map.chunk_count() {
+        if !map.is_known(c) {
+            let len = map.chunk_len(c) as usize;
+            f.read_exact_at(&mut buf[..len], c * u64::from(cs)).map_err(|e| MoveError::file("reading", &image, e))?;
+            map.set(c, *blake3::hash(&buf[..len]).as_bytes());
+        }
+    }
     f.sync_all().map_err(|e| MoveError::file("syncing", &image, e))?;
     digests::store(&dpath, &map)
 }
@@ -256,19 +269,23 @@ pub fn rollback_incomplete(r: &Replica) -> Result<bool> {
     assert!(r.is_locked(), "rollback needs the replica lock");
     let Some(session) = r.session()? else { return Ok(false) };
     let catalog = r.catalog()?;
+    // Disks the session added: those it recorded, and any image it created before it could
+    // record it (the image is created just before the session state names it).
+    let mut added: std::collections::BTreeSet<String> = session.disks.keys().cloned().collect();
+    added.extend(r.disks()?);
     match catalog.points.last() {
         Some(latest) if latest.session_id == session.session_id => {} // committed already
         Some(latest) => {
             for d in &latest.disks {
                 apply_undo(r, latest.id, &d.name, d.size)?;
             }
-            for name in session.disks.keys().filter(|n| !latest.disks.iter().any(|d| &d.name == *n)) {
+            for name in added.iter().filter(|n| !latest.disks.iter().any(|d| &d.name == *n)) {
                 remove_disk(r, name)?;
             }
             remove_undo_dir(r, latest.id)?;
         }
         None => {
-            for name in session.disks.keys() {
+            for name in &added {
                 remove_disk(r, name)?;
             }
         }
