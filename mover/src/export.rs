@@ -45,7 +45,7 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> Result<ExportReport> {
         while at < end {
             let n = ((end - at) as usize).min(STEP);
             f.read_exact(&mut buf[..n]).map_err(|e| MoveError::file("reading", src, e))?;
-            if buf[..n].iter().any(|&b| b != 0) {
+            if !crate::buf::is_zero(&buf[..n]) {
                 o.seek(SeekFrom::Start(at)).map_err(|e| MoveError::file("seeking", dst, e))?;
                 o.write_all(&buf[..n]).map_err(|e| MoveError::file("writing", dst, e))?;
                 data_bytes += n as u64;

@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use ferry_wire::{
-    Authenticator, Codec, Commit, Data, DigestMapRequest, ErrorCode, Event, Flush, Frame, Mode, OpenDisk, OpenReplica,
-    ResumeInfo, ZeroRun,
+    Authenticator, Codec, Commit, Data, DigestMapRequest, Event, Flush, Frame, Mode, OpenDisk, OpenReplica, ResumeInfo,
+    ZeroRun,
 };
 
 use crate::backend::{open_backend, BackendChoice, IoBackend, IoKind, IoRequest, NbdBackend};
-use crate::buf::{BufPool, PoolBuf, ALIGN};
+use crate::buf::{is_zero, BufPool, PoolBuf, ALIGN};
 use crate::conn::{client_handshake, Conn, Rx, Sock};
 use crate::disk::{is_nbd_uri, SourceDisk};
 use crate::error::{MoveError, Result};
@@ -867,10 +867,6 @@ fn read_loop(
     Ok(stats)
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    b.chunks(4096).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
-}
-
 // One pipeline stage: its channels, shared pools and the job's settings.
 #[allow(clippy::too_many_arguments)]
 fn work_loop(
@@ -1190,11 +1186,6 @@ fn prefer_target_error(rx_msgs: &Receiver<RxMsg>, e: MoveError) -> MoveError {
         Ok(RxMsg::Failed(t)) => t.peer_gone_if_reset("target"),
         _ => e.peer_gone_if_reset("target"),
     }
-}
-
-/// Report an error to the target (used when a local step fails).
-pub fn abort_session(conn: &Conn, e: &MoveError) {
-    conn.send_error(ErrorCode::Internal, &e.detail());
 }
 
 /// What a target says about a replica, without changing anything there.

@@ -126,7 +126,7 @@ pub fn export_point(ds: &Datastore, replica: &str, disk: &str, point: Option<u64
             }
         }
         let b = &buf[..len];
-        if b.iter().any(|&x| x != 0) {
+        if !crate::buf::is_zero(b) {
             o.write_all_at(b, off).map_err(|e| MoveError::file("writing", out, e))?;
             data_bytes += len as u64;
         }

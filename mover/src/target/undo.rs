@@ -117,7 +117,7 @@ impl UndoWriter {
 
     /// Append the old contents of `chunk` (`data`; all-zero contents are stored as a flag).
     pub fn append(&mut self, chunk: u64, data: &[u8]) -> Result<()> {
-        let zero = data.iter().all(|&b| b == 0);
+        let zero = crate::buf::is_zero(data);
         let digest = *blake3::hash(data).as_bytes();
         let mut head = [0u8; RECORD_HEAD_LEN];
         head[..8].copy_from_slice(&chunk.to_le_bytes());
