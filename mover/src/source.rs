@@ -1197,6 +1197,8 @@ pub struct ReplicaInfo {
     pub latest_point_time_ns: i64,
     /// True when an interrupted session is pending.
     pub interrupted: bool,
+    /// The point time the interrupted session was opened with (0 when none).
+    pub pending_point_time_ns: i64,
 }
 
 /// Ask a target about `replica` through a plan-only session (side-effect free).
@@ -1216,6 +1218,7 @@ pub fn replica_info(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>, replic
                 latest_point: r.latest_point,
                 latest_point_time_ns: r.latest_point_time_ns,
                 interrupted: r.resumed,
+                pending_point_time_ns: r.pending_point_time_ns,
             }),
             f => Err(unexpected(&conn, &f, "ReplicaOpened")),
         }

@@ -399,14 +399,30 @@ fn qcow2_without_manifest_uses_mtime() {
 /// An interrupted session goes on with its own backup point before a newer one.
 #[test]
 fn interrupted_session_finishes_its_point_first() {
+    interrupted_session(false);
+}
+
+/// The same through `ferry serve`: the plan-only session reports the pending point time.
+#[test]
+fn interrupted_session_finishes_its_point_first_on_a_remote_target() {
+    interrupted_session(true);
+}
+
+fn interrupted_session(remote: bool) {
     use ferry_mover::target::datastore::{Datastore, SessionState};
     if !have_qemu() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let (r1, r2, ds) = (tmp.path().join("repo1"), tmp.path().join("repo2"), tmp.path().join("dr"));
+    let token = new_token(tmp.path(), "token");
+    let server = remote.then(|| Server::start(&ds, &token, &[]));
+    let target = server.as_ref().map_or_else(|| ds.clone(), |s| PathBuf::from(&s.url));
+    let token_arg = s(&token);
+    let extra: &[&str] = if remote { &["--token-file", &token_arg] } else { &[] };
+    let from_backup = |repos: &[&Path]| from_backup(repos, "web1", &target, "web1-dr", extra);
     let sun = Point { repo: &r1, vm: "web1", id: "sun", time: SUN, parent: None }.create(None, &[(&[0, 1], 1)]);
-    from_backup(&[&r1], "web1", &ds, "web1-dr", &[]).expect_code(0);
+    from_backup(&[&r1]).expect_code(0);
     let mon = Point { repo: &r2, vm: "web1", id: "mon", time: MON, parent: None }.create(Some(&sun), &[(&[4], 2)]);
     let tue = Point { repo: &r1, vm: "web1", id: "tue", time: TUE, parent: Some("sun") }
         .create(None, &[(&[4], 2), (&[9], 3)]);
@@ -424,12 +440,13 @@ fn interrupted_session_finishes_its_point_first() {
         .unwrap();
     };
     pending("2026-11-22T12:00:00Z");
-    let r = from_backup(&[&r1, &r2], "web1", &ds, "web1-dr", &[]);
+    let r = from_backup(&[&r1, &r2]);
     r.expect_code(2);
     assert!(r.summary()["error"].as_str().unwrap().contains("interrupted session"), "{}", r.stdout);
     pending(MON);
-    let r = from_backup(&[&r1, &r2], "web1", &ds, "web1-dr", &[]);
+    let r = from_backup(&[&r1, &r2]);
     r.expect_code(0);
+    assert!(r.stdout.contains("has an interrupted session for restore point"), "{}", r.stdout);
     let times: Vec<Value> = point_done(&r).iter().map(|p| p["point_time"].clone()).collect();
     assert_eq!(times, [MON, TUE], "{}", r.stdout);
     let pts = points_of(&ds, "web1-dr");

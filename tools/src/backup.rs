@@ -37,17 +37,8 @@ fn replica_state(
             if let Some(h) = c.local {
                 let _ = h.join();
             }
-            if info.interrupted {
-                return Err(anyhow!(ferry_mover::MoveError::Config(format!(
-                    "replica {replica:?} at {} has an interrupted session, and a remote target does not say which \
-                     point it was for (resuming it with another backup point would mix two points): run once \
-                     with --target on the datastore directory, or undo it there with `ferry points rollback \
-                     --incomplete --yes`",
-                    a.target
-                ))));
-            }
             let latest = (info.latest_point > 0).then_some((info.latest_point, info.latest_point_time_ns));
-            return Ok((latest, None));
+            return Ok((latest, info.interrupted.then_some(info.pending_point_time_ns)));
         }
     };
     if !dir.join("ferry-datastore.json").exists() || !dir.join(replica).join("replica.json").exists() {

@@ -330,6 +330,10 @@ pub struct ReplicaOpened {
     pub latest_point_time_ns: i64,
     /// Chunk size of the replica (0: new replica, the client's choice applies).
     pub chunk_size: u32,
+    /// Point time (ns) the interrupted session was opened with, when `resumed`
+    /// (plan only: when one is pending); 0 otherwise. A client that must not mix
+    /// two points (replica from backup) checks it before it resumes.
+    pub pending_point_time_ns: i64,
 }
 
 /// Open a disk of the open replica.
@@ -662,6 +666,7 @@ impl Frame {
                 b.put_u64_le(r.latest_point);
                 b.put_i64_le(r.latest_point_time_ns);
                 b.put_u32_le(r.chunk_size);
+                b.put_i64_le(r.pending_point_time_ns);
             }
             Frame::OpenDisk(o) => {
                 b.put_u32_le(o.disk);
@@ -774,6 +779,7 @@ impl Frame {
                     }
                     c
                 },
+                pending_point_time_ns: r.i64("pending_point_time_ns")?,
             }),
             t::OPEN_DISK => Frame::OpenDisk(OpenDisk {
                 disk: r.u32("disk")?,

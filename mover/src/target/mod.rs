@@ -263,6 +263,7 @@ impl TargetSession<'_> {
                         latest_point: latest.map_or(0, |p| p.id),
                         latest_point_time_ns: latest.map_or(0, |p| p.point_time_ns),
                         chunk_size: replica.as_ref().map_or(0, |r| r.settings.chunk_size),
+                        pending_point_time_ns: session.as_ref().map_or(0, |s| s.point_time_ns),
                     }))?;
                     report.replica = Some(o.replica.clone());
                     self.plan = Some(PlanSession { replica, session, disks: HashMap::new() });
@@ -274,10 +275,11 @@ impl TargetSession<'_> {
                     points::finish_rollback(&replica)?;
                     let catalog = replica.catalog()?;
                     let latest = catalog.points.last().cloned();
-                    let (state, resumed) = match replica.session()? {
+                    let (state, resumed, pending_point_time_ns) = match replica.session()? {
                         Some(mut s) if latest.as_ref().is_none_or(|p| p.session_id != s.session_id) => {
+                            let pending = s.point_time_ns;
                             s.point_time_ns = o.point_time_ns;
-                            (s, true)
+                            (s, true, pending)
                         }
                         _ => (
                             SessionState {
@@ -288,6 +290,7 @@ impl TargetSession<'_> {
                                 disks: Default::default(),
                             },
                             false,
+                            0,
                         ),
                     };
                     replica.write_session(&state)?;
@@ -301,6 +304,7 @@ impl TargetSession<'_> {
                         latest_point: latest.as_ref().map_or(0, |p| p.id),
                         latest_point_time_ns: latest.as_ref().map_or(0, |p| p.point_time_ns),
                         chunk_size: replica.settings.chunk_size,
+                        pending_point_time_ns,
                     }))?;
                     self.inner = Some(Active {
                         replica: Arc::new(replica),

@@ -93,6 +93,7 @@ pub fn drive(stage: u8) -> (Session, Session) {
             latest_point: 0,
             latest_point_time_ns: 0,
             chunk_size: 0,
+            pending_point_time_ns: 0,
         }))
         .unwrap();
         pump(&mut s, &mut c);

@@ -59,15 +59,22 @@ pub fn arb_frame() -> impl Strategy<Value = Frame> {
                 flags: (k & 1) as u8,
             })
         }),
-        (any::<[u8; 16]>(), any::<bool>(), any::<u64>(), any::<i64>(), prop_oneof![Just(0), chunk_size()]).prop_map(
-            |(id, r, p, t, c)| Frame::ReplicaOpened(ReplicaOpened {
+        (
+            any::<[u8; 16]>(),
+            any::<bool>(),
+            any::<u64>(),
+            any::<i64>(),
+            prop_oneof![Just(0), chunk_size()],
+            any::<i64>()
+        )
+            .prop_map(|(id, r, p, t, c, pt)| Frame::ReplicaOpened(ReplicaOpened {
                 session_id: id,
                 resumed: r,
                 latest_point: p,
                 latest_point_time_ns: t,
-                chunk_size: c
-            })
-        ),
+                chunk_size: c,
+                pending_point_time_ns: pt,
+            })),
         (any::<u32>(), name(60), any::<u64>(), chunk_size(), mode()).prop_map(|(d, n, s, c, m)| Frame::OpenDisk(
             OpenDisk { disk: d, name: n, size: s, chunk_size: c, mode: m }
         )),
@@ -148,6 +155,7 @@ pub fn known_frames() -> Vec<(&'static str, Frame)> {
                 latest_point: 42,
                 latest_point_time_ns: 1_699_999_000_000_000_000,
                 chunk_size: 1 << 20,
+                pending_point_time_ns: 1_699_000_000_000_000_000,
             }),
         ),
         (

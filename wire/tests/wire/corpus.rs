@@ -81,6 +81,7 @@ fn transcripts() -> (Vec<u8>, Vec<u8>) {
             latest_point: 0,
             latest_point_time_ns: 0,
             chunk_size: 0,
+            pending_point_time_ns: 0,
         }),
         Frame::ResumeInfo(ResumeInfo { disk: 0, previous_size: 0, next_chunk: 0, flags: 0 }),
         Frame::DigestMapPart(DigestMapPart { disk: 0, first_chunk: 0, digests: bytes::Bytes::from(vec![5; 64]) }),

@@ -302,6 +302,7 @@ fn illegal_transitions_are_typed() {
         latest_point: 0,
         latest_point_time_ns: 0,
         chunk_size: 0,
+        pending_point_time_ns: 0,
     }))
     .unwrap();
     pump(&mut s, &mut c);
@@ -396,8 +397,14 @@ fn illegal_transitions_are_typed() {
 #[test]
 fn sender_refuses_what_the_peer_must_refuse() {
     let (_, mut s) = drive(3);
-    let ro =
-        ReplicaOpened { session_id: [0; 16], resumed: false, latest_point: 0, latest_point_time_ns: 0, chunk_size: 3 };
+    let ro = ReplicaOpened {
+        session_id: [0; 16],
+        resumed: false,
+        latest_point: 0,
+        latest_point_time_ns: 0,
+        chunk_size: 3,
+        pending_point_time_ns: 0,
+    };
     assert!(matches!(s.send(&Frame::ReplicaOpened(ro)), Err(WireError::InvalidValue { field: "chunk_size", .. })));
     let (_, mut s) = drive(4);
     let (mut c2, _) = drive(4);
@@ -452,6 +459,7 @@ fn features_must_be_negotiated_before_use() {
         latest_point: 0,
         latest_point_time_ns: 0,
         chunk_size: 0,
+        pending_point_time_ns: 0,
     }))
     .unwrap();
     pump(&mut s, &mut c);
@@ -539,6 +547,7 @@ fn plan_only_session_refuses_data_flush_and_commit_on_both_ends() {
         latest_point: 0,
         latest_point_time_ns: 0,
         chunk_size: 0,
+        pending_point_time_ns: 0,
     }))
     .unwrap();
     pump(&mut s, &mut c);

@@ -47,6 +47,7 @@ fn replica_opened(resume: bool) -> Frame {
         latest_point: 1,
         latest_point_time_ns: 1_600_000_000_000_000_000,
         chunk_size: CHUNK,
+        pending_point_time_ns: 0,
     })
 }
 
