@@ -23,13 +23,18 @@ pub use nbd::NbdBackend;
 pub use portable::PortableBackend;
 pub use uring::UringBackend;
 
-/// Read or write.
+/// Read, write or sync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoKind {
     /// Read `len` bytes at `offset` into the buffer.
     Read,
     /// Write the buffer's first `len` bytes at `offset`.
     Write,
+    /// fdatasync the file: `offset` and `len` are ignored (give 0), the
+    /// buffer only travels along. It covers every write to the file that
+    /// completed before it was submitted, so a writer can go on appending
+    /// while it runs (group commit).
+    Sync,
 }
 
 /// One operation: the buffer travels with it.
@@ -176,6 +181,14 @@ mod tests {
         let mut check = [0u8; 4096];
         nix_pread(fd, &mut check, 8192);
         assert!(check.iter().all(|&b| b == 0xAB));
+
+        // Sync: completes with 0 bytes and hands its buffer back; a bad descriptor fails it.
+        be.submit(IoRequest { tag: 7, fd, offset: 0, len: 0, kind: IoKind::Sync, buf: pool.get() }).unwrap();
+        let c = be.wait().unwrap();
+        assert_eq!((c.tag, c.kind, c.result.unwrap()), (7, IoKind::Sync, 0));
+        be.submit(IoRequest { tag: 8, fd: -1, offset: 0, len: 0, kind: IoKind::Sync, buf: c.buf }).unwrap();
+        let c = be.wait().unwrap();
+        assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::EBADF));
     }
 
     fn nix_pread(fd: RawFd, buf: &mut [u8], off: u64) {

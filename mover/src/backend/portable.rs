@@ -38,6 +38,21 @@ impl IoBackend for PortableBackend {
 
     fn submit(&mut self, mut req: IoRequest) -> io::Result<()> {
         assert!(req.len <= req.buf.capacity(), "request longer than its buffer");
+        if req.kind == IoKind::Sync {
+            let result = loop {
+                // SAFETY: fdatasync on a descriptor the caller keeps open.
+                if unsafe { libc::fdatasync(req.fd) } == 0 {
+                    break Ok(0);
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    break Err(e);
+                }
+            };
+            let (tag, offset, kind) = (req.tag, req.offset, req.kind);
+            self.done.push_back(IoCompletion { tag, offset, len: 0, kind, buf: req.buf, result });
+            return Ok(());
+        }
         let mut done = 0usize;
         let result = loop {
             if done == req.len {
@@ -55,6 +70,7 @@ impl IoBackend for PortableBackend {
                     // SAFETY: `data` is valid for reads of its length.
                     unsafe { libc::pwrite(req.fd, data.as_ptr().cast(), data.len(), off) }
                 }
+                IoKind::Sync => unreachable!("handled above"),
             };
             if n < 0 {
                 let e = io::Error::last_os_error();

@@ -86,6 +86,7 @@ impl UringBackend {
             (IoKind::Read, false) => opcode::Read::new(fd, ptr, len).offset(offset).build(),
             (IoKind::Write, true) => opcode::WriteFixed::new(fd, ptr, len, index).offset(offset).build(),
             (IoKind::Write, false) => opcode::Write::new(fd, ptr, len).offset(offset).build(),
+            (IoKind::Sync, _) => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
         }
         .user_data(slot as u64);
         // SAFETY: the entry points into the buffer owned by `slots[slot]`,
@@ -114,7 +115,7 @@ impl IoBackend for UringBackend {
     fn submit(&mut self, req: IoRequest) -> io::Result<()> {
         assert!(req.len <= req.buf.capacity(), "request longer than its buffer");
         let slot = self.free_slots.pop().ok_or_else(|| io::Error::other("io_uring backend: depth exceeded"))?;
-        if req.len == 0 {
+        if req.len == 0 && req.kind != IoKind::Sync {
             // Nothing to transfer: complete at once without the kernel.
             self.slots[slot] = Some(Slot { req, done: 0 });
             self.in_flight += 1;

@@ -702,7 +702,14 @@ fn start_pipeline(
                     counters,
                     stats: StageStats::default(),
                     started: HashMap::new(),
+                    next_tag: 0,
+                    old_pool: BufPool::new(depth, chunk_size as usize),
+                    token_pool: BufPool::new(depth, ALIGN),
+                    need_old: VecDeque::new(),
+                    old_reads: HashMap::new(),
                     held: Vec::new(),
+                    syncing: None,
+                    ready: VecDeque::new(),
                     old: Vec::new(),
                 };
                 let rest = writer_rx.clone();
@@ -713,10 +720,9 @@ fn start_pipeline(
                     w.conn.send_error(e.code(), &e.detail());
                     w.conn.shutdown();
                     // Give back every pool buffer: verified chunks queued for this writer (and
-                    // writes held for it) own buffers that a verify worker may be waiting for.
+                    // writes queued in it) own buffers that a verify worker may be waiting for.
                     // Without this the workers never end, the session never ends, and the
                     // replica stays locked until the server restarts.
-                    w.held.clear();
                     w.barriers.clear();
                     w.drain();
                     for m in rest.iter() {
@@ -800,12 +806,57 @@ fn verify_worker(rx: Receiver<(u64, Data)>, tx: Sender<WriterMsg>, pool: Arc<Buf
     stats
 }
 
-/// Most writes held back waiting for one fsync of their undo records.
-const HOLD_MAX: usize = 32;
+/// A chunk write whose old contents must reach the undo file first.
+struct OldRead {
+    disk: u32,
+    chunk: u64,
+    /// Length of the chunk at the latest point.
+    len: usize,
+    write: IoRequest,
+}
+
+/// One round of undo fdatasyncs in flight.
+struct Syncing {
+    /// Sync operations not finished yet.
+    left: usize,
+    /// Writes released when all have finished.
+    writes: Vec<IoRequest>,
+    /// Per sync tag: the disk and its undo writer's `appended()` when the sync started.
+    upto: HashMap<u64, (u32, u64)>,
+}
+
+/// What a write needs before it may overwrite its chunk.
+enum OldContents {
+    /// Nothing: no point to protect, beyond the point's size, or saved already.
+    NotNeeded,
+    /// A record is appended (known zeros); it must become durable.
+    Appended,
+    /// The old contents must be read (this many bytes) and appended.
+    Read(usize),
+}
+
+/// What the latest point needs before `chunk` (whose digest was `old_digest`) is overwritten.
+fn old_contents(d: &mut WDisk, chunk: u64, old_digest: Option<[u8; 32]>) -> Result<OldContents> {
+    let Some(u) = &mut d.undo else { return Ok(OldContents::NotNeeded) };
+    let cs = u64::from(d.chunk_size);
+    let offset = chunk * cs;
+    if offset >= d.point_size || u.saved.contains_key(&chunk) {
+        return Ok(OldContents::NotNeeded);
+    }
+    let len = (d.point_size - offset).min(cs) as u32;
+    // The digest map is consistent with the image (chunks a crash may have changed are
+    // marked unknown): old zeros need no read.
+    let zero = d.zeros.digest(len);
+    if old_digest == Some(zero) {
+        u.append_zero(chunk, len, zero)?;
+        return Ok(OldContents::Appended);
+    }
+    Ok(OldContents::Read(len as usize))
+}
 
 /// Append the old contents of `chunk` to the disk's undo file if the latest
-/// point needs them and they are not saved yet. Returns true when a record
-/// was appended (the write must wait for the undo file's fsync).
+/// point needs them and they are not saved yet (synchronously: zero runs).
+/// Returns true when a record was appended (it must be synced before the overwrite).
 fn save_old(d: &mut WDisk, chunk: u64, old: &mut Vec<u8>) -> Result<bool> {
     let Some(u) = &mut d.undo else { return Ok(false) };
     let cs = u64::from(d.chunk_size);
@@ -885,7 +936,10 @@ struct Writer {
     /// Items done out of order, above `written` (workers and zero runs overtake each other).
     done: std::collections::BTreeSet<u64>,
     /// Sequence number of each write in flight or held, by tag.
-    seq_of: HashMap<u64, u64>,
+    /// Per write (in flight or queued), by tag: its item's sequence number, chunk and
+    /// digest. The digest map takes the digest when the write completes, so a map stored
+    /// at a checkpoint never claims contents that neither the image nor an undo record holds.
+    seq_of: HashMap<u64, (u64, u64, [u8; 32])>,
     /// The session is ending: Checkpoints are still made durable, but may find no one to tell.
     stopping: bool,
     barriers: VecDeque<WriterMsg>,
@@ -894,26 +948,37 @@ struct Writer {
     conn: Arc<Conn>,
     counters: Arc<Counters>,
     stats: StageStats,
-    /// Write start times by tag, for latency.
+    /// Start times of the operations in flight by tag, for latency.
     started: HashMap<u64, Instant>,
-    /// Writes whose undo records are appended but not yet fsynced.
+    next_tag: u64,
+    /// Buffers for reading the old contents that undo files keep (not the session's
+    /// pool: the writer must never wait for a buffer a verify worker holds).
+    old_pool: BufPool,
+    /// Small buffers that travel with Sync operations (the backend moves a buffer with each).
+    token_pool: BufPool,
+    /// Writes waiting for a buffer or an IO slot to read their chunk's old contents.
+    need_old: VecDeque<OldRead>,
+    /// Old-content reads in flight, by tag.
+    old_reads: HashMap<u64, OldRead>,
+    /// Writes whose undo records are appended but not known durable.
     held: Vec<IoRequest>,
+    /// The undo fdatasyncs in flight (one round at a time: group commit) and the writes they release.
+    syncing: Option<Syncing>,
+    /// Writes free to go (no undo record needed, or theirs is durable).
+    ready: VecDeque<IoRequest>,
     /// Reused buffer for reading old contents.
     old: Vec<u8>,
 }
 
 impl Writer {
     fn run(&mut self, rx: Receiver<WriterMsg>) -> Result<()> {
-        let mut tag = 0u64;
         loop {
-            if !self.held.is_empty() && (self.held.len() >= HOLD_MAX || rx.is_empty() || !self.barriers.is_empty()) {
-                self.flush_held()?;
-            }
+            self.pump()?;
             self.run_barriers()?;
             let busy = self.backend.in_flight();
             let msg = if busy >= self.backend.depth() {
                 None
-            } else if busy > 0 {
+            } else if busy > 0 || self.queued() {
                 rx.try_recv().ok()
             } else {
                 match rx.recv() {
@@ -922,7 +987,10 @@ impl Writer {
                 }
             };
             let Some(msg) = msg else {
-                self.complete_one()?;
+                // Nothing new: wait for an operation (with none in flight, pump moves the queues).
+                if self.backend.in_flight() > 0 {
+                    self.complete_one()?;
+                }
                 continue;
             };
             match msg {
@@ -932,8 +1000,11 @@ impl Writer {
                     // rather than from the last one this writer had caught up with. Nobody may be
                     // listening for those Checkpoints any more; their state is durable first.
                     self.stopping = true;
-                    self.flush_held()?;
-                    while self.backend.in_flight() > 0 {
+                    loop {
+                        self.pump()?;
+                        if self.backend.in_flight() == 0 {
+                            break;
+                        }
                         self.complete_one()?;
                     }
                     return self.run_barriers();
@@ -963,19 +1034,15 @@ impl Writer {
                         Some(f) if len % ALIGN == 0 => f.as_raw_fd(),
                         _ => d.file.as_raw_fd(),
                     };
-                    let held = save_old(d, chunk, &mut self.old)?;
-                    d.digests.set(chunk, digest);
-                    d.dirty = true;
+                    let old = old_contents(d, chunk, d.digests.get(chunk))?;
                     d.entry.chunks_changed += 1;
                     d.entry.bytes_changed += len as u64;
-                    tag += 1;
-                    let req =
-                        IoRequest { tag: (u64::from(disk) << 48) | tag, fd, offset, len, kind: IoKind::Write, buf };
-                    self.seq_of.insert(req.tag, seq);
-                    if held {
-                        self.held.push(req);
-                    } else {
-                        self.submit(req)?;
+                    let req = IoRequest { tag: self.tag(disk), fd, offset, len, kind: IoKind::Write, buf };
+                    self.seq_of.insert(req.tag, (seq, chunk, digest));
+                    match old {
+                        OldContents::NotNeeded => self.ready.push_back(req),
+                        OldContents::Appended => self.held.push(req),
+                        OldContents::Read(len) => self.need_old.push_back(OldRead { disk, chunk, len, write: req }),
                     }
                 }
                 WriterMsg::Zero { seq, disk, first, count } => {
@@ -1041,34 +1108,105 @@ impl Writer {
         }
     }
 
-    fn submit(&mut self, req: IoRequest) -> Result<()> {
-        while self.backend.in_flight() >= self.backend.depth() {
-            self.complete_one()?;
+    /// Writes, old-content reads or undo syncs waiting in the writer's queues.
+    fn queued(&self) -> bool {
+        !self.ready.is_empty() || !self.need_old.is_empty() || !self.held.is_empty()
+    }
+
+    /// Start what may start, without waiting: a round of undo fdatasyncs for the
+    /// held writes, the writes that are free to go, then reads of old contents.
+    ///
+    /// A write is only submitted once the undo record of its chunk's old contents
+    /// is durable: read old contents -> append record -> fdatasync the undo file
+    /// (one round in flight, covering every record appended before it started)
+    /// -> write. The stages overlap, so neither the reads nor the syncs stall the
+    /// writes of other chunks.
+    fn pump(&mut self) -> Result<()> {
+        let depth = self.backend.depth();
+        if self.syncing.is_none() && !self.held.is_empty() {
+            let undo: Vec<(u32, std::os::fd::RawFd, u64)> = self
+                .disks
+                .iter()
+                .filter_map(|(&id, d)| {
+                    d.undo.as_ref().filter(|u| u.needs_sync()).map(|u| (id, u.raw_fd(), u.appended()))
+                })
+                .collect();
+            if undo.is_empty() {
+                // Made durable already (a zero run syncs at once).
+                self.ready.extend(self.held.drain(..));
+            } else if undo.len() > depth {
+                let t = Instant::now();
+                for d in self.disks.values_mut() {
+                    if let Some(u) = &mut d.undo {
+                        u.sync()?;
+                    }
+                }
+                self.stats.record(Stage::Sync, t.elapsed());
+                self.ready.extend(self.held.drain(..));
+            } else if self.backend.in_flight() + undo.len() <= depth {
+                let mut s = Syncing { left: undo.len(), writes: std::mem::take(&mut self.held), upto: HashMap::new() };
+                for (id, fd, upto) in undo {
+                    let tag = self.tag(id);
+                    let buf = self.token_pool.try_get().expect("a token per slot");
+                    let req = IoRequest { tag, fd, offset: 0, len: 0, kind: IoKind::Sync, buf };
+                    self.started.insert(tag, Instant::now());
+                    s.upto.insert(tag, (id, upto));
+                    if let Err(e) = self.backend.submit(req) {
+                        let path = self.disks.get(&id).and_then(|d| d.undo.as_ref()).map(|u| u.path().to_path_buf());
+                        return Err(MoveError::file("syncing undo file", path.unwrap_or_default(), e));
+                    }
+                }
+                self.syncing = Some(s);
+            }
         }
-        let (offset, len, disk) = (req.offset, req.len, (req.tag >> 48) as u32);
-        self.started.insert(req.tag & ((1 << 48) - 1), Instant::now());
+        while self.backend.in_flight() < depth {
+            let Some(req) = self.ready.pop_front() else { break };
+            self.submit(req)?;
+        }
+        while self.backend.in_flight() < depth && !self.need_old.is_empty() {
+            let Some(mut buf) = self.old_pool.try_get() else { break };
+            let o = self.need_old.pop_front().expect("not empty");
+            let d = self.disks.get(&o.disk).ok_or_else(|| MoveError::Config(format!("no disk {}", o.disk)))?;
+            let (offset, fd) = (o.chunk * u64::from(d.chunk_size), d.file.as_raw_fd());
+            buf.set_len(0);
+            let tag = self.tag(o.disk);
+            let req = IoRequest { tag, fd, offset, len: o.len, kind: IoKind::Read, buf };
+            self.started.insert(tag, Instant::now());
+            if let Err(e) = self.backend.submit(req) {
+                return Err(MoveError::DiskIo {
+                    what: "reading old contents of",
+                    disk: self.disk_of(tag),
+                    offset,
+                    len: o.len,
+                    source: e,
+                });
+            }
+            self.old_reads.insert(tag, o);
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, req: IoRequest) -> Result<()> {
+        let (offset, len, tag) = (req.offset, req.len, req.tag);
+        self.started.insert(tag, Instant::now());
         self.backend.submit(req).map_err(|e| MoveError::DiskIo {
             what: "writing",
-            disk: self.disks.get(&disk).map_or_else(String::new, |d| d.name.clone()),
+            disk: self.disk_of(tag),
             offset,
             len,
             source: e,
         })
     }
 
-    /// Make the undo records of the held writes durable, then submit them.
-    fn flush_held(&mut self) -> Result<()> {
-        let t = Instant::now();
-        for d in self.disks.values_mut() {
-            if let Some(u) = &mut d.undo {
-                u.sync()?;
-            }
-        }
-        self.stats.record(Stage::Sync, t.elapsed());
-        for req in std::mem::take(&mut self.held) {
-            self.submit(req)?;
-        }
-        Ok(())
+    /// A new operation tag: the disk in the top 16 bits, a counter below.
+    fn tag(&mut self, disk: u32) -> u64 {
+        self.next_tag += 1;
+        (u64::from(disk) << 48) | (self.next_tag & ((1 << 48) - 1))
+    }
+
+    /// Name of the disk an operation (by tag) is for.
+    fn disk_of(&self, tag: u64) -> String {
+        self.disks.get(&((tag >> 48) as u32)).map_or_else(String::new, |d| d.name.clone())
     }
 
     fn disk_name(&self, label: &str) -> String {
@@ -1079,34 +1217,82 @@ impl Writer {
             .map_or_else(|| label.to_string(), |d| d.name.clone())
     }
 
+    /// Wait for one operation and move on what it finished.
     fn complete_one(&mut self) -> Result<()> {
         let c = self.backend.wait().map_err(|e| MoveError::Datastore(format!("target IO backend failed: {e}")))?;
-        let disk = (c.tag >> 48) as u32;
-        if let Some(t) = self.started.remove(&(c.tag & ((1 << 48) - 1))) {
-            self.stats.record(Stage::Write, t.elapsed());
+        let stage = match c.kind {
+            IoKind::Write => Stage::Write,
+            IoKind::Read => Stage::Read,
+            IoKind::Sync => Stage::Sync,
+        };
+        if let Some(t) = self.started.remove(&c.tag) {
+            self.stats.record(stage, t.elapsed());
         }
-        let name = self.disks.get(&disk).map_or_else(String::new, |d| d.name.clone());
-        c.result.map_err(|e| MoveError::DiskIo {
-            what: "writing",
-            disk: name,
-            offset: c.offset,
-            len: c.len,
-            source: e,
-        })?;
-        if let Some(seq) = self.seq_of.remove(&c.tag) {
-            self.item_done(seq);
+        match c.kind {
+            IoKind::Write => {
+                c.result.map_err(|e| MoveError::DiskIo {
+                    what: "writing",
+                    disk: self.disk_of(c.tag),
+                    offset: c.offset,
+                    len: c.len,
+                    source: e,
+                })?;
+                if let Some((seq, chunk, digest)) = self.seq_of.remove(&c.tag) {
+                    if let Some(d) = self.disks.get_mut(&((c.tag >> 48) as u32)) {
+                        d.digests.set(chunk, digest);
+                        d.dirty = true;
+                    }
+                    self.item_done(seq);
+                }
+                self.counters.chunks_written.fetch_add(1, Ordering::Relaxed);
+                self.counters.bytes_written.fetch_add(c.len as u64, Ordering::Relaxed);
+            }
+            IoKind::Read => {
+                let o = self.old_reads.remove(&c.tag).expect("an old-content read in flight");
+                let short =
+                    |n: usize| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("read {n} bytes"));
+                let n = c.result.and_then(|n| if n < o.len { Err(short(n)) } else { Ok(n) }).map_err(|e| {
+                    MoveError::DiskIo {
+                        what: "reading old contents of",
+                        disk: self.disk_of(c.tag),
+                        offset: c.offset,
+                        len: o.len,
+                        source: e,
+                    }
+                })?;
+                let d = self.disks.get_mut(&o.disk).ok_or_else(|| MoveError::Config(format!("no disk {}", o.disk)))?;
+                d.undo.as_mut().expect("old contents are read for an undo file").append(o.chunk, &c.buf[..n])?;
+                self.held.push(o.write);
+            }
+            IoKind::Sync => {
+                let s = self.syncing.as_mut().expect("a sync round in flight");
+                let (disk, upto) = s.upto.remove(&c.tag).expect("a sync of this round");
+                let u = self.disks.get_mut(&disk).and_then(|d| d.undo.as_mut()).expect("an undo file");
+                c.result.map_err(|e| MoveError::file("syncing undo file", u.path(), e))?;
+                u.synced_upto(upto);
+                s.left -= 1;
+                if s.left == 0 {
+                    let s = self.syncing.take().expect("in flight");
+                    self.ready.extend(s.writes);
+                }
+            }
         }
-        self.counters.chunks_written.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes_written.fetch_add(c.len as u64, Ordering::Relaxed);
         Ok(())
     }
 
+    /// Give up: drop every queued write and wait for the operations in flight
+    /// (their buffers may only go back once the kernel is done with them).
     fn drain(&mut self) {
+        self.held.clear();
+        self.ready.clear();
+        self.need_old.clear();
+        self.syncing = None;
         while self.backend.in_flight() > 0 {
-            if self.complete_one().is_err() {
-                continue;
+            if self.backend.wait().is_err() {
+                break;
             }
         }
+        self.old_reads.clear();
     }
 
     fn run_barriers(&mut self) -> Result<()> {

@@ -65,7 +65,9 @@ pub struct UndoWriter {
     file: File,
     path: PathBuf,
     end: u64,
-    dirty: bool,
+    /// Records appended so far (this session) and how many of them are known durable.
+    appended: u64,
+    synced: u64,
     /// Chunks already saved (their first old contents are kept; later writes need no record).
     pub saved: HashMap<u64, RecordLoc>,
 }
@@ -112,36 +114,85 @@ impl UndoWriter {
         };
         file.set_len(end).map_err(|e| MoveError::file("trimming undo file", &path, e))?;
         file.seek(SeekFrom::Start(end)).map_err(|e| MoveError::file("seeking", &path, e))?;
-        Ok(UndoWriter { file, path, end, dirty: false, saved })
+        Ok(UndoWriter { file, path, end, appended: 0, synced: 0, saved })
     }
 
     /// Append the old contents of `chunk` (`data`; all-zero contents are stored as a flag).
     pub fn append(&mut self, chunk: u64, data: &[u8]) -> Result<()> {
         let zero = crate::buf::is_zero(data);
         let digest = *blake3::hash(data).as_bytes();
+        self.append_record(chunk, data.len() as u32, digest, (!zero).then_some(data))
+    }
+
+    /// Append a record for a chunk whose old contents are known to be `len`
+    /// zero bytes (the replica's digest map says so), without reading them.
+    pub fn append_zero(&mut self, chunk: u64, len: u32, zero_digest: [u8; 32]) -> Result<()> {
+        self.append_record(chunk, len, zero_digest, None)
+    }
+
+    fn append_record(&mut self, chunk: u64, len: u32, digest: [u8; 32], data: Option<&[u8]>) -> Result<()> {
         let mut head = [0u8; RECORD_HEAD_LEN];
         head[..8].copy_from_slice(&chunk.to_le_bytes());
-        head[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        head[8..12].copy_from_slice(&len.to_le_bytes());
+        let zero = data.is_none();
         head[12..16].copy_from_slice(&(if zero { FLAG_ZERO } else { 0 }).to_le_bytes());
         head[16..48].copy_from_slice(&digest);
         let c = check8(&head[..48]);
         head[48..56].copy_from_slice(&c.to_le_bytes());
-        let w = self.file.write_all(&head).and_then(|_| if zero { Ok(()) } else { self.file.write_all(data) });
-        w.map_err(|e| MoveError::file("writing undo file", &self.path, e))?;
+        let data = data.unwrap_or_default();
+        let mut bufs = [std::io::IoSlice::new(&head), std::io::IoSlice::new(data)];
+        // One write for head and data (write_all_vectored is unstable).
+        let mut slices: &mut [std::io::IoSlice<'_>] = &mut bufs;
+        while !slices.is_empty() {
+            match self.file.write_vectored(slices) {
+                Ok(0) => {
+                    let e = std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote 0 bytes");
+                    return Err(MoveError::file("writing undo file", &self.path, e));
+                }
+                Ok(n) => std::io::IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(MoveError::file("writing undo file", &self.path, e)),
+            }
+        }
         let data_offset = self.end + RECORD_HEAD_LEN as u64;
-        self.end = data_offset + if zero { 0 } else { data.len() as u64 };
-        self.saved.insert(chunk, RecordLoc { data_offset, len: data.len() as u32, zero, digest });
-        self.dirty = true;
+        self.end = data_offset + data.len() as u64;
+        self.saved.insert(chunk, RecordLoc { data_offset, len, zero, digest });
+        self.appended += 1;
         Ok(())
     }
 
     /// Make every appended record durable (before the chunks are overwritten).
     pub fn sync(&mut self) -> Result<()> {
-        if self.dirty {
+        if self.synced < self.appended {
             self.file.sync_data().map_err(|e| MoveError::file("syncing undo file", &self.path, e))?;
-            self.dirty = false;
+            self.synced = self.appended;
         }
         Ok(())
+    }
+
+    /// Records appended so far; an fdatasync started now makes them all durable.
+    pub fn appended(&self) -> u64 {
+        self.appended
+    }
+
+    /// True when some appended record is not known to be durable yet.
+    pub fn needs_sync(&self) -> bool {
+        self.synced < self.appended
+    }
+
+    /// An fdatasync started when [`appended`](Self::appended) was `upto` has finished.
+    pub fn synced_upto(&mut self, upto: u64) {
+        self.synced = self.synced.max(upto);
+    }
+
+    /// The file, for an fdatasync run by an IO backend.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.file)
+    }
+
+    /// The file's path, for errors.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 
