@@ -199,17 +199,35 @@ fn tail(path: &Path) -> String {
 /// Largest RSS floor seen before any run (see `measure::rss_floor`).
 static RSS_FLOOR: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn prepare_run(env: &Env, sources: &[(String, PathBuf)]) -> Result<()> {
+/// Before a measured run: either drop the page cache, or warm it with the sources and the
+/// target's previous state (`dir`'s `out/*` for peers, `datastore/*/disks/*.img` for ferry,
+/// whose setup wrote them with O_DIRECT), so that every tool starts from the same state.
+fn prepare_run(env: &Env, dir: &Path, sources: &[(String, PathBuf)]) -> Result<()> {
     RSS_FLOOR.fetch_max(crate::measure::rss_floor(&std::env::temp_dir()), std::sync::atomic::Ordering::Relaxed);
     run_quiet("sync")?;
     if env.drop_caches {
         std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache (needs root)")?;
-    } else {
-        // Warm cache: read the sources once so every tool starts from the same state.
-        for (_, p) in sources {
-            let mut f = std::fs::File::open(p)?;
-            std::io::copy(&mut f, &mut std::io::sink())?;
+        return Ok(());
+    }
+    let files_in = |d: PathBuf| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect())
+            .unwrap_or_default()
+    };
+    let mut warm: Vec<PathBuf> = sources.iter().map(|(_, p)| p.clone()).collect();
+    warm.extend(files_in(dir.join("out")));
+    if let Ok(rd) = std::fs::read_dir(dir.join("datastore")) {
+        for replica in rd.flatten() {
+            warm.extend(
+                files_in(replica.path().join("disks"))
+                    .into_iter()
+                    .filter(|p| p.extension().is_some_and(|e| e == "img")),
+            );
         }
+    }
+    for p in warm {
+        let mut f = std::fs::File::open(&p).with_context(|| format!("warming {}", p.display()))?;
+        std::io::copy(&mut f, &mut std::io::sink())?;
     }
     Ok(())
 }
@@ -248,7 +266,7 @@ fn measure_net(
         bail!("{e:#}; receiver stderr: {}", tail(&dir.join("receiver.err")));
     }
     let baseline = rx.group_size();
-    prepare_run(env, sources)?;
+    prepare_run(env, dir, sources)?;
     let tx_script = in_ns(&net.src_prefix, sender(&front));
     let t0 = Instant::now();
     let tx = Tree::spawn(&tx_script, Some(&dir.join("sender.out")), &dir.join("sender.err"))?;
@@ -292,7 +310,7 @@ fn measure_net(
 }
 
 fn measure_local(env: &Env, dir: &Path, sources: &[(String, PathBuf)], script: &str) -> Result<Measured> {
-    prepare_run(env, sources)?;
+    prepare_run(env, dir, sources)?;
     let t = Tree::spawn(script, Some(&dir.join("sender.out")), &dir.join("sender.err"))?;
     let (st, wall, usage) = t.wait()?;
     let error = (!st.success()).then(|| format!("{st}: {}", tail(&dir.join("sender.err"))));
