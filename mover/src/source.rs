@@ -119,8 +119,23 @@ impl AutoController {
     }
 }
 
-/// Default chunk size for new replicas.
-pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
+/// Smallest chunk size, and the default for disks up to [`MAX_DEFAULT_CHUNKS`] of it (128 GiB).
+pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
+/// Chunks per disk above which the default chunk size doubles: 2 Mi chunks keep a
+/// disk's digest map (32 bytes per chunk, held in memory at both ends) at 64 MiB.
+pub const MAX_DEFAULT_CHUNKS: u64 = 2 << 20;
+
+/// Default chunk size of a new replica whose largest disk has `largest` bytes:
+/// 64 KiB (the granularity of VMware CBT and of QEMU dirty bitmaps, so a changed
+/// block moves as itself, not as a larger chunk around it), doubled until the
+/// disk has at most [`MAX_DEFAULT_CHUNKS`] chunks, at most 4 MiB.
+pub fn default_chunk_size(largest: u64) -> u32 {
+    let mut cs = MIN_CHUNK_SIZE;
+    while cs < (4 << 20) && largest.div_ceil(u64::from(cs)) > MAX_DEFAULT_CHUNKS {
+        cs *= 2;
+    }
+    cs
+}
 
 /// How chunks are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -484,7 +499,7 @@ fn run_job(
         )));
     }
     let chunk_size = match (opened_reply.chunk_size, cfg.chunk_size) {
-        (0, c) => c.unwrap_or(DEFAULT_CHUNK_SIZE),
+        (0, c) => c.unwrap_or_else(|| default_chunk_size(opened.iter().map(|(sd, _, _)| sd.size).max().unwrap_or(0))),
         (r, Some(c)) if c != r => {
             return Err(MoveError::Config(format!(
                 "replica {:?} has chunk size {} KiB; drop --chunk-size or give {} KiB (it is fixed when a replica is created)",
@@ -1226,4 +1241,25 @@ pub fn replica_info(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>, replic
     let _ = conn.send(&Frame::Close);
     conn.shutdown();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_chunk_size_keeps_digest_maps_at_64_mib() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(default_chunk_size(0), 64 * 1024);
+        assert_eq!(default_chunk_size(4 * GIB), 64 * 1024);
+        assert_eq!(default_chunk_size(128 * GIB), 64 * 1024);
+        assert_eq!(default_chunk_size(128 * GIB + 1), 128 * 1024);
+        assert_eq!(default_chunk_size(2048 * GIB), 1024 * 1024);
+        assert_eq!(default_chunk_size(8192 * GIB), 4 << 20);
+        assert_eq!(default_chunk_size(u64::MAX), 4 << 20);
+        for size in [GIB, 100 * GIB, 300 * GIB, 5000 * GIB] {
+            let cs = u64::from(default_chunk_size(size));
+            assert!(size.div_ceil(cs) <= MAX_DEFAULT_CHUNKS, "{size}");
+        }
+    }
 }

@@ -136,6 +136,7 @@ struct ReplicateArgs {
     #[arg(long, default_value_t = 200)]
     verify_samples: usize,
     /// Chunk size of a new replica (64K..4M, power of two). An existing replica keeps its own.
+    /// Default: 64K, doubled until the largest disk has at most 2Mi chunks (64K up to 128 GiB).
     #[arg(long)]
     chunk_size: Option<String>,
     /// Compression: auto, none, zstd:LEVEL.
