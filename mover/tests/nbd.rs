@@ -319,6 +319,55 @@ fn qcow2_over_tcp_reads_writes_and_allocation() {
 }
 
 #[test]
+fn pipelined_writes_complete_out_of_band_of_sync_calls() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_qcow2(dir.path(), "w.qcow2", "8M", &[]);
+    let server = Server::start(&img, "qcow2", &[], dir.path(), false);
+    let mut c = connect(&server.uri, &[]);
+    let mut model = vec![0u8; 8 * M as usize];
+    let mut rng = Rng(21);
+    let mut handles = std::collections::BTreeMap::new();
+    let mut buf = vec![0u8; 64 * K as usize];
+    // 64 writes of 64 KiB, up to 16 in flight; the buffer is reused as soon as submit returns.
+    for i in 0..64u64 {
+        if c.detached_in_flight() == 16 {
+            let done = c.wait_detached().unwrap();
+            done.result.unwrap();
+            assert_eq!(handles.remove(&done.handle), Some((done.offset, done.length)));
+        }
+        rng.fill(&mut buf);
+        let off = (i * 7 % 128) * 64 * K;
+        let h = c.submit_write(off, &buf).unwrap();
+        handles.insert(h, (off, 64 * K as u32));
+        model[off as usize..(off + 64 * K) as usize].copy_from_slice(&buf);
+        if i == 40 {
+            // A synchronous call in between parks the replies of the writes in flight.
+            let mut probe = vec![0u8; 4096];
+            c.read_at(7 * M, &mut probe).unwrap();
+        }
+    }
+    assert!(c.detached_in_flight() > 0);
+    while c.detached_in_flight() > 0 {
+        let done = c.wait_detached().unwrap();
+        done.result.unwrap();
+        assert!(handles.remove(&done.handle).is_some());
+    }
+    assert!(handles.is_empty());
+    assert!(matches!(c.wait_detached(), Err(NbdError::InvalidArgument(_))));
+    assert!(matches!(c.submit_write(8 * M - 100, &[0u8; 200]), Err(NbdError::InvalidArgument(_))));
+    c.flush().unwrap();
+    let mut back = vec![0u8; model.len()];
+    c.read_at(0, &mut back).unwrap();
+    assert!(back == model, "read back after pipelined writes differs");
+    c.disconnect().unwrap();
+    server.stop();
+    assert!(to_raw(&img, "qcow2") == model);
+}
+
+#[test]
 fn write_zeroes_and_trim_leave_zeros() {
     if !have_qemu() {
         return;
