@@ -761,3 +761,48 @@ fn fault_garbage_reply_and_close_mid_reply() {
     drop(c);
     h.join().unwrap();
 }
+
+#[test]
+fn fault_connection_lost_with_writes_in_flight_fails_each_write_once() {
+    use ferry_mover::backend::{IoBackend, IoKind, IoRequest, NbdBackend};
+    use ferry_mover::buf::BufPool;
+    let (uri, h) = fake_server(|mut s| {
+        fake_handshake(&mut s);
+        // Take four 4 KiB writes, acknowledge the first, then hang up.
+        let mut handles = Vec::new();
+        for _ in 0..4 {
+            let (handle, _, len) = read_request(&mut s);
+            let mut payload = vec![0u8; len as usize];
+            s.read_exact(&mut payload).unwrap();
+            handles.push(handle);
+        }
+        let mut r = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u32.to_be_bytes());
+        r.extend_from_slice(&handles[0].to_be_bytes());
+        s.write_all(&r).unwrap();
+    });
+    let c = std::sync::Arc::new(std::sync::Mutex::new(NbdClient::connect(&uri, fast_opts()).unwrap()));
+    let pool = BufPool::new(4, 4096);
+    let mut b = NbdBackend::new(c, 4, &uri);
+    for i in 0..4u64 {
+        let mut buf = pool.get();
+        buf.spare_mut()[..4096].fill(i as u8);
+        buf.set_len(4096);
+        b.submit(IoRequest { tag: i, fd: -1, offset: i * 4096, len: 4096, kind: IoKind::Write, buf }).unwrap();
+    }
+    assert_eq!(b.in_flight(), 4);
+    let first = b.wait().unwrap();
+    assert_eq!((first.tag, first.result.as_ref().ok()), (0, Some(&4096)));
+    drop(first);
+    h.join().unwrap();
+    let e = b.wait().unwrap_err();
+    assert!(e.to_string().contains("closed the connection"), "{e}");
+    // The three writes left come back failed, with their buffers, and the backend is empty.
+    let mut failed: Vec<u64> =
+        (0..3).map(|_| b.wait().unwrap()).map(|c| (c.tag, c.result.is_err())).filter(|x| x.1).map(|x| x.0).collect();
+    failed.sort();
+    assert_eq!(failed, [1, 2, 3]);
+    assert_eq!(b.in_flight(), 0);
+    let back: Vec<_> = (0..4).map_while(|_| pool.try_get()).collect();
+    assert_eq!(back.len(), 4, "every buffer is back in the pool");
+}

@@ -48,6 +48,8 @@ pub struct NbdBackend {
     write_parts: HashMap<u64, u64>,
     /// Tag -> write.
     writes: HashMap<u64, PendingWrite>,
+    /// The connection failed while writes were in flight: none of them will complete.
+    broken: Option<String>,
 }
 
 impl std::fmt::Debug for NbdBackend {
@@ -69,6 +71,7 @@ impl NbdBackend {
             in_flight: HashMap::new(),
             write_parts: HashMap::new(),
             writes: HashMap::new(),
+            broken: None,
         }
     }
 
@@ -95,8 +98,24 @@ impl NbdBackend {
     }
 
     fn wait_write(&mut self) -> io::Result<IoCompletion> {
+        if let Some(why) = &self.broken {
+            // Each write still counted in flight comes back failed, with its buffer, so that
+            // the caller's drain ends and the pool gets its buffers back.
+            let tag = *self.writes.keys().next().expect("called with writes in flight");
+            let w = self.writes.remove(&tag).expect("present");
+            self.write_parts.retain(|_, t| *t != tag);
+            let result = Err(io::Error::other(format!("NBD export {}: {why}", self.uri)));
+            return Ok(IoCompletion { tag, offset: w.offset, len: w.len, kind: IoKind::Write, buf: w.buf, result });
+        }
         loop {
-            let c = self.client().wait_detached().map_err(io_error)?;
+            let next = self.client().wait_detached();
+            let c = match next {
+                Ok(c) => c,
+                Err(e) => {
+                    self.broken = Some(e.to_string());
+                    return Err(io_error(e));
+                }
+            };
             let tag = self
                 .write_parts
                 .remove(&c.handle)
