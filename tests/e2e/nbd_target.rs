@@ -177,7 +177,12 @@ fn qcow2_behind_qemu_nbd_full_incremental_zero_runs_points_and_verify() {
     assert_replica_equals(&ds, "vm", "d0", &src);
     let r = run(["points", "verify", "--target", s(&ds), "--replica", "vm"]);
     r.expect_code(0);
-    drop(srv);
+
+    // Rollback to point 1 rewrites the export from the undo file: the qcow2 is v1 again.
+    run(["points", "rollback", "--target", s(&ds), "--replica", "vm", "--point", "1", "--yes"]).expect_code(0);
+    run(["points", "verify", "--target", s(&ds), "--replica", "vm"]).expect_code(0);
+    srv.kill();
+    assert_identical(&v1, &qcow2);
 }
 
 #[test]
@@ -314,4 +319,66 @@ fn a_read_only_export_is_refused() {
     r.expect_code(1);
     let want = format!("disk \"d0\": the NBD export {uri} (named in {}) is read-only", s(&ds.join("vm/disks/d0.nbd")));
     assert!(r.stderr.contains(&want), "{}", r.stderr);
+}
+
+#[test]
+fn a_disk_that_shrinks_and_grows_inside_its_export_stays_identical_and_keeps_its_points() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let qcow2 = dir.path().join("t.qcow2");
+    let sock = dir.path().join("t.sock");
+    let ds = dir.path().join("ds");
+    write_image(&src, 8 * MIB, 21, &[Fill::Random, Fill::Text]);
+    sh("qemu-img", &["create", "-f", "qcow2", s(&qcow2), "12M"]);
+    let srv = Export::start(&qcow2, &sock);
+    place(&ds, &srv.uri);
+    replicate(s(&ds), &src, &[]).expect_code(0);
+    let v1 = copy(&src, &dir.path().join("v1.raw"));
+
+    // Shrink to 6 MiB: the cut 2 MiB are zeroed in the export (and saved for point 1).
+    std::fs::OpenOptions::new().write(true).open(&src).unwrap().set_len(6 * MIB).unwrap();
+    let r = replicate(s(&ds), &src, &[]);
+    r.expect_code(0);
+    assert_eq!(u(&disk0(&r)["size"]), 6 * MIB);
+    let v2 = copy(&src, &dir.path().join("v2.raw"));
+    srv.kill();
+    assert_identical(&src, &qcow2);
+
+    // Grow to 10 MiB with new data at the end: only those chunks travel.
+    let srv = Export::start(&qcow2, &sock);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.set_len(10 * MIB).unwrap();
+    write_at(&mut f, 9 * MIB, &vec![0x5au8; MIB as usize]);
+    drop(f);
+    let r = replicate(s(&ds), &src, &[]);
+    r.expect_code(0);
+    assert_eq!(u(&disk0(&r)["chunks_sent"]), MIB / CHUNK, "{}", disk0(&r));
+    srv.kill();
+    assert_identical(&src, &qcow2);
+
+    let _srv = Export::start(&qcow2, &sock);
+    for (point, want) in [(1, &v1), (2, &v2)] {
+        let out = dir.path().join(format!("p{point}.raw"));
+        let p = point.to_string();
+        run([
+            "points",
+            "export",
+            "--target",
+            s(&ds),
+            "--replica",
+            "vm",
+            "--disk",
+            "d0",
+            "--point",
+            &p,
+            "--out",
+            s(&out),
+        ])
+        .expect_code(0);
+        assert!(same_bytes(&out, want), "point {point}");
+    }
+    run(["points", "verify", "--target", s(&ds), "--replica", "vm"]).expect_code(0);
 }
