@@ -396,8 +396,15 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
             let catalog = r.catalog()?;
             let latest = catalog.points.last().is_some_and(|p| p.id == *id) && r.session()?.is_none();
             for (disk, &size) in sizes {
-                let image = r.disk_path(disk)?;
-                let path = if latest && std::fs::metadata(&image).is_ok_and(|m| m.len() == size) {
+                // An image behind an NBD export (DISK.nbd) is larger than the disk and serves one
+                // client: it is exported to a raw file like an older point.
+                let image = match crate::target::image::Placement::of(&r, disk)? {
+                    crate::target::image::Placement::File(p) => Some(p),
+                    crate::target::image::Placement::Nbd(_) => None,
+                };
+                let path = if let Some(image) =
+                    image.filter(|i| latest && std::fs::metadata(i).is_ok_and(|m| m.len() == size))
+                {
                     // The latest point is the image itself: read it in place (cbt reads only the changes).
                     image
                 } else {

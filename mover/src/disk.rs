@@ -21,7 +21,7 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const ALLOCATION: &str = "base:allocation";
 
 /// Timeout of each NBD socket operation: `FERRY_NBD_TIMEOUT` seconds, 30 by default.
-fn nbd_timeout() -> Duration {
+pub(crate) fn nbd_timeout() -> Duration {
     let secs = std::env::var("FERRY_NBD_TIMEOUT").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0);
     Duration::from_secs_f64(secs.unwrap_or(30.0))
 }

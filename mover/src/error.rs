@@ -58,6 +58,20 @@ pub enum MoveError {
         #[source]
         source: Box<crate::nbd::NbdError>,
     },
+    /// The NBD export holding a replica disk's image failed: unreachable,
+    /// gone, timed out, broke the protocol or refused a request.
+    #[error("{what} disk {disk:?} on NBD export {uri}")]
+    NbdImage {
+        /// What was being done ("writing", "flushing", ...).
+        what: &'static str,
+        /// Disk name.
+        disk: String,
+        /// The NBD URI.
+        uri: String,
+        /// What the NBD client said (boxed: it is large).
+        #[source]
+        source: Box<crate::nbd::NbdError>,
+    },
     /// The connection to the peer failed.
     #[error("connection to {peer}")]
     Net {
@@ -139,7 +153,9 @@ impl MoveError {
             {
                 ErrorCode::NoSpace
             }
-            MoveError::File { .. } | MoveError::DiskIo { .. } | MoveError::Nbd { .. } => ErrorCode::Io,
+            MoveError::File { .. } | MoveError::DiskIo { .. } | MoveError::Nbd { .. } | MoveError::NbdImage { .. } => {
+                ErrorCode::Io
+            }
             _ => ErrorCode::Internal,
         }
     }

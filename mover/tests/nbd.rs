@@ -319,6 +319,55 @@ fn qcow2_over_tcp_reads_writes_and_allocation() {
 }
 
 #[test]
+fn pipelined_writes_complete_out_of_band_of_sync_calls() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_qcow2(dir.path(), "w.qcow2", "8M", &[]);
+    let server = Server::start(&img, "qcow2", &[], dir.path(), false);
+    let mut c = connect(&server.uri, &[]);
+    let mut model = vec![0u8; 8 * M as usize];
+    let mut rng = Rng(21);
+    let mut handles = std::collections::BTreeMap::new();
+    let mut buf = vec![0u8; 64 * K as usize];
+    // 64 writes of 64 KiB, up to 16 in flight; the buffer is reused as soon as submit returns.
+    for i in 0..64u64 {
+        if c.detached_in_flight() == 16 {
+            let done = c.wait_detached().unwrap();
+            done.result.unwrap();
+            assert_eq!(handles.remove(&done.handle), Some((done.offset, done.length)));
+        }
+        rng.fill(&mut buf);
+        let off = (i * 7 % 128) * 64 * K;
+        let h = c.submit_write(off, &buf).unwrap();
+        handles.insert(h, (off, 64 * K as u32));
+        model[off as usize..(off + 64 * K) as usize].copy_from_slice(&buf);
+        if i == 40 {
+            // A synchronous call in between parks the replies of the writes in flight.
+            let mut probe = vec![0u8; 4096];
+            c.read_at(7 * M, &mut probe).unwrap();
+        }
+    }
+    assert!(c.detached_in_flight() > 0);
+    while c.detached_in_flight() > 0 {
+        let done = c.wait_detached().unwrap();
+        done.result.unwrap();
+        assert!(handles.remove(&done.handle).is_some());
+    }
+    assert!(handles.is_empty());
+    assert!(matches!(c.wait_detached(), Err(NbdError::InvalidArgument(_))));
+    assert!(matches!(c.submit_write(8 * M - 100, &[0u8; 200]), Err(NbdError::InvalidArgument(_))));
+    c.flush().unwrap();
+    let mut back = vec![0u8; model.len()];
+    c.read_at(0, &mut back).unwrap();
+    assert!(back == model, "read back after pipelined writes differs");
+    c.disconnect().unwrap();
+    server.stop();
+    assert!(to_raw(&img, "qcow2") == model);
+}
+
+#[test]
 fn write_zeroes_and_trim_leave_zeros() {
     if !have_qemu() {
         return;
@@ -711,4 +760,49 @@ fn fault_garbage_reply_and_close_mid_reply() {
     assert!(e.to_string().contains("NBD_CMD_READ offset 0 length 512"), "{e}");
     drop(c);
     h.join().unwrap();
+}
+
+#[test]
+fn fault_connection_lost_with_writes_in_flight_fails_each_write_once() {
+    use ferry_mover::backend::{IoBackend, IoKind, IoRequest, NbdBackend};
+    use ferry_mover::buf::BufPool;
+    let (uri, h) = fake_server(|mut s| {
+        fake_handshake(&mut s);
+        // Take four 4 KiB writes, acknowledge the first, then hang up.
+        let mut handles = Vec::new();
+        for _ in 0..4 {
+            let (handle, _, len) = read_request(&mut s);
+            let mut payload = vec![0u8; len as usize];
+            s.read_exact(&mut payload).unwrap();
+            handles.push(handle);
+        }
+        let mut r = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u32.to_be_bytes());
+        r.extend_from_slice(&handles[0].to_be_bytes());
+        s.write_all(&r).unwrap();
+    });
+    let c = std::sync::Arc::new(std::sync::Mutex::new(NbdClient::connect(&uri, fast_opts()).unwrap()));
+    let pool = BufPool::new(4, 4096);
+    let mut b = NbdBackend::new(c, 4, &uri);
+    for i in 0..4u64 {
+        let mut buf = pool.get();
+        buf.spare_mut()[..4096].fill(i as u8);
+        buf.set_len(4096);
+        b.submit(IoRequest { tag: i, fd: -1, offset: i * 4096, len: 4096, kind: IoKind::Write, buf }).unwrap();
+    }
+    assert_eq!(b.in_flight(), 4);
+    let first = b.wait().unwrap();
+    assert_eq!((first.tag, first.result.as_ref().ok()), (0, Some(&4096)));
+    drop(first);
+    h.join().unwrap();
+    let e = b.wait().unwrap_err();
+    assert!(e.to_string().contains("closed the connection"), "{e}");
+    // The three writes left come back failed, with their buffers, and the backend is empty.
+    let mut failed: Vec<u64> =
+        (0..3).map(|_| b.wait().unwrap()).map(|c| (c.tag, c.result.is_err())).filter(|x| x.1).map(|x| x.0).collect();
+    failed.sort();
+    assert_eq!(failed, [1, 2, 3]);
+    assert_eq!(b.in_flight(), 0);
+    let back: Vec<_> = (0..4).map_while(|_| pool.try_get()).collect();
+    assert_eq!(back.len(), 4, "every buffer is back in the pool");
 }

@@ -4,4 +4,5 @@ mod backup;
 mod datapath;
 mod faults;
 mod nbd;
+mod nbd_target;
 mod plan;

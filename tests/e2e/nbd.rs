@@ -16,7 +16,7 @@ const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 64 * KIB;
 
-fn have_qemu() -> bool {
+pub(super) fn have_qemu() -> bool {
     let ok = |p: &str| Command::new(p).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
     if ok("qemu-nbd") && ok("qemu-img") && ok("qemu-io") {
         true
@@ -27,7 +27,7 @@ fn have_qemu() -> bool {
 }
 
 /// Run a program; panic with its output unless it succeeds.
-fn sh(prog: &str, args: &[&str]) {
+pub(super) fn sh(prog: &str, args: &[&str]) {
     let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"));
     assert!(
         out.status.success(),
@@ -37,7 +37,7 @@ fn sh(prog: &str, args: &[&str]) {
     );
 }
 
-fn s(p: &Path) -> &str {
+pub(super) fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
@@ -115,7 +115,7 @@ fn replicate_nbd(ds: &Path, uri: &str, extra: &[&str]) -> Run {
     run(args)
 }
 
-fn u(v: &Value) -> u64 {
+pub(super) fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 

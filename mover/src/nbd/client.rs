@@ -102,6 +102,19 @@ impl<B: AsMut<[u8]> + Send + 'static> OwnedBuf for B {
     }
 }
 
+/// A finished [`NbdClient::submit_write`] or [`NbdClient::submit_write_zeroes`].
+#[derive(Debug)]
+pub struct Completion {
+    /// The handle the submit returned.
+    pub handle: u64,
+    /// The request's offset.
+    pub offset: u64,
+    /// The request's length.
+    pub length: u32,
+    /// The outcome (a server error fails only this request).
+    pub result: Result<(), NbdError>,
+}
+
 /// A completed owned read waiting for `wait_read*`.
 struct Ready {
     handle: u64,
@@ -329,6 +342,8 @@ enum Target {
     Borrowed { start: usize },
     /// A BLOCK_STATUS for one context id.
     BlockStatus { context_id: u32, descriptors: Option<Vec<BlockDescriptor>> },
+    /// No data; the completion goes to `wait_detached` (`submit_write`).
+    Detached,
 }
 
 struct Pending {
@@ -374,6 +389,9 @@ pub struct NbdClient {
     /// Completed `submit_read`s.
     ready: VecDeque<Ready>,
     owned_reads: usize,
+    /// Completed detached requests, and how many are submitted and not yet returned.
+    detached: VecDeque<Completion>,
+    detached_in_flight: usize,
     broken: Option<String>,
 }
 
@@ -467,6 +485,8 @@ impl NbdClient {
             done: HashMap::new(),
             ready: VecDeque::new(),
             owned_reads: 0,
+            detached: VecDeque::new(),
+            detached_in_flight: 0,
             broken: None,
         };
         match c.negotiate() {
@@ -767,7 +787,14 @@ impl NbdClient {
 
     /// Stores a completed request nobody is waiting for yet.
     fn park(&mut self, p: Pending) {
-        if let Target::Owned(_) = p.target {
+        if let Target::Detached = p.target {
+            self.detached.push_back(Completion {
+                handle: p.req.handle,
+                offset: p.req.offset,
+                length: p.req.length,
+                result: p.error.map_or(Ok(()), Err),
+            });
+        } else if let Target::Owned(_) = p.target {
             let Pending { req, target, error, .. } = p;
             let Target::Owned(buf) = target else { return };
             self.ready.push_back(Ready {
@@ -1035,6 +1062,59 @@ impl NbdClient {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Sends a WRITE of `buf` at `offset` (1..=[`NbdClient::max_request_len`]
+    /// bytes) and returns without waiting for the reply: the payload is on
+    /// the socket when this returns, so `buf` may be reused at once. The
+    /// reply comes back from [`NbdClient::wait_detached`]; a caller keeps
+    /// its own bound on how many are in flight.
+    pub fn submit_write(&mut self, offset: u64, buf: &[u8]) -> Result<u64, NbdError> {
+        self.check_usable()?;
+        self.check_writable(Command::Write)?;
+        self.check_range(Command::Write, offset, buf.len() as u64)?;
+        if buf.is_empty() || buf.len() > self.max_request_len() as usize {
+            return Err(NbdError::InvalidArgument(format!(
+                "write of {} bytes: must be 1..={} bytes",
+                buf.len(),
+                self.max_request_len()
+            )));
+        }
+        let req = self.new_request(Command::Write, 0, offset, buf.len() as u32);
+        let h = self.submit(req, Some(buf), Target::Detached)?;
+        self.detached_in_flight += 1;
+        Ok(h)
+    }
+
+    /// Requests submitted with [`NbdClient::submit_write`] and not yet returned by
+    /// [`NbdClient::wait_detached`].
+    pub fn detached_in_flight(&self) -> usize {
+        self.detached_in_flight
+    }
+
+    /// Waits for the next completed [`NbdClient::submit_write`] (any order).
+    /// A server error fails only that request (in `result`); a connection
+    /// error is returned as `Err`.
+    pub fn wait_detached(&mut self) -> Result<Completion, NbdError> {
+        loop {
+            if let Some(c) = self.detached.pop_front() {
+                self.detached_in_flight -= 1;
+                return Ok(c);
+            }
+            if self.detached_in_flight == 0 {
+                return Err(NbdError::InvalidArgument("wait_detached with no request in flight".into()));
+            }
+            self.check_usable()?;
+            self.flush_queued()?;
+            match self.recv_one(None) {
+                Ok(Some(p)) => self.park(p),
+                Ok(None) => {}
+                Err(e) => {
+                    self.broken = Some(e.to_string());
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// Writes `buf` at `offset`, with up to `max_in_flight` requests in flight.

@@ -2,7 +2,9 @@
 //! Device protocol (qemu-nbd, nbdkit, qemu's built-in server), and reads
 //! their allocation and dirty-bitmap metadata for change detection.
 //!
-//! Used by the source side: `--source NAME=nbd+unix:///EXPORT?socket=PATH` or
+//! Used by the source side and by the target for replica disks behind an
+//! export (`DATASTORE/REPLICA/disks/DISK.nbd`, see
+//! [`crate::target::image`]). The source side: `--source NAME=nbd+unix:///EXPORT?socket=PATH` or
 //! `NAME=nbd://HOST:PORT/EXPORT` opens a [`crate::disk::SourceDisk`] over one
 //! connection; the reader reads it through [`crate::backend::NbdBackend`]
 //! (one READ per chunk, many in flight, replies straight into pool buffers
@@ -34,7 +36,10 @@
 //!   [`NbdClient::wait_read`] (buffers move in and come back; any
 //!   `AsMut<[u8]>` buffer with [`NbdClient::submit_read_buf`] /
 //!   [`NbdClient::wait_read_buf`]), and
-//!   [`NbdClient::read_many`]; `read_at`/`write_at` pipeline their own parts.
+//!   [`NbdClient::read_many`]; writes with [`NbdClient::submit_write`] /
+//!   [`NbdClient::wait_detached`] (the payload is sent before the submit
+//!   returns, so the caller keeps its buffer); `read_at`/`write_at` pipeline
+//!   their own parts.
 //!   Read data goes from the socket straight into the destination buffer
 //!   (only bytes that arrived together with a reply header, at most 16 KiB,
 //!   pass through the receive buffer).
@@ -70,7 +75,7 @@ pub mod proto;
 use std::io;
 use std::time::Duration;
 
-pub use client::{Extent, NbdClient, NbdOptions, ReadCompletion};
+pub use client::{Completion, Extent, NbdClient, NbdOptions, ReadCompletion};
 pub use proto::BlockSizes;
 
 /// Errors of the NBD client. Each says what was being done.

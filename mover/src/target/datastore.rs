@@ -155,6 +155,36 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| MoveError::file("syncing directory", dir, e))
 }
 
+/// Whether `root` holds only disks placed by hand before the first run:
+/// replica directories with nothing but `disks/`, holding nothing but
+/// `DISK.nbd` (an NBD placement) and `DISK.img` (a seed) files. Such a
+/// directory becomes a datastore; anything else in it is someone else's.
+fn is_prepared(root: &Path) -> bool {
+    let entries =
+        |d: &Path| -> Option<Vec<fs::DirEntry>> { fs::read_dir(d).ok()?.collect::<std::io::Result<_>>().ok() };
+    let Some(replicas) = entries(root) else { return false };
+    replicas.iter().all(|r| {
+        let name = r.file_name();
+        let Some(name) = name.to_str() else { return false };
+        if validate_name("replica", name).is_err() || !r.file_type().is_ok_and(|t| t.is_dir()) {
+            return false;
+        }
+        let Some(inside) = entries(&r.path()) else { return false };
+        inside.iter().all(|e| {
+            e.file_name() == "disks"
+                && e.file_type().is_ok_and(|t| t.is_dir())
+                && entries(&e.path()).is_some_and(|disks| {
+                    disks.iter().all(|f| {
+                        let n = f.file_name().to_string_lossy().into_owned();
+                        let stem = n.strip_suffix(".nbd").or_else(|| n.strip_suffix(".img"));
+                        f.file_type().is_ok_and(|t| t.is_file())
+                            && stem.is_some_and(|s| validate_name("disk", s).is_ok())
+                    })
+                })
+        })
+    })
+}
+
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
         Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
@@ -178,7 +208,7 @@ impl Datastore {
         let marker = root.join(MARKER);
         if !marker.exists() {
             let non_empty = fs::read_dir(root).map_err(|e| MoveError::file("listing", root, e))?.next().is_some();
-            if non_empty {
+            if non_empty && !is_prepared(root) {
                 return Err(MoveError::Config(format!(
                     "{} is not empty and not a ferry datastore; use an empty or new directory",
                     root.display()
@@ -320,6 +350,31 @@ impl Replica {
         Ok(self.dir.join("disks").join(format!("{disk}.img")))
     }
 
+    /// Path of the file that places a disk's image behind an NBD export (`disks/DISK.nbd`).
+    pub fn nbd_file(&self, disk: &str) -> Result<PathBuf> {
+        validate_name("disk", disk)?;
+        Ok(self.dir.join("disks").join(format!("{disk}.nbd")))
+    }
+
+    /// The NBD URI in `disks/DISK.nbd`, when the disk's image is placed behind an export.
+    pub fn nbd_uri(&self, disk: &str) -> Result<Option<String>> {
+        let p = self.nbd_file(disk)?;
+        let text = match fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(MoveError::file("reading", &p, e)),
+        };
+        let uri = text.trim();
+        if !crate::disk::is_nbd_uri(uri) || uri.contains(char::is_whitespace) {
+            return Err(MoveError::Config(format!(
+                "{} does not hold an NBD URI (one line: nbd://HOST[:PORT]/EXPORT or \
+                 nbd+unix:///EXPORT?socket=PATH), it holds {uri:?}",
+                p.display()
+            )));
+        }
+        Ok(Some(uri.to_string()))
+    }
+
     /// Path of a disk's digest map.
     pub fn digests_path(&self, disk: &str) -> Result<PathBuf> {
         validate_name("disk", disk)?;
@@ -360,18 +415,19 @@ impl Replica {
         }
     }
 
-    /// Names of the disks that have images.
+    /// Names of the disks that have images (files or NBD placements).
     pub fn disks(&self) -> Result<Vec<String>> {
         let d = self.dir.join("disks");
         let mut v = Vec::new();
         for e in fs::read_dir(&d).map_err(|e| MoveError::file("listing", &d, e))? {
             let e = e.map_err(|e| MoveError::file("listing", &d, e))?;
             let n = e.file_name().to_string_lossy().into_owned();
-            if let Some(stem) = n.strip_suffix(".img") {
+            if let Some(stem) = n.strip_suffix(".img").or_else(|| n.strip_suffix(".nbd")) {
                 v.push(stem.to_string());
             }
         }
         v.sort();
+        v.dedup();
         Ok(v)
     }
 }
@@ -406,5 +462,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("something"), b"x").unwrap();
         assert!(Datastore::open_or_create(dir.path()).is_err());
+        // Replica-like directories with anything besides disk placements are foreign too.
+        let other = tempfile::tempdir().unwrap();
+        fs::create_dir_all(other.path().join("vm1/disks")).unwrap();
+        fs::write(other.path().join("vm1/disks/d0.nbd"), "nbd://h/e\n").unwrap();
+        fs::write(other.path().join("vm1/disks/notes.txt"), "x").unwrap();
+        assert!(Datastore::open_or_create(other.path()).is_err());
+    }
+
+    #[test]
+    fn disks_placed_before_the_first_run_make_a_datastore() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("vm1/disks")).unwrap();
+        fs::create_dir_all(dir.path().join("vm2/disks")).unwrap();
+        fs::write(dir.path().join("vm1/disks/d0.nbd"), "nbd+unix:///?socket=/run/d0.sock\n").unwrap();
+        fs::write(dir.path().join("vm1/disks/d1.img"), b"seed").unwrap();
+        let ds = Datastore::open_or_create(dir.path()).unwrap();
+        let r = ds.lock_replica("vm1", "test", 65536, 0).unwrap();
+        assert_eq!(r.nbd_uri("d0").unwrap().as_deref(), Some("nbd+unix:///?socket=/run/d0.sock"));
+        assert_eq!(r.nbd_uri("d1").unwrap(), None);
+        assert_eq!(r.disks().unwrap(), ["d0", "d1"]);
     }
 }

@@ -19,6 +19,7 @@
 //! checkpoint the source sees is durable.
 
 pub mod datastore;
+pub mod image;
 pub mod points;
 pub mod undo;
 
@@ -37,13 +38,14 @@ use ferry_wire::{
 };
 use serde::Serialize;
 
-use crate::backend::{open_backend, BackendChoice, IoBackend, IoKind, IoRequest};
+use crate::backend::{open_backend, BackendChoice, IoBackend, IoCompletion, IoKind, IoRequest, NbdBackend};
 use crate::buf::{BufPool, PoolBuf, ALIGN};
 use crate::conn::{server_handshake, Conn, Sock};
 use crate::digests::{self, DigestMap, ZeroDigests};
 use crate::error::{MoveError, Result};
 use crate::stats::{Stage, StageStats};
 use datastore::{now_ns, Datastore, PointDisk, Replica, RestorePoint, SessionDisk, SessionState};
+use image::{Placement, ReplicaImage};
 
 /// Target settings.
 #[derive(Debug, Clone)]
@@ -131,6 +133,11 @@ pub fn serve_connection(
         report.error = Some(e.detail());
     }
     if let Some(inner) = t.inner.take() {
+        // A session that failed before any disk was recorded has nothing to resume: leave no
+        // session.json behind (a disk too large for its NBD export, a chunk size mismatch).
+        if result.is_err() && !inner.resumed && inner.state.disks.is_empty() {
+            let _ = inner.replica.clear_session();
+        }
         inner.fill_counters(&mut report);
         let (stats, wr) = inner.finish();
         // The writer's error is the cause; what the connection thread saw next
@@ -160,7 +167,8 @@ struct PlanSession {
     replica: Option<Replica>,
     session: Option<SessionState>,
     /// Disk id -> (image opened read-only, name, digest map as the disk would have it).
-    disks: HashMap<u32, (Option<File>, String, DigestMap)>,
+    /// An image behind an NBD export is connected to only when it must be hashed.
+    disks: HashMap<u32, (Option<ReplicaImage>, String, DigestMap)>,
 }
 
 /// A replica opened in a session, with its pipeline.
@@ -319,11 +327,16 @@ impl TargetSession<'_> {
                 Frame::OpenDisk(o) => self.open_disk(&o, report)?,
                 Frame::DigestMapRequest(r) if self.plan.is_some() => {
                     let plan = self.plan.as_mut().expect("checked");
-                    let (file, name, map) =
+                    let (image, name, map) =
                         plan.disks.get_mut(&r.disk).ok_or_else(|| MoveError::Config(format!("no disk {}", r.disk)))?;
                     if map.unknown_count() > 0 {
-                        match file {
-                            Some(f) => rebuild_unknown(f, name, map)?,
+                        if image.is_none() {
+                            if let Some(r) = &plan.replica {
+                                *image = ReplicaImage::open_ro(r, name)?;
+                            }
+                        }
+                        match image {
+                            Some(img) => rebuild_unknown(img, map)?,
                             None => return Err(MoveError::Datastore(format!("disk {name:?} has no image to hash"))),
                         }
                     }
@@ -425,25 +438,30 @@ impl TargetSession<'_> {
             datastore::write_atomic(&a.replica.dir, "replica.json", &serde_json::to_vec_pretty(&s).expect("json"))?;
             // The settings are read again by later sessions; this one keeps o.chunk_size.
         }
-        let path = a.replica.disk_path(&o.name)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| MoveError::file("opening replica disk", &path, e))?;
-        let existing = file.metadata().map_err(|e| MoveError::file("inspecting", &path, e))?.len();
-        let existed = existing > 0 || a.latest_point.as_ref().is_some_and(|p| p.disks.iter().any(|d| d.name == o.name));
-        let chunk_count = o.size.div_ceil(u64::from(o.chunk_size));
+        let image = ReplicaImage::open_rw(&a.replica, &o.name)?;
+        let nbd = image.nbd_uri().is_some();
+        // Nothing is written to a disk that does not fit in its export.
+        image.check_fits(o.size)?;
+        let point_disk =
+            a.latest_point.as_ref().and_then(|p| p.disks.iter().find(|d| d.name == o.name).map(|d| (p.id, d.size)));
         let resume = a.state.disks.get(&o.name).filter(|d| d.size == o.size).cloned();
+        // The disk's current size: a file's length. An export is larger than the disk it holds:
+        // the session's size when resuming, else the latest point's; a disk new to the replica is
+        // taken to fill the export up to the source's size, its contents unknown until hashed.
+        let existing = match (nbd, &resume, point_disk) {
+            (false, _, _) => image.capacity()?,
+            (true, Some(_), _) => o.size,
+            (true, None, Some((_, psize))) => psize,
+            (true, None, None) => o.size,
+        };
+        // An export may hold a copy already (a seed): the source compares digests rather than sending all.
+        let existed = nbd || existing > 0 || point_disk.is_some();
+        let chunk_count = o.size.div_ceil(u64::from(o.chunk_size));
         let (previous_size, next_chunk) = match &resume {
             Some(d) => (d.previous_size, d.next_chunk.min(chunk_count)),
             None => (existing, 0),
         };
         // Protect the latest point: old contents go to its undo file before they are overwritten.
-        let point_disk =
-            a.latest_point.as_ref().and_then(|p| p.disks.iter().find(|d| d.name == o.name).map(|d| (p.id, d.size)));
         let mut undo_writer = None;
         let mut point_size = 0;
         if let Some((point_id, psize)) = point_disk {
@@ -458,15 +476,21 @@ impl TargetSession<'_> {
                         continue;
                     }
                     let len = ((psize - c * cs).min(cs)) as usize;
-                    read_exact_at(&file, &mut buf[..len], c * cs, &o.name)?;
+                    image.read_exact_at(&mut buf[..len], c * cs, "reading old contents of")?;
                     u.append(c, &buf[..len])?;
                 }
                 u.sync()?;
             }
             undo_writer = Some(u);
         }
-        if existing != o.size {
-            file.set_len(o.size).map_err(|e| MoveError::file("resizing replica disk", &path, e))?;
+        if !nbd && existing != o.size {
+            image.resize(existing, o.size, false)?;
+        } else if nbd && resume.is_none() && (existing != o.size || point_disk.is_none()) {
+            // A grown range may hold bytes of an older, larger disk; everything past the
+            // disk's end reads as zeros, so that the export compares equal to the source.
+            // Durable before the session names the disk: a resume does not do it again.
+            image.resize(existing, o.size, true)?;
+            image.sync()?;
         }
         let digests_path = a.replica.digests_path(&o.name)?;
         let zeros = ZeroDigests::new(o.chunk_size);
@@ -478,8 +502,8 @@ impl TargetSession<'_> {
             .or_else(|| digests::load(&digests_path, o.chunk_size, previous_size));
         let mut map = match stored {
             Some(m) => Ok(m),
-            // No usable map: a new disk is all zeros; an existing one is unknown until rebuilt.
-            None if existing == 0 => DigestMap::zeroed(o.chunk_size, previous_size, &zeros),
+            // No usable map: a new file is all zeros; an existing one (or any export) is unknown until rebuilt.
+            None if existing == 0 && !nbd => DigestMap::zeroed(o.chunk_size, previous_size, &zeros),
             None => DigestMap::new(o.chunk_size, previous_size),
         }
         .map_err(|e| MoveError::Config(e.to_string()))?;
@@ -505,14 +529,19 @@ impl TargetSession<'_> {
             report.warning = p.warning.clone();
             a.pipeline = Some(p);
         }
-        let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&path).ok();
+        let direct =
+            image.path().and_then(|p| OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(p).ok());
+        // Chunk writes to an export are pipelined on its connection: several WRITEs in flight.
+        let nbd_backend =
+            image.nbd_client().zip(image.nbd_uri()).map(|(c, uri)| NbdBackend::new(c, cfg.queue_depth.max(1), uri));
         a.disk_names.insert(o.disk, o.name.clone());
         let msg = WriterMsg::OpenDisk(
             o.disk,
             Box::new(WDisk {
                 name: o.name.clone(),
-                file,
+                image,
                 direct,
+                nbd: nbd_backend,
                 size: o.size,
                 chunk_size: o.chunk_size,
                 digests: map,
@@ -541,7 +570,7 @@ impl TargetSession<'_> {
     fn plan_open_disk(&mut self, o: &OpenDisk) -> Result<()> {
         datastore::validate_name("disk", &o.name)?;
         let plan = self.plan.as_mut().expect("plan session");
-        let (file, existing) = match &plan.replica {
+        let (image, existing, nbd) = match &plan.replica {
             Some(r) => {
                 if r.settings.chunk_size != 0 && r.settings.chunk_size != o.chunk_size {
                     return Err(MoveError::Config(format!(
@@ -549,11 +578,21 @@ impl TargetSession<'_> {
                         r.name, r.settings.chunk_size, o.name, o.chunk_size
                     )));
                 }
-                let f = File::open(r.disk_path(&o.name)?).ok();
-                let size = f.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
-                (f, size)
+                match Placement::of(r, &o.name)? {
+                    // As open_disk sizes it; the export is connected to only if it must be hashed.
+                    Placement::Nbd(_) => {
+                        let catalog = r.catalog()?;
+                        let point = catalog.points.last().and_then(|p| p.disks.iter().find(|d| d.name == o.name));
+                        (None, point.map_or(o.size, |d| d.size), true)
+                    }
+                    Placement::File(_) => {
+                        let f = ReplicaImage::open_ro(r, &o.name).ok().flatten();
+                        let size = f.as_ref().and_then(|f| f.capacity().ok()).unwrap_or(0);
+                        (f, size, false)
+                    }
+                }
             }
-            None => (None, 0),
+            None => (None, 0, false),
         };
         let cs = o.chunk_size;
         let chunk_count = o.size.div_ceil(u64::from(cs));
@@ -564,13 +603,13 @@ impl TargetSession<'_> {
         let stored = plan.replica.as_ref().map(|r| r.digests_path(&o.name)).transpose()?;
         let mut map = match stored.and_then(|p| digests::load(&p, cs, existing)) {
             Some(m) => Ok(m),
-            None if existing == 0 => DigestMap::zeroed(cs, existing, &zeros),
+            None if existing == 0 && !nbd => DigestMap::zeroed(cs, existing, &zeros),
             None => DigestMap::new(cs, existing),
         }
         .map_err(|e| MoveError::Config(e.to_string()))?;
         map.resize(o.size, |l| zeros.digest(l));
-        let existed = file.is_some() && existing > 0;
-        plan.disks.insert(o.disk, (file, o.name.clone(), map));
+        let existed = nbd || (image.is_some() && existing > 0);
+        plan.disks.insert(o.disk, (image, o.name.clone(), map));
         self.conn.send(&Frame::ResumeInfo(ResumeInfo {
             disk: o.disk,
             previous_size,
@@ -627,8 +666,11 @@ fn unhex(s: &str, out: &mut [u8]) {
 /// A disk as the writer holds it.
 struct WDisk {
     name: String,
-    file: File,
+    image: ReplicaImage,
+    /// The file image opened with O_DIRECT, for aligned chunk writes.
     direct: Option<File>,
+    /// The pipelined write backend of an image behind an NBD export.
+    nbd: Option<NbdBackend>,
     size: u64,
     chunk_size: u32,
     digests: DigestMap,
@@ -866,45 +908,33 @@ fn save_old(d: &mut WDisk, chunk: u64, old: &mut Vec<u8>) -> Result<bool> {
     }
     let len = (d.point_size - offset).min(cs) as usize;
     old.resize(len.max(old.len()), 0);
-    read_exact_at(&d.file, &mut old[..len], offset, &d.name)?;
+    d.image.read_exact_at(&mut old[..len], offset, "reading old contents of")?;
     u.append(chunk, &old[..len])?;
     Ok(true)
 }
 
-fn read_exact_at(f: &File, buf: &mut [u8], offset: u64, disk: &str) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    f.read_exact_at(buf, offset).map_err(|e| MoveError::DiskIo {
-        what: "reading old contents of",
-        disk: disk.to_string(),
-        offset,
-        len: buf.len(),
-        source: e,
-    })
-}
-
 /// Hash the chunks of an image whose digests are unknown (a seed placed in
-/// the datastore, a lost or stale map), at local disk speed.
-fn rebuild_unknown(file: &File, disk: &str, map: &mut DigestMap) -> Result<()> {
-    use std::os::unix::fs::FileExt;
+/// the datastore, an export placed behind DISK.nbd, a lost or stale map), at
+/// local disk speed. Chunks an export reports as zeros are not read.
+fn rebuild_unknown(image: &ReplicaImage, map: &mut DigestMap) -> Result<()> {
     let cs = u64::from(map.chunk_size());
-    let file_size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let size = map.disk_size();
+    if map.unknown_count() > 0 {
+        let zeros = ZeroDigests::new(map.chunk_size());
+        for c in image.zero_chunks(map.chunk_size(), size)? {
+            if c < map.chunk_count() && !map.is_known(c) {
+                map.set(c, zeros.digest(map.chunk_len(c)));
+            }
+        }
+    }
     let mut buf = vec![0u8; map.chunk_size() as usize];
     for i in 0..map.chunk_count() {
         if map.is_known(i) {
             continue;
         }
-        let offset = i * cs;
         let len = map.chunk_len(i) as usize;
-        // Bytes past the end of the image read as zeros (it grows sparse).
-        let avail = file_size.saturating_sub(offset).min(len as u64) as usize;
-        buf[avail..len].fill(0);
-        file.read_exact_at(&mut buf[..avail], offset).map_err(|e| MoveError::DiskIo {
-            what: "hashing",
-            disk: disk.to_string(),
-            offset,
-            len,
-            source: e,
-        })?;
+        // Bytes past the end of a file image read as zeros (it grows sparse).
+        image.read_padded(&mut buf[..len], i * cs, "hashing")?;
         map.set(i, *blake3::hash(&buf[..len]).as_bytes());
     }
     Ok(())
@@ -975,7 +1005,7 @@ impl Writer {
         loop {
             self.pump()?;
             self.run_barriers()?;
-            let busy = self.backend.in_flight();
+            let busy = self.in_flight();
             let msg = if busy >= self.backend.depth() {
                 None
             } else if busy > 0 || self.queued() {
@@ -988,7 +1018,7 @@ impl Writer {
             };
             let Some(msg) = msg else {
                 // Nothing new: wait for an operation (with none in flight, pump moves the queues).
-                if self.backend.in_flight() > 0 {
+                if self.in_flight() > 0 {
                     self.complete_one()?;
                 }
                 continue;
@@ -1002,7 +1032,7 @@ impl Writer {
                     self.stopping = true;
                     loop {
                         self.pump()?;
-                        if self.backend.in_flight() == 0 {
+                        if self.in_flight() == 0 {
                             break;
                         }
                         self.complete_one()?;
@@ -1032,9 +1062,14 @@ impl Writer {
                     let len = buf.len();
                     let fd = match &d.direct {
                         Some(f) if len % ALIGN == 0 => f.as_raw_fd(),
-                        _ => d.file.as_raw_fd(),
+                        _ => d.image.raw_fd(),
                     };
-                    let old = old_contents(d, chunk, d.digests.get(chunk))?;
+                    let mut old = old_contents(d, chunk, d.digests.get(chunk))?;
+                    if matches!(old, OldContents::Read(_)) && d.nbd.is_some() {
+                        // An export is read on its connection, here; files are read through the backend.
+                        save_old(d, chunk, &mut self.old)?;
+                        old = OldContents::Appended;
+                    }
                     d.entry.chunks_changed += 1;
                     d.entry.bytes_changed += len as u64;
                     let req = IoRequest { tag: self.tag(disk), fd, offset, len, kind: IoKind::Write, buf };
@@ -1066,15 +1101,8 @@ impl Writer {
                     if let Some(u) = &mut d.undo {
                         u.sync()?;
                     }
-                    crate::disk::punch_hole(d.file.as_raw_fd(), offset, end - offset).map_err(|e| {
-                        MoveError::DiskIo {
-                            what: "punching a hole in",
-                            disk: d.name.clone(),
-                            offset,
-                            len: (end - offset) as usize,
-                            source: e,
-                        }
-                    })?;
+                    // A hole in a file; WRITE_ZEROES (may deallocate) on an export.
+                    d.image.zero(offset, end - offset)?;
                     for c in first..first + count {
                         let len = (d.size - c * cs).min(cs) as u32;
                         d.digests.set(c, d.zeros.digest(len));
@@ -1089,7 +1117,7 @@ impl Writer {
                     let Some(d) = self.disks.get_mut(&disk) else { continue };
                     if d.digests.unknown_count() > 0 {
                         let t = Instant::now();
-                        rebuild_unknown(&d.file, &d.name, &mut d.digests)?;
+                        rebuild_unknown(&d.image, &mut d.digests)?;
                         d.dirty = true;
                         self.stats.record(Stage::Verify, t.elapsed());
                     }
@@ -1159,15 +1187,23 @@ impl Writer {
                 self.syncing = Some(s);
             }
         }
-        while self.backend.in_flight() < depth {
-            let Some(req) = self.ready.pop_front() else { break };
+        // Writes: a file's on the IO backend, an export's on its own connection; none waits.
+        while let Some(req) = self.ready.front() {
+            let room = match self.disks.get(&((req.tag >> 48) as u32)).and_then(|d| d.nbd.as_ref()) {
+                Some(b) => b.in_flight() < b.depth(),
+                None => self.backend.in_flight() < depth,
+            };
+            if !room {
+                break;
+            }
+            let req = self.ready.pop_front().expect("front exists");
             self.submit(req)?;
         }
         while self.backend.in_flight() < depth && !self.need_old.is_empty() {
             let Some(mut buf) = self.old_pool.try_get() else { break };
             let o = self.need_old.pop_front().expect("not empty");
             let d = self.disks.get(&o.disk).ok_or_else(|| MoveError::Config(format!("no disk {}", o.disk)))?;
-            let (offset, fd) = (o.chunk * u64::from(d.chunk_size), d.file.as_raw_fd());
+            let (offset, fd) = (o.chunk * u64::from(d.chunk_size), d.image.raw_fd());
             buf.set_len(0);
             let tag = self.tag(o.disk);
             let req = IoRequest { tag, fd, offset, len: o.len, kind: IoKind::Read, buf };
@@ -1186,16 +1222,27 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes in flight on the file backend and on every disk's NBD connection.
+    fn in_flight(&self) -> usize {
+        self.backend.in_flight()
+            + self.disks.values().filter_map(|d| d.nbd.as_ref()).map(|b| b.in_flight()).sum::<usize>()
+    }
+
+    /// Submit a write (the caller checked its backend has room).
     fn submit(&mut self, req: IoRequest) -> Result<()> {
         let (offset, len, tag) = (req.offset, req.len, req.tag);
         self.started.insert(tag, Instant::now());
-        self.backend.submit(req).map_err(|e| MoveError::DiskIo {
-            what: "writing",
-            disk: self.disk_of(tag),
-            offset,
-            len,
-            source: e,
-        })
+        match self.disks.get_mut(&((tag >> 48) as u32)) {
+            // A disk behind an NBD export writes on its own connection; files share the IO backend.
+            Some(WDisk { nbd: Some(b), image, .. }) => b.submit(req).map_err(|e| image.write_error(offset, len, e)),
+            _ => self.backend.submit(req).map_err(|e| MoveError::DiskIo {
+                what: "writing",
+                disk: self.disk_of(tag),
+                offset,
+                len,
+                source: e,
+            }),
+        }
     }
 
     /// A new operation tag: the disk in the top 16 bits, a counter below.
@@ -1217,9 +1264,22 @@ impl Writer {
             .map_or_else(|| label.to_string(), |d| d.name.clone())
     }
 
-    /// Wait for one operation and move on what it finished.
+    /// Wait for one operation and move on what it finished: on the file backend when it has
+    /// operations in flight, else on the connection of an NBD disk with writes in flight.
     fn complete_one(&mut self) -> Result<()> {
-        let c = self.backend.wait().map_err(|e| MoveError::Datastore(format!("target IO backend failed: {e}")))?;
+        let nbd_disk = if self.backend.in_flight() > 0 {
+            None
+        } else {
+            self.disks.iter().find(|(_, d)| d.nbd.as_ref().is_some_and(|b| b.in_flight() > 0)).map(|(&id, _)| id)
+        };
+        let c: IoCompletion = match nbd_disk {
+            Some(id) => {
+                let d = self.disks.get_mut(&id).expect("found above");
+                let b = d.nbd.as_mut().expect("an NBD disk");
+                b.wait().map_err(|e| d.image.write_error(0, 0, e))?
+            }
+            None => self.backend.wait().map_err(|e| MoveError::Datastore(format!("target IO backend failed: {e}")))?,
+        };
         let stage = match c.kind {
             IoKind::Write => Stage::Write,
             IoKind::Read => Stage::Read,
@@ -1230,13 +1290,18 @@ impl Writer {
         }
         match c.kind {
             IoKind::Write => {
-                c.result.map_err(|e| MoveError::DiskIo {
-                    what: "writing",
-                    disk: self.disk_of(c.tag),
-                    offset: c.offset,
-                    len: c.len,
-                    source: e,
-                })?;
+                if let Err(e) = c.result {
+                    return Err(match self.disks.get(&((c.tag >> 48) as u32)) {
+                        Some(d) => d.image.write_error(c.offset, c.len, e),
+                        None => MoveError::DiskIo {
+                            what: "writing",
+                            disk: String::new(),
+                            offset: c.offset,
+                            len: c.len,
+                            source: e,
+                        },
+                    });
+                }
                 if let Some((seq, chunk, digest)) = self.seq_of.remove(&c.tag) {
                     if let Some(d) = self.disks.get_mut(&((c.tag >> 48) as u32)) {
                         d.digests.set(chunk, digest);
@@ -1290,6 +1355,14 @@ impl Writer {
         while self.backend.in_flight() > 0 {
             if self.backend.wait().is_err() {
                 break;
+            }
+        }
+        for b in self.disks.values_mut().filter_map(|d| d.nbd.as_mut()) {
+            // A lost connection fails each write in flight once: this ends.
+            while b.in_flight() > 0 {
+                if b.wait().is_err() {
+                    break;
+                }
             }
         }
         self.old_reads.clear();
@@ -1357,16 +1430,8 @@ impl Writer {
     /// Make a disk's image and digest map durable.
     fn sync_disk(&mut self, disk: u32) -> Result<()> {
         let Some(d) = self.disks.get_mut(&disk) else { return Ok(()) };
-        // SAFETY: fdatasync on an open fd.
-        if unsafe { libc::fdatasync(d.file.as_raw_fd()) } != 0 {
-            return Err(MoveError::DiskIo {
-                what: "syncing",
-                disk: d.name.clone(),
-                offset: 0,
-                len: 0,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        // fdatasync, or NBD_CMD_FLUSH: every write before the barrier has completed.
+        d.image.sync()?;
         if d.dirty {
             digests::store(&d.digests_path, &d.digests)?;
             d.dirty = false;

@@ -12,13 +12,14 @@
 //! from `rollback.json` the next time the replica is opened for writing.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::datastore::{write_atomic, Catalog, Datastore, Replica, RestorePoint};
+use super::image::{Placement, ReplicaImage};
 use super::undo::{undo_path, RecordLoc, UndoReader};
 use crate::digests::{self, DigestMap, ZeroDigests};
 use crate::error::{MoveError, Result};
@@ -77,9 +78,9 @@ pub fn export_point(ds: &Datastore, replica: &str, disk: &str, point: Option<u64
     if pending {
         ids.push(latest.id);
     }
-    let image = r.disk_path(disk)?;
-    if ids.is_empty() {
-        let rep = crate::export::copy_sparse(&image, out)?;
+    let placement = Placement::of(&r, disk)?;
+    if let (true, Placement::File(image)) = (ids.is_empty(), &placement) {
+        let rep = crate::export::copy_sparse(image, out)?;
         if rep.size != pd.size {
             return Err(MoveError::Datastore(format!(
                 "image of {replica}/{disk} is {} bytes, its restore point says {}",
@@ -96,8 +97,16 @@ pub fn export_point(ds: &Datastore, replica: &str, disk: &str, point: Option<u64
             index.entry(c).or_insert((i, loc));
         }
     }
-    let src = File::open(&image).map_err(|e| MoveError::file("opening", &image, e))?;
-    let src_size = src.metadata().map_err(|e| MoveError::file("inspecting", &image, e))?.len();
+    // An export holds the disk in its first pd.size bytes; only those are exported.
+    let src = ReplicaImage::open_ro(&r, disk)?;
+    if let Some(img) = src.as_ref().filter(|i| i.nbd_uri().is_some()) {
+        img.check_fits(pd.size)?;
+    }
+    // Chunks an export reports as zeros are not read (an export's holes stay holes in the file).
+    let zero: std::collections::HashSet<u64> = match &src {
+        Some(img) => img.zero_chunks(cs, pd.size)?.into_iter().collect(),
+        None => Default::default(),
+    };
     let o = OpenOptions::new()
         .write(true)
         .create(true)
@@ -119,11 +128,10 @@ pub fn export_point(ds: &Datastore, replica: &str, disk: &str, point: Option<u64
                 undos[*i].read(loc, &mut buf[..loc.len as usize])?;
                 buf[n..len].fill(0);
             }
-            None => {
-                b.fill(0);
-                let avail = src_size.saturating_sub(off).min(len as u64) as usize;
-                src.read_exact_at(&mut b[..avail], off).map_err(|e| MoveError::file("reading", &image, e))?;
-            }
+            None => match &src {
+                Some(img) if !zero.contains(&c) => img.read_padded(b, off, "exporting")?,
+                _ => b.fill(0),
+            },
         }
         let b = &buf[..len];
         if !crate::buf::is_zero(b) {
@@ -136,17 +144,12 @@ pub fn export_point(ds: &Datastore, replica: &str, disk: &str, point: Option<u64
 }
 
 /// Apply the records of undo file `point`/`disk` to the image, set the
-/// image to `size`, update its digest map. Idempotent.
-fn apply_undo(r: &Replica, point: u64, disk: &str, size: u64) -> Result<()> {
-    let image = r.disk_path(disk)?;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&image)
-        .map_err(|e| MoveError::file("opening", &image, e))?;
-    let cur = f.metadata().map_err(|e| MoveError::file("inspecting", &image, e))?.len();
+/// image to `size`, update its digest map. Idempotent. `cur` is the disk's
+/// size now, for an image behind an NBD export (a file's is its length).
+fn apply_undo(r: &Replica, point: u64, disk: &str, size: u64, cur: u64) -> Result<()> {
+    let f = ReplicaImage::open_rw(r, disk)?;
+    let nbd = f.nbd_uri().is_some();
+    let cur = if nbd { cur } else { f.capacity()? };
     let cs = r.settings.chunk_size;
     let zeros = ZeroDigests::new(cs);
     let dpath = r.digests_path(disk)?;
@@ -157,7 +160,8 @@ fn apply_undo(r: &Replica, point: u64, disk: &str, size: u64) -> Result<()> {
         .map_or_else(|| DigestMap::new(cs, cur), Ok)
         .map_err(|e| MoveError::Datastore(e.to_string()))?;
     if size > cur {
-        f.set_len(size).map_err(|e| MoveError::file("resizing", &image, e))?;
+        // Grown bytes read as zeros (an export's tail past the disk is kept zero).
+        f.resize(cur, size, false)?;
     }
     map.resize(size.max(cur), |l| zeros.digest(l));
     let p = undo_path(&r.dir, point, disk);
@@ -167,18 +171,19 @@ fn apply_undo(r: &Replica, point: u64, disk: &str, size: u64) -> Result<()> {
         for (&c, loc) in &u.records {
             let off = c * u64::from(cs);
             if loc.zero {
-                crate::disk::punch_hole(std::os::fd::AsRawFd::as_raw_fd(&f), off, u64::from(loc.len))
-                    .map_err(|e| MoveError::file("punching a hole in", &image, e))?;
+                f.zero(off, u64::from(loc.len))?;
             } else {
                 u.read(loc, &mut buf)?;
-                f.write_all_at(&buf[..loc.len as usize], off).map_err(|e| MoveError::file("writing", &image, e))?;
+                f.write_all_at(&buf[..loc.len as usize], off)?;
             }
             if c < map.chunk_count() {
                 map.set(c, loc.digest);
             }
         }
     }
-    f.set_len(size).map_err(|e| MoveError::file("resizing", &image, e))?;
+    if nbd || f.capacity()? != size {
+        f.resize(size.max(cur), size, false)?;
+    }
     map.resize(size, |l| zeros.digest(l));
     // Chunks the map does not know (no usable map, a partial last chunk whose length
     // changed) are hashed from the restored image: verify and digest mode need them.
@@ -186,16 +191,23 @@ fn apply_undo(r: &Replica, point: u64, disk: &str, size: u64) -> Result<()> {
     for c in 0..map.chunk_count() {
         if !map.is_known(c) {
             let len = map.chunk_len(c) as usize;
-            f.read_exact_at(&mut buf[..len], c * u64::from(cs)).map_err(|e| MoveError::file("reading", &image, e))?;
+            f.read_exact_at(&mut buf[..len], c * u64::from(cs), "hashing")?;
             map.set(c, *blake3::hash(&buf[..len]).as_bytes());
         }
     }
-    f.sync_all().map_err(|e| MoveError::file("syncing", &image, e))?;
+    f.sync()?;
     digests::store(&dpath, &map)
 }
 
+/// Remove a disk's image and digest map. A disk placed behind an NBD export keeps its
+/// placement (`DISK.nbd`, the user's) and its export; only its map goes, so the next
+/// session hashes the export again.
 fn remove_disk(r: &Replica, disk: &str) -> Result<()> {
-    for p in [r.disk_path(disk)?, r.digests_path(disk)?] {
+    let image = match Placement::of(r, disk)? {
+        Placement::File(p) => Some(p),
+        Placement::Nbd(_) => None,
+    };
+    for p in image.into_iter().chain([r.digests_path(disk)?]) {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -248,7 +260,8 @@ pub fn finish_rollback(r: &Replica) -> Result<Vec<u64>> {
             break;
         };
         for d in &prev.disks {
-            apply_undo(r, prev.id, &d.name, d.size)?;
+            let cur = latest.disks.iter().find(|l| l.name == d.name).map_or(d.size, |l| l.size);
+            apply_undo(r, prev.id, &d.name, d.size, cur)?;
         }
         for d in latest.disks.iter().filter(|d| !prev.disks.iter().any(|p| p.name == d.name)) {
             remove_disk(r, &d.name)?;
@@ -277,7 +290,8 @@ pub fn rollback_incomplete(r: &Replica) -> Result<bool> {
         Some(latest) if latest.session_id == session.session_id => {} // committed already
         Some(latest) => {
             for d in &latest.disks {
-                apply_undo(r, latest.id, &d.name, d.size)?;
+                let cur = session.disks.get(&d.name).map_or(d.size, |s| s.size);
+                apply_undo(r, latest.id, &d.name, d.size, cur)?;
             }
             for name in added.iter().filter(|n| !latest.disks.iter().any(|d| &d.name == *n)) {
                 remove_disk(r, name)?;
@@ -344,17 +358,25 @@ pub fn verify(r: &Replica) -> Result<(u64, Vec<VerifyIssue>)> {
     let mut checked = 0;
     let mut buf = vec![0u8; cs as usize];
     for d in &latest.disks {
-        let image = r.disk_path(&d.name)?;
-        let f = File::open(&image).map_err(|e| MoveError::file("opening", &image, e))?;
-        let size = f.metadata().map_err(|e| MoveError::file("inspecting", &image, e))?.len();
-        if size != d.size {
+        let Some(f) = ReplicaImage::open_ro(r, &d.name)? else {
+            issues.push(VerifyIssue { disk: d.name.clone(), chunk: None, problem: "image missing".into() });
+            continue;
+        };
+        let len = f.capacity()?;
+        // A file is exactly the disk; an export holds it in its first d.size bytes.
+        let (fits, what) = match f.nbd_uri() {
+            Some(_) => (len >= d.size, "export"),
+            None => (len == d.size, "image"),
+        };
+        if !fits {
             issues.push(VerifyIssue {
                 disk: d.name.clone(),
                 chunk: None,
-                problem: format!("image is {size} bytes, the point says {}", d.size),
+                problem: format!("{what} is {len} bytes, the point says {}", d.size),
             });
             continue;
         }
+        let size = d.size;
         let Some(map) = digests::load(&r.digests_path(&d.name)?, cs, size) else {
             issues.push(VerifyIssue {
                 disk: d.name.clone(),
@@ -365,7 +387,7 @@ pub fn verify(r: &Replica) -> Result<(u64, Vec<VerifyIssue>)> {
         };
         for c in 0..map.chunk_count() {
             let len = map.chunk_len(c) as usize;
-            f.read_exact_at(&mut buf[..len], c * u64::from(cs)).map_err(|e| MoveError::file("reading", &image, e))?;
+            f.read_exact_at(&mut buf[..len], c * u64::from(cs), "verifying")?;
             checked += 1;
             match map.get(c) {
                 Some(want) if want == *blake3::hash(&buf[..len]).as_bytes() => {}
