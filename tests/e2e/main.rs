@@ -3,5 +3,6 @@
 mod backup;
 mod datapath;
 mod faults;
+mod map_cache;
 mod nbd;
 mod plan;

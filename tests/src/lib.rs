@@ -30,9 +30,12 @@ pub fn ferry_bin() -> &'static Path {
     })
 }
 
-/// A `ferry` command.
+/// A `ferry` command. Its default digest map cache (`$XDG_CACHE_HOME/ferry/maps`)
+/// is under the build directory, not the user's home.
 pub fn ferry() -> Command {
-    Command::new(ferry_bin())
+    let mut c = Command::new(ferry_bin());
+    c.env("XDG_CACHE_HOME", ferry_bin().with_file_name("e2e-xdg-cache"));
+    c
 }
 
 /// Result of a command: exit code, stdout, stderr.
