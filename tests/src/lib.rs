@@ -26,6 +26,8 @@ pub fn ferry_bin() -> &'static Path {
         let dir = exe.parent().and_then(Path::parent).expect("target/debug");
         let bin = dir.join("ferry");
         assert!(bin.exists(), "no ferry binary at {}", bin.display());
+        // Digest maps cached by the previous run of the tests (see `ferry()`).
+        let _ = std::fs::remove_dir_all(bin.with_file_name("e2e-xdg-cache"));
         bin
     })
 }
