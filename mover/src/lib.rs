@@ -6,6 +6,7 @@
 //! - [`target`]: the target session (receiver, verify workers, writer) and the datastore.
 //! - [`conn`]: sockets, the wire session, handshake and authentication ([`auth`]).
 //! - [`export`]: raw images out of a datastore.
+//! - [`map_cache`]: the source's cache of target digest maps.
 //! - [`backup`]: replica from backup: repositories of restore points (ferry datastores, qcow2 chains).
 //!
 //! A chunk travels reader -> worker -> socket with one copy at most (the
@@ -23,6 +24,7 @@ pub mod digests;
 pub mod disk;
 pub mod error;
 pub mod export;
+pub mod map_cache;
 pub mod nbd;
 pub mod source;
 pub mod stats;

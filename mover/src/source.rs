@@ -36,8 +36,9 @@ use crate::buf::{is_zero, BufPool, PoolBuf, ALIGN};
 use crate::conn::{client_handshake, Conn, Rx, Sock};
 use crate::disk::{is_nbd_uri, SourceDisk};
 use crate::error::{MoveError, Result};
-use crate::stats::{DiskCounters, Stage, StageStats, StageSummary};
-use ferry_planner::{parse_cbt, sample_unchanged, ChangeMap, ChunkSet, ZeroDigests};
+use crate::map_cache::{MapCache, MapCacheWriter};
+use crate::stats::{DiskCounters, MapSource, Stage, StageStats, StageSummary};
+use ferry_planner::{parse_cbt, sample_unchanged, ChangeMap, ChunkSet, Digest, DigestMap, ZeroDigests};
 
 /// zstd levels `--compress auto` moves between (0: off).
 pub const AUTO_LEVELS: [i32; 3] = [0, 1, 3];
@@ -215,6 +216,8 @@ pub struct ReplicateConfig {
     pub verify_samples: usize,
     /// Plan only: read, hash and compress as a run would, send nothing, change nothing at the target.
     pub plan_only: bool,
+    /// Where to cache the target's digest maps (None: no cache; every map is downloaded).
+    pub map_cache: Option<MapCache>,
 }
 
 impl ReplicateConfig {
@@ -234,6 +237,7 @@ impl ReplicateConfig {
             retain: 0,
             verify_samples: 200,
             plan_only: false,
+            map_cache: None,
         }
     }
 }
@@ -390,6 +394,10 @@ struct JobDisk {
     counters: DiskCounters,
     /// Target digests (digest mode).
     target_digests: Option<Vec<[u8; 32]>>,
+    /// The map the target will hold after this run, streamed to the cache as chunks go.
+    cache: Option<MapCacheWriter>,
+    /// The target's map where only the cache needs it (cbt: the chunks not sent keep these digests).
+    cache_base: Option<Vec<Digest>>,
 }
 
 /// Run a replication over an established socket to a target.
@@ -540,10 +548,20 @@ fn run_job(
         }
         let all = ChunkSet::all(chunk_count);
         let mut target_digests = None;
+        let mut cache_base = None;
+        let mut map_source = MapSource::None;
+        let mut map_bytes = 0;
+        let mut fetch = |conn: &Conn, rx: &mut Rx| -> Result<Vec<Digest>> {
+            let cached = cfg.map_cache.as_ref().and_then(|c| c.load(&cfg.replica, &sd.name, chunk_size, sd.size));
+            let f = fetch_digests(conn, rx, id, chunk_count, cached)?;
+            map_source = f.source;
+            map_bytes = f.wire_bytes;
+            Ok(f.digests)
+        };
         let wanted = match mode {
             Mode::Full => all,
             Mode::Digest | Mode::Seed => {
-                target_digests = Some(fetch_digests(conn, &mut rx, id, chunk_count)?);
+                target_digests = Some(fetch(conn, &mut rx)?);
                 all
             }
             Mode::Cbt => {
@@ -554,11 +572,14 @@ fn run_job(
                 if cfg.verify_samples == 0 {
                     changed
                 } else {
-                    let digests = fetch_digests(conn, &mut rx, id, chunk_count)?;
+                    let digests = fetch(conn, &mut rx)?;
                     let seed = u64::from_le_bytes(crate::auth::random_bytes::<8>());
                     let samples = sample_unchanged(&changed, chunk_count, cfg.verify_samples, seed);
                     match first_mismatch(&sd, cs, &samples, &digests)? {
-                        None => changed,
+                        None => {
+                            cache_base = Some(digests);
+                            changed
+                        }
                         Some(chunk) => {
                             obs.event(&JobEvent::Warning(format!(
                                 "disk {:?}: changed block tracking missed a change (chunk {chunk} differs from the \
@@ -582,9 +603,41 @@ fn run_job(
             chunks_planned: todo.count(),
             bytes_planned: todo.bytes(chunk_size, sd.size),
             chunks_resumed: wanted.count() - todo.count(),
+            digest_map: Some(map_source),
+            digest_map_bytes: map_bytes,
             ..Default::default()
         };
-        disks.push(JobDisk { disk: sd, chunk_count, ranges: todo.ranges().to_vec(), holes, counters, target_digests });
+        // The map the target holds after the commit is known when every chunk is either
+        // processed by this run or in the target's map as it stands.
+        let cache = match &cfg.map_cache {
+            Some(c)
+                if !cfg.plan_only
+                    && (target_digests.is_some() || cache_base.is_some() || todo.count() == chunk_count) =>
+            {
+                match c.writer(&cfg.replica, &sd.name, chunk_size, sd.size) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        obs.event(&JobEvent::Notice(format!(
+                            "disk {:?}: cannot cache its digest map in {}: {e}; the next run downloads it",
+                            sd.name,
+                            c.dir().display()
+                        )));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        disks.push(JobDisk {
+            disk: sd,
+            chunk_count,
+            ranges: todo.ranges().to_vec(),
+            holes,
+            counters,
+            target_digests,
+            cache_base: if cache.is_some() { cache_base } else { None },
+            cache,
+        });
     }
     obs.event(&JobEvent::Plan(disks.iter().map(|d| d.counters.clone()).collect()));
 
@@ -618,6 +671,19 @@ fn run_job(
     conn.shutdown();
     let _ = receiver.join();
     let (stats, backend, compress_auto, point_id, point_time_ns) = outcome?;
+    if let (Some(c), false) = (&cfg.map_cache, cfg.plan_only) {
+        // Committed: the target now holds the maps streamed during the run.
+        for d in &mut disks {
+            match d.cache.take().map(MapCacheWriter::commit) {
+                Some(Ok(true)) => {}
+                Some(Ok(false)) | None => c.remove(&cfg.replica, &d.disk.name),
+                Some(Err(e)) => obs.event(&JobEvent::Notice(format!(
+                    "disk {:?}: digest map not cached ({e}); the next run downloads it",
+                    d.disk.name
+                ))),
+            }
+        }
+    }
     Ok(JobReport {
         disks: disks.into_iter().map(|d| d.counters).collect(),
         duration_s: start.elapsed().as_secs_f64(),
@@ -653,25 +719,59 @@ fn receive_loop(conn: &Conn, rx: &mut Rx, out: &Sender<RxMsg>) {
     }
 }
 
-fn fetch_digests(conn: &Conn, rx: &mut Rx, disk: u32, chunk_count: u64) -> Result<Vec<[u8; 32]>> {
-    conn.send(&Frame::DigestMapRequest(DigestMapRequest { disk, cached_map_hash: [0; 32] }))?;
-    let mut v: Vec<[u8; 32]> = Vec::with_capacity(chunk_count as usize);
-    loop {
+/// A digest map as the target answered a DigestMapRequest.
+struct FetchedMap {
+    digests: Vec<Digest>,
+    source: MapSource,
+    /// DigestMapPart and DigestMapEnd bytes received.
+    wire_bytes: u64,
+}
+
+/// Ask the target for disk `disk`'s digest map, offering the hash of `cached`:
+/// the cached copy is used only when the target answers `cache_hit` for it.
+fn fetch_digests(
+    conn: &Conn,
+    rx: &mut Rx,
+    disk: u32,
+    chunk_count: u64,
+    cached: Option<(DigestMap, Digest)>,
+) -> Result<FetchedMap> {
+    let cached_map_hash = cached.as_ref().map_or([0; 32], |c| c.1);
+    conn.send(&Frame::DigestMapRequest(DigestMapRequest { disk, cached_map_hash }))?;
+    let mut v: Vec<Digest> = Vec::new();
+    let mut wire_bytes = 0u64;
+    let end = loop {
         match expect_frame(conn, rx)? {
             Frame::DigestMapPart(p) if p.disk == disk => {
+                if v.capacity() == 0 {
+                    v.reserve_exact(chunk_count as usize);
+                }
+                wire_bytes += (ferry_wire::HEADER_LEN + 16 + p.digests.len()) as u64;
                 v.extend(p.digests.chunks_exact(32).map(|c| <[u8; 32]>::try_from(c).expect("32 bytes")));
             }
-            Frame::DigestMapEnd(e) if e.disk == disk => break,
+            Frame::DigestMapEnd(e) if e.disk == disk => {
+                wire_bytes += (ferry_wire::HEADER_LEN + 45) as u64;
+                break e;
+            }
             f => return Err(unexpected(conn, &f, "DigestMapPart")),
         }
-    }
-    if v.len() as u64 != chunk_count {
+    };
+    let (digests, source) = match cached {
+        Some((m, _)) if end.cache_hit && end.map_hash == cached_map_hash => (m.into_digests(), MapSource::Cached),
+        _ if end.cache_hit => {
+            return Err(MoveError::Datastore(
+                "the target answered cache_hit for a map this source did not offer".into(),
+            ))
+        }
+        _ => (v, MapSource::Fetched),
+    };
+    if digests.len() as u64 != chunk_count || end.chunk_count != chunk_count {
         return Err(MoveError::Datastore(format!(
             "the target's digest map has {} chunks, the disk {chunk_count}",
-            v.len()
+            digests.len()
         )));
     }
-    Ok(v)
+    Ok(FetchedMap { digests, source, wire_bytes })
 }
 
 /// Read and hash `samples` (chunks CBT calls unchanged) and return the
@@ -736,6 +836,7 @@ fn run_pipeline(
     };
     let names: Vec<String> = disks.iter().map(|d| d.disk.name.clone()).collect();
     let digests: Vec<Option<Vec<[u8; 32]>>> = disks.iter_mut().map(|d| d.target_digests.take()).collect();
+    let cache_bases: Vec<Option<Vec<Digest>>> = disks.iter_mut().map(|d| d.cache_base.take()).collect();
     let cs = u64::from(chunk_size);
 
     let auto = AutoCompress::default();
@@ -758,7 +859,9 @@ fn run_pipeline(
         }
         drop(work_rx);
         drop(done_tx);
-        let sent = send_loop(conn, disks, cfg, cs, &done_rx, rx_msgs, obs, auto, workers);
+        let bases: Vec<Option<&[Digest]>> =
+            digests.iter().zip(&cache_bases).map(|(d, c)| d.as_deref().or(c.as_deref())).collect();
+        let sent = send_loop(conn, disks, &bases, cfg, cs, &done_rx, rx_msgs, obs, auto, workers);
         if sent.is_err() {
             abort.store(true, Ordering::Relaxed);
         }
@@ -1032,6 +1135,7 @@ fn work_loop(
 fn send_loop(
     conn: &Conn,
     disks: &mut [JobDisk],
+    target_digests: &[Option<&[Digest]>],
     cfg: &ReplicateConfig,
     cs: u64,
     rx: &Receiver<Done>,
@@ -1048,6 +1152,7 @@ fn send_loop(
     let mut since_flush = vec![0u64; disks.len()];
     let mut last_progress = Instant::now();
     let mut done_bytes = vec![0u64; disks.len()];
+    let zeros = ZeroDigests::new(cs as u32);
     let check_target = |rx_msgs: &Receiver<RxMsg>| -> Result<()> {
         while let Ok(m) = rx_msgs.try_recv() {
             if let RxMsg::Failed(e) = m {
@@ -1096,6 +1201,8 @@ fn send_loop(
                     } else {
                         c.bytes_stored += u64::from(data.logical_len);
                     }
+                    let jd = &mut disks[data.disk as usize];
+                    cache_chunk(&mut jd.cache, target_digests[data.disk as usize], data.chunk, Some(data.digest));
                     (data.disk, data.chunk)
                 }
                 Outcome::Zero { disk, chunk, len, skipped } => {
@@ -1107,6 +1214,8 @@ fn send_loop(
                     }
                     c.bytes_zero += len;
                     c.chunks_zero += 1;
+                    let jd = &mut disks[*disk as usize];
+                    cache_chunk(&mut jd.cache, target_digests[*disk as usize], *chunk, Some(zeros.digest(*len as u32)));
                     match &mut zero_run {
                         Some(z) if z.disk == *disk && z.first_chunk + z.count == *chunk => z.count += 1,
                         _ => {
@@ -1126,6 +1235,8 @@ fn send_loop(
                     }
                     c.bytes_unchanged += len;
                     c.chunks_unchanged += 1;
+                    // Unchanged: the target keeps the digest its map has.
+                    cache_chunk(&mut disks[*disk as usize].cache, target_digests[*disk as usize], *chunk, None);
                     (*disk, *chunk)
                 }
                 Outcome::DiskEnd { disk } => {
@@ -1138,6 +1249,9 @@ fn send_loop(
                             "source disk {:?} changed size during the run ({} -> {} bytes); run again",
                             jd.disk.name, jd.disk.size, now
                         )));
+                    }
+                    if jd.chunk_count > 0 {
+                        cache_chunk(&mut jd.cache, target_digests[*disk as usize], jd.chunk_count - 1, None);
                     }
                     let n =
                         emit(conn, cfg.plan_only, &Frame::Flush(Flush { disk: *disk, next_chunk: jd.chunk_count }))?;
@@ -1176,6 +1290,27 @@ fn send_loop(
         }
     }
     Ok((stats, ctl.windows))
+}
+
+/// Stream the target's digest of every chunk up to `chunk` into a disk's
+/// cache file: chunks this run skipped keep the target's digest (`base`),
+/// `chunk` gets `digest` (None: the target's, unchanged). Without a base, a
+/// skipped chunk's digest is unknown and the map is not cached.
+fn cache_chunk(w: &mut Option<MapCacheWriter>, base: Option<&[Digest]>, chunk: u64, digest: Option<Digest>) {
+    let Some(w) = w else { return };
+    // A writer that gave up (or failed to write) takes no more digests.
+    while w.is_open() && w.next_chunk() <= chunk {
+        let i = w.next_chunk();
+        let d = match (digest, base) {
+            (Some(d), _) if i == chunk => d,
+            (_, Some(b)) if (i as usize) < b.len() => b[i as usize],
+            _ => {
+                w.abandon();
+                return;
+            }
+        };
+        w.push(&d);
+    }
 }
 
 /// Send a frame, or in a plan only count the bytes it would take.

@@ -170,6 +170,23 @@ pub struct DiskCounters {
     pub chunks_unchanged: u64,
     /// Chunks skipped because a resumed session had them already.
     pub chunks_resumed: u64,
+    /// Where the target's digest map came from (absent in totals).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest_map: Option<MapSource>,
+    /// Bytes of DigestMapPart and DigestMapEnd frames received for this disk (headers included).
+    pub digest_map_bytes: u64,
+}
+
+/// Where a disk's digest map (the target's digests) came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapSource {
+    /// No map was needed (full mode, cbt without verification samples).
+    None,
+    /// Downloaded from the target.
+    Fetched,
+    /// The source's cached copy, confirmed current by the target (no parts sent).
+    Cached,
 }
 
 impl DiskCounters {
@@ -187,5 +204,6 @@ impl DiskCounters {
         self.chunks_sent += o.chunks_sent;
         self.chunks_zero += o.chunks_zero;
         self.chunks_unchanged += o.chunks_unchanged;
+        self.digest_map_bytes += o.digest_map_bytes;
     }
 }

@@ -112,6 +112,78 @@ impl ZeroDigests {
     }
 }
 
+fn encode_header(chunk_size: u32, disk_size: u64, count: u64) -> [u8; DIGEST_MAP_HEADER_LEN] {
+    let mut h = [0u8; DIGEST_MAP_HEADER_LEN];
+    h[0..8].copy_from_slice(&DIGEST_MAP_MAGIC);
+    h[8..10].copy_from_slice(&DIGEST_MAP_VERSION.to_le_bytes());
+    // 10..12: reserved, zero.
+    h[12..16].copy_from_slice(&chunk_size.to_le_bytes());
+    h[16..24].copy_from_slice(&disk_size.to_le_bytes());
+    h[24..32].copy_from_slice(&count.to_le_bytes());
+    h
+}
+
+/// Produces [`DigestMap::encode`]'s bytes one digest at a time, in chunk
+/// order, without holding the map: the header, then each digest as it is
+/// pushed, then the trailer. A source streams the map it predicts for the
+/// target into its cache this way while it sends the chunks.
+#[derive(Debug, Clone)]
+pub struct DigestMapEncoder {
+    header: [u8; DIGEST_MAP_HEADER_LEN],
+    hasher: blake3::Hasher,
+    expected: u64,
+    pushed: u64,
+}
+
+impl DigestMapEncoder {
+    /// An encoder for a map of a disk of `disk_size` bytes in chunks of `chunk_size`.
+    pub fn new(chunk_size: u32, disk_size: u64) -> Result<Self, PlanError> {
+        validate_chunk_size("digest map", chunk_size)?;
+        let expected = chunk_count(chunk_size, disk_size);
+        let header = encode_header(chunk_size, disk_size, expected);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&header);
+        Ok(DigestMapEncoder { header, hasher, expected, pushed: 0 })
+    }
+
+    /// The first [`DIGEST_MAP_HEADER_LEN`] bytes of the encoding.
+    pub fn header(&self) -> &[u8; DIGEST_MAP_HEADER_LEN] {
+        &self.header
+    }
+
+    /// Chunks the map has.
+    pub fn chunk_count(&self) -> u64 {
+        self.expected
+    }
+
+    /// Digests pushed so far (the index of the next chunk).
+    pub fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
+    /// Adds the digest of the next chunk; its encoding is the 32 bytes of `digest`.
+    pub fn push(&mut self, digest: &Digest) {
+        self.hasher.update(digest);
+        self.pushed += 1;
+    }
+
+    /// The trailer (= [`DigestMap::map_hash`] of the map pushed), once every chunk has its digest.
+    pub fn finish(&self) -> Result<Digest, PlanError> {
+        if self.pushed != self.expected {
+            let u64_at = |at: usize| u64::from_le_bytes(self.header[at..at + 8].try_into().expect("8 bytes"));
+            let chunk_size = u32::from_le_bytes(self.header[12..16].try_into().expect("4 bytes"));
+            return Err(PlanError::DigestCountMismatch {
+                label: "digest map encoder".to_owned(),
+                count: self.pushed,
+                disk_size: u64_at(16),
+                chunk_size,
+                expected: self.expected,
+            });
+        }
+        Ok(*self.hasher.finalize().as_bytes())
+    }
+}
+
 /// The digests of every chunk of one disk, as a replica keeps them.
 ///
 /// Invariants: `chunk_size` is valid (see [`validate_chunk_size`]) and there
@@ -264,14 +336,12 @@ impl DigestMap {
     }
 
     fn header(&self) -> [u8; DIGEST_MAP_HEADER_LEN] {
-        let mut h = [0u8; DIGEST_MAP_HEADER_LEN];
-        h[0..8].copy_from_slice(&DIGEST_MAP_MAGIC);
-        h[8..10].copy_from_slice(&DIGEST_MAP_VERSION.to_le_bytes());
-        // 10..12: reserved, zero.
-        h[12..16].copy_from_slice(&self.chunk_size.to_le_bytes());
-        h[16..24].copy_from_slice(&self.disk_size.to_le_bytes());
-        h[24..32].copy_from_slice(&self.chunk_count().to_le_bytes());
-        h
+        encode_header(self.chunk_size, self.disk_size, self.chunk_count())
+    }
+
+    /// The digests, giving up the map (no copy).
+    pub fn into_digests(self) -> Vec<Digest> {
+        self.digests
     }
 
     /// The on-disk encoding (version 1, little-endian; see the crate docs).
@@ -408,6 +478,34 @@ mod tests {
         assert_eq!(m.get(3), None);
         m.mark_unknown(0);
         assert!(!m.is_known(0));
+    }
+
+    #[test]
+    fn encoder_matches_encode() {
+        let zeros = ZeroDigests::new(K64);
+        for size in [0u64, 1, 3 * u64::from(K64), 3 * u64::from(K64) + 5] {
+            let mut m = DigestMap::zeroed(K64, size, &zeros).unwrap();
+            if m.chunk_count() > 1 {
+                m.set(1, [9; 32]);
+                m.mark_unknown(0);
+            }
+            let mut e = DigestMapEncoder::new(K64, size).unwrap();
+            let mut out = e.header().to_vec();
+            for d in m.digests() {
+                e.push(d);
+                out.extend_from_slice(d);
+            }
+            assert_eq!(e.pushed(), m.chunk_count());
+            let trailer = e.finish().unwrap();
+            assert_eq!(trailer, m.map_hash());
+            out.extend_from_slice(&trailer);
+            assert_eq!(out, m.encode(), "size {size}");
+            assert_eq!(DigestMap::decode("x", &out).unwrap().into_digests(), m.digests().to_vec());
+        }
+        let mut e = DigestMapEncoder::new(K64, 2 * u64::from(K64)).unwrap();
+        e.push(&[1; 32]);
+        assert!(matches!(e.finish(), Err(PlanError::DigestCountMismatch { count: 1, expected: 2, .. })));
+        assert!(DigestMapEncoder::new(4096, 1).is_err());
     }
 
     #[test]

@@ -68,8 +68,8 @@ pub mod time;
 
 pub use cbt::{parse_cbt, parse_cbt_with_format, CbtFormat};
 pub use digest_map::{
-    chunk_count, chunk_len, validate_chunk_size, zero_chunk_digest, Digest, DigestMap, ZeroDigests, MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE, UNKNOWN_DIGEST,
+    chunk_count, chunk_len, validate_chunk_size, zero_chunk_digest, Digest, DigestMap, DigestMapEncoder, ZeroDigests,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, UNKNOWN_DIGEST,
 };
 pub use error::PlanError;
 pub use extent::{ChangeMap, ChunkSet, Extent};

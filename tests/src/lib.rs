@@ -26,13 +26,18 @@ pub fn ferry_bin() -> &'static Path {
         let dir = exe.parent().and_then(Path::parent).expect("target/debug");
         let bin = dir.join("ferry");
         assert!(bin.exists(), "no ferry binary at {}", bin.display());
+        // Digest maps cached by the previous run of the tests (see `ferry()`).
+        let _ = std::fs::remove_dir_all(bin.with_file_name("e2e-xdg-cache"));
         bin
     })
 }
 
-/// A `ferry` command.
+/// A `ferry` command. Its default digest map cache (`$XDG_CACHE_HOME/ferry/maps`)
+/// is under the build directory, not the user's home.
 pub fn ferry() -> Command {
-    Command::new(ferry_bin())
+    let mut c = Command::new(ferry_bin());
+    c.env("XDG_CACHE_HOME", ferry_bin().with_file_name("e2e-xdg-cache"));
+    c
 }
 
 /// Result of a command: exit code, stdout, stderr.

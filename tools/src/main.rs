@@ -155,6 +155,14 @@ struct ReplicateArgs {
     /// Read the source with O_DIRECT (bypasses the page cache; spares production caches).
     #[arg(long)]
     direct_io: bool,
+    /// Directory for the source's cache of the target's digest maps (one file per target,
+    /// replica and disk; used only when the target confirms it is current).
+    /// Default: $XDG_CACHE_HOME/ferry/maps, else $HOME/.cache/ferry/maps.
+    #[arg(long, value_name = "DIR")]
+    map_cache: Option<PathBuf>,
+    /// Do not cache digest maps: download the target's map on every digest-mode run.
+    #[arg(long, conflicts_with = "map_cache")]
+    no_map_cache: bool,
     /// Ask the target for a durable checkpoint after this much of each disk (default 256M; for tests).
     #[arg(long, hide = true)]
     checkpoint_every: Option<String>,
@@ -457,7 +465,24 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
         cfg.checkpoint_bytes = n;
     }
     cfg.verify_samples = a.verify_samples;
+    cfg.map_cache = map_cache(a)?;
     Ok(cfg)
+}
+
+/// The digest map cache of a job: its directory and the target's identity in it.
+fn map_cache(a: &ReplicateArgs) -> anyhow::Result<Option<ferry_mover::map_cache::MapCache>> {
+    if a.no_map_cache {
+        return Ok(None);
+    }
+    let Some(dir) = a.map_cache.clone().or_else(ferry_mover::map_cache::MapCache::default_dir) else {
+        return Ok(None); // no HOME: nowhere to cache
+    };
+    let target = match TargetSpec::parse(&a.target)? {
+        TargetSpec::Remote(hostport) => format!("ferry://{hostport}"),
+        // The same datastore named from another working directory is the same target.
+        TargetSpec::Local(d) => format!("dir:{}", std::path::absolute(&d).unwrap_or(d).display()),
+    };
+    Ok(Some(ferry_mover::map_cache::MapCache::new(dir, target)))
 }
 
 /// Parse a duration: 0, 90s, 30m, 2h (a bare number is seconds).

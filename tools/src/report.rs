@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use ferry_mover::source::{JobEvent, JobReport, Observer, ReplicateConfig};
-use ferry_mover::stats::{DiskCounters, StageSummary};
+use ferry_mover::stats::{DiskCounters, MapSource, StageSummary};
 use ferry_mover::target::SessionReport;
 use serde_json::{json, Value};
 
@@ -205,8 +205,13 @@ impl Observer for TextObserver {
                 }
             }
             JobEvent::DiskDone(c) => {
+                let map = match c.digest_map {
+                    Some(MapSource::Cached) => ", digest map cached".to_string(),
+                    Some(MapSource::Fetched) => format!(", digest map fetched ({})", human_bytes(c.digest_map_bytes)),
+                    _ => String::new(),
+                };
                 let msg = format!(
-                    "disk {}: {} read, {} zero, {} unchanged, {} sent",
+                    "disk {}: {} read, {} zero, {} unchanged, {} sent{map}",
                     c.disk,
                     human_bytes(c.bytes_read),
                     human_bytes(c.bytes_zero),

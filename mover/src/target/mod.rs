@@ -83,6 +83,14 @@ pub struct SessionReport {
     pub resumed: bool,
     /// Bytes received from the connection.
     pub bytes_received: u64,
+    /// Bytes sent on the connection.
+    pub bytes_sent: u64,
+    /// Digest maps asked for.
+    pub digest_maps: u64,
+    /// Of those, maps the source had cached (answered by a DigestMapEnd alone).
+    pub digest_map_hits: u64,
+    /// DigestMapPart frames sent.
+    pub digest_map_parts: u64,
     /// Chunks written.
     pub chunks_written: u64,
     /// Logical bytes written.
@@ -149,6 +157,7 @@ pub fn serve_connection(
     }
     conn.shutdown();
     report.bytes_received = rx.bytes_received;
+    report.bytes_sent = conn.bytes_sent();
     report.duration_s = start.elapsed().as_secs_f64();
     report
 }
@@ -340,14 +349,14 @@ impl TargetSession<'_> {
                             None => return Err(MoveError::Datastore(format!("disk {name:?} has no image to hash"))),
                         }
                     }
-                    send_digest_map(&self.conn, r.disk, map, &r.cached_map_hash)?;
+                    send_digest_map(&self.conn, r.disk, map, &r.cached_map_hash, report)?;
                 }
                 Frame::DigestMapRequest(r) => {
                     let a = self.active()?;
                     let (tx, reply) = bounded(1);
                     a.pipeline()?.to_writer.send(WriterMsg::GetDigests { disk: r.disk, reply: tx }).ok();
                     let map = reply.recv().map_err(|_| self.writer_gone())?;
-                    send_digest_map(&self.conn, r.disk, &map, &r.cached_map_hash)?;
+                    send_digest_map(&self.conn, r.disk, &map, &r.cached_map_hash, report)?;
                 }
                 Frame::Data(d) => {
                     let a = self.active_mut()?;
@@ -941,10 +950,20 @@ fn rebuild_unknown(image: &ReplicaImage, map: &mut DigestMap) -> Result<()> {
 }
 
 /// Send a digest map as parts and an end (or only the end when the client's cached copy is current).
-fn send_digest_map(conn: &Conn, disk: u32, map: &DigestMap, cached: &[u8; 32]) -> Result<()> {
+fn send_digest_map(
+    conn: &Conn,
+    disk: u32,
+    map: &DigestMap,
+    cached: &[u8; 32],
+    report: &mut SessionReport,
+) -> Result<()> {
     let hash = map.map_hash();
     let cache_hit = hash == *cached;
-    if !cache_hit {
+    report.digest_maps += 1;
+    if cache_hit {
+        report.digest_map_hits += 1;
+    } else {
+        report.digest_map_parts += map.digests().len().div_ceil(MAX_DIGESTS_PER_PART) as u64;
         for (i, part) in map.digests().chunks(MAX_DIGESTS_PER_PART).enumerate() {
             let bytes: Vec<u8> = part.iter().flatten().copied().collect();
             conn.send(&Frame::DigestMapPart(DigestMapPart {
