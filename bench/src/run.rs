@@ -152,6 +152,8 @@ impl Scenario {
 
 struct Env {
     ferry_modes: bool,
+    /// The ferry binary knows `--no-map-cache`.
+    map_cache_flag: bool,
     ferry: PathBuf,
     token: PathBuf,
     runs: u32,
@@ -337,6 +339,12 @@ fn ferry_replicate_cmd(env: &Env, sc: &Scenario, port: u16, mode: &str, with_cbt
     }
     if let Some(x) = &env.io_backend {
         c += &format!(" --io-backend {}", sh_quote(x));
+    }
+    if env.map_cache_flag {
+        // Deterministic and conservative: every digest-mode run downloads the target's digest
+        // map (a scheduled job's next run would find it in its cache), and nothing is written
+        // to the caller's ~/.cache.
+        c += " --no-map-cache";
     }
     c + " --json"
 }
@@ -936,8 +944,10 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     // is skipped in those scenarios, with the reason recorded, rather than failed.
     let help = Command::new(&ferry).args(["replicate", "--help"]).output();
     let ferry_modes = help.as_ref().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--mode"));
+    let map_cache_flag = help.as_ref().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--no-map-cache"));
     let env = Env {
         ferry_modes,
+        map_cache_flag,
         ferry: ferry.clone(),
         token,
         runs,
