@@ -857,6 +857,9 @@ fn verify_worker(rx: Receiver<(u64, Data)>, tx: Sender<WriterMsg>, pool: Arc<Buf
     stats
 }
 
+/// Undo records one fdatasync round waits for while more are on their way.
+const HOLD_MAX: usize = 32;
+
 /// A chunk write whose old contents must reach the undo file first.
 struct OldRead {
     disk: u32,
@@ -1022,7 +1025,7 @@ struct Writer {
 impl Writer {
     fn run(&mut self, rx: Receiver<WriterMsg>) -> Result<()> {
         loop {
-            self.pump()?;
+            self.pump(rx.is_empty())?;
             self.run_barriers()?;
             let busy = self.in_flight();
             let msg = if busy >= self.backend.depth() {
@@ -1050,7 +1053,7 @@ impl Writer {
                     // listening for those Checkpoints any more; their state is durable first.
                     self.stopping = true;
                     loop {
-                        self.pump()?;
+                        self.pump(true)?;
                         if self.in_flight() == 0 {
                             break;
                         }
@@ -1168,9 +1171,16 @@ impl Writer {
     /// (one round in flight, covering every record appended before it started)
     /// -> write. The stages overlap, so neither the reads nor the syncs stall the
     /// writes of other chunks.
-    fn pump(&mut self) -> Result<()> {
+    ///
+    /// An fdatasync costs about the same whatever it covers (a journal commit and a
+    /// device flush), so a round waits for [`HOLD_MAX`] records while more are on
+    /// their way (old reads in flight or queued, messages waiting: `idle` is false),
+    /// and starts at once when nothing else could join it.
+    fn pump(&mut self, idle: bool) -> Result<()> {
         let depth = self.backend.depth();
-        if self.syncing.is_none() && !self.held.is_empty() {
+        let more_coming = !idle || !self.need_old.is_empty() || !self.old_reads.is_empty();
+        let round_ready = self.held.len() >= HOLD_MAX || !more_coming || !self.barriers.is_empty() || self.stopping;
+        if self.syncing.is_none() && !self.held.is_empty() && round_ready {
             let undo: Vec<(u32, std::os::fd::RawFd, u64)> = self
                 .disks
                 .iter()
