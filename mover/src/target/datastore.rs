@@ -372,6 +372,21 @@ impl Replica {
                 p.display()
             )));
         }
+        // An image next to the placement would be ignored while the digest map (and any
+        // undo files) still describe it: the export would be trusted to hold what it may not.
+        let img = self.disk_path(disk)?;
+        if img.exists() {
+            return Err(MoveError::Config(format!(
+                "{} places disk {disk:?} behind {uri}, but {} exists too: copy the image into the \
+                 export's file (for example `qemu-img convert -O qcow2 {} NEW.qcow2`, then serve \
+                 NEW.qcow2) and remove {}; or remove {} to keep the image",
+                p.display(),
+                img.display(),
+                img.display(),
+                img.display(),
+                p.display()
+            )));
+        }
         Ok(Some(uri.to_string()))
     }
 
@@ -482,5 +497,11 @@ mod tests {
         assert_eq!(r.nbd_uri("d0").unwrap().as_deref(), Some("nbd+unix:///?socket=/run/d0.sock"));
         assert_eq!(r.nbd_uri("d1").unwrap(), None);
         assert_eq!(r.disks().unwrap(), ["d0", "d1"]);
+        // An image and a placement for the same disk: refused, naming both.
+        fs::write(dir.path().join("vm1/disks/d0.img"), b"old").unwrap();
+        let err = r.nbd_uri("d0").unwrap_err();
+        assert!(matches!(err, MoveError::Config(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("d0.nbd") && msg.contains("d0.img exists too"), "{msg}");
     }
 }
