@@ -209,6 +209,9 @@ impl SourceDisk {
     pub fn hole_chunks(&self, todo: &ChunkSet, chunk_size: u64) -> Result<ChunkSet> {
         let cs = chunk_size;
         let size = self.size;
+        if let Backing::File { file, .. } = &self.backing {
+            return Ok(file_holes(file, size, cs)?.intersection(todo));
+        }
         let allocation = matches!(&self.backing, Backing::Nbd { allocation: true, .. });
         if !allocation || todo.is_empty() {
             return Ok(ChunkSet::new());
@@ -255,6 +258,37 @@ impl SourceDisk {
 }
 
 /// Chunks lying entirely in `[a, b)` (the short last chunk counts when `b` is the disk's end).
+/// Whole chunks inside the holes of a regular file (SEEK_HOLE / SEEK_DATA: what
+/// reads as zeros without being stored), so that the reader need not read them.
+/// Block devices and file systems without hole reporting give none.
+fn file_holes(file: &File, size: u64, cs: u64) -> Result<ChunkSet> {
+    let is_file = file.metadata().is_ok_and(|m| m.file_type().is_file());
+    if !is_file || size == 0 {
+        return Ok(ChunkSet::new());
+    }
+    let fd = file.as_raw_fd();
+    let seek = |off: u64, whence: libc::c_int| -> Option<u64> {
+        // SAFETY: lseek on an open descriptor with integer arguments; the offset is
+        // only moved for this descriptor, and every read uses pread at its own offset.
+        let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+        (r >= 0).then_some(r as u64)
+    };
+    let chunk_count = size.div_ceil(cs);
+    let mut holes = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        // ENXIO (no hole or data past `pos`) or an unsupported file system: stop.
+        let Some(hole) = seek(pos, libc::SEEK_HOLE) else { break };
+        if hole >= size {
+            break;
+        }
+        let data = seek(hole, libc::SEEK_DATA).unwrap_or(size).min(size);
+        holes.push(whole_chunks(hole, data, cs, size, chunk_count));
+        pos = data;
+    }
+    Ok(ChunkSet::from_ranges(holes))
+}
+
 fn whole_chunks(a: u64, b: u64, cs: u64, size: u64, chunk_count: u64) -> std::ops::Range<u64> {
     let first = a.div_ceil(cs);
     let last = if b >= size { chunk_count } else { b / cs };
@@ -331,6 +365,27 @@ mod tests {
         assert_eq!(whole_chunks(100, 65535, cs, size, 11), 1..1);
         assert_eq!(whole_chunks(9 * 65536, size, cs, size, 11), 9..11, "the short last chunk up to the end");
         assert_eq!(whole_chunks(9 * 65536, size - 1, cs, size, 11), 9..10);
+    }
+
+    #[test]
+    fn holes_of_a_sparse_file_are_whole_chunks() {
+        use std::os::unix::fs::FileExt;
+        let cs = 65536u64;
+        let f = tempfile::tempfile().unwrap();
+        let size = 10 * cs + 100;
+        f.set_len(size).unwrap();
+        // Data in chunk 2 (one byte) and in the short last chunk; the rest is hole.
+        f.write_all_at(&[1], 2 * cs + 5).unwrap();
+        f.write_all_at(&[1], 10 * cs + 50).unwrap();
+        f.sync_all().unwrap();
+        let holes = file_holes(&f, size, cs).unwrap();
+        let got: Vec<u64> = holes.ranges().iter().flat_map(|r| r.clone()).collect();
+        // File systems allocate in blocks (4 KiB here); chunk 2 and chunk 10 hold data.
+        assert_eq!(got, [0, 1, 3, 4, 5, 6, 7, 8, 9]);
+        // A file without holes has none.
+        let g = tempfile::tempfile().unwrap();
+        g.write_all_at(&vec![7u8; 3 * cs as usize], 0).unwrap();
+        assert!(file_holes(&g, 3 * cs, cs).unwrap().is_empty());
     }
 
     #[test]

@@ -314,10 +314,13 @@ pub struct CompressChoice {
 }
 
 enum Work {
+    /// `count` consecutive chunks from `chunk` on, read with one operation into
+    /// one buffer (`expected` bytes); they take the sequence numbers `seq..seq + count`.
     Chunk {
         seq: u64,
         disk: u32,
         chunk: u64,
+        count: u64,
         offset: u64,
         expected: usize,
         buf: PoolBuf,
@@ -799,7 +802,10 @@ fn run_pipeline(
 ) -> Result<(StageStats, String, Option<CompressChoice>)> {
     let workers = cfg.workers.max(1);
     let depth = cfg.queue_depth.clamp(1, 256);
-    let read_pool = BufPool::new(depth + workers * 3 + 8, chunk_size as usize);
+    // Small chunks are read SPAN_BYTES at a time: one read, one hand-off and one buffer
+    // for several chunks (each still hashed, compared and sent on its own).
+    let span = (SPAN_BYTES / u64::from(chunk_size)).max(1);
+    let read_pool = BufPool::new(depth + workers * 3 + 8, (span * u64::from(chunk_size)) as usize);
     let out_pool = BufPool::new(workers * 2 + 8, chunk_size as usize);
     let (backend, warning) = open_backend(cfg.backend, &read_pool, depth)
         .map_err(|e| MoveError::Config(format!("source IO backend: {e}")))?;
@@ -844,7 +850,7 @@ fn run_pipeline(
     let auto = &auto;
     std::thread::scope(|s| {
         let reader = s.spawn(|| {
-            let r = read_loop(backend, &read_pool, &mut plans, cs, &work_tx, &abort);
+            let r = read_loop(backend, &read_pool, &mut plans, cs, span, &work_tx, &abort);
             drop(work_tx);
             r
         });
@@ -901,50 +907,64 @@ fn backend_error(plan: &ReadPlan, e: std::io::Error) -> MoveError {
     }
 }
 
+/// Bytes read at once when chunks are smaller (64 KiB chunks go four at a time).
+const SPAN_BYTES: u64 = 256 * 1024;
+
+/// A read in flight: disk, first chunk, chunks, bytes expected, start time.
+type InFlight = (u32, u64, u64, usize, Instant);
+
 fn read_loop(
     mut file_backend: Box<dyn IoBackend>,
     pool: &BufPool,
     plans: &mut [ReadPlan],
     cs: u64,
+    span: u64,
     tx: &Sender<Work>,
     abort: &AtomicBool,
 ) -> Result<StageStats> {
     let mut stats = StageStats::default();
-    // In flight: seq -> (disk, chunk, expected length, start time).
-    let mut inflight: HashMap<u64, (u32, u64, usize, Instant)> = HashMap::new();
+    // In flight, by the sequence number of the first chunk.
+    let mut inflight: HashMap<u64, InFlight> = HashMap::new();
     let mut seq = 0u64;
     // Hand one completion downstream; false when downstream is gone.
     let complete = |backend: &mut Box<dyn IoBackend>,
                     plan: &ReadPlan,
                     stats: &mut StageStats,
-                    inflight: &mut HashMap<u64, (u32, u64, usize, Instant)>|
+                    inflight: &mut HashMap<u64, InFlight>|
      -> Result<bool> {
         let c = backend.wait().map_err(|e| backend_error(plan, e))?;
-        let (disk, chunk, expected, t) = inflight.remove(&c.tag).expect("completion of a submitted read");
+        let (disk, chunk, count, expected, t) = inflight.remove(&c.tag).expect("completion of a submitted read");
         stats.record(Stage::Read, t.elapsed());
-        Ok(tx
-            .send(Work::Chunk { seq: c.tag, disk, chunk, offset: c.offset, expected, buf: c.buf, result: c.result })
-            .is_ok())
+        let (offset, buf, result) = (c.offset, c.buf, c.result);
+        Ok(tx.send(Work::Chunk { seq: c.tag, disk, chunk, count, offset, expected, buf, result }).is_ok())
     };
     for plan in plans.iter_mut() {
         let mut own = plan.nbd.take();
         let plan = &*plan;
         let backend = own.as_mut().unwrap_or(&mut file_backend);
         for r in &plan.ranges {
-            for chunk in r.clone() {
+            let mut chunk = r.start;
+            while chunk < r.end {
                 if abort.load(Ordering::Relaxed) {
                     return Ok(stats);
                 }
                 let offset = chunk * cs;
-                let expected = (plan.size - offset).min(cs) as usize;
                 if plan.holes.contains(chunk) {
-                    let hole = Work::Hole { seq, disk: plan.disk, chunk, len: expected as u64 };
+                    let len = (plan.size - offset).min(cs);
+                    let hole = Work::Hole { seq, disk: plan.disk, chunk, len };
                     if tx.send(hole).is_err() {
                         return Ok(stats);
                     }
                     seq += 1;
+                    chunk += 1;
                     continue;
                 }
+                // Up to `span` chunks of this range, stopping before a hole.
+                let mut count = 1;
+                while count < span && chunk + count < r.end && !plan.holes.contains(chunk + count) {
+                    count += 1;
+                }
+                let expected = (plan.size.min((chunk + count) * cs) - offset) as usize;
                 while backend.in_flight() >= backend.depth() {
                     if !complete(backend, plan, &mut stats, &mut inflight)? {
                         return Ok(stats);
@@ -965,11 +985,12 @@ fn read_loop(
                 };
                 // O_DIRECT needs whole blocks: read the aligned length; the file ends where it ends.
                 let len = (expected.div_ceil(ALIGN) * ALIGN).min(buf.capacity());
-                inflight.insert(seq, (plan.disk, chunk, expected, Instant::now()));
+                inflight.insert(seq, (plan.disk, chunk, count, expected, Instant::now()));
                 backend
                     .submit(IoRequest { tag: seq, fd: plan.fd, offset, len, kind: IoKind::Read, buf })
                     .map_err(|e| backend_error(plan, e))?;
-                seq += 1;
+                seq += count;
+                chunk += count;
             }
         }
         while backend.in_flight() > 0 {
@@ -1011,7 +1032,7 @@ fn work_loop(
     let mut skip = 0u32;
     let mut backoff = 0u32;
     for w in rx {
-        let (seq, disk, chunk, offset, expected, buf, result) = match w {
+        let (seq, disk, chunk, count, offset, expected, buf, result) = match w {
             Work::DiskEnd { seq, disk } => {
                 if tx.send(Done { seq, outcome: Outcome::DiskEnd { disk }, compressed: (0, 0) }).is_err() {
                     break;
@@ -1030,28 +1051,39 @@ fn work_loop(
                 }
                 continue;
             }
-            Work::Chunk { seq, disk, chunk, offset, expected, buf, result } => {
-                (seq, disk, chunk, offset, expected, buf, result)
+            Work::Chunk { seq, disk, chunk, count, offset, expected, buf, result } => {
+                (seq, disk, chunk, count, offset, expected, buf, result)
             }
         };
         let name = &names[disk as usize];
-        let mut compressed = (0, 0);
-        let outcome = match result {
-            Err(e) => Outcome::Failed(MoveError::DiskIo {
-                what: "reading",
-                disk: name.clone(),
-                offset,
-                len: expected,
-                source: e,
-            }),
-            Ok(n) if n < expected => {
-                Outcome::Failed(MoveError::ShortRead { disk: name.clone(), offset, expected, got: n })
+        let failed = match result {
+            Err(e) => Some(MoveError::DiskIo { what: "reading", disk: name.clone(), offset, len: expected, source: e }),
+            Ok(n) if n < expected => Some(MoveError::ShortRead { disk: name.clone(), offset, expected, got: n }),
+            Ok(_) => None,
+        };
+        if let Some(e) = failed {
+            // The sender stops at the first failed item: the span's later chunks never come.
+            if tx.send(Done { seq, outcome: Outcome::Failed(e), compressed: (0, 0) }).is_err() {
+                break;
             }
-            Ok(_) => {
-                let mut buf = buf;
-                buf.set_len(expected);
+            continue;
+        }
+        let mut buf = buf;
+        buf.set_len(expected);
+        // One owner for the span: a raw payload is a slice of it, no copy.
+        let span = Bytes::from_owner(buf);
+        let cs = chunk_size as usize;
+        let mut gone = false;
+        for i in 0..count {
+            let (seq, chunk) = (seq + i, chunk + i);
+            let at = i as usize * cs;
+            let range = at..(at + cs).min(expected);
+            let expected = range.len();
+            let buf = &span[range.clone()];
+            let mut compressed = (0, 0);
+            let outcome = {
                 let t = Instant::now();
-                let zero = is_zero(&buf);
+                let zero = is_zero(buf);
                 let target = digests[disk as usize].as_ref().map(|m| &m[chunk as usize]);
                 if zero {
                     stats.record(Stage::Hash, t.elapsed());
@@ -1061,7 +1093,7 @@ fn work_loop(
                         Outcome::Zero { disk, chunk, len: expected as u64, skipped: false }
                     }
                 } else {
-                    let digest = *blake3::hash(&buf).as_bytes();
+                    let digest = *blake3::hash(buf).as_bytes();
                     stats.record(Stage::Hash, t.elapsed());
                     let unchanged = target.is_some_and(|d| *d == digest);
                     if unchanged {
@@ -1095,7 +1127,7 @@ fn work_loop(
                             if let Some(mut out) = out_pool.try_get() {
                                 let t = Instant::now();
                                 let cap = expected - expected / 8;
-                                let r = cctx.compress_to_buffer(&buf[..], &mut out.spare_mut()[..cap]);
+                                let r = cctx.compress_to_buffer(buf, &mut out.spare_mut()[..cap]);
                                 let took = t.elapsed();
                                 auto.comp_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
                                 auto.comp_in.fetch_add(expected as u64, Ordering::Relaxed);
@@ -1117,13 +1149,17 @@ fn work_loop(
                                 }
                             }
                         }
-                        let (codec, payload) = payload.unwrap_or_else(|| (Codec::None, Bytes::from_owner(buf)));
+                        let (codec, payload) = payload.unwrap_or_else(|| (Codec::None, span.slice(range.clone())));
                         Outcome::Data(Data { disk, chunk, logical_len: expected as u32, codec, digest, payload })
                     }
                 }
+            };
+            if tx.send(Done { seq, outcome, compressed }).is_err() {
+                gone = true;
+                break;
             }
-        };
-        if tx.send(Done { seq, outcome, compressed }).is_err() {
+        }
+        if gone {
             break;
         }
     }

@@ -160,7 +160,9 @@ fn all_zero_disk_sends_no_data_and_stays_sparse() {
     assert_eq!(u(&t["chunks_planned"]), 128);
     assert_eq!(u(&t["chunks_zero"]), 128);
     assert_eq!(u(&t["bytes_zero"]), size);
-    assert_eq!(u(&t["bytes_read"]), size);
+    // The image is one hole: a sparse file is not read at all.
+    let skipped = skipped_holes(&img, size);
+    assert_eq!((u(&t["bytes_read"]), u(&t["bytes_hole_skipped"])), (size - skipped, skipped));
     assert_eq!(u(&t["chunks_sent"]), 0, "no data frame for zeros: {t}");
     // One ZeroRun (12-byte header + 20) and one Flush (12 + 12): nothing else.
     assert_eq!(u(&t["bytes_sent"]), 32 + 24);
@@ -194,7 +196,10 @@ fn totals_are_exact_for_mixed_regions_local_and_remote() {
         assert_eq!(s["point_id"], 1);
         let t = &s["totals"];
         assert_eq!(u(&t["bytes_planned"]), size, "{target}");
-        assert_eq!(u(&t["bytes_read"]), size, "{target}");
+        // The zero regions are holes of the image: skipped, not read.
+        let skipped = skipped_holes(&img, 3 * MIB);
+        assert_eq!(u(&t["bytes_read"]), size - skipped, "{target}");
+        assert_eq!(u(&t["bytes_hole_skipped"]), skipped, "{target}");
         assert_eq!(u(&t["bytes_zero"]), 3 * MIB, "{target}");
         assert_eq!(u(&t["chunks_planned"]), 97, "{target}");
         assert_eq!(u(&t["chunks_zero"]), 48, "{target}");
@@ -237,11 +242,14 @@ fn several_disks_in_one_replica_are_each_identical() {
     let s = r.summary();
     assert_eq!(s["disks"].as_array().unwrap().len(), 3);
     let mut total = 0;
-    for (name, size, _) in &imgs {
+    // Holes: sys's second MiB and its last 4097 bytes; all of swap.
+    for ((name, size, _), holes) in imgs.iter().zip([MIB + 4097, 0, MIB + 1]) {
         let d = disk_of(&s, name);
         assert_eq!(u(&d["size"]), *size, "{name}");
-        assert_eq!(u(&d["bytes_read"]), *size, "{name}");
-        total += size;
+        let skipped = skipped_holes(&dir.path().join(format!("{name}.raw")), holes);
+        assert_eq!(u(&d["bytes_read"]), size - skipped, "{name}");
+        assert_eq!(u(&d["bytes_hole_skipped"]), skipped, "{name}");
+        total += size - skipped;
     }
     assert_eq!(u(&s["totals"]["bytes_read"]), total);
     assert_eq!(server.sessions(1)[0]["point_id"], 1);
@@ -265,7 +273,8 @@ fn both_io_backends_on_source_and_target() {
         r.expect_code(0);
         let s = r.summary();
         assert_eq!(s["backend"], name);
-        assert_eq!(u(&s["totals"]["bytes_read"]), size);
+        // The second MiB and the last 777 bytes are holes of the image.
+        assert_eq!(u(&s["totals"]["bytes_read"]), size - skipped_holes(&img, MIB + 777));
         assert_replica_equals(&local, "vm1", "d", &img);
         // A server on the backend.
         let remote = dir.path().join(format!("remote-{flag}"));

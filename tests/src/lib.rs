@@ -223,6 +223,18 @@ pub fn allocated_bytes(p: &Path) -> u64 {
     std::fs::metadata(p).expect("stat").blocks() * 512
 }
 
+/// The bytes of `image`'s holes that a file source skips instead of reading:
+/// `holes` when the file system under it keeps the image sparse (then it
+/// reports the holes to SEEK_HOLE), 0 when it stores every block.
+pub fn skipped_holes(image: &Path, holes: u64) -> u64 {
+    let size = std::fs::metadata(image).expect("stat").len();
+    if allocated_bytes(image) + holes <= size.next_multiple_of(4096) {
+        holes
+    } else {
+        0
+    }
+}
+
 /// Export a replica disk and check it equals `source`.
 pub fn assert_replica_equals(datastore: &Path, replica: &str, disk: &str, source: &Path) {
     let out = datastore.parent().unwrap_or(datastore).join(format!("export-{replica}-{disk}.raw"));
