@@ -207,6 +207,7 @@ static RSS_FLOOR: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 fn prepare_run(env: &Env, dir: &Path, sources: &[(String, PathBuf)]) -> Result<()> {
     RSS_FLOOR.fetch_max(crate::measure::rss_floor(&std::env::temp_dir()), std::sync::atomic::Ordering::Relaxed);
     run_quiet("sync")?;
+    settle_disk(dir)?;
     if env.drop_caches {
         std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache (needs root)")?;
         return Ok(());
@@ -231,6 +232,32 @@ fn prepare_run(env: &Env, dir: &Path, sources: &[(String, PathBuf)]) -> Result<(
         let mut f = std::fs::File::open(&p).with_context(|| format!("warming {}", p.display()))?;
         std::io::copy(&mut f, &mut std::io::sink())?;
     }
+    Ok(())
+}
+
+/// Wait (15 s at most) until a 4 KiB write plus fdatasync is quick again, five in a row.
+/// `sync` returns once the guest has written, but the machine under this VM may still
+/// be writing back what an untimed setup step wrote (gigabytes), and that would slow
+/// whichever measured tool syncs first. Every tool's runs wait alike.
+fn settle_disk(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let p = dir.join(".settle");
+    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&p)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut quick = 0;
+    while quick < 5 && Instant::now() < deadline {
+        f.write_all_at(&[0u8; 4096], 0)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        if t.elapsed() < Duration::from_millis(2) {
+            quick += 1;
+        } else {
+            quick = 0;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    drop(f);
+    std::fs::remove_file(&p)?;
     Ok(())
 }
 
