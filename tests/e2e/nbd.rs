@@ -3,10 +3,10 @@
 //! servers that are gone, hang or send garbage. Skipped with a note when
 //! qemu-nbd, qemu-img or qemu-io is missing.
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_tests::*;
@@ -66,46 +66,6 @@ fn chunks_of(writes: &[(u8, u64, u64)]) -> u64 {
     set.len() as u64
 }
 
-/// `qemu-nbd -r -t -f qcow2 --socket=S EXTRA IMAGE`, killed and reaped on drop.
-struct QemuNbd {
-    child: Child,
-    uri: String,
-}
-
-impl QemuNbd {
-    fn start(img: &Path, sock: &Path, extra: &[&str]) -> QemuNbd {
-        let _ = std::fs::remove_file(sock);
-        let mut child = Command::new("qemu-nbd")
-            .args(["-r", "-t", "-f", "qcow2"])
-            .arg(format!("--socket={}", s(sock)))
-            .args(extra)
-            .arg(img)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn qemu-nbd");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(sock).is_err() {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                let mut err = String::new();
-                let _ = child.stderr.take().expect("stderr").read_to_string(&mut err);
-                panic!("qemu-nbd exited early ({st}): {err}");
-            }
-            assert!(Instant::now() < deadline, "qemu-nbd did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        QemuNbd { child, uri: format!("nbd+unix:///?socket={}", s(sock)) }
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `ferry replicate --json --replica vm --target DS --chunk-size 64K --source d=URI EXTRA`.
 fn replicate_nbd(ds: &Path, uri: &str, extra: &[&str]) -> Run {
     let mut args = vec!["replicate", "--json", "--replica", "vm", "--target", s(ds), "--chunk-size", "64K"];
@@ -136,7 +96,7 @@ fn qcow2_full_then_bitmap_incrementals_with_rotation() {
     qemu_write(&img, &b0_writes);
 
     // Full: the replica equals what qemu-img reads.
-    let srv = QemuNbd::start(&img, &sock, &[]);
+    let srv = QemuNbd::start(&img, &sock, &["-r"]);
     let r = replicate_nbd(&ds, &srv.uri, &[]);
     r.expect_code(0);
     let d = &r.summary()["disks"][0];
@@ -147,7 +107,7 @@ fn qcow2_full_then_bitmap_incrementals_with_rotation() {
     assert_replica_equals(&ds, "vm", "d", &ref1);
 
     // Incremental from b0: exactly the chunks it marks, all data.
-    let srv = QemuNbd::start(&img, &sock, &["-B", "b0"]);
+    let srv = QemuNbd::start(&img, &sock, &["-r", "-B", "b0"]);
     let r = replicate_nbd(&ds, &srv.uri, &["--cbt", "d=qemu-bitmap:b0"]);
     r.expect_code(0);
     let d = &r.summary()["disks"][0];
@@ -167,7 +127,7 @@ fn qcow2_full_then_bitmap_incrementals_with_rotation() {
     let b1_writes = [(5, 10 * MIB, 200 * KIB), (6, 16 * MIB - 16 * KIB, 16 * KIB)];
     qemu_write(&img, &b1_writes);
     let ref2 = reference(&img, &dir.path().join("ref2.raw"));
-    let srv = QemuNbd::start(&img, &sock, &["-B", "b1"]);
+    let srv = QemuNbd::start(&img, &sock, &["-r", "-B", "b1"]);
     let r = replicate_nbd(&ds, &srv.uri, &["--cbt", "d=qemu-bitmap:b1"]);
     r.expect_code(0);
     let d = &r.summary()["disks"][0];
@@ -191,7 +151,7 @@ fn holes_are_not_read_and_the_replica_is_identical() {
     sh("qemu-img", &["create", "-f", "qcow2", s(&img), "64M"]);
     qemu_write(&img, &[(0x5a, 10 * MIB, MIB), (0x33, 40 * MIB, MIB)]);
     let reference = reference(&img, &dir.path().join("ref.raw"));
-    let srv = QemuNbd::start(&img, &sock, &[]);
+    let srv = QemuNbd::start(&img, &sock, &["-r"]);
     let r = replicate_nbd(&ds, &srv.uri, &["--compress", "none"]);
     r.expect_code(0);
     let s = r.summary();
@@ -216,7 +176,7 @@ fn a_missing_bitmap_and_a_file_source_with_qemu_bitmap_are_refused() {
     let ds = dir.path().join("ds");
     sh("qemu-img", &["create", "-f", "qcow2", s(&img), "4M"]);
     sh("qemu-img", &["bitmap", "--add", "--enable", s(&img), "b0"]);
-    let srv = QemuNbd::start(&img, &sock, &["-B", "b0"]);
+    let srv = QemuNbd::start(&img, &sock, &["-r", "-B", "b0"]);
     let r = replicate_nbd(&ds, &srv.uri, &["--cbt", "d=qemu-bitmap:nosuchbitmap"]);
     assert!(r.code == 1 || r.code == 2, "exit {}: {}", r.code, r.stderr);
     assert!(r.stderr.contains("nosuchbitmap"), "{}", r.stderr);

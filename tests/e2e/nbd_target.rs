@@ -4,10 +4,9 @@
 //! SIGKILLed: what ferry FLUSHed at its checkpoints is all there is.
 //! Skipped with a note when qemu-nbd, qemu-img or qemu-io is missing.
 
-use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_tests::*;
@@ -18,51 +17,6 @@ use super::nbd::{have_qemu, s, sh, u};
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 64 * KIB;
-
-/// A writable `qemu-nbd -t -f qcow2 --socket=S IMAGE`, SIGKILLed and reaped on drop.
-struct Export {
-    child: Child,
-    uri: String,
-}
-
-impl Export {
-    fn start(img: &Path, sock: &Path) -> Export {
-        let _ = std::fs::remove_file(sock);
-        let mut child = Command::new("qemu-nbd")
-            .args(["-t", "-f", "qcow2"])
-            .arg(format!("--socket={}", s(sock)))
-            .arg(img)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn qemu-nbd");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(sock).is_err() {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                let mut err = String::new();
-                let _ = child.stderr.take().expect("stderr").read_to_string(&mut err);
-                panic!("qemu-nbd exited early ({st}): {err}");
-            }
-            assert!(Instant::now() < deadline, "qemu-nbd did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Export { child, uri: format!("nbd+unix:///?socket={}", s(sock)) }
-    }
-
-    /// SIGKILL: nothing that ferry did not flush survives in qemu-nbd's caches.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Export {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `qemu-img compare` of a raw source and the qcow2: exit 0 and "Images are identical."
 /// (qemu-img checks that the part of the larger image past the smaller one's end is zeros).
@@ -129,7 +83,7 @@ fn qcow2_behind_qemu_nbd_full_incremental_zero_runs_points_and_verify() {
     write_image(&src, 32 * MIB, 11, &[Fill::Random, Fill::Zero, Fill::Text, Fill::Zero]);
     sh("qemu-img", &["create", "-f", "qcow2", s(&qcow2), "36M"]);
     sh("qemu-io", &["-f", "qcow2", "-c", "write -P 0x77 1M 256K", "-c", "write -P 0x66 33M 1M", s(&qcow2)]);
-    let srv = Export::start(&qcow2, &sock);
+    let srv = QemuNbd::start(&qcow2, &sock, &[]);
     place(&ds, &srv.uri);
 
     // First run: the export may hold a copy, so the source compares digests; only the data
@@ -153,7 +107,7 @@ fn qcow2_behind_qemu_nbd_full_incremental_zero_runs_points_and_verify() {
     zero_range(&src, 4 * MIB, MIB);
     let zeroed: Vec<u64> = (4 * MIB / CHUNK..5 * MIB / CHUNK).collect();
     let data: Vec<u64> = changed.iter().copied().filter(|c| !zeroed.contains(c)).collect();
-    let srv = Export::start(&qcow2, &sock);
+    let srv = QemuNbd::start(&qcow2, &sock, &[]);
     let token = new_token(dir.path(), "token");
     let server = Server::start(&ds, &token, &[]);
     let r = replicate(&server.url, &src, &["--token-file", s(&token)]);
@@ -169,7 +123,7 @@ fn qcow2_behind_qemu_nbd_full_incremental_zero_runs_points_and_verify() {
     assert_identical(&src, &qcow2);
 
     // Points: point 1 is rebuilt from the export and the undo file; the latest reads the export.
-    let srv = Export::start(&qcow2, &sock);
+    let srv = QemuNbd::start(&qcow2, &sock, &[]);
     let out = dir.path().join("p1.raw");
     run(["points", "export", "--target", s(&ds), "--replica", "vm", "--disk", "d0", "--point", "1", "--out", s(&out)])
         .expect_code(0);
@@ -197,7 +151,7 @@ fn a_disk_larger_than_its_export_is_refused_and_nothing_is_written() {
     let ds = dir.path().join("ds");
     write_image(&src, 8 * MIB, 3, &[Fill::Random]);
     sh("qemu-img", &["create", "-f", "qcow2", s(&qcow2), "4M"]);
-    let srv = Export::start(&qcow2, &sock);
+    let srv = QemuNbd::start(&qcow2, &sock, &[]);
     place(&ds, &srv.uri);
     let r = replicate(s(&ds), &src, &[]);
     r.expect_code(1);
@@ -222,7 +176,7 @@ fn a_disk_larger_than_its_export_is_refused_and_nothing_is_written() {
 
     // Grown as the message says, the same run goes through.
     sh("qemu-img", &["resize", "-f", "qcow2", s(&qcow2), "8388608"]);
-    let srv = Export::start(&qcow2, &sock);
+    let srv = QemuNbd::start(&qcow2, &sock, &[]);
     replicate(s(&ds), &src, &[]).expect_code(0);
     srv.kill();
     assert_identical(&src, &qcow2);
@@ -240,7 +194,7 @@ fn qemu_nbd_killed_mid_run_fails_with_the_uri_and_a_rerun_resumes() {
     let ds = dir.path().join("ds");
     write_image(&src, 128 * MIB, 5, &[Fill::Random]);
     sh("qemu-img", &["create", "-f", "qcow2", s(&qcow2), "128M"]);
-    let srv = Export::start(&qcow2, &sock);
+    let srv = QemuNbd::start(&qcow2, &sock, &[]);
     place(&ds, &srv.uri);
     let uri = srv.uri.clone();
     let mut child = ferry()
@@ -275,13 +229,13 @@ fn qemu_nbd_killed_mid_run_fails_with_the_uri_and_a_rerun_resumes() {
     assert!(stderr.contains(&format!("disk \"d0\" on NBD export {uri}")), "{stderr}");
     assert!(session.exists(), "the session can be resumed");
 
-    let srv = Export::start(&qcow2, &sock);
+    let srv = QemuNbd::start(&qcow2, &sock, &[]);
     let r = replicate(s(&ds), &src, &[]);
     r.expect_code(0);
     assert_eq!(r.summary()["resumed"], true, "{}", r.stdout);
     srv.kill();
     assert_identical(&src, &qcow2);
-    let srv = Export::start(&qcow2, &sock);
+    let srv = QemuNbd::start(&qcow2, &sock, &[]);
     run(["points", "verify", "--target", s(&ds), "--replica", "vm"]).expect_code(0);
     drop(srv);
 }
@@ -333,7 +287,7 @@ fn a_disk_that_shrinks_and_grows_inside_its_export_stays_identical_and_keeps_its
     let ds = dir.path().join("ds");
     write_image(&src, 8 * MIB, 21, &[Fill::Random, Fill::Text]);
     sh("qemu-img", &["create", "-f", "qcow2", s(&qcow2), "12M"]);
-    let srv = Export::start(&qcow2, &sock);
+    let srv = QemuNbd::start(&qcow2, &sock, &[]);
     place(&ds, &srv.uri);
     replicate(s(&ds), &src, &[]).expect_code(0);
     let v1 = copy(&src, &dir.path().join("v1.raw"));
@@ -348,7 +302,7 @@ fn a_disk_that_shrinks_and_grows_inside_its_export_stays_identical_and_keeps_its
     assert_identical(&src, &qcow2);
 
     // Grow to 10 MiB with new data at the end: only those chunks travel.
-    let srv = Export::start(&qcow2, &sock);
+    let srv = QemuNbd::start(&qcow2, &sock, &[]);
     let mut f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
     f.set_len(10 * MIB).unwrap();
     write_at(&mut f, 9 * MIB, &vec![0x5au8; MIB as usize]);
@@ -359,7 +313,7 @@ fn a_disk_that_shrinks_and_grows_inside_its_export_stays_identical_and_keeps_its
     srv.kill();
     assert_identical(&src, &qcow2);
 
-    let _srv = Export::start(&qcow2, &sock);
+    let _srv = QemuNbd::start(&qcow2, &sock, &[]);
     for (point, want) in [(1, &v1), (2, &v2)] {
         let out = dir.path().join(format!("p{point}.raw"));
         let p = point.to_string();

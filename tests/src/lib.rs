@@ -476,3 +476,49 @@ pub fn frame_at(stream: &[u8], at: u64) -> Option<(u8, u64, u64)> {
         pos = end;
     }
 }
+
+/// `qemu-nbd -t -f qcow2 --socket=SOCK ARGS IMAGE` (ARGS e.g. `-r` or `-B BITMAP`),
+/// returned once it accepts connections; SIGKILLed and reaped on drop.
+pub struct QemuNbd {
+    child: Child,
+    /// `nbd+unix:///?socket=SOCK`.
+    pub uri: String,
+}
+
+impl QemuNbd {
+    /// Start it; panics with qemu-nbd's stderr if it exits or does not listen within 20 s.
+    pub fn start(img: &Path, sock: &Path, args: &[&str]) -> QemuNbd {
+        let _ = std::fs::remove_file(sock);
+        let mut child = Command::new("qemu-nbd")
+            .args(["-t", "-f", "qcow2"])
+            .arg(format!("--socket={}", sock.display()))
+            .args(args)
+            .arg(img)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn qemu-nbd");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                let mut err = String::new();
+                let _ = child.stderr.take().expect("stderr").read_to_string(&mut err);
+                panic!("qemu-nbd exited early ({st}): {err}");
+            }
+            assert!(std::time::Instant::now() < deadline, "qemu-nbd did not start listening");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        QemuNbd { child, uri: format!("nbd+unix:///?socket={}", sock.display()) }
+    }
+
+    /// SIGKILL now: nothing a client did not flush survives in qemu-nbd's caches.
+    pub fn kill(self) {}
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
