@@ -908,21 +908,14 @@ fn old_contents(d: &mut WDisk, chunk: u64, old_digest: Option<[u8; 32]>) -> Resu
     Ok(OldContents::Read(len as usize))
 }
 
-/// Append the old contents of `chunk` to the disk's undo file if the latest
-/// point needs them and they are not saved yet (synchronously: zero runs).
-/// Returns true when a record was appended (it must be synced before the overwrite).
-fn save_old(d: &mut WDisk, chunk: u64, old: &mut Vec<u8>) -> Result<bool> {
-    let Some(u) = &mut d.undo else { return Ok(false) };
-    let cs = u64::from(d.chunk_size);
-    let offset = chunk * cs;
-    if offset >= d.point_size || u.saved.contains_key(&chunk) {
-        return Ok(false);
-    }
-    let len = (d.point_size - offset).min(cs) as usize;
+/// Read the `len` old bytes of `chunk` here, synchronously (zero runs, disks behind an
+/// export), and append them to the undo file ([`old_contents`] said they are needed).
+/// The record must be synced before the overwrite.
+fn save_old_now(d: &mut WDisk, chunk: u64, len: usize, old: &mut Vec<u8>) -> Result<()> {
+    let offset = chunk * u64::from(d.chunk_size);
     old.resize(len.max(old.len()), 0);
     d.image.read_exact_at(&mut old[..len], offset, "reading old contents of")?;
-    u.append(chunk, &old[..len])?;
-    Ok(true)
+    d.undo.as_mut().expect("old contents are saved for an undo file").append(chunk, &old[..len])
 }
 
 /// Hash the chunks of an image whose digests are unknown (a seed placed in
@@ -1087,9 +1080,9 @@ impl Writer {
                         _ => d.image.raw_fd(),
                     };
                     let mut old = old_contents(d, chunk, d.digests.get(chunk))?;
-                    if matches!(old, OldContents::Read(_)) && d.nbd.is_some() {
+                    if let (OldContents::Read(n), true) = (&old, d.nbd.is_some()) {
                         // An export is read on its connection, here; files are read through the backend.
-                        save_old(d, chunk, &mut self.old)?;
+                        save_old_now(d, chunk, *n, &mut self.old)?;
                         old = OldContents::Appended;
                     }
                     d.entry.chunks_changed += 1;
@@ -1110,8 +1103,11 @@ impl Writer {
                     let end = ((first + count) * cs).min(d.size);
                     let mut changed = 0;
                     for c in first..first + count {
-                        if d.digests.get(c) != Some(d.zeros.digest(d.digests.chunk_len(c))) {
-                            save_old(d, c, &mut self.old)?;
+                        let old_digest = d.digests.get(c);
+                        if old_digest != Some(d.zeros.digest(d.digests.chunk_len(c))) {
+                            if let OldContents::Read(n) = old_contents(d, c, old_digest)? {
+                                save_old_now(d, c, n, &mut self.old)?;
+                            }
                             changed += 1;
                         }
                     }
@@ -1261,16 +1257,19 @@ impl Writer {
     fn submit(&mut self, req: IoRequest) -> Result<()> {
         let (offset, len, tag) = (req.offset, req.len, req.tag);
         self.started.insert(tag, Instant::now());
-        match self.disks.get_mut(&((tag >> 48) as u32)) {
+        let submitted = match self.disks.get_mut(&((tag >> 48) as u32)) {
             // A disk behind an NBD export writes on its own connection; files share the IO backend.
-            Some(WDisk { nbd: Some(b), image, .. }) => b.submit(req).map_err(|e| image.write_error(offset, len, e)),
-            _ => self.backend.submit(req).map_err(|e| MoveError::DiskIo {
-                what: "writing",
-                disk: self.disk_of(tag),
-                offset,
-                len,
-                source: e,
-            }),
+            Some(WDisk { nbd: Some(b), .. }) => b.submit(req),
+            _ => self.backend.submit(req),
+        };
+        submitted.map_err(|e| self.write_error(tag, offset, len, e))
+    }
+
+    /// A failed write of the operation `tag`, named after its disk (and export).
+    fn write_error(&self, tag: u64, offset: u64, len: usize, e: std::io::Error) -> MoveError {
+        match self.disks.get(&((tag >> 48) as u32)) {
+            Some(d) => d.image.write_error(offset, len, e),
+            None => MoveError::DiskIo { what: "writing", disk: String::new(), offset, len, source: e },
         }
     }
 
@@ -1320,16 +1319,7 @@ impl Writer {
         match c.kind {
             IoKind::Write => {
                 if let Err(e) = c.result {
-                    return Err(match self.disks.get(&((c.tag >> 48) as u32)) {
-                        Some(d) => d.image.write_error(c.offset, c.len, e),
-                        None => MoveError::DiskIo {
-                            what: "writing",
-                            disk: String::new(),
-                            offset: c.offset,
-                            len: c.len,
-                            source: e,
-                        },
-                    });
+                    return Err(self.write_error(c.tag, c.offset, c.len, e));
                 }
                 if let Some((seq, chunk, digest)) = self.seq_of.remove(&c.tag) {
                     if let Some(d) = self.disks.get_mut(&((c.tag >> 48) as u32)) {
