@@ -186,6 +186,17 @@ impl MoveError {
         }
     }
 
+    /// True for a failure of the connection or of the session itself (the
+    /// peer closed it, reset it, or it broke), not of the local side's work.
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            MoveError::Net { .. }
+                | MoveError::PeerGone { .. }
+                | MoveError::Wire { source: ferry_wire::WireError::Closed, .. }
+        )
+    }
+
     /// True for errors a new connection may cure (the peer restarted, the network came back).
     pub fn is_transient(&self) -> bool {
         matches!(self, MoveError::Net { .. } | MoveError::PeerGone { .. })

@@ -671,6 +671,9 @@ fn run_job(
             Err(_) => Err(MoveError::PeerGone { peer: conn.peer().into(), side: "target" }),
         }
     });
+    // A send that failed because the target closed the session or the
+    // connection: the target's own Error frame, if the receiver got one, says why.
+    let outcome = outcome.map_err(|e| if e.is_connection_error() { prefer_target_error(&rx_msgs, e) } else { e });
     conn.shutdown();
     let _ = receiver.join();
     let (stats, backend, compress_auto, point_id, point_time_ns) = outcome?;
@@ -1219,10 +1222,7 @@ fn send_loop(
                 Outcome::Data(data) => {
                     flush_zero(&mut zero_run, disks, &mut stats)?;
                     let t = Instant::now();
-                    let n = match emit_data(conn, cfg.plan_only, data) {
-                        Ok(n) => n,
-                        Err(e) => return Err(prefer_target_error(rx_msgs, e)),
-                    };
+                    let n = emit_data(conn, cfg.plan_only, data)?;
                     let took = t.elapsed();
                     stats.record(Stage::Send, took);
                     ctl.sent(n, took);
@@ -1365,8 +1365,9 @@ fn emit_data(conn: &Conn, plan_only: bool, d: &Data) -> Result<u64> {
     conn.send_data(d)
 }
 
-/// When a send fails because the target went away, its own Error frame (if
-/// the receiver got one) says more than the broken pipe.
+/// When a send fails because the target went away or closed the session,
+/// its own Error frame (if the receiver got one) says more than the broken
+/// pipe or "session closed".
 fn prefer_target_error(rx_msgs: &Receiver<RxMsg>, e: MoveError) -> MoveError {
     match rx_msgs.recv_timeout(Duration::from_millis(500)) {
         Ok(RxMsg::Failed(t)) => t.peer_gone_if_reset("target"),
