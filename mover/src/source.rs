@@ -575,10 +575,17 @@ fn run_job(
                 if cfg.verify_samples == 0 {
                     changed
                 } else {
-                    let digests = fetch(conn, &mut rx)?;
                     let seed = u64::from_le_bytes(crate::auth::random_bytes::<8>());
                     let samples = sample_unchanged(&changed, chunk_count, cfg.verify_samples, seed);
-                    match first_mismatch(&sd, cs, &samples, &digests)? {
+                    // The samples are read and hashed while the target's map is on its way.
+                    let (digests, sampled) = std::thread::scope(|s| {
+                        let sampled = s.spawn(|| hash_chunks(&sd, cs, &samples));
+                        let digests = fetch(conn, &mut rx);
+                        (digests, sampled.join().expect("sample hashing does not panic"))
+                    });
+                    let (digests, sampled) = (digests?, sampled?);
+                    let mismatch = samples.iter().zip(&sampled).find(|(&c, d)| digests[c as usize] != **d);
+                    match mismatch.map(|(&c, _)| c) {
                         None => {
                             cache_base = Some(digests);
                             changed
@@ -780,19 +787,18 @@ fn fetch_digests(
     Ok(FetchedMap { digests, source, wire_bytes })
 }
 
-/// Read and hash `samples` (chunks CBT calls unchanged) and return the
-/// first whose digest differs from the target's.
-fn first_mismatch(sd: &SourceDisk, cs: u64, samples: &[u64], target: &[[u8; 32]]) -> Result<Option<u64>> {
+/// The BLAKE3 digest of each of `chunks`, read one by one.
+fn hash_chunks(sd: &SourceDisk, cs: u64, chunks: &[u64]) -> Result<Vec<Digest>> {
     let mut buf = vec![0u8; cs as usize];
-    for &chunk in samples {
-        let offset = chunk * cs;
-        let len = (sd.size - offset).min(cs) as usize;
-        sd.read_at(offset, &mut buf[..len])?;
-        if blake3::hash(&buf[..len]).as_bytes() != &target[chunk as usize] {
-            return Ok(Some(chunk));
-        }
-    }
-    Ok(None)
+    chunks
+        .iter()
+        .map(|&chunk| {
+            let offset = chunk * cs;
+            let len = (sd.size - offset).min(cs) as usize;
+            sd.read_at(offset, &mut buf[..len])?;
+            Ok(*blake3::hash(&buf[..len]).as_bytes())
+        })
+        .collect()
 }
 
 fn run_pipeline(
