@@ -6,7 +6,10 @@
 //! is a reader thread that timestamps what it reads and a writer thread that
 //! forwards it `delay` later (the kernel here has no netem). At most
 //! `DELAY_QUEUE` reads are in flight per direction, which bounds memory and
-//! pushes back on the sender. The proxy's own CPU is not charged to any tool.
+//! pushes back on the sender. The proxy's own CPU is not charged to any tool,
+//! but it runs on the same cores: without a delay it relays with splice(2)
+//! through a pipe (the payload is not copied through user space), and it
+//! accepts a connection as soon as one arrives (poll, not a sleep loop).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -53,6 +56,9 @@ impl Proxy {
             };
             let _ = tx.send(Ok(listener.local_addr().map(|a| a.port()).unwrap_or(0)));
             while !s2.load(Ordering::Relaxed) {
+                if !readable(&listener, Duration::from_millis(100)) {
+                    continue;
+                }
                 match listener.accept() {
                     Ok((down, _)) => {
                         let b3 = b2.clone();
@@ -123,6 +129,14 @@ fn bind_in(listen: SocketAddr, netns: Option<PathBuf>) -> Result<TcpListener> {
     Ok(l)
 }
 
+/// Waits until `l` has a connection to accept (or `timeout` passes).
+fn readable(l: &TcpListener, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) > 0 }
+}
+
 fn relay(down: TcpStream, up: TcpStream, delay: Duration, bytes: Arc<AtomicU64>) {
     let _ = down.set_nonblocking(false);
     let _ = down.set_nodelay(true);
@@ -137,6 +151,11 @@ fn relay(down: TcpStream, up: TcpStream, delay: Duration, bytes: Arc<AtomicU64>)
 /// Copies `from` to `to` until EOF, then half-closes `to`.
 fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration, bytes: Arc<AtomicU64>) {
     if delay.is_zero() {
+        if splice_pump(&from, &to, &bytes).is_ok() {
+            let _ = to.shutdown(Shutdown::Write);
+            return;
+        }
+        // No splice here (or it failed before moving anything): copy through a buffer.
         let mut buf = vec![0u8; BUF];
         loop {
             match from.read(&mut buf) {
@@ -169,6 +188,73 @@ fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration, bytes: Arc<Atom
     }
     drop(tx);
     let _ = writer.join();
+}
+
+/// Moves `from`'s bytes to `to` through a pipe with splice(2) until EOF. Err only when
+/// splice is unusable before any byte moved; a broken connection after that ends it Ok.
+fn splice_pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh and owned here; closed when these drop.
+    let (rd, wr) = unsafe {
+        use std::os::fd::FromRawFd;
+        (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1]))
+    };
+    // SAFETY: fcntl on our own pipe fd.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, BUF as libc::c_int) };
+    let mut moved_any = false;
+    loop {
+        // SAFETY: splice between fds we hold; null offsets for sockets and pipes.
+        let n = unsafe {
+            libc::splice(
+                from.as_raw_fd(),
+                std::ptr::null_mut(),
+                wr.as_raw_fd(),
+                std::ptr::null_mut(),
+                BUF,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return if moved_any { Ok(()) } else { Err(e) };
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        moved_any = true;
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let mut left = n as usize;
+        while left > 0 {
+            // SAFETY: as above.
+            let m = unsafe {
+                libc::splice(
+                    rd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    to.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    left,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            if m < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                let _ = from.shutdown(Shutdown::Both);
+                return Ok(());
+            }
+            left -= m as usize;
+        }
+    }
 }
 
 fn delayed_writer(rx: Receiver<(Instant, Vec<u8>)>, mut to: TcpStream, delay: Duration) {
