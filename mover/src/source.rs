@@ -570,7 +570,12 @@ fn run_job(
             Mode::Cbt => {
                 let map = cbt.as_ref().expect("cbt mode has a change list");
                 // Chunks the target did not have (the disk grew; the old partial last chunk changed length).
-                let grown = ChunkSet::from_range(resume.previous_size / cs..chunk_count);
+                // Only a grown disk has them: a same-size disk's partial last chunk is not new.
+                let grown = if resume.previous_size < sd.size {
+                    ChunkSet::from_range(resume.previous_size / cs..chunk_count)
+                } else {
+                    ChunkSet::new()
+                };
                 let changed = map.chunks(chunk_size, sd.size).union(&grown);
                 if cfg.verify_samples == 0 {
                     changed

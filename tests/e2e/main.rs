@@ -3,6 +3,7 @@
 mod backup;
 mod datapath;
 mod faults;
+mod incremental;
 mod map_cache;
 mod nbd;
 mod nbd_target;

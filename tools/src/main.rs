@@ -285,7 +285,9 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
             return match m {
                 MoveError::Config(_) | MoveError::BadName(_) => 2,
                 MoveError::File { what, .. }
-                    if what.starts_with("opening source") || what.starts_with("reading token") =>
+                    if what.starts_with("opening source")
+                        || what.starts_with("reading token")
+                        || what.starts_with("reading change list") =>
                 {
                     2
                 }
