@@ -131,9 +131,15 @@ fn encode_header(chunk_size: u32, disk_size: u64, count: u64) -> [u8; DIGEST_MAP
 pub struct DigestMapEncoder {
     header: [u8; DIGEST_MAP_HEADER_LEN],
     hasher: blake3::Hasher,
+    /// Digests not yet hashed: BLAKE3 is several times faster over 16 KiB at once
+    /// (many 1 KiB chunks in parallel) than over 32 bytes at a time.
+    pending: Vec<u8>,
     expected: u64,
     pushed: u64,
 }
+
+/// Bytes of digests the encoder hashes at once.
+const ENCODER_BATCH: usize = 16 << 10;
 
 impl DigestMapEncoder {
     /// An encoder for a map of a disk of `disk_size` bytes in chunks of `chunk_size`.
@@ -143,7 +149,7 @@ impl DigestMapEncoder {
         let header = encode_header(chunk_size, disk_size, expected);
         let mut hasher = blake3::Hasher::new();
         hasher.update(&header);
-        Ok(DigestMapEncoder { header, hasher, expected, pushed: 0 })
+        Ok(DigestMapEncoder { header, hasher, pending: Vec::with_capacity(ENCODER_BATCH), expected, pushed: 0 })
     }
 
     /// The first [`DIGEST_MAP_HEADER_LEN`] bytes of the encoding.
@@ -163,7 +169,11 @@ impl DigestMapEncoder {
 
     /// Adds the digest of the next chunk; its encoding is the 32 bytes of `digest`.
     pub fn push(&mut self, digest: &Digest) {
-        self.hasher.update(digest);
+        self.pending.extend_from_slice(digest);
+        if self.pending.len() >= ENCODER_BATCH {
+            self.hasher.update(&self.pending);
+            self.pending.clear();
+        }
         self.pushed += 1;
     }
 
@@ -180,7 +190,9 @@ impl DigestMapEncoder {
                 expected: self.expected,
             });
         }
-        Ok(*self.hasher.finalize().as_bytes())
+        let mut hasher = self.hasher.clone();
+        hasher.update(&self.pending);
+        Ok(*hasher.finalize().as_bytes())
     }
 }
 
@@ -329,9 +341,8 @@ impl DigestMap {
     pub fn map_hash(&self) -> Digest {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&self.header());
-        for d in &self.digests {
-            hasher.update(d);
-        }
+        // One update over all digests: BLAKE3 hashes many 1 KiB chunks at once (SIMD).
+        hasher.update(self.digests.as_flattened());
         *hasher.finalize().as_bytes()
     }
 
@@ -348,9 +359,7 @@ impl DigestMap {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(DIGEST_MAP_HEADER_LEN + self.digests.len() * 32 + DIGEST_MAP_TRAILER_LEN);
         out.extend_from_slice(&self.header());
-        for d in &self.digests {
-            out.extend_from_slice(d);
-        }
+        out.extend_from_slice(self.digests.as_flattened());
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
         out

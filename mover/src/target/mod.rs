@@ -365,14 +365,17 @@ impl TargetSession<'_> {
                             None => return Err(MoveError::Datastore(format!("disk {name:?} has no image to hash"))),
                         }
                     }
-                    send_digest_map(&self.conn, r.disk, map, &r.cached_map_hash, report)?;
+                    let sent = send_digest_map(&self.conn, r.disk, map, &r.cached_map_hash)?;
+                    sent.count_in(report);
                 }
                 Frame::DigestMapRequest(r) => {
+                    // The writer owns the map and sends it itself (no copy of a map of up to 64 MiB).
                     let a = self.active()?;
                     let (tx, reply) = bounded(1);
-                    a.pipeline()?.to_writer.send(WriterMsg::GetDigests { disk: r.disk, reply: tx }).ok();
-                    let map = reply.recv().map_err(|_| self.writer_gone())?;
-                    send_digest_map(&self.conn, r.disk, &map, &r.cached_map_hash, report)?;
+                    let msg = WriterMsg::SendDigests { disk: r.disk, cached: r.cached_map_hash, reply: tx };
+                    a.pipeline()?.to_writer.send(msg).ok();
+                    let sent = reply.recv().map_err(|_| self.writer_gone())??;
+                    sent.count_in(report);
                 }
                 Frame::Data(d) => {
                     let a = self.active_mut()?;
@@ -711,11 +714,34 @@ struct WDisk {
 
 enum WriterMsg {
     OpenDisk(u32, Box<WDisk>),
-    Chunk { seq: u64, disk: u32, chunk: u64, buf: PoolBuf, digest: [u8; 32] },
-    Zero { seq: u64, disk: u32, first: u64, count: u64 },
-    Barrier { disk: u32, next_chunk: u64, items_before: u64 },
-    GetDigests { disk: u32, reply: Sender<DigestMap> },
-    Commit { items_before: u64, reply: Sender<Result<Vec<PointDisk>>> },
+    Chunk {
+        seq: u64,
+        disk: u32,
+        chunk: u64,
+        buf: PoolBuf,
+        digest: [u8; 32],
+    },
+    Zero {
+        seq: u64,
+        disk: u32,
+        first: u64,
+        count: u64,
+    },
+    Barrier {
+        disk: u32,
+        next_chunk: u64,
+        items_before: u64,
+    },
+    /// Answer a DigestMapRequest (the source's cached map has hash `cached`).
+    SendDigests {
+        disk: u32,
+        cached: [u8; 32],
+        reply: Sender<Result<MapSent>>,
+    },
+    Commit {
+        items_before: u64,
+        reply: Sender<Result<Vec<PointDisk>>>,
+    },
     Failed(MoveError),
     Stop,
 }
@@ -961,32 +987,37 @@ fn rebuild_unknown(image: &ReplicaImage, map: &mut DigestMap) -> Result<()> {
     Ok(())
 }
 
+/// What answering one DigestMapRequest sent.
+struct MapSent {
+    cache_hit: bool,
+    parts: u64,
+}
+
+impl MapSent {
+    fn count_in(&self, report: &mut SessionReport) {
+        report.digest_maps += 1;
+        report.digest_map_hits += u64::from(self.cache_hit);
+        report.digest_map_parts += self.parts;
+    }
+}
+
 /// Send a digest map as parts and an end (or only the end when the client's cached copy is current).
-fn send_digest_map(
-    conn: &Conn,
-    disk: u32,
-    map: &DigestMap,
-    cached: &[u8; 32],
-    report: &mut SessionReport,
-) -> Result<()> {
+fn send_digest_map(conn: &Conn, disk: u32, map: &DigestMap, cached: &[u8; 32]) -> Result<MapSent> {
     let hash = map.map_hash();
     let cache_hit = hash == *cached;
-    report.digest_maps += 1;
-    if cache_hit {
-        report.digest_map_hits += 1;
-    } else {
-        report.digest_map_parts += map.digests().len().div_ceil(MAX_DIGESTS_PER_PART) as u64;
+    let mut parts = 0;
+    if !cache_hit {
         for (i, part) in map.digests().chunks(MAX_DIGESTS_PER_PART).enumerate() {
-            let bytes: Vec<u8> = part.iter().flatten().copied().collect();
             conn.send(&Frame::DigestMapPart(DigestMapPart {
                 disk,
                 first_chunk: (i * MAX_DIGESTS_PER_PART) as u64,
-                digests: bytes.into(),
+                digests: bytes::Bytes::copy_from_slice(part.as_flattened()),
             }))?;
+            parts += 1;
         }
     }
     conn.send(&Frame::DigestMapEnd(DigestMapEnd { disk, chunk_count: map.chunk_count(), map_hash: hash, cache_hit }))?;
-    Ok(())
+    Ok(MapSent { cache_hit, parts })
 }
 
 struct Writer {
@@ -1147,7 +1178,7 @@ impl Writer {
                     self.item_done(seq);
                     self.stats.record(Stage::Write, t.elapsed());
                 }
-                WriterMsg::GetDigests { disk, reply } => {
+                WriterMsg::SendDigests { disk, cached, reply } => {
                     let Some(d) = self.disks.get_mut(&disk) else { continue };
                     if d.digests.unknown_count() > 0 {
                         let t = Instant::now();
@@ -1155,7 +1186,7 @@ impl Writer {
                         d.dirty = true;
                         self.stats.record(Stage::Verify, t.elapsed());
                     }
-                    let _ = reply.send(d.digests.clone());
+                    let _ = reply.send(send_digest_map(&self.conn, disk, &d.digests, &cached));
                 }
                 b @ (WriterMsg::Barrier { .. } | WriterMsg::Commit { .. }) => self.barriers.push_back(b),
             }
