@@ -16,7 +16,8 @@
 //! items done is not enough).
 //! At a barrier the writer fdatasyncs the image, stores the digest map and the
 //! session state (atomically), and only then sends the Checkpoint: a
-//! checkpoint the source sees is durable.
+//! checkpoint the source sees is durable. A barrier with the Commit already
+//! queued right behind it is skipped: the commit makes everything durable.
 
 pub mod datastore;
 pub mod image;
@@ -1444,6 +1445,17 @@ impl Writer {
                 return Ok(());
             }
             match self.barriers.pop_front().expect("front exists") {
+                WriterMsg::Barrier { disk, next_chunk, .. }
+                    if matches!(self.barriers.front(), Some(WriterMsg::Commit { .. })) =>
+                {
+                    // The Commit right behind makes everything durable and ends the session: a
+                    // checkpoint here would only cost syncs (a crash before the commit resumes from
+                    // the previous checkpoint, whose map marks later chunks unknown).
+                    if let Some(d) = self.disks.get_mut(&disk) {
+                        d.entry.next_chunk = next_chunk;
+                        self.state.disks.insert(d.name.clone(), d.entry.clone());
+                    }
+                }
                 WriterMsg::Barrier { disk, next_chunk, .. } => {
                     let t = Instant::now();
                     self.sync_disk(disk)?;
