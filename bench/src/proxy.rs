@@ -208,51 +208,37 @@ fn splice_pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> std::io::
     unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, BUF as libc::c_int) };
     let mut moved_any = false;
     loop {
-        // SAFETY: splice between fds we hold; null offsets for sockets and pipes.
-        let n = unsafe {
-            libc::splice(
-                from.as_raw_fd(),
-                std::ptr::null_mut(),
-                wr.as_raw_fd(),
-                std::ptr::null_mut(),
-                BUF,
-                libc::SPLICE_F_MOVE,
-            )
+        let n = match splice(from.as_raw_fd(), wr.as_raw_fd(), BUF) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) => return if moved_any { Ok(()) } else { Err(e) },
         };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return if moved_any { Ok(()) } else { Err(e) };
-        }
-        if n == 0 {
-            return Ok(());
-        }
         moved_any = true;
         bytes.fetch_add(n as u64, Ordering::Relaxed);
-        let mut left = n as usize;
+        let mut left = n;
         while left > 0 {
-            // SAFETY: as above.
-            let m = unsafe {
-                libc::splice(
-                    rd.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    to.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    left,
-                    libc::SPLICE_F_MOVE,
-                )
-            };
-            if m < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            match splice(rd.as_raw_fd(), to.as_raw_fd(), left) {
+                Ok(m) => left -= m,
+                Err(_) => {
+                    let _ = from.shutdown(Shutdown::Both);
+                    return Ok(());
                 }
-                let _ = from.shutdown(Shutdown::Both);
-                return Ok(());
             }
-            left -= m as usize;
+        }
+    }
+}
+
+/// One splice(2) of up to `len` bytes between a socket and a pipe, retried on EINTR.
+fn splice(from: libc::c_int, to: libc::c_int, len: usize) -> std::io::Result<usize> {
+    loop {
+        // SAFETY: splice between fds the caller holds open; null offsets for sockets and pipes.
+        let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
