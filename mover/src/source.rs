@@ -398,50 +398,45 @@ const PREFETCH_BYTES: u64 = 32 << 20;
 /// many at a time, not queue-depth at a time; for cached chunks it is a page cache
 /// lookup. The window is topped up when half of it was read.
 struct Prefetch {
-    /// Next planned chunk to advise: index into the ranges, chunk.
+    /// The chunks to advise: the planned ones outside the file's holes (advising a
+    /// hole fills the cache with zeros). Empty when the plan is not prefetched.
+    ranges: Vec<Range<u64>>,
+    /// Next chunk to advise: index into `ranges`, chunk.
     range: usize,
     chunk: u64,
-    /// Planned chunks advised, and submitted for reading.
+    /// Chunks advised, and submitted for reading.
     advised: u64,
     read: u64,
     window: u64,
 }
 
 impl Prefetch {
-    fn new(cs: u64) -> Prefetch {
-        Prefetch { range: 0, chunk: 0, advised: 0, read: 0, window: (PREFETCH_BYTES / cs).max(1) }
+    fn new(plan: &ReadPlan, cs: u64) -> Prefetch {
+        let ranges = if plan.prefetch {
+            ChunkSet::from_ranges(plan.ranges.iter().cloned()).difference(&plan.holes).ranges().to_vec()
+        } else {
+            Vec::new()
+        };
+        Prefetch { ranges, range: 0, chunk: 0, advised: 0, read: 0, window: (PREFETCH_BYTES / cs).max(1) }
     }
 
-    /// The reader submits `count` planned chunks: keep the window ahead of it.
+    /// The reader submits `count` chunks of `plan`: keep the window ahead of it.
     fn reading(&mut self, plan: &ReadPlan, cs: u64, count: u64) {
         self.read += count;
-        if !plan.prefetch || self.advised >= self.read + self.window / 2 {
+        if self.advised >= self.read + self.window / 2 {
             return;
         }
-        while self.advised < self.read + self.window && self.range < plan.ranges.len() {
-            let r = &plan.ranges[self.range];
+        while self.advised < self.read + self.window && self.range < self.ranges.len() {
+            let r = &self.ranges[self.range];
             let start = self.chunk.max(r.start);
             let end = r.end.min(start + (self.read + self.window - self.advised));
             if start >= end {
                 self.range += 1;
                 continue;
             }
-            // Runs of chunks outside the file's holes (advising a hole fills the cache with zeros).
-            let mut c = start;
-            while c < end {
-                let run = c;
-                while c < end && !plan.holes.contains(c) {
-                    c += 1;
-                }
-                if c > run {
-                    let (offset, len) = (run * cs, (c * cs).min(plan.size) - run * cs);
-                    // SAFETY: posix_fadvise only reads its arguments; a failure only means no advice.
-                    unsafe { libc::posix_fadvise(plan.fd, offset as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
-                }
-                while c < end && plan.holes.contains(c) {
-                    c += 1;
-                }
-            }
+            let (offset, len) = (start * cs, (end * cs).min(plan.size) - start * cs);
+            // SAFETY: posix_fadvise only reads its arguments; a failure only means no advice.
+            unsafe { libc::posix_fadvise(plan.fd, offset as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
             self.advised += end - start;
             self.chunk = end;
         }
@@ -1018,7 +1013,7 @@ fn read_loop(
         let mut own = plan.nbd.take();
         let plan = &*plan;
         let backend = own.as_mut().unwrap_or(&mut file_backend);
-        let mut prefetch = Prefetch::new(cs);
+        let mut prefetch = Prefetch::new(plan, cs);
         for r in &plan.ranges {
             let mut chunk = r.start;
             while chunk < r.end {
@@ -1028,7 +1023,6 @@ fn read_loop(
                 let offset = chunk * cs;
                 if plan.holes.contains(chunk) {
                     let len = (plan.size - offset).min(cs);
-                    prefetch.reading(plan, cs, 1);
                     let hole = Work::Hole { seq, disk: plan.disk, chunk, len };
                     if tx.send(hole).is_err() {
                         return Ok(stats);

@@ -354,8 +354,8 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
 
 fn serve_config(io: &IoArgs) -> anyhow::Result<ServeConfig> {
     let backend: BackendChoice = io.io_backend.parse().map_err(usage)?;
-    let mut cfg =
-        ServeConfig { backend, queue_depth: io.queue_depth.map(|d| d.clamp(1, 256)), ..ServeConfig::default() };
+    // ServeConfig::depth bounds it.
+    let mut cfg = ServeConfig { backend, queue_depth: io.queue_depth, ..ServeConfig::default() };
     if let Some(w) = io.workers {
         cfg.workers = w.clamp(1, 64);
     }

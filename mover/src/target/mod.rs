@@ -1445,24 +1445,19 @@ impl Writer {
                 return Ok(());
             }
             match self.barriers.pop_front().expect("front exists") {
-                WriterMsg::Barrier { disk, next_chunk, .. }
-                    if matches!(self.barriers.front(), Some(WriterMsg::Commit { .. })) =>
-                {
-                    // The Commit right behind makes everything durable and ends the session: a
-                    // checkpoint here would only cost syncs (a crash before the commit resumes from
-                    // the previous checkpoint, whose map marks later chunks unknown).
+                WriterMsg::Barrier { disk, next_chunk, .. } => {
                     if let Some(d) = self.disks.get_mut(&disk) {
                         d.entry.next_chunk = next_chunk;
                         self.state.disks.insert(d.name.clone(), d.entry.clone());
                     }
-                }
-                WriterMsg::Barrier { disk, next_chunk, .. } => {
+                    if matches!(self.barriers.front(), Some(WriterMsg::Commit { .. })) {
+                        // The Commit right behind makes everything durable and ends the session:
+                        // a checkpoint here would only cost syncs (a crash before the commit
+                        // resumes from the previous checkpoint, whose map marks later chunks unknown).
+                        continue;
+                    }
                     let t = Instant::now();
                     self.sync_disk(disk)?;
-                    if let Some(d) = self.disks.get_mut(&disk) {
-                        d.entry.next_chunk = next_chunk;
-                        self.state.disks.insert(d.name.clone(), d.entry.clone());
-                    }
                     self.replica.write_session(&self.state)?;
                     self.stats.record(Stage::Sync, t.elapsed());
                     // A Checkpoint that cannot be sent (the connection is closing) is still
