@@ -47,6 +47,8 @@ pub const MAX_SOFTWARE_LEN: usize = 64;
 pub const MAX_MESSAGE_LEN: usize = 4096;
 /// Most digests in one DigestMapPart frame.
 pub const MAX_DIGESTS_PER_PART: usize = 16384;
+/// Runs in one Intent frame, at most.
+pub const MAX_INTENT_RUNS: usize = 16384;
 /// Length of a BLAKE3 digest, a nonce, an auth proof.
 pub const DIGEST_LEN: usize = 32;
 
@@ -101,6 +103,8 @@ pub mod frame_type {
     pub const FLUSH: u8 = 0x32;
     /// Checkpoint: target watermark, durable.
     pub const CHECKPOINT: u8 = 0x33;
+    /// Intent: chunks the source is about to send (optional, advisory).
+    pub const INTENT: u8 = 0x34;
     /// Commit: make the restore point.
     pub const COMMIT: u8 = 0x40;
     /// Committed: the restore point is durable.
@@ -313,7 +317,7 @@ pub struct OpenReplica {
 impl OpenReplica {
     /// Flag: plan only. The target changes nothing (no lock taken for
     /// writing, no file created or resized) and answers ResumeInfo and digest
-    /// maps as they are; Data, ZeroRun, Flush and Commit are illegal.
+    /// maps as they are; Data, ZeroRun, Flush, Intent and Commit are illegal.
     pub const PLAN_ONLY: u8 = 0x01;
 }
 
@@ -460,6 +464,75 @@ pub struct Checkpoint {
     pub next_chunk: u64,
 }
 
+/// A run of chunks `first_chunk .. first_chunk + count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRun {
+    /// First chunk of the run.
+    pub first_chunk: u64,
+    /// Number of chunks, at least 1.
+    pub count: u32,
+}
+
+/// Source: the chunks of `disk` it is about to send, in increasing order (advisory; FLAG_OPTIONAL).
+///
+/// A target may ignore it (one that predates it skips it as an unknown
+/// optional frame); the source may send fewer chunks than announced, and
+/// chunks never announced. Runs are non-empty, strictly increasing and do not
+/// overlap; the first is never behind data sent or an earlier Intent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    /// Disk id.
+    pub disk: u32,
+    /// 1 ..= [`MAX_INTENT_RUNS`] runs, in increasing chunk order.
+    pub runs: Vec<ChunkRun>,
+}
+
+/// Length of an Intent frame's fixed fields (before the runs).
+const INTENT_FIXED_LEN: usize = 4 + 4;
+/// Length of one run in an Intent frame.
+const INTENT_RUN_LEN: usize = 8 + 4;
+
+impl Intent {
+    /// The checks the decoder makes, for the encoder side too (so we never
+    /// send what a peer must refuse).
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        check_intent_run_count(self.runs.len())?;
+        check_intent_runs(&self.runs)
+    }
+}
+
+/// The run count of an Intent: 1 ..= [`MAX_INTENT_RUNS`], checked before the runs are read.
+fn check_intent_run_count(count: usize) -> Result<(), WireError> {
+    let frame = type_name(frame_type::INTENT);
+    if count > MAX_INTENT_RUNS {
+        return Err(WireError::FieldTooLong { frame, field: "count", len: count as u64, max: MAX_INTENT_RUNS as u64 });
+    }
+    if count == 0 {
+        return Err(WireError::InvalidValue { frame, field: "count", value: 0 });
+    }
+    Ok(())
+}
+
+/// Each run non-empty and within u64; runs strictly increasing, not overlapping.
+fn check_intent_runs(runs: &[ChunkRun]) -> Result<(), WireError> {
+    let frame = type_name(frame_type::INTENT);
+    let mut prev_end = 0u64;
+    for (i, run) in runs.iter().enumerate() {
+        if run.count == 0 {
+            return Err(WireError::InvalidValue { frame, field: "count", value: 0 });
+        }
+        if i > 0 && run.first_chunk < prev_end {
+            return Err(WireError::InvalidValue { frame, field: "runs", value: run.first_chunk });
+        }
+        prev_end = run.first_chunk.checked_add(u64::from(run.count)).ok_or(WireError::InvalidValue {
+            frame,
+            field: "first_chunk",
+            value: run.first_chunk,
+        })?;
+    }
+    Ok(())
+}
+
 /// Source: all disks are complete; make the restore point.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Commit {
@@ -527,6 +600,8 @@ pub enum Frame {
     Flush(Flush),
     /// Durable watermark (0x33).
     Checkpoint(Checkpoint),
+    /// Chunks the source is about to send, optional (0x34).
+    Intent(Intent),
     /// Make the restore point (0x40).
     Commit(Commit),
     /// The restore point exists (0x41).
@@ -565,6 +640,7 @@ impl Frame {
             Frame::ZeroRun(_) => "ZeroRun",
             Frame::Flush(_) => "Flush",
             Frame::Checkpoint(_) => "Checkpoint",
+            Frame::Intent(_) => "Intent",
             Frame::Commit(_) => "Commit",
             Frame::Committed(_) => "Committed",
             Frame::Progress(_) => "Progress",
@@ -594,6 +670,7 @@ impl Frame {
             Frame::ZeroRun(_) => ZERO_RUN,
             Frame::Flush(_) => FLUSH,
             Frame::Checkpoint(_) => CHECKPOINT,
+            Frame::Intent(_) => INTENT,
             Frame::Commit(_) => COMMIT,
             Frame::Committed(_) => COMMITTED,
             Frame::Progress(_) => PROGRESS,
@@ -604,10 +681,10 @@ impl Frame {
         }
     }
 
-    /// Flags this frame is sent with: Progress and Keepalive are optional.
+    /// Flags this frame is sent with: Progress, Keepalive and Intent are optional.
     pub fn flags(&self) -> u8 {
         match self {
-            Frame::Progress(_) | Frame::Keepalive | Frame::Unknown { .. } => FLAG_OPTIONAL,
+            Frame::Progress(_) | Frame::Keepalive | Frame::Intent(_) | Frame::Unknown { .. } => FLAG_OPTIONAL,
             _ => 0,
         }
     }
@@ -710,6 +787,15 @@ impl Frame {
             Frame::Checkpoint(c) => {
                 b.put_u32_le(c.disk);
                 b.put_u64_le(c.next_chunk);
+            }
+            Frame::Intent(i) => {
+                b.reserve(INTENT_FIXED_LEN + INTENT_RUN_LEN * i.runs.len());
+                b.put_u32_le(i.disk);
+                b.put_u32_le(i.runs.len() as u32);
+                for run in &i.runs {
+                    b.put_u64_le(run.first_chunk);
+                    b.put_u32_le(run.count);
+                }
             }
             Frame::Commit(c) => b.put_u32_le(c.disk_count),
             Frame::Committed(c) => {
@@ -882,6 +968,19 @@ impl Frame {
             }
             t::FLUSH => Frame::Flush(Flush { disk: r.u32("disk")?, next_chunk: r.u64("next_chunk")? }),
             t::CHECKPOINT => Frame::Checkpoint(Checkpoint { disk: r.u32("disk")?, next_chunk: r.u64("next_chunk")? }),
+            t::INTENT => {
+                let disk = r.u32("disk")?;
+                let count = r.u32("count")? as usize;
+                check_intent_run_count(count)?;
+                // Every run is in the body before anything is allocated for them.
+                r.need(count * INTENT_RUN_LEN, "runs")?;
+                let mut runs = Vec::with_capacity(count);
+                for _ in 0..count {
+                    runs.push(ChunkRun { first_chunk: r.u64("first_chunk")?, count: r.u32("count")? });
+                }
+                check_intent_runs(&runs)?;
+                Frame::Intent(Intent { disk, runs })
+            }
             t::COMMIT => Frame::Commit(Commit { disk_count: r.u32("disk_count")? }),
             t::COMMITTED => {
                 Frame::Committed(Committed { point_id: r.u64("point_id")?, point_time_ns: r.i64("point_time_ns")? })
@@ -946,6 +1045,7 @@ pub fn type_name(ty: u8) -> &'static str {
         ZERO_RUN => "ZeroRun",
         FLUSH => "Flush",
         CHECKPOINT => "Checkpoint",
+        INTENT => "Intent",
         COMMIT => "Commit",
         COMMITTED => "Committed",
         PROGRESS => "Progress",

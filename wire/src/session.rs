@@ -123,6 +123,9 @@ struct DiskTrack {
     next_min: u64,
     /// Highest Flush so far.
     flushed: u64,
+    /// End of the last run announced by an Intent (0: none): the next
+    /// Intent starts at or after it. Data does not depend on it.
+    intent_end: u64,
     /// Highest durable watermark seen (ResumeInfo, then Checkpoints): never goes back.
     durable: u64,
     /// Digest map reply in progress: the next part's first chunk.
@@ -154,7 +157,7 @@ pub struct Session {
     /// Set once the peer's proof checked out: `peer` is only handed out then.
     authenticated: bool,
     disks: HashMap<u32, DiskTrack>,
-    /// The open replica session is plan only: no data, flush or commit.
+    /// The open replica session is plan only: no data, intent, flush or commit.
     plan_only: bool,
     deframer: Deframer,
     out: BytesMut,
@@ -411,7 +414,7 @@ impl Session {
                 Ok(())
             }
             Frame::Progress(_) | Frame::Keepalive | Frame::Unknown { .. } if authenticated => Ok(()),
-            Frame::Data(_) | Frame::ZeroRun(_) | Frame::Flush(_) | Frame::Commit(_)
+            Frame::Data(_) | Frame::ZeroRun(_) | Frame::Flush(_) | Frame::Intent(_) | Frame::Commit(_)
                 if self.plan_only && self.state == State::ReplicaOpen =>
             {
                 Err(WireError::IllegalFrame {
@@ -444,6 +447,7 @@ impl Session {
                         open: false,
                         next_min: 0,
                         flushed: 0,
+                        intent_end: 0,
                         durable: 0,
                         map_next: None,
                     },
@@ -529,6 +533,32 @@ impl Session {
                 check_chunk(z.disk, d, z.first_chunk, z.count)?;
                 d.next_min = z.first_chunk + z.count;
                 Ok(())
+            }
+            Frame::Intent(i) if from_client && self.state == State::ReplicaOpen => {
+                let d = self.disk(i.disk, true)?;
+                // The codec guarantees at least one run, ordered; a frame built by
+                // hand and given to `handle_frame` must still not panic.
+                let (Some(first), Some(last)) = (i.runs.first(), i.runs.last()) else {
+                    return Err(WireError::InvalidValue { frame: frame.name(), field: "count", value: 0 });
+                };
+                if first.first_chunk < d.next_min.max(d.intent_end) {
+                    return Err(WireError::Chunk {
+                        disk: i.disk,
+                        chunk: first.first_chunk,
+                        what: "intent behind data sent or an earlier intent",
+                    });
+                }
+                match last.first_chunk.checked_add(u64::from(last.count)) {
+                    Some(end) if end <= d.chunk_count => {
+                        d.intent_end = end;
+                        Ok(())
+                    }
+                    _ => Err(WireError::Chunk {
+                        disk: i.disk,
+                        chunk: last.first_chunk,
+                        what: "intent beyond the end of the disk",
+                    }),
+                }
             }
             Frame::Flush(f) if from_client && self.state == State::ReplicaOpen => {
                 let d = self.disk(f.disk, true)?;
@@ -672,6 +702,7 @@ fn check_limits(frame: &Frame) -> Result<(), WireError> {
             Ok(())
         }
         Frame::ZeroRun(z) if z.count == 0 => Err(WireError::InvalidValue { frame: name, field: "count", value: 0 }),
+        Frame::Intent(i) => i.validate(),
         Frame::Error(e) => too_long("message", e.message.len(), MAX_MESSAGE_LEN),
         _ => Ok(()),
     }

@@ -34,6 +34,24 @@ fn data() -> impl Strategy<Value = Data> {
     })
 }
 
+/// A valid Intent: 1.. runs, each non-empty, strictly increasing and apart
+/// by any gap (adjacent runs included), anywhere in the u64 chunk range.
+fn intent() -> impl Strategy<Value = Intent> {
+    (any::<u32>(), 0..u64::MAX / 2, proptest::collection::vec((0u64..=u64::from(u32::MAX), 1..=u32::MAX), 1..40))
+        .prop_map(|(disk, start, gaps)| {
+            let mut next = start;
+            let runs = gaps
+                .into_iter()
+                .map(|(gap, count)| {
+                    let run = ChunkRun { first_chunk: next + gap, count };
+                    next = run.first_chunk + u64::from(count);
+                    run
+                })
+                .collect();
+            Intent { disk, runs }
+        })
+}
+
 /// Unknown type bytes (none of v1's).
 pub fn unknown_type() -> impl Strategy<Value = u8> {
     any::<u8>().prop_filter("a v1 frame type", |t| type_name(*t) == "Unknown")
@@ -100,6 +118,7 @@ pub fn arb_frame() -> impl Strategy<Value = Frame> {
         })),
         (any::<u32>(), any::<u64>()).prop_map(|(d, n)| Frame::Flush(Flush { disk: d, next_chunk: n })),
         (any::<u32>(), any::<u64>()).prop_map(|(d, n)| Frame::Checkpoint(Checkpoint { disk: d, next_chunk: n })),
+        intent().prop_map(Frame::Intent),
         any::<u32>().prop_map(|n| Frame::Commit(Commit { disk_count: n })),
         (any::<u64>(), any::<i64>()).prop_map(|(p, t)| Frame::Committed(Committed { point_id: p, point_time_ns: t })),
         (any::<u32>(), any::<u64>()).prop_map(|(d, b)| Frame::Progress(Progress { disk: d, bytes_done: b })),
@@ -110,7 +129,9 @@ pub fn arb_frame() -> impl Strategy<Value = Frame> {
     ]
 }
 
-/// One known value of every frame type, in type order: the golden vectors.
+/// One known value of every frame type: the golden vectors. The frames of
+/// the first v1 release in type order, then frames added since, appended (the
+/// golden file only ever grows at its end).
 pub fn known_frames() -> Vec<(&'static str, Frame)> {
     let seq = |start: u8| -> [u8; 32] { std::array::from_fn(|i| start.wrapping_add(i as u8)) };
     vec![
@@ -222,5 +243,12 @@ pub fn known_frames() -> Vec<(&'static str, Frame)> {
         ("Error", Frame::Error(ErrorFrame { code: ErrorCode::ReplicaBusy, message: "replica vm-web1 is busy".into() })),
         ("Close", Frame::Close),
         ("UnknownOptional", Frame::Unknown { frame_type: 0x60 }),
+        (
+            "Intent",
+            Frame::Intent(Intent {
+                disk: 1,
+                runs: vec![ChunkRun { first_chunk: 3, count: 2 }, ChunkRun { first_chunk: 7, count: 1000 }],
+            }),
+        ),
     ]
 }

@@ -53,6 +53,10 @@ fn transcripts() -> (Vec<u8>, Vec<u8>) {
         }),
         Frame::OpenDisk(OpenDisk { disk: 0, name: "d".into(), size: sz, chunk_size: d, mode: Mode::Digest }),
         Frame::DigestMapRequest(DigestMapRequest { disk: 0, cached_map_hash: [0; 32] }),
+        Frame::Intent(Intent {
+            disk: 0,
+            runs: vec![ChunkRun { first_chunk: 0, count: 1 }, ChunkRun { first_chunk: 4, count: 1 }],
+        }),
         Frame::Data(Data {
             disk: 0,
             chunk: 0,
@@ -102,10 +106,11 @@ fn transcripts() -> (Vec<u8>, Vec<u8>) {
         (true, 4),
         (true, 5),
         (true, 6),
-        (false, 4),
         (true, 7),
-        (false, 5),
+        (false, 4),
         (true, 8),
+        (false, 5),
+        (true, 9),
     ];
     for &(client, i) in order {
         if client {
@@ -125,7 +130,7 @@ fn transcripts() -> (Vec<u8>, Vec<u8>) {
 fn transcripts_are_a_valid_session() {
     let (from_client, from_server) = transcripts();
     let (f, e) = checks::deframe(&from_client, &[]);
-    assert!(e.is_none() && f.len() == 11, "{e:?} {}", f.len());
+    assert!(e.is_none() && f.len() == 12, "{e:?} {}", f.len());
     let (f, e) = checks::deframe(&from_server, &[]);
     assert!(e.is_none() && f.len() == 8, "{e:?} {}", f.len());
 }

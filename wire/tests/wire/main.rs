@@ -4,6 +4,7 @@
 //! - `pair`: two in-memory sessions (quinn-proto's `Pair`) with random cuts.
 //! - `golden`: the committed v1 byte vectors.
 //! - `errors`: every typed error.
+//! - `intent`: the optional Intent frame: codec, limits, session rules, skipping.
 //! - `corpus`: the fuzz corpus replayed through the fuzz targets' checks.
 //! - `zero_copy`: data payloads are slices of the receive buffer.
 
@@ -14,6 +15,7 @@ mod common;
 mod corpus;
 mod errors;
 mod golden;
+mod intent;
 mod pair;
 mod roundtrip;
 mod zero_copy;
