@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use ferry_wire::{
-    Authenticator, Codec, Commit, Data, DigestMapRequest, Event, Flush, Frame, Mode, OpenDisk, OpenReplica, ResumeInfo,
-    ZeroRun,
+    Authenticator, ChunkRun, Codec, Commit, Data, DigestMapRequest, Event, Flush, Frame, Intent, Mode, OpenDisk,
+    OpenReplica, ResumeInfo, ZeroRun,
 };
 
 use crate::backend::{open_backend, BackendChoice, IoBackend, IoKind, IoRequest, NbdBackend};
@@ -443,6 +443,60 @@ impl Prefetch {
     }
 }
 
+/// Planned chunks a cbt disk announces to the target (Intent frames) a window ahead of
+/// its data, so the target saves their old contents to its undo file before the data
+/// comes (DATASTORE.md): the undo fdatasyncs then cover hundreds of records each
+/// instead of the few chunks that arrived during the previous one.
+const INTENT_WINDOW: u64 = 8192;
+
+/// Announces a disk's planned chunks, [`INTENT_WINDOW`] at a time, topped up when the
+/// sender has passed half of what was announced.
+struct Announcer {
+    ranges: Vec<Range<u64>>,
+    /// Next chunk to announce: index into `ranges`, chunk.
+    range: usize,
+    next: u64,
+    /// Chunks announced, and planned chunks the sender has passed (sent or not).
+    announced: u64,
+    passed: u64,
+}
+
+impl Announcer {
+    fn new(ranges: &[Range<u64>]) -> Announcer {
+        Announcer { ranges: ranges.to_vec(), range: 0, next: 0, announced: 0, passed: 0 }
+    }
+
+    /// The next window of `disk`'s planned chunks, if any are left.
+    fn next_window(&mut self, disk: u32) -> Option<Intent> {
+        let mut runs = Vec::new();
+        let mut n = 0;
+        while n < INTENT_WINDOW && self.range < self.ranges.len() {
+            let r = &self.ranges[self.range];
+            let start = self.next.max(r.start);
+            let end = r.end.min(start + (INTENT_WINDOW - n));
+            if start >= end {
+                self.range += 1;
+                continue;
+            }
+            runs.push(ChunkRun { first_chunk: start, count: (end - start) as u32 });
+            n += end - start;
+            self.next = end;
+        }
+        self.announced += n;
+        (!runs.is_empty()).then_some(Intent { disk, runs })
+    }
+
+    /// The sender passed one planned chunk of `disk`: the next window when it is due.
+    fn passed(&mut self, disk: u32) -> Option<Intent> {
+        self.passed += 1;
+        if self.announced < self.passed + INTENT_WINDOW / 2 {
+            self.next_window(disk)
+        } else {
+            None
+        }
+    }
+}
+
 /// Per-disk state of a running job.
 struct JobDisk {
     disk: SourceDisk,
@@ -457,6 +511,8 @@ struct JobDisk {
     cache: Option<MapCacheWriter>,
     /// The target's map where only the cache needs it (cbt: the chunks not sent keep these digests).
     cache_base: Option<Vec<Digest>>,
+    /// Cbt disks: their planned chunks are announced ahead of the data.
+    announcer: Option<Announcer>,
 }
 
 /// Run a replication over an established socket to a target.
@@ -667,7 +723,7 @@ fn run_job(
         };
         let todo = wanted.difference(&ChunkSet::from_range(0..resume.next_chunk));
         let holes = sd.hole_chunks(&todo, cs)?;
-        let counters = DiskCounters {
+        let mut counters = DiskCounters {
             disk: sd.name.clone(),
             mode: format!("{mode:?}").to_lowercase(),
             size: sd.size,
@@ -699,9 +755,16 @@ fn run_job(
             }
             _ => None,
         };
+        // A cbt plan is what will be sent (short of a few chunks equal to the replica's):
+        // announce it, so the target starts saving old contents now.
+        let mut announcer = (mode == Mode::Cbt && existed && !cfg.plan_only).then(|| Announcer::new(todo.ranges()));
+        if let Some(intent) = announcer.as_mut().and_then(|a| a.next_window(id)) {
+            counters.bytes_sent += conn.send(&Frame::Intent(intent))?;
+        }
         disks.push(JobDisk {
             disk: sd,
             chunk_count,
+            announcer,
             ranges: todo.ranges().to_vec(),
             holes,
             counters,
@@ -1371,6 +1434,10 @@ fn send_loop(
                     continue;
                 }
             };
+            let jd = &mut disks[disk as usize];
+            if let Some(intent) = jd.announcer.as_mut().and_then(|a| a.passed(disk)) {
+                jd.counters.bytes_sent += conn.send(&Frame::Intent(intent))?;
+            }
             let jd = &mut disks[disk as usize];
             let len = (jd.disk.size - chunk * cs).min(cs);
             since_flush[disk as usize] += len;

@@ -229,10 +229,11 @@ struct Tally {
 const KILL_OPTS: [&str; 4] = ["--retry-for", "0", "--checkpoint-every", "256K"];
 
 /// Kill `victim` at `cases` seeded random moments of a full session (on an
-/// empty datastore) or an incremental digest-mode session (on a replica with
-/// two points); after each, resume or roll back, and check the replica is
-/// exactly the source or exactly its previous point.
-fn kill_at_random_moments(victim: Victim, incremental: bool, cases: usize, seed: u64) {
+/// empty datastore) or an incremental session in `mode` (digest, or cbt with the
+/// exact change list: its chunks are announced to the target, which saves their old
+/// contents ahead of the data) on a replica with two points; after each, resume or
+/// roll back, and check the replica is exactly the source or exactly its previous point.
+fn kill_at_random_moments(victim: Victim, incremental: Option<&str>, cases: usize, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let token = new_token(dir.path(), "token");
     let tok = p(&token);
@@ -240,7 +241,8 @@ fn kill_at_random_moments(victim: Victim, incremental: bool, cases: usize, seed:
     // The replica before the session: a datastore to copy, a copy of its latest point's disk, its point ids.
     let mut before: Option<(PathBuf, PathBuf, Vec<u64>)> = None;
     let size = if victim == Victim::Source { 16 * MIB } else { 4 * MIB };
-    if incremental {
+    let mut list = None;
+    if let Some(mode) = incremental {
         let base = dir.path().join("base-ds");
         let v1 = dir.path().join("v1.img");
         write_image(&v1, size, seed, &[Fill::Random, Fill::Text, Fill::Zero, Fill::Random]);
@@ -251,7 +253,15 @@ fn kill_at_random_moments(victim: Victim, incremental: bool, cases: usize, seed:
         replicate(&p(&base), "vm1", &v2, &["--mode", "digest"]).expect_code(0);
         // The session: half the chunks change and the disk grows by 1 MiB of new data.
         std::fs::copy(&v2, &src).unwrap();
-        mutate_blocks(&src, CHUNK, (size / CHUNK / 2) as usize, seed + 2);
+        let changed = mutate_blocks(&src, CHUNK, (size / CHUNK / 2) as usize, seed + 2);
+        if mode == "cbt" {
+            // The grown MiB is sent without being listed (the target had no such chunks).
+            let extents: Vec<String> =
+                changed.iter().map(|c| format!("{{\"offset\":{},\"length\":{CHUNK}}}", c * CHUNK)).collect();
+            let path = dir.path().join("cbt.json");
+            std::fs::write(&path, format!("[{}]", extents.join(","))).unwrap();
+            list = Some(p(&path));
+        }
         let mut f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
         let mut tail = vec![0u8; MIB as usize];
         Rng::new(seed + 3).fill(&mut tail);
@@ -260,7 +270,11 @@ fn kill_at_random_moments(victim: Victim, incremental: bool, cases: usize, seed:
     } else {
         write_image(&src, size + 4321, seed, &[Fill::Random, Fill::Text, Fill::Zero, Fill::Random]);
     }
-    let mode: &[&str] = if incremental { &["--mode", "digest"] } else { &[] };
+    let mode: Vec<&str> = match (incremental, &list) {
+        (Some("cbt"), Some(list)) => vec!["--mode", "cbt", "--cbt", list],
+        (Some(m), _) => vec!["--mode", m],
+        (None, _) => vec![],
+    };
     let fresh_ds = |name: &str| -> PathBuf {
         let ds = dir.path().join(name);
         if let Some((base, _, _)) = &before {
@@ -270,7 +284,7 @@ fn kill_at_random_moments(victim: Victim, incremental: bool, cases: usize, seed:
     };
     let args_for = |url: &str| -> Vec<String> {
         let mut extra: Vec<&str> = KILL_OPTS.to_vec();
-        extra.extend(mode);
+        extra.extend(&mode);
         extra.extend(["--token-file", &tok]);
         replicate_args(url, "vm1", &src, &extra)
     };
@@ -294,7 +308,7 @@ fn kill_at_random_moments(victim: Victim, incremental: bool, cases: usize, seed:
         let ctx = format!(
             "seed {seed} case {case}: {victim:?} killed {delay} ms after {} of an {} session, then {}",
             if at == 0 { "the start".to_string() } else { format!("checkpoint {at}") },
-            if incremental { "incremental" } else { "full" },
+            incremental.map_or("full".to_string(), |m| format!("incremental {m}")),
             if resume { "resume" } else { "rollback --incomplete" }
         );
         eprintln!("{ctx}");
@@ -397,7 +411,7 @@ fn kill_at_random_moments(victim: Victim, incremental: bool, cases: usize, seed:
         assert!(!ds.join("vm1/session.json").exists(), "{ctx}: session left after rollback");
         verify(&ds, "vm1", &ctx);
     }
-    eprintln!("seed {seed}: {victim:?} incremental {incremental}: {tally:?}");
+    eprintln!("seed {seed}: {victim:?} incremental {incremental:?}: {tally:?}");
     assert!(
         tally.interrupted * 4 >= cases,
         "seed {seed}: only {} of {cases} kills hit a session in progress: {tally:?}",
@@ -408,15 +422,17 @@ fn kill_at_random_moments(victim: Victim, incremental: bool, cases: usize, seed:
 #[test]
 fn target_killed_at_random_moments_resumes_or_rolls_back_exactly() {
     let s = seed();
-    kill_at_random_moments(Victim::Target, false, 10, s);
-    kill_at_random_moments(Victim::Target, true, 10, s + 100);
+    kill_at_random_moments(Victim::Target, None, 10, s);
+    kill_at_random_moments(Victim::Target, Some("digest"), 10, s + 100);
+    kill_at_random_moments(Victim::Target, Some("cbt"), 10, s + 400);
 }
 
 #[test]
 fn source_killed_at_random_moments_resumes_or_rolls_back_exactly() {
     let s = seed();
-    kill_at_random_moments(Victim::Source, false, 10, s + 200);
-    kill_at_random_moments(Victim::Source, true, 10, s + 300);
+    kill_at_random_moments(Victim::Source, None, 10, s + 200);
+    kill_at_random_moments(Victim::Source, Some("digest"), 10, s + 300);
+    kill_at_random_moments(Victim::Source, Some("cbt"), 10, s + 500);
 }
 
 /// Where a cut of the client's stream after `n` bytes falls: (frame type, cut inside its body).

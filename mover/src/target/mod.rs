@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! connection thread (deframe, validate) --Data--> verify workers (zstd, BLAKE3)
-//!        |  ZeroRun, Flush, Commit                        | verified chunk
+//!        |  Intent, ZeroRun, Flush, Commit                | verified chunk
 //!        v                                                v
 //!                      writer thread (IO backend, holes, fdatasync)
 //!                                 | Checkpoint / Committed
@@ -18,6 +18,11 @@
 //! session state (atomically), and only then sends the Checkpoint: a
 //! checkpoint the source sees is durable. A barrier with the Commit already
 //! queued right behind it is skipped: the commit makes everything durable.
+//!
+//! Undo records: a chunk is overwritten only once its old contents are durable
+//! in the undo file (DATASTORE.md, "Order of writes"). Chunks the source
+//! announces with Intent frames (cbt mode) are saved ahead of their data, so the
+//! fdatasync rounds run while the data is still on its way.
 
 pub mod datastore;
 pub mod image;
@@ -396,6 +401,14 @@ impl TargetSession<'_> {
                         return Err(self.writer_gone());
                     }
                 }
+                Frame::Intent(i) => {
+                    // Advisory: the writer saves these chunks' old contents ahead of their data.
+                    let runs = i.runs.iter().map(|r| (r.first_chunk, r.first_chunk + u64::from(r.count))).collect();
+                    let a = self.active()?;
+                    if a.pipeline()?.to_writer.send(WriterMsg::Intent { disk: i.disk, runs }).is_err() {
+                        return Err(self.writer_gone());
+                    }
+                }
                 Frame::Flush(f) => {
                     let a = self.active()?;
                     let msg = WriterMsg::Barrier { disk: f.disk, next_chunk: f.next_chunk, items_before: a.dispatched };
@@ -580,6 +593,7 @@ impl TargetSession<'_> {
                 entry,
                 undo: undo_writer,
                 point_size,
+                presave: VecDeque::new(),
             }),
         );
         if a.pipeline()?.to_writer.send(msg).is_err() {
@@ -711,6 +725,9 @@ struct WDisk {
     undo: Option<undo::UndoWriter>,
     /// Size of the disk at the latest point (what the undo file restores).
     point_size: u64,
+    /// Chunks the source announced (Intent) and whose old contents are not saved yet:
+    /// runs `start..end`, in order. Saved ahead of their data; data overtakes them.
+    presave: VecDeque<(u64, u64)>,
 }
 
 enum WriterMsg {
@@ -742,6 +759,11 @@ enum WriterMsg {
     Commit {
         items_before: u64,
         reply: Sender<Result<Vec<PointDisk>>>,
+    },
+    /// The source is about to send these chunks (runs `start..end`, increasing).
+    Intent {
+        disk: u32,
+        runs: Vec<(u64, u64)>,
     },
     Failed(MoveError),
     Stop,
@@ -801,6 +823,7 @@ fn start_pipeline(
                     token_pool: BufPool::new(depth, ALIGN),
                     need_old: VecDeque::new(),
                     old_reads: HashMap::new(),
+                    presave_reads: 0,
                     held: Vec::new(),
                     syncing: None,
                     ready: VecDeque::new(),
@@ -901,15 +924,20 @@ fn verify_worker(rx: Receiver<(u64, Data)>, tx: Sender<WriterMsg>, pool: Arc<Buf
 }
 
 /// Undo records one fdatasync round waits for while more are on their way.
-const HOLD_MAX: usize = 32;
+const HOLD_MAX: u64 = 32;
 
-/// A chunk write whose old contents must reach the undo file first.
+/// Announced runs a disk queues for saving ahead, at most (an Intent is advisory:
+/// runs beyond this are dropped, and their chunks are saved when their data comes).
+const PRESAVE_RUNS_MAX: usize = 1 << 16;
+
+/// A read of a chunk's old contents for the undo file: for a chunk write that waits
+/// for its record, or ahead of the data (an announced chunk, no write yet).
 struct OldRead {
     disk: u32,
     chunk: u64,
     /// Length of the chunk at the latest point.
     len: usize,
-    write: IoRequest,
+    write: Option<IoRequest>,
 }
 
 /// One round of undo fdatasyncs in flight.
@@ -937,8 +965,13 @@ fn old_contents(d: &mut WDisk, chunk: u64, old_digest: Option<[u8; 32]>) -> Resu
     let Some(u) = &mut d.undo else { return Ok(OldContents::NotNeeded) };
     let cs = u64::from(d.chunk_size);
     let offset = chunk * cs;
-    if offset >= d.point_size || u.saved.contains_key(&chunk) {
+    if offset >= d.point_size {
         return Ok(OldContents::NotNeeded);
+    }
+    if u.saved.contains_key(&chunk) {
+        // Saved before (maybe ahead of its data, announced by an Intent): the record may
+        // still have to become durable.
+        return Ok(if u.is_durable(chunk) { OldContents::NotNeeded } else { OldContents::Appended });
     }
     let len = (d.point_size - offset).min(cs) as u32;
     // The digest map is consistent with the image (chunks a crash may have changed are
@@ -949,6 +982,18 @@ fn old_contents(d: &mut WDisk, chunk: u64, old_digest: Option<[u8; 32]>) -> Resu
         return Ok(OldContents::Appended);
     }
     Ok(OldContents::Read(len as usize))
+}
+
+/// Announced chunks below `end` need no saving ahead any more (their data is here).
+fn skip_presave(d: &mut WDisk, end: u64) {
+    while let Some(r) = d.presave.front_mut() {
+        if r.1 <= end {
+            d.presave.pop_front();
+        } else {
+            r.0 = r.0.max(end);
+            break;
+        }
+    }
 }
 
 /// Read the `len` old bytes of `chunk` here, synchronously (zero runs, disks behind an
@@ -1059,6 +1104,8 @@ struct Writer {
     syncing: Option<Syncing>,
     /// Writes free to go (no undo record needed, or theirs is durable).
     ready: VecDeque<IoRequest>,
+    /// Old-content reads in flight for announced chunks (no write waits on them).
+    presave_reads: usize,
     /// Reused buffer for reading old contents.
     old: Vec<u8>,
 }
@@ -1093,6 +1140,9 @@ impl Writer {
                     // rather than from the last one this writer had caught up with. Nobody may be
                     // listening for those Checkpoints any more; their state is durable first.
                     self.stopping = true;
+                    for d in self.disks.values_mut() {
+                        d.presave.clear();
+                    }
                     loop {
                         self.pump(true)?;
                         if self.in_flight() == 0 {
@@ -1121,6 +1171,9 @@ impl Writer {
                         self.item_done(seq);
                         continue;
                     }
+                    // Data travels in increasing chunk order: announced chunks up to this
+                    // one are saved (below) or were never sent.
+                    skip_presave(d, chunk + 1);
                     let offset = chunk * u64::from(d.chunk_size);
                     let len = buf.len();
                     let fd = match &d.direct {
@@ -1140,12 +1193,15 @@ impl Writer {
                     match old {
                         OldContents::NotNeeded => self.ready.push_back(req),
                         OldContents::Appended => self.held.push(req),
-                        OldContents::Read(len) => self.need_old.push_back(OldRead { disk, chunk, len, write: req }),
+                        OldContents::Read(len) => {
+                            self.need_old.push_back(OldRead { disk, chunk, len, write: Some(req) })
+                        }
                     }
                 }
                 WriterMsg::Zero { seq, disk, first, count } => {
                     let t = Instant::now();
                     let d = self.disks.get_mut(&disk).ok_or_else(|| MoveError::Config(format!("no disk {disk}")))?;
+                    skip_presave(d, first + count);
                     let cs = u64::from(d.chunk_size);
                     let offset = first * cs;
                     let end = ((first + count) * cs).min(d.size);
@@ -1189,6 +1245,21 @@ impl Writer {
                     }
                     let _ = reply.send(send_digest_map(&self.conn, disk, &d.digests, &cached));
                 }
+                WriterMsg::Intent { disk, runs } => {
+                    // Only a file image with a point to protect is worth it; an export's old
+                    // contents are read on its connection, one at a time, with the data.
+                    let Some(d) = self.disks.get_mut(&disk) else { continue };
+                    if d.undo.is_none() || d.nbd.is_some() || self.stopping {
+                        continue;
+                    }
+                    let point_chunks = d.point_size.div_ceil(u64::from(d.chunk_size));
+                    for (start, end) in runs {
+                        let end = end.min(point_chunks);
+                        if start < end && d.presave.len() < PRESAVE_RUNS_MAX {
+                            d.presave.push_back((start, end));
+                        }
+                    }
+                }
                 b @ (WriterMsg::Barrier { .. } | WriterMsg::Commit { .. }) => self.barriers.push_back(b),
             }
         }
@@ -1222,9 +1293,11 @@ impl Writer {
     /// and starts at once when nothing else could join it.
     fn pump(&mut self, idle: bool) -> Result<()> {
         let depth = self.backend.depth();
-        let more_coming = !idle || !self.need_old.is_empty() || !self.old_reads.is_empty();
-        let round_ready = self.held.len() >= HOLD_MAX || !more_coming || !self.barriers.is_empty() || self.stopping;
-        if self.syncing.is_none() && !self.held.is_empty() && round_ready {
+        let presave_left = self.disks.values().any(|d| !d.presave.is_empty());
+        let more_coming = !idle || !self.need_old.is_empty() || !self.old_reads.is_empty() || presave_left;
+        let unsynced: u64 = self.disks.values().filter_map(|d| d.undo.as_ref()).map(|u| u.unsynced()).sum();
+        let round_ready = unsynced >= HOLD_MAX || !more_coming || !self.barriers.is_empty() || self.stopping;
+        if self.syncing.is_none() && (!self.held.is_empty() || unsynced > 0) && round_ready {
             let undo: Vec<(u32, std::os::fd::RawFd, u64)> = self
                 .disks
                 .iter()
@@ -1273,25 +1346,49 @@ impl Writer {
             self.submit(req)?;
         }
         while self.backend.in_flight() < depth && !self.need_old.is_empty() {
-            let Some(mut buf) = self.old_pool.try_get() else { break };
+            let Some(buf) = self.old_pool.try_get() else { break };
             let o = self.need_old.pop_front().expect("not empty");
-            let d = self.disks.get(&o.disk).ok_or_else(|| MoveError::Config(format!("no disk {}", o.disk)))?;
-            let (offset, fd) = (o.chunk * u64::from(d.chunk_size), d.image.raw_fd());
-            buf.set_len(0);
-            let tag = self.tag(o.disk);
-            let req = IoRequest { tag, fd, offset, len: o.len, kind: IoKind::Read, buf };
-            self.started.insert(tag, Instant::now());
-            if let Err(e) = self.backend.submit(req) {
-                return Err(MoveError::DiskIo {
-                    what: "reading old contents of",
-                    disk: self.disk_of(tag),
-                    offset,
-                    len: o.len,
-                    source: e,
-                });
-            }
-            self.old_reads.insert(tag, o);
+            self.read_old(o, buf)?;
         }
+        // Announced chunks: their old contents are saved ahead of the data, with at most
+        // half of the operations in flight, so the data's own reads and writes find room.
+        while !self.stopping && self.backend.in_flight() < depth && self.presave_reads < depth.div_ceil(2) {
+            let Some(id) = self.disks.iter().find(|(_, d)| !d.presave.is_empty()).map(|(&id, _)| id) else { break };
+            let Some(buf) = self.old_pool.try_get() else { break };
+            let d = self.disks.get_mut(&id).expect("found above");
+            let run = d.presave.front_mut().expect("not empty");
+            let chunk = run.0;
+            run.0 += 1;
+            if run.0 >= run.1 {
+                d.presave.pop_front();
+            }
+            // Zero old contents get their record without a read; saved chunks need nothing.
+            if let OldContents::Read(len) = old_contents(d, chunk, d.digests.get(chunk))? {
+                self.presave_reads += 1;
+                self.read_old(OldRead { disk: id, chunk, len, write: None }, buf)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Submit the read of a chunk's old contents into `buf` (the backend has room).
+    fn read_old(&mut self, o: OldRead, mut buf: PoolBuf) -> Result<()> {
+        let d = self.disks.get(&o.disk).ok_or_else(|| MoveError::Config(format!("no disk {}", o.disk)))?;
+        let (offset, fd) = (o.chunk * u64::from(d.chunk_size), d.image.raw_fd());
+        buf.set_len(0);
+        let tag = self.tag(o.disk);
+        let req = IoRequest { tag, fd, offset, len: o.len, kind: IoKind::Read, buf };
+        self.started.insert(tag, Instant::now());
+        if let Err(e) = self.backend.submit(req) {
+            return Err(MoveError::DiskIo {
+                what: "reading old contents of",
+                disk: self.disk_of(tag),
+                offset,
+                len: o.len,
+                source: e,
+            });
+        }
+        self.old_reads.insert(tag, o);
         Ok(())
     }
 
@@ -1381,6 +1478,9 @@ impl Writer {
             }
             IoKind::Read => {
                 let o = self.old_reads.remove(&c.tag).expect("an old-content read in flight");
+                if o.write.is_none() {
+                    self.presave_reads -= 1;
+                }
                 let short =
                     |n: usize| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("read {n} bytes"));
                 let n = c.result.and_then(|n| if n < o.len { Err(short(n)) } else { Ok(n) }).map_err(|e| {
@@ -1393,8 +1493,11 @@ impl Writer {
                     }
                 })?;
                 let d = self.disks.get_mut(&o.disk).ok_or_else(|| MoveError::Config(format!("no disk {}", o.disk)))?;
+                // A chunk saved meanwhile (its data's own read and this one) keeps its first record.
                 d.undo.as_mut().expect("old contents are read for an undo file").append(o.chunk, &c.buf[..n])?;
-                self.held.push(o.write);
+                if let Some(w) = o.write {
+                    self.held.push(w);
+                }
             }
             IoKind::Sync => {
                 let s = self.syncing.as_mut().expect("a sync round in flight");
@@ -1418,6 +1521,9 @@ impl Writer {
         self.held.clear();
         self.ready.clear();
         self.need_old.clear();
+        for d in self.disks.values_mut() {
+            d.presave.clear();
+        }
         self.syncing = None;
         while self.backend.in_flight() > 0 {
             if self.backend.wait().is_err() {
@@ -1433,6 +1539,7 @@ impl Writer {
             }
         }
         self.old_reads.clear();
+        self.presave_reads = 0;
     }
 
     fn run_barriers(&mut self) -> Result<()> {
@@ -1467,6 +1574,14 @@ impl Writer {
                     }
                 }
                 WriterMsg::Commit { reply, .. } => {
+                    // Chunks announced but never sent need no record: stop saving ahead, and
+                    // let the reads in flight finish before the undo file belongs to the point.
+                    for d in self.disks.values_mut() {
+                        d.presave.clear();
+                    }
+                    while self.presave_reads > 0 {
+                        self.complete_one()?;
+                    }
                     let t = Instant::now();
                     let ids: Vec<u32> = self.disks.keys().copied().collect();
                     let mut result = Ok(());

@@ -70,6 +70,9 @@ pub struct UndoWriter {
     synced: u64,
     /// Chunks already saved (their first old contents are kept; later writes need no record).
     pub saved: HashMap<u64, RecordLoc>,
+    /// Records appended by this writer: chunk -> index among them (`appended` before it),
+    /// so a chunk saved ahead of its data knows whether its record is durable yet.
+    index_of: HashMap<u64, u64>,
 }
 
 impl UndoWriter {
@@ -114,11 +117,15 @@ impl UndoWriter {
         };
         file.set_len(end).map_err(|e| MoveError::file("trimming undo file", &path, e))?;
         file.seek(SeekFrom::Start(end)).map_err(|e| MoveError::file("seeking", &path, e))?;
-        Ok(UndoWriter { file, path, end, appended: 0, synced: 0, saved })
+        Ok(UndoWriter { file, path, end, appended: 0, synced: 0, saved, index_of: HashMap::new() })
     }
 
     /// Append the old contents of `chunk` (`data`; all-zero contents are stored as a flag).
+    /// A chunk saved already keeps its first record: nothing is appended.
     pub fn append(&mut self, chunk: u64, data: &[u8]) -> Result<()> {
+        if self.saved.contains_key(&chunk) {
+            return Ok(());
+        }
         let zero = crate::buf::is_zero(data);
         let digest = *blake3::hash(data).as_bytes();
         self.append_record(chunk, data.len() as u32, digest, (!zero).then_some(data))
@@ -157,6 +164,7 @@ impl UndoWriter {
         let data_offset = self.end + RECORD_HEAD_LEN as u64;
         self.end = data_offset + data.len() as u64;
         self.saved.insert(chunk, RecordLoc { data_offset, len, zero, digest });
+        self.index_of.insert(chunk, self.appended);
         self.appended += 1;
         Ok(())
     }
@@ -178,6 +186,17 @@ impl UndoWriter {
     /// True when some appended record is not known to be durable yet.
     pub fn needs_sync(&self) -> bool {
         self.synced < self.appended
+    }
+
+    /// Records appended and not known to be durable yet.
+    pub fn unsynced(&self) -> u64 {
+        self.appended - self.synced
+    }
+
+    /// True when `chunk`'s record is known durable (found in the file when it was
+    /// opened, or covered by a finished fdatasync). Only for saved chunks.
+    pub fn is_durable(&self, chunk: u64) -> bool {
+        self.index_of.get(&chunk).is_none_or(|&i| i < self.synced)
     }
 
     /// An fdatasync started when [`appended`](Self::appended) was `upto` has finished.
@@ -296,7 +315,9 @@ mod tests {
         let mut w = UndoWriter::open(dir.path(), 3, "d", 65536, 300_000).unwrap();
         w.append(2, &vec![7u8; 65536]).unwrap();
         w.append(4, &vec![0u8; 300_000 - 4 * 65536]).unwrap();
-        w.append(2, &vec![9u8; 65536]).unwrap(); // a second record of a chunk never wins
+        let end = w.end;
+        w.append(2, &vec![9u8; 65536]).unwrap(); // a chunk saved already keeps its first record
+        assert_eq!(w.end, end, "nothing appended");
         w.sync().unwrap();
         drop(w);
         let p = undo_path(dir.path(), 3, "d");
@@ -315,6 +336,28 @@ mod tests {
         let w = UndoWriter::open(dir.path(), 3, "d", 65536, 300_000).unwrap();
         assert_eq!(w.saved.len(), 2);
         assert_eq!(std::fs::metadata(&p).unwrap().len(), r.valid_end);
+    }
+
+    #[test]
+    fn a_record_is_durable_once_a_sync_started_after_it_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = UndoWriter::open(dir.path(), 1, "d", 65536, 1 << 20).unwrap();
+        w.append(5, &vec![1u8; 65536]).unwrap();
+        drop(w);
+        // Records found in the file when it is opened are durable.
+        let mut w = UndoWriter::open(dir.path(), 1, "d", 65536, 1 << 20).unwrap();
+        assert!(w.is_durable(5));
+        w.append(6, &vec![2u8; 65536]).unwrap();
+        let upto = w.appended(); // an fdatasync starts here ...
+        w.append(7, &vec![3u8; 65536]).unwrap();
+        assert_eq!(w.unsynced(), 2);
+        assert!(!w.is_durable(6) && !w.is_durable(7));
+        w.synced_upto(upto); // ... and finishes: it covered 6, not 7
+        assert!(w.is_durable(6) && !w.is_durable(7));
+        assert_eq!(w.unsynced(), 1);
+        w.sync().unwrap();
+        assert!(w.is_durable(7));
+        assert_eq!(w.unsynced(), 0);
     }
 
     #[test]
