@@ -116,6 +116,11 @@ impl UndoWriter {
             (HashMap::new(), HEADER_LEN)
         };
         file.set_len(end).map_err(|e| MoveError::file("trimming undo file", &path, e))?;
+        if !saved.is_empty() {
+            // The records found count as durable (their chunks may be overwritten at once), but
+            // a killed writer may have left some only in the page cache: make them durable now.
+            file.sync_data().map_err(|e| MoveError::file("syncing undo file", &path, e))?;
+        }
         file.seek(SeekFrom::Start(end)).map_err(|e| MoveError::file("seeking", &path, e))?;
         Ok(UndoWriter { file, path, end, appended: 0, synced: 0, saved, index_of: HashMap::new() })
     }
