@@ -41,6 +41,10 @@ pub struct Run {
     pub peak_rss_bytes: u64,
     /// TCP payload bytes through the counting proxy, both directions (null for local tools).
     pub wire_bytes: Option<u64>,
+    /// Bytes the machine read from block devices while the run was timed (/proc/vmstat
+    /// pgpgin, whole machine): 0 when every read hit the warmed page cache.
+    #[serde(default)]
+    pub dev_read_bytes: Option<u64>,
     /// Every commands exited successfully.
     pub ok: bool,
     /// The result was compared with the source, byte for byte, and matched.
@@ -458,6 +462,7 @@ mod tests {
             cpu_sys_s: 0.25,
             peak_rss_bytes: 10 << 20,
             wire_bytes: wire,
+            dev_read_bytes: None,
             ok: true,
             identical: true,
             error: None,

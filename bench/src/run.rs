@@ -188,8 +188,16 @@ struct Measured {
     wall_s: f64,
     usage: TreeUsage,
     wire: Option<u64>,
+    /// Bytes read from block devices meanwhile.
+    dev_read: Option<u64>,
     ok: bool,
     error: Option<String>,
+}
+
+/// Bytes read from block devices since boot, whole machine (/proc/vmstat pgpgin, KiB).
+fn dev_read_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/vmstat").ok()?;
+    s.lines().find_map(|l| l.strip_prefix("pgpgin ")).and_then(|v| v.trim().parse::<u64>().ok()).map(|k| k * 1024)
 }
 
 fn tail(path: &Path) -> String {
@@ -297,10 +305,12 @@ fn measure_net(
     let baseline = rx.group_size();
     prepare_run(env, dir, sources)?;
     let tx_script = in_ns(&net.src_prefix, sender(&front));
+    let read0 = dev_read_bytes();
     let t0 = Instant::now();
     let tx = Tree::spawn(&tx_script, Some(&dir.join("sender.out")), &dir.join("sender.err"))?;
     let (tx_status, _, tx_usage) = tx.wait()?;
     let mut wall = t0.elapsed();
+    let mut read1 = dev_read_bytes();
     let (rx_ok, rx_usage) = if daemon {
         // Let the daemon finish its bookkeeping of the session (untimed) before stopping it.
         if let Some(done) = daemon_done {
@@ -327,6 +337,7 @@ fn measure_net(
         }
         let (st, _, u) = rx.wait()?;
         wall = t0.elapsed();
+        read1 = dev_read_bytes();
         (st.success(), u)
     };
     let wire: u64 = proxies.iter().map(|p| p.settle(Duration::from_secs(5))).sum();
@@ -335,15 +346,25 @@ fn measure_net(
     let error = (!ok).then(|| {
         format!("sender {tx_status}: {}; receiver: {}", tail(&dir.join("sender.err")), tail(&dir.join("receiver.err")))
     });
-    Ok(Measured { wall_s: wall.as_secs_f64(), usage: tx_usage.combine(rx_usage), wire: Some(wire), ok, error })
+    let dev_read = read0.zip(read1).map(|(a, b)| b.saturating_sub(a));
+    Ok(Measured {
+        wall_s: wall.as_secs_f64(),
+        usage: tx_usage.combine(rx_usage),
+        wire: Some(wire),
+        dev_read,
+        ok,
+        error,
+    })
 }
 
 fn measure_local(env: &Env, dir: &Path, sources: &[(String, PathBuf)], script: &str) -> Result<Measured> {
     prepare_run(env, dir, sources)?;
+    let read0 = dev_read_bytes();
     let t = Tree::spawn(script, Some(&dir.join("sender.out")), &dir.join("sender.err"))?;
     let (st, wall, usage) = t.wait()?;
+    let dev_read = read0.zip(dev_read_bytes()).map(|(a, b)| b.saturating_sub(a));
     let error = (!st.success()).then(|| format!("{st}: {}", tail(&dir.join("sender.err"))));
-    Ok(Measured { wall_s: wall.as_secs_f64(), usage, wire: None, ok: st.success(), error })
+    Ok(Measured { wall_s: wall.as_secs_f64(), usage, wire: None, dev_read, ok: st.success(), error })
 }
 
 fn ferry_replicate_cmd(env: &Env, sc: &Scenario, port: u16, mode: &str, with_cbt: bool) -> String {
@@ -531,6 +552,7 @@ fn base_run(m: &Measured) -> Run {
         cpu_sys_s: report::round6(m.usage.sys_s),
         peak_rss_bytes: m.usage.max_rss_bytes,
         wire_bytes: m.wire,
+        dev_read_bytes: m.dev_read,
         ok: m.ok,
         identical: false,
         error: m.error.clone(),
@@ -1103,6 +1125,7 @@ fn failed_run(error: String) -> Run {
         cpu_sys_s: 0.0,
         peak_rss_bytes: 0,
         wire_bytes: None,
+        dev_read_bytes: None,
         ok: false,
         identical: false,
         error: Some(error),
