@@ -357,18 +357,37 @@ impl DigestMap {
 
     /// The on-disk encoding (version 1, little-endian; see the crate docs).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(DIGEST_MAP_HEADER_LEN + self.digests.len() * 32 + DIGEST_MAP_TRAILER_LEN);
-        out.extend_from_slice(&self.header());
-        out.extend_from_slice(self.digests.as_flattened());
-        let sum = blake3::hash(&out);
-        out.extend_from_slice(sum.as_bytes());
-        out
+        let (header, digests, trailer) = self.encoded_parts();
+        [&header[..], digests, &trailer[..]].concat()
+    }
+
+    /// [`encode`](Self::encode)'s output as its three parts, the digests not copied:
+    /// header, digests, trailer (the BLAKE3 of the first two: the map's hash).
+    pub fn encoded_parts(&self) -> ([u8; DIGEST_MAP_HEADER_LEN], &[u8], Digest) {
+        (self.header(), self.digests.as_flattened(), self.map_hash())
+    }
+
+    /// [`decode`](Self::decode) of an encoding held as 32-byte words (header, digests
+    /// and trailer are 32 bytes each), reusing their allocation for the digests.
+    pub fn decode_words(label: &str, mut words: Vec<Digest>) -> Result<DigestMap, PlanError> {
+        let (chunk_size, disk_size) = Self::check(label, words.as_flattened())?;
+        words.pop();
+        words.remove(0);
+        Ok(DigestMap { chunk_size, disk_size, digests: words })
     }
 
     /// Decodes [`DigestMap::encode`]'s output, rejecting anything truncated,
     /// corrupt, of another version or inconsistent (the caller rebuilds the map).
     /// Allocates only after the length is checked against the input.
     pub fn decode(label: &str, bytes: &[u8]) -> Result<DigestMap, PlanError> {
+        let (chunk_size, disk_size) = Self::check(label, bytes)?;
+        let body = &bytes[DIGEST_MAP_HEADER_LEN..bytes.len() - DIGEST_MAP_TRAILER_LEN];
+        let digests = body.chunks_exact(32).map(|c| c.try_into().expect("32-byte chunks")).collect();
+        Ok(DigestMap { chunk_size, disk_size, digests })
+    }
+
+    /// Every check of [`decode`](Self::decode); the encoding's chunk size and disk size.
+    fn check(label: &str, bytes: &[u8]) -> Result<(u32, u64), PlanError> {
         let label_owned = || label.to_owned();
         let min = DIGEST_MAP_HEADER_LEN + DIGEST_MAP_TRAILER_LEN;
         if bytes.len() < 8 || bytes[..8] != DIGEST_MAP_MAGIC {
@@ -424,9 +443,7 @@ impl DigestMap {
                 expected: want,
             });
         }
-        let digests =
-            body[DIGEST_MAP_HEADER_LEN..].chunks_exact(32).map(|c| c.try_into().expect("32-byte chunks")).collect();
-        Ok(DigestMap { chunk_size, disk_size, digests })
+        Ok((chunk_size, disk_size))
     }
 }
 
@@ -510,6 +527,12 @@ mod tests {
             out.extend_from_slice(&trailer);
             assert_eq!(out, m.encode(), "size {size}");
             assert_eq!(DigestMap::decode("x", &out).unwrap().into_digests(), m.digests().to_vec());
+            // As 32-byte words, the allocation kept: the same map, and the same refusals.
+            let words: Vec<Digest> = out.chunks_exact(32).map(|w| w.try_into().unwrap()).collect();
+            assert_eq!(DigestMap::decode_words("x", words.clone()).unwrap(), m);
+            let mut bad = words;
+            *bad.last_mut().unwrap() = [0; 32];
+            assert!(matches!(DigestMap::decode_words("x", bad), Err(PlanError::DigestMapChecksumMismatch { .. })));
         }
         let mut e = DigestMapEncoder::new(K64, 2 * u64::from(K64)).unwrap();
         e.push(&[1; 32]);

@@ -141,10 +141,19 @@ pub fn now_ns() -> i64 {
 
 /// Write `bytes` to `dir/name` atomically and durably.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    write_atomic_parts(dir, name, &[bytes])
+}
+
+/// [`write_atomic`] of the concatenation of `parts` (not made in memory).
+pub fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let dst = dir.join(name);
     let mut f = File::create(&tmp).map_err(|e| MoveError::file("creating", &tmp, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| MoveError::file("writing", &tmp, e))?;
+    parts
+        .iter()
+        .try_for_each(|p| f.write_all(p))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| MoveError::file("writing", &tmp, e))?;
     drop(f);
     fs::rename(&tmp, &dst).map_err(|e| MoveError::file("renaming into place", &dst, e))?;
     sync_dir(dir)
