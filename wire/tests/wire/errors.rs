@@ -530,7 +530,7 @@ fn unauthenticated_peer_can_not_announce_large_frames() {
 }
 
 #[test]
-fn plan_only_session_refuses_data_flush_and_commit_on_both_ends() {
+fn plan_only_session_refuses_data_flush_intent_and_commit_on_both_ends() {
     let (mut c, mut s) = drive(2);
     c.send(&Frame::OpenReplica(OpenReplica {
         replica: "r".into(),
@@ -556,18 +556,20 @@ fn plan_only_session_refuses_data_flush_and_commit_on_both_ends() {
     pump(&mut c, &mut s);
     s.send(&Frame::ResumeInfo(ResumeInfo { disk: 0, previous_size: 1 << 20, next_chunk: 0, flags: 1 })).unwrap();
     pump(&mut s, &mut c);
-    // Digest maps are fine in a plan; data, flushes and commits are not.
+    // Digest maps are fine in a plan; data, flushes, intents and commits are not.
     c.send(&Frame::DigestMapRequest(DigestMapRequest { disk: 0, cached_map_hash: [0; 32] })).unwrap();
     let plan_only = |frame| WireError::IllegalFrame { frame, direction: "sent", state: "ReplicaOpen (plan only)" };
     assert_eq!(c.send(&data(0, 65536)), Err(plan_only("Data")));
     assert_eq!(c.send(&Frame::ZeroRun(ZeroRun { disk: 0, first_chunk: 0, count: 1 })), Err(plan_only("ZeroRun")));
     assert_eq!(c.send(&Frame::Flush(Flush { disk: 0, next_chunk: 16 })), Err(plan_only("Flush")));
     assert_eq!(c.send(&Frame::Commit(Commit { disk_count: 1 })), Err(plan_only("Commit")));
-    // The server refuses a data frame it receives in a plan-only session.
-    s.receive(&data(0, 65536).to_bytes());
+    let intent = Frame::Intent(Intent { disk: 0, runs: vec![ChunkRun { first_chunk: 0, count: 1 }] });
+    assert_eq!(c.send(&intent), Err(plan_only("Intent")));
+    // The server refuses an intent (or a data frame: the same rule) it receives in a plan-only session.
+    s.receive(&intent.to_bytes());
     assert!(matches!(
         s.poll_event(),
-        Err(WireError::IllegalFrame { frame: "Data", direction: "received", state: "ReplicaOpen (plan only)" })
+        Err(WireError::IllegalFrame { frame: "Intent", direction: "received", state: "ReplicaOpen (plan only)" })
     ));
     // Unknown flag bits are refused by the decoder.
     let mut body = Frame::OpenReplica(OpenReplica {

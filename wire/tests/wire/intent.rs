@@ -212,45 +212,6 @@ fn intent_before_resume_info_or_for_an_unknown_disk_is_refused() {
 }
 
 #[test]
-fn intent_in_a_plan_only_session_is_refused_on_both_ends() {
-    let (mut c, mut s) = drive(2);
-    c.send(&Frame::OpenReplica(OpenReplica {
-        replica: "r".into(),
-        point_time_ns: 0,
-        session_id: [0; 16],
-        retain: 0,
-        flags: OpenReplica::PLAN_ONLY,
-    }))
-    .unwrap();
-    pump(&mut c, &mut s);
-    s.send(&Frame::ReplicaOpened(ReplicaOpened {
-        session_id: [0; 16],
-        resumed: false,
-        latest_point: 0,
-        latest_point_time_ns: 0,
-        chunk_size: 0,
-        pending_point_time_ns: 0,
-    }))
-    .unwrap();
-    pump(&mut s, &mut c);
-    let od = OpenDisk { disk: 0, name: "d0".into(), size: DISK_SIZE, chunk_size: CHUNK, mode: Mode::Digest };
-    c.send(&Frame::OpenDisk(od)).unwrap();
-    pump(&mut c, &mut s);
-    s.send(&Frame::ResumeInfo(ResumeInfo { disk: 0, previous_size: DISK_SIZE, next_chunk: 0, flags: 1 })).unwrap();
-    pump(&mut s, &mut c);
-    assert_eq!(
-        c.send(&intent(&[(0, 1)])),
-        Err(WireError::IllegalFrame { frame: "Intent", direction: "sent", state: "ReplicaOpen (plan only)" })
-    );
-    s.receive(&intent(&[(0, 1)]).to_bytes());
-    assert_eq!(
-        s.poll_event(),
-        Err(WireError::IllegalFrame { frame: "Intent", direction: "received", state: "ReplicaOpen (plan only)" })
-    );
-    assert!(s.is_closed());
-}
-
-#[test]
 fn intent_behind_data_sent_is_refused() {
     let behind = |chunk| WireError::Chunk { disk: 0, chunk, what: "intent behind data sent or an earlier intent" };
     let (mut c, mut s) = drive(4);
