@@ -449,11 +449,11 @@ impl Prefetch {
 /// instead of the few chunks that arrived during the previous one.
 const INTENT_WINDOW: u64 = 8192;
 
-/// Announces a disk's planned chunks, [`INTENT_WINDOW`] at a time, topped up when the
-/// sender has passed half of what was announced.
+/// Announces a disk's planned chunks (its [`JobDisk::ranges`]), [`INTENT_WINDOW`] at a
+/// time, topped up when the sender has passed half of what was announced.
+#[derive(Default)]
 struct Announcer {
-    ranges: Vec<Range<u64>>,
-    /// Next chunk to announce: index into `ranges`, chunk.
+    /// Next chunk to announce: index into the ranges, chunk.
     range: usize,
     next: u64,
     /// Chunks announced, and planned chunks the sender has passed (sent or not).
@@ -462,16 +462,12 @@ struct Announcer {
 }
 
 impl Announcer {
-    fn new(ranges: &[Range<u64>]) -> Announcer {
-        Announcer { ranges: ranges.to_vec(), range: 0, next: 0, announced: 0, passed: 0 }
-    }
-
-    /// The next window of `disk`'s planned chunks, if any are left.
-    fn next_window(&mut self, disk: u32) -> Option<Intent> {
+    /// The next window of `disk`'s planned chunks `ranges`, if any are left.
+    fn next_window(&mut self, disk: u32, ranges: &[Range<u64>]) -> Option<Intent> {
         let mut runs = Vec::new();
         let mut n = 0;
-        while n < INTENT_WINDOW && self.range < self.ranges.len() {
-            let r = &self.ranges[self.range];
+        while n < INTENT_WINDOW && self.range < ranges.len() {
+            let r = &ranges[self.range];
             let start = self.next.max(r.start);
             let end = r.end.min(start + (INTENT_WINDOW - n));
             if start >= end {
@@ -487,10 +483,10 @@ impl Announcer {
     }
 
     /// The sender passed one planned chunk of `disk`: the next window when it is due.
-    fn passed(&mut self, disk: u32) -> Option<Intent> {
+    fn passed(&mut self, disk: u32, ranges: &[Range<u64>]) -> Option<Intent> {
         self.passed += 1;
         if self.announced < self.passed + INTENT_WINDOW / 2 {
-            self.next_window(disk)
+            self.next_window(disk, ranges)
         } else {
             None
         }
@@ -757,8 +753,8 @@ fn run_job(
         };
         // A cbt plan is what will be sent (short of a few chunks equal to the replica's):
         // announce it, so the target starts saving old contents now.
-        let mut announcer = (mode == Mode::Cbt && existed && !cfg.plan_only).then(|| Announcer::new(todo.ranges()));
-        if let Some(intent) = announcer.as_mut().and_then(|a| a.next_window(id)) {
+        let mut announcer = (mode == Mode::Cbt && existed && !cfg.plan_only).then(Announcer::default);
+        if let Some(intent) = announcer.as_mut().and_then(|a| a.next_window(id, todo.ranges())) {
             counters.bytes_sent += conn.send(&Frame::Intent(intent))?;
         }
         disks.push(JobDisk {
@@ -1435,10 +1431,9 @@ fn send_loop(
                 }
             };
             let jd = &mut disks[disk as usize];
-            if let Some(intent) = jd.announcer.as_mut().and_then(|a| a.passed(disk)) {
+            if let Some(intent) = jd.announcer.as_mut().and_then(|a| a.passed(disk, &jd.ranges)) {
                 jd.counters.bytes_sent += conn.send(&Frame::Intent(intent))?;
             }
-            let jd = &mut disks[disk as usize];
             let len = (jd.disk.size - chunk * cs).min(cs);
             since_flush[disk as usize] += len;
             done_bytes[disk as usize] += len;
