@@ -630,6 +630,7 @@ fn run_job(
         (r, _) => r,
     };
     let cs = u64::from(chunk_size);
+    let read_side = ReadSide::spawn(cfg, chunk_size);
 
     let mut disks = Vec::new();
     for (i, (sd, spec, cbt)) in opened.into_iter().enumerate() {
@@ -782,7 +783,8 @@ fn run_job(
             .expect("spawn receiver")
     };
 
-    let run = run_pipeline(conn, &mut disks, cfg, chunk_size, &rx_msgs, obs);
+    let read_side = read_side.join().map_err(|_| MoveError::Config("building the read buffers failed".into()))?;
+    let run = run_pipeline(conn, &mut disks, cfg, chunk_size, read_side, &rx_msgs, obs);
     let outcome = run.and_then(|(stats, backend, chosen)| {
         if cfg.plan_only {
             let _ = conn.send(&Frame::Close);
@@ -921,23 +923,49 @@ fn hash_chunks(sd: &SourceDisk, cs: u64, chunks: &[u64]) -> Result<Vec<Digest>> 
         .collect()
 }
 
+/// The read side's buffer pools and IO backend. They are built on a thread of their own
+/// while the disks are opened and planned: registering a pool with io_uring touches each
+/// of its pages, milliseconds that would otherwise delay the first read.
+struct ReadSide {
+    read_pool: BufPool,
+    out_pool: BufPool,
+    /// Chunks per read.
+    span: u64,
+    backend: std::result::Result<(Box<dyn IoBackend>, Option<String>), std::io::Error>,
+}
+
+impl ReadSide {
+    fn new(backend: BackendChoice, workers: usize, depth: usize, chunk_size: u32) -> ReadSide {
+        let (workers, depth) = (workers.max(1), depth.clamp(1, 256));
+        // Small chunks are read SPAN_BYTES at a time: one read, one hand-off and one buffer
+        // for several chunks (each still hashed, compared and sent on its own).
+        let span = (SPAN_BYTES / u64::from(chunk_size)).max(1);
+        let read_pool = BufPool::new(depth + workers * 3 + 8, (span * u64::from(chunk_size)) as usize);
+        let out_pool = BufPool::new(workers * 2 + 8, chunk_size as usize);
+        let backend = open_backend(backend, &read_pool, depth);
+        ReadSide { read_pool, out_pool, span, backend }
+    }
+
+    /// Build it on a thread of its own.
+    fn spawn(cfg: &ReplicateConfig, chunk_size: u32) -> std::thread::JoinHandle<ReadSide> {
+        let (backend, workers, depth) = (cfg.backend, cfg.workers, cfg.queue_depth);
+        std::thread::spawn(move || ReadSide::new(backend, workers, depth, chunk_size))
+    }
+}
+
 fn run_pipeline(
     conn: &Arc<Conn>,
     disks: &mut [JobDisk],
     cfg: &ReplicateConfig,
     chunk_size: u32,
+    read_side: ReadSide,
     rx_msgs: &Receiver<RxMsg>,
     obs: &dyn Observer,
 ) -> Result<(StageStats, String, Option<CompressChoice>)> {
     let workers = cfg.workers.max(1);
     let depth = cfg.queue_depth.clamp(1, 256);
-    // Small chunks are read SPAN_BYTES at a time: one read, one hand-off and one buffer
-    // for several chunks (each still hashed, compared and sent on its own).
-    let span = (SPAN_BYTES / u64::from(chunk_size)).max(1);
-    let read_pool = BufPool::new(depth + workers * 3 + 8, (span * u64::from(chunk_size)) as usize);
-    let out_pool = BufPool::new(workers * 2 + 8, chunk_size as usize);
-    let (backend, warning) = open_backend(cfg.backend, &read_pool, depth)
-        .map_err(|e| MoveError::Config(format!("source IO backend: {e}")))?;
+    let ReadSide { read_pool, out_pool, span, backend } = read_side;
+    let (backend, warning) = backend.map_err(|e| MoveError::Config(format!("source IO backend: {e}")))?;
     if let Some(w) = warning {
         obs.event(&JobEvent::Notice(w));
     }
