@@ -772,6 +772,7 @@ fn run_job(
     }
     obs.event(&JobEvent::Plan(disks.iter().map(|d| d.counters.clone()).collect()));
 
+    let read_side = read_side.join().map_err(|_| MoveError::Config("building the read buffers failed".into()))?;
     // Receiver: checkpoints, the commit answer, errors.
     let (rx_tx, rx_msgs) = crossbeam_channel::unbounded::<RxMsg>();
     let receiver = {
@@ -783,7 +784,6 @@ fn run_job(
             .expect("spawn receiver")
     };
 
-    let read_side = read_side.join().map_err(|_| MoveError::Config("building the read buffers failed".into()))?;
     let run = run_pipeline(conn, &mut disks, cfg, chunk_size, read_side, &rx_msgs, obs);
     let outcome = run.and_then(|(stats, backend, chosen)| {
         if cfg.plan_only {
