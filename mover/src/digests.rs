@@ -15,7 +15,8 @@ use crate::error::Result;
 /// Load the map at `path` if it exists, is intact and matches the chunk and disk size.
 pub fn load(path: &Path, chunk_size: u32, disk_size: u64) -> Option<DigestMap> {
     // Read straight into 32-byte words that become the digests: one allocation of the
-    // map's size (fresh memory costs a page fault per 4 KiB), no copy.
+    // map's size (fresh memory costs a page fault per 4 KiB), no second buffer (the
+    // header word is shifted out in place).
     let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
     if len != 32 * (ferry_planner::chunk_count(chunk_size, disk_size) + 2) {

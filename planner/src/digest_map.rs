@@ -368,7 +368,8 @@ impl DigestMap {
     }
 
     /// [`decode`](Self::decode) of an encoding held as 32-byte words (header, digests
-    /// and trailer are 32 bytes each), reusing their allocation for the digests.
+    /// and trailer are 32 bytes each), reusing their allocation for the digests (the
+    /// header word is removed by moving the digests down in place).
     pub fn decode_words(label: &str, mut words: Vec<Digest>) -> Result<DigestMap, PlanError> {
         let (chunk_size, disk_size) = Self::check(label, words.as_flattened())?;
         words.pop();
