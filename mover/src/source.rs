@@ -401,9 +401,8 @@ struct Prefetch {
     /// The chunks to advise: the planned ones outside the file's holes (advising a
     /// hole fills the cache with zeros). Empty when the plan is not prefetched.
     ranges: Vec<Range<u64>>,
-    /// Next chunk to advise: index into `ranges`, chunk.
-    range: usize,
-    chunk: u64,
+    /// Next chunk to advise.
+    cursor: RangeCursor,
     /// Chunks advised, and submitted for reading.
     advised: u64,
     read: u64,
@@ -417,7 +416,7 @@ impl Prefetch {
         } else {
             Vec::new()
         };
-        Prefetch { ranges, range: 0, chunk: 0, advised: 0, read: 0, window: (PREFETCH_BYTES / cs).max(1) }
+        Prefetch { ranges, cursor: RangeCursor::default(), advised: 0, read: 0, window: (PREFETCH_BYTES / cs).max(1) }
     }
 
     /// The reader submits `count` chunks of `plan`: keep the window ahead of it.
@@ -426,20 +425,40 @@ impl Prefetch {
         if self.advised >= self.read + self.window / 2 {
             return;
         }
-        while self.advised < self.read + self.window && self.range < self.ranges.len() {
-            let r = &self.ranges[self.range];
-            let start = self.chunk.max(r.start);
-            let end = r.end.min(start + (self.read + self.window - self.advised));
-            if start >= end {
-                self.range += 1;
-                continue;
-            }
-            let (offset, len) = (start * cs, (end * cs).min(plan.size) - start * cs);
+        while self.advised < self.read + self.window {
+            let Some(r) = self.cursor.take(&self.ranges, self.read + self.window - self.advised) else { break };
+            let (offset, len) = (r.start * cs, (r.end * cs).min(plan.size) - r.start * cs);
             // SAFETY: posix_fadvise only reads its arguments; a failure only means no advice.
             unsafe { libc::posix_fadvise(plan.fd, offset as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
-            self.advised += end - start;
-            self.chunk = end;
+            self.advised += r.end - r.start;
         }
+    }
+}
+
+/// A position in a list of increasing chunk ranges, handing them out in runs.
+#[derive(Default)]
+struct RangeCursor {
+    /// Index into the ranges, and the next chunk.
+    range: usize,
+    next: u64,
+}
+
+impl RangeCursor {
+    /// The next run of at most `max` chunks of `ranges`, if any are left.
+    fn take(&mut self, ranges: &[Range<u64>], max: u64) -> Option<Range<u64>> {
+        if max == 0 {
+            return None;
+        }
+        while let Some(r) = ranges.get(self.range) {
+            let start = self.next.max(r.start);
+            let end = r.end.min(start + max);
+            if start < end {
+                self.next = end;
+                return Some(start..end);
+            }
+            self.range += 1;
+        }
+        None
     }
 }
 
@@ -453,9 +472,8 @@ const INTENT_WINDOW: u64 = 8192;
 /// time, topped up when the sender has passed half of what was announced.
 #[derive(Default)]
 struct Announcer {
-    /// Next chunk to announce: index into the ranges, chunk.
-    range: usize,
-    next: u64,
+    /// Next chunk to announce.
+    cursor: RangeCursor,
     /// Chunks announced, and planned chunks the sender has passed (sent or not).
     announced: u64,
     passed: u64,
@@ -466,17 +484,10 @@ impl Announcer {
     fn next_window(&mut self, disk: u32, ranges: &[Range<u64>]) -> Option<Intent> {
         let mut runs = Vec::new();
         let mut n = 0;
-        while n < INTENT_WINDOW && self.range < ranges.len() {
-            let r = &ranges[self.range];
-            let start = self.next.max(r.start);
-            let end = r.end.min(start + (INTENT_WINDOW - n));
-            if start >= end {
-                self.range += 1;
-                continue;
-            }
-            runs.push(ChunkRun { first_chunk: start, count: (end - start) as u32 });
-            n += end - start;
-            self.next = end;
+        while n < INTENT_WINDOW {
+            let Some(r) = self.cursor.take(ranges, INTENT_WINDOW - n) else { break };
+            runs.push(ChunkRun { first_chunk: r.start, count: (r.end - r.start) as u32 });
+            n += r.end - r.start;
         }
         self.announced += n;
         (!runs.is_empty()).then_some(Intent { disk, runs })
@@ -929,8 +940,10 @@ fn hash_chunks(sd: &SourceDisk, cs: u64, chunks: &[u64]) -> Result<Vec<Digest>> 
 struct ReadSide {
     read_pool: BufPool,
     out_pool: BufPool,
-    /// Chunks per read.
+    /// Chunks per read, reads in flight and workers.
     span: u64,
+    depth: usize,
+    workers: usize,
     backend: std::result::Result<(Box<dyn IoBackend>, Option<String>), std::io::Error>,
 }
 
@@ -943,7 +956,7 @@ impl ReadSide {
         let read_pool = BufPool::new(depth + workers * 3 + 8, (span * u64::from(chunk_size)) as usize);
         let out_pool = BufPool::new(workers * 2 + 8, chunk_size as usize);
         let backend = open_backend(backend, &read_pool, depth);
-        ReadSide { read_pool, out_pool, span, backend }
+        ReadSide { read_pool, out_pool, span, depth, workers, backend }
     }
 
     /// Build it on a thread of its own.
@@ -962,9 +975,7 @@ fn run_pipeline(
     rx_msgs: &Receiver<RxMsg>,
     obs: &dyn Observer,
 ) -> Result<(StageStats, String, Option<CompressChoice>)> {
-    let workers = cfg.workers.max(1);
-    let depth = cfg.queue_depth.clamp(1, 256);
-    let ReadSide { read_pool, out_pool, span, backend } = read_side;
+    let ReadSide { read_pool, out_pool, span, depth, workers, backend } = read_side;
     let (backend, warning) = backend.map_err(|e| MoveError::Config(format!("source IO backend: {e}")))?;
     if let Some(w) = warning {
         obs.event(&JobEvent::Notice(w));
@@ -1578,6 +1589,17 @@ pub fn replica_info(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>, replic
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_cursor_hands_out_runs_of_at_most_max_chunks_in_order() {
+        let ranges = [2..5, 7..7, 9..10];
+        let mut c = RangeCursor::default();
+        assert_eq!(c.take(&ranges, 0), None);
+        assert_eq!(c.take(&ranges, 2), Some(2..4));
+        assert_eq!(c.take(&ranges, 2), Some(4..5));
+        assert_eq!(c.take(&ranges, 8), Some(9..10));
+        assert_eq!(c.take(&ranges, 8), None);
+    }
 
     #[test]
     fn default_chunk_size_keeps_digest_maps_at_64_mib() {
