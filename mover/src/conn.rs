@@ -5,7 +5,10 @@
 //! can use it from different threads. The receiving half ([`Rx`]) owns its
 //! own [`Deframer`] and reads straight into it, so data payloads are slices
 //! of the receive buffer and never copied; frames are validated with
-//! [`Conn::handle`].
+//! [`Conn::handle`]. A target reads data payloads into its buffer pool
+//! instead ([`Rx::next_received`]): straight from the socket into the buffer
+//! the chunk is verified and written from, memory that is reused rather than
+//! fresh for every megabyte received.
 
 use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
@@ -15,8 +18,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use ferry_wire::{Authenticator, Data, Deframer, ErrorCode, ErrorFrame, Event, Frame, LocalInfo, PeerInfo, Session};
+use ferry_wire::{
+    Authenticator, Data, DataHead, Deframer, ErrorCode, ErrorFrame, Event, Frame, LocalInfo, PeerInfo, Session, Split,
+    WireError,
+};
 
+use crate::buf::{BufPool, PoolBuf};
 use crate::error::{MoveError, Result};
 
 /// A connected stream socket: TCP or Unix.
@@ -134,6 +141,20 @@ impl std::fmt::Debug for Rx {
 /// How much to read at once.
 const READ_SIZE: usize = 1 << 20;
 
+/// How much to read at once into the receive buffer while data payloads go to
+/// pool buffers: after a payload, the next frame's head and a little of its
+/// payload, which is then copied.
+const SPLIT_READ_SIZE: usize = 4096;
+
+/// A frame, or a data frame whose payload was read into a pool buffer.
+#[derive(Debug)]
+pub enum Received {
+    /// Any frame but a data frame.
+    Frame(Frame),
+    /// A data frame, validated; its payload (`payload_len` bytes) is in the buffer.
+    Data(DataHead, PoolBuf),
+}
+
 impl Rx {
     /// Next frame from the peer; `Ok(None)` when the peer closed the connection cleanly between frames.
     pub fn next_frame(&mut self) -> Result<Option<Frame>> {
@@ -143,32 +164,117 @@ impl Rx {
                 Ok(None) => {}
                 Err(source) => return Err(MoveError::Wire { peer: self.peer.clone(), source }),
             }
-            let buf = self.deframer.buffer_mut();
-            buf.reserve(READ_SIZE);
-            let spare = buf.chunk_mut();
-            let len = spare.len();
-            // SAFETY: `spare` is valid for writes of `len` bytes; read() writes
-            // at most that many and we only advance by what it reports.
-            let n = unsafe { libc::read(self.sock.fd(), spare.as_mut_ptr().cast(), len) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            if !self.read_more(READ_SIZE)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Next frame from the peer, a data frame's payload read into a buffer of
+    /// `pool` (waiting for one to be free) and the frame validated against the
+    /// session (`conn`'s) on the way: the payload comes from the socket straight
+    /// into that buffer, except for the few bytes read with the frame's head.
+    /// Other frames are returned as [`Rx::next_frame`] returns them, still to be
+    /// validated. A payload longer than the pool's buffers is an error.
+    pub fn next_received(&mut self, pool: &BufPool, conn: &Conn) -> Result<Option<Received>> {
+        loop {
+            match self.deframer.next_split() {
+                Ok(Some(Split::Frame(f))) => return Ok(Some(Received::Frame(f))),
+                Ok(Some(Split::Data(head))) => {
+                    conn.handle_data_head(&head)?;
+                    let buf = self.read_payload(&head, pool)?;
+                    return Ok(Some(Received::Data(head, buf)));
                 }
+                Ok(None) => {}
+                Err(source) => return Err(MoveError::Wire { peer: self.peer.clone(), source }),
+            }
+            if !self.read_more(SPLIT_READ_SIZE)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Read up to `size` more bytes (or what the deframer reserved) into the receive buffer;
+    /// false when the peer closed the connection cleanly between frames.
+    fn read_more(&mut self, size: usize) -> Result<bool> {
+        let buf = self.deframer.buffer_mut();
+        buf.reserve(size);
+        let spare = buf.chunk_mut();
+        let iov = [libc::iovec { iov_base: spare.as_mut_ptr().cast(), iov_len: spare.len() }];
+        let n = self.read_vectored(&iov)?;
+        if n == 0 {
+            if self.deframer.buffered() == 0 {
+                return Ok(false);
+            }
+            return Err(self.eof_in_frame());
+        }
+        // SAFETY: readv() initialised the first `n` bytes of the spare capacity.
+        unsafe { self.deframer.buffer_mut().advance_mut(n) };
+        Ok(true)
+    }
+
+    /// Read the payload of the data frame `head` into a buffer of `pool`: what is buffered
+    /// already, then the rest from the socket, each read going on into the receive buffer
+    /// for the next frame's head.
+    fn read_payload(&mut self, head: &DataHead, pool: &BufPool) -> Result<PoolBuf> {
+        let len = head.payload_len as usize;
+        if len > pool.buf_size() {
+            let source = WireError::FieldTooLong {
+                frame: "Data",
+                field: "payload",
+                len: len as u64,
+                max: pool.buf_size() as u64,
+            };
+            return Err(MoveError::Wire { peer: self.peer.clone(), source });
+        }
+        let mut buf = pool.get();
+        let dst = &mut buf.spare_mut()[..len];
+        let mut filled = self.deframer.take_payload(dst);
+        while filled < len {
+            let rest = &mut dst[filled..];
+            let next = self.deframer.buffer_mut();
+            next.reserve(SPLIT_READ_SIZE);
+            let spare = next.chunk_mut();
+            let iov = [
+                libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() },
+                libc::iovec { iov_base: spare.as_mut_ptr().cast(), iov_len: spare.len() },
+            ];
+            let n = self.read_vectored(&iov)?;
+            if n == 0 {
+                return Err(self.eof_in_frame());
+            }
+            let direct = n.min(len - filled);
+            filled += direct;
+            self.deframer.payload_received(direct);
+            // SAFETY: readv() initialised the first `n - direct` bytes of the spare capacity.
+            unsafe { self.deframer.buffer_mut().advance_mut(n - direct) };
+        }
+        buf.set_len(len);
+        Ok(buf)
+    }
+
+    /// One readv() into `iov` (retried when interrupted); counts the bytes received.
+    fn read_vectored(&mut self, iov: &[libc::iovec]) -> Result<usize> {
+        loop {
+            // SAFETY: every iovec describes memory valid for writes of its length (the
+            // callers build them from live mutable slices and spare capacity), and
+            // readv() writes at most that many bytes.
+            let n = unsafe { libc::readv(self.sock.fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+            if n >= 0 {
+                self.bytes_received += n as u64;
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
                 return Err(MoveError::Net { peer: self.peer.clone(), source: e });
             }
-            if n == 0 {
-                if self.deframer.buffered() == 0 {
-                    return Ok(None);
-                }
-                return Err(MoveError::Net {
-                    peer: self.peer.clone(),
-                    source: io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in the middle of a frame"),
-                });
-            }
-            // SAFETY: read() initialised the first `n` bytes of the spare capacity.
-            unsafe { buf.advance_mut(n as usize) };
-            self.bytes_received += n as u64;
+        }
+    }
+
+    fn eof_in_frame(&self) -> MoveError {
+        MoveError::Net {
+            peer: self.peer.clone(),
+            source: io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in the middle of a frame"),
         }
     }
 
@@ -242,6 +348,14 @@ impl Conn {
     pub fn handle(&self, frame: Frame) -> Result<Option<Event>> {
         let mut tx = self.lock();
         let r = tx.session.handle_frame(frame);
+        let _ = tx.flush_queued();
+        r.map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })
+    }
+
+    /// Validate the head of a data frame whose payload the receiver reads itself.
+    pub fn handle_data_head(&self, head: &DataHead) -> Result<()> {
+        let mut tx = self.lock();
+        let r = tx.session.handle_data_head(head);
         let _ = tx.flush_queued();
         r.map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })
     }

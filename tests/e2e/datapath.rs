@@ -318,6 +318,18 @@ fn raw_session(server: &Server, token: &Path, replica: &str) -> (Arc<Conn>, Rx, 
     (conn, rx, reply)
 }
 
+/// A raw client session with replica `vm1` open and a new disk `d0` of two chunks of `cs` bytes.
+fn raw_session_with_disk(server: &Server, token: &Path, cs: usize) -> (Arc<Conn>, Rx) {
+    let (conn, mut rx, reply) = raw_session(server, token, "vm1");
+    assert!(matches!(reply, Ok(Frame::ReplicaOpened(_))), "{reply:?}");
+    let size = 2 * cs as u64;
+    conn.send(&Frame::OpenDisk(OpenDisk { disk: 0, name: "d0".into(), size, chunk_size: cs as u32, mode: Mode::Full }))
+        .unwrap();
+    let f = next_frame(&conn, &mut rx).unwrap();
+    assert!(matches!(f, Frame::ResumeInfo(ref r) if r.disk == 0 && r.next_chunk == 0), "{f:?}");
+    (conn, rx)
+}
+
 fn remote_code(r: &Result<Frame, MoveError>) -> Option<ErrorCode> {
     match r {
         Err(MoveError::Wire { source: WireError::Remote { code, .. }, .. }) => Some(*code),
@@ -341,19 +353,8 @@ fn anyhow_like(e: &MoveError) -> String {
 /// 0xAB bytes under a wrong digest. Returns the target's answer to chunk 1
 /// and the good chunk's bytes.
 fn send_chunk_with_wrong_digest(server: &Server, token: &Path) -> (Result<Frame, MoveError>, Vec<u8>) {
-    let (conn, mut rx, reply) = raw_session(server, token, "vm1");
-    assert!(matches!(reply, Ok(Frame::ReplicaOpened(_))), "{reply:?}");
     let cs = 64 * KIB as usize;
-    conn.send(&Frame::OpenDisk(OpenDisk {
-        disk: 0,
-        name: "d0".into(),
-        size: 2 * cs as u64,
-        chunk_size: cs as u32,
-        mode: Mode::Full,
-    }))
-    .unwrap();
-    let f = next_frame(&conn, &mut rx).unwrap();
-    assert!(matches!(f, Frame::ResumeInfo(ref r) if r.disk == 0 && r.next_chunk == 0), "{f:?}");
+    let (conn, mut rx) = raw_session_with_disk(server, token, cs);
 
     // A good chunk 0, made durable by a Flush and its Checkpoint.
     let good = vec![0x11u8; cs];
@@ -405,6 +406,35 @@ fn chunk_with_a_wrong_digest_is_rejected_and_not_written() {
     assert!(image[..good.len()] == good[..], "the verified chunk 0 is written");
     assert!(image[good.len()..].iter().all(|&b| b == 0), "nothing of the bad chunk is written");
     assert!(!image.contains(&0xAB));
+}
+
+#[test]
+fn a_compressed_payload_longer_than_the_chunk_size_is_refused_and_nothing_written() {
+    // Payloads are received into buffers of the chunk size; a sender never sends a zstd
+    // frame that does not shrink its chunk, so a longer one is refused before it is read.
+    let dir = tempfile::tempdir().unwrap();
+    let token = new_token(dir.path(), "token");
+    let ds = dir.path().join("ds");
+    let server = Server::start(&ds, &token, &[]);
+    let cs = 64 * KIB as usize;
+    let (conn, mut rx) = raw_session_with_disk(&server, &token, cs);
+    conn.send_data(&Data {
+        disk: 0,
+        chunk: 0,
+        logical_len: cs as u32,
+        codec: Codec::Zstd,
+        digest: [1; 32],
+        payload: vec![0x5Au8; cs + 1].into(),
+    })
+    .unwrap();
+    let reply = next_frame(&conn, &mut rx);
+    assert_eq!(remote_code(&reply), Some(ErrorCode::Protocol), "{reply:?}");
+    let msg = anyhow_like(&reply.unwrap_err());
+    assert!(msg.contains("frame Data: payload is 65537, above the limit of 65536"), "{msg}");
+    let sessions = server.sessions(1);
+    assert_eq!(sessions[0]["point_id"], Value::Null);
+    let image = std::fs::read(ds.join("vm1/disks/d0.img")).unwrap();
+    assert!(image.iter().all(|&b| b == 0), "nothing is written");
 }
 
 #[test]

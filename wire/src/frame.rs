@@ -435,6 +435,67 @@ pub struct Data {
 /// Length of a data frame's fixed fields (before the payload).
 pub const DATA_FIXED_LEN: usize = 4 + 8 + 4 + 1 + DIGEST_LEN;
 
+/// A data frame's fixed fields and the length of its payload: what a
+/// receiver that reads payloads into buffers of its own gets from
+/// [`Deframer::next_split`] before the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHead {
+    /// Disk id.
+    pub disk: u32,
+    /// Chunk index.
+    pub chunk: u64,
+    /// Length of the chunk's logical bytes.
+    pub logical_len: u32,
+    /// Payload encoding.
+    pub codec: Codec,
+    /// BLAKE3 of the logical bytes.
+    pub digest: Digest,
+    /// Length of the encoded payload (checked as for a whole frame: not empty, at
+    /// most [`MAX_CHUNK_SIZE`], equal to `logical_len` when the codec is none).
+    pub payload_len: u32,
+}
+
+impl DataHead {
+    /// Read the fixed fields of a data frame whose payload is `payload_len` bytes,
+    /// and check them and that length.
+    fn decode(r: &mut Reader, payload_len: usize) -> Result<DataHead, WireError> {
+        let name = r.frame;
+        let disk = r.u32("disk")?;
+        let chunk = r.u64("chunk")?;
+        let logical_len = r.u32("logical_len")?;
+        if logical_len == 0 || logical_len > MAX_CHUNK_SIZE {
+            return Err(WireError::InvalidValue { frame: name, field: "logical_len", value: logical_len.into() });
+        }
+        let c = r.u8("codec")?;
+        let codec =
+            Codec::from_u8(c).ok_or(WireError::InvalidValue { frame: name, field: "codec", value: c.into() })?;
+        let digest = r.array("digest")?;
+        // The sender refuses payloads above a chunk (a zstd frame that does not
+        // shrink the chunk is sent raw instead); refuse them here too.
+        if payload_len > MAX_CHUNK_SIZE as usize {
+            return Err(WireError::FieldTooLong {
+                frame: name,
+                field: "payload",
+                len: payload_len as u64,
+                max: MAX_CHUNK_SIZE.into(),
+            });
+        }
+        if codec == Codec::None && payload_len != logical_len as usize {
+            return Err(WireError::InvalidValue { frame: name, field: "payload length", value: payload_len as u64 });
+        }
+        if payload_len == 0 {
+            return Err(WireError::Truncated { frame: name, field: "payload" });
+        }
+        Ok(DataHead { disk, chunk, logical_len, codec, digest, payload_len: payload_len as u32 })
+    }
+
+    /// The whole frame, with its payload.
+    pub fn with_payload(self, payload: Bytes) -> Data {
+        let DataHead { disk, chunk, logical_len, codec, digest, .. } = self;
+        Data { disk, chunk, logical_len, codec, digest, payload }
+    }
+}
+
 /// A run of all-zero chunks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZeroRun {
@@ -919,45 +980,9 @@ impl Frame {
                 cache_hit: r.bool("cache_hit")?,
             }),
             t::DATA => {
-                let disk = r.u32("disk")?;
-                let chunk = r.u64("chunk")?;
-                let logical_len = r.u32("logical_len")?;
-                if logical_len == 0 || logical_len > MAX_CHUNK_SIZE {
-                    return Err(WireError::InvalidValue {
-                        frame: name,
-                        field: "logical_len",
-                        value: logical_len.into(),
-                    });
-                }
-                let c = r.u8("codec")?;
-                let codec = Codec::from_u8(c).ok_or(WireError::InvalidValue {
-                    frame: name,
-                    field: "codec",
-                    value: c.into(),
-                })?;
-                let digest = r.array("digest")?;
-                let payload = r.rest();
-                // The sender refuses payloads above a chunk (a zstd frame that does not
-                // shrink the chunk is sent raw instead); refuse them here too.
-                if payload.len() > MAX_CHUNK_SIZE as usize {
-                    return Err(WireError::FieldTooLong {
-                        frame: name,
-                        field: "payload",
-                        len: payload.len() as u64,
-                        max: MAX_CHUNK_SIZE.into(),
-                    });
-                }
-                if codec == Codec::None && payload.len() != logical_len as usize {
-                    return Err(WireError::InvalidValue {
-                        frame: name,
-                        field: "payload length",
-                        value: payload.len() as u64,
-                    });
-                }
-                if payload.is_empty() {
-                    return Err(WireError::Truncated { frame: name, field: "payload" });
-                }
-                Frame::Data(Data { disk, chunk, logical_len, codec, digest, payload })
+                let payload_len = r.buf.len().saturating_sub(DATA_FIXED_LEN);
+                let head = DataHead::decode(&mut r, payload_len)?;
+                Frame::Data(head.with_payload(r.rest()))
             }
             t::ZERO_RUN => {
                 let z = ZeroRun { disk: r.u32("disk")?, first_chunk: r.u64("first_chunk")?, count: r.u64("count")? };
@@ -1117,12 +1142,26 @@ pub struct Deframer {
     buf: BytesMut,
     header: Option<Header>,
     max_body_len: u32,
+    /// Payload bytes of the data frame [`Deframer::next_split`] returned last that
+    /// its caller has not taken yet.
+    payload_left: usize,
 }
 
 impl Default for Deframer {
     fn default() -> Self {
-        Deframer { buf: BytesMut::new(), header: None, max_body_len: MAX_BODY_LEN }
+        Deframer { buf: BytesMut::new(), header: None, max_body_len: MAX_BODY_LEN, payload_left: 0 }
     }
+}
+
+/// What [`Deframer::next_split`] returns: a whole frame, or the head of a data
+/// frame whose payload the caller takes itself.
+#[derive(Debug)]
+pub enum Split {
+    /// Any frame but a well-formed data frame.
+    Frame(Frame),
+    /// A data frame's head: its `payload_len` bytes follow, for the caller to take
+    /// with [`Deframer::take_payload`] and [`Deframer::payload_received`].
+    Data(DataHead),
 }
 
 impl Deframer {
@@ -1171,28 +1210,12 @@ impl Deframer {
     ///
     /// The header (magic, check, length limit) is validated as soon as its 12
     /// bytes are in, before any body is buffered or allocated for.
+    ///
+    /// # Panics
+    /// When the payload of a data frame from [`Deframer::next_split`] has not
+    /// all been taken (a bug in the caller, not bad input).
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        let header = match self.header {
-            Some(h) => h,
-            None => {
-                if self.buf.len() < HEADER_LEN {
-                    return Ok(None);
-                }
-                let mut raw = [0u8; HEADER_LEN];
-                raw.copy_from_slice(&self.buf[..HEADER_LEN]);
-                let h = decode_header(&raw)?;
-                if h.body_len > self.max_body_len {
-                    return Err(WireError::FrameTooLarge {
-                        frame_type: h.frame_type,
-                        len: h.body_len,
-                        max: self.max_body_len,
-                    });
-                }
-                self.buf.advance(HEADER_LEN);
-                self.header = Some(h);
-                h
-            }
-        };
+        let Some(header) = self.header()? else { return Ok(None) };
         let len = header.body_len as usize;
         if self.buf.len() < len {
             // Reserve for the announced body (already bounded by max_body_len).
@@ -1202,6 +1225,80 @@ impl Deframer {
         self.header = None;
         let body = self.buf.split_to(len).freeze();
         Frame::decode_body(header.frame_type, header.flags, body).map(Some)
+    }
+}
+
+impl Deframer {
+    /// The header of the next frame, decoded and checked once its bytes are in.
+    fn header(&mut self) -> Result<Option<Header>, WireError> {
+        assert_eq!(self.payload_left, 0, "the payload of the last data frame must be taken first");
+        if let Some(h) = self.header {
+            return Ok(Some(h));
+        }
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let mut raw = [0u8; HEADER_LEN];
+        raw.copy_from_slice(&self.buf[..HEADER_LEN]);
+        let h = decode_header(&raw)?;
+        if h.body_len > self.max_body_len {
+            return Err(WireError::FrameTooLarge { frame_type: h.frame_type, len: h.body_len, max: self.max_body_len });
+        }
+        self.buf.advance(HEADER_LEN);
+        self.header = Some(h);
+        Ok(Some(h))
+    }
+
+    /// Like [`Deframer::next_frame`], but a data frame comes out as its head as
+    /// soon as its fixed fields are in (checked as [`Frame::decode_body`] checks
+    /// them): its payload is left for the caller to take into a buffer of its
+    /// own, from this buffer ([`Deframer::take_payload`]) and then straight from
+    /// the socket ([`Deframer::payload_received`]), before it asks for the next
+    /// frame. A receiver that writes chunks from buffers it reuses so never
+    /// allocates or copies for a payload.
+    ///
+    /// # Panics
+    /// As [`Deframer::next_frame`].
+    pub fn next_split(&mut self) -> Result<Option<Split>, WireError> {
+        let Some(h) = self.header()? else { return Ok(None) };
+        if h.frame_type != frame_type::DATA || h.flags & FLAGS_RESERVED != 0 || (h.body_len as usize) < DATA_FIXED_LEN {
+            // Anything else, and every error a data frame's header can hold, the usual way.
+            return Ok(self.next_frame()?.map(Split::Frame));
+        }
+        if self.buf.len() < DATA_FIXED_LEN {
+            return Ok(None);
+        }
+        self.header = None;
+        let fixed = self.buf.split_to(DATA_FIXED_LEN).freeze();
+        let head = DataHead::decode(&mut Reader { buf: fixed, frame: "Data" }, h.body_len as usize - DATA_FIXED_LEN)?;
+        self.payload_left = head.payload_len as usize;
+        Ok(Some(Split::Data(head)))
+    }
+
+    /// Payload bytes of the data frame from [`Deframer::next_split`] not taken yet.
+    pub fn payload_left(&self) -> usize {
+        self.payload_left
+    }
+
+    /// Move the buffered bytes of that payload (as many as fit in `dst`) to `dst`;
+    /// returns how many.
+    pub fn take_payload(&mut self, dst: &mut [u8]) -> usize {
+        let n = dst.len().min(self.payload_left).min(self.buf.len());
+        dst[..n].copy_from_slice(&self.buf[..n]);
+        self.buf.advance(n);
+        self.payload_left -= n;
+        n
+    }
+
+    /// The caller read `n` bytes of that payload from the peer itself (after taking
+    /// every buffered one).
+    ///
+    /// # Panics
+    /// When `n` is more than [`Deframer::payload_left`] or payload bytes are still buffered.
+    pub fn payload_received(&mut self, n: usize) {
+        assert!(n <= self.payload_left, "more payload received than the frame holds");
+        assert!(n == 0 || self.buf.is_empty(), "payload bytes are still buffered");
+        self.payload_left -= n;
     }
 }
 

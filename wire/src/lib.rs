@@ -12,7 +12,9 @@
 //!   before the peer is authenticated): the header's length is checked first.
 //! - Every field is bounds-checked; a body with bytes after its last field is
 //!   an error ([`WireError::TrailingBytes`]).
-//! - Data payloads are [`bytes::Bytes`] slices of the receive buffer, never copied.
+//! - Data payloads are [`bytes::Bytes`] slices of the receive buffer, never copied;
+//!   or, taken apart with [`Deframer::next_split`], read by the caller into a
+//!   buffer of its own, with the same checks ([`Session::handle_data_head`]).
 //! - Within a disk, data travels in strictly increasing chunk order, so one
 //!   watermark per disk (Flush / Checkpoint / ResumeInfo) describes what is
 //!   durable and where to resume.

@@ -300,6 +300,18 @@ impl Session {
         self.handle(frame).map_err(|e| self.fail(e))
     }
 
+    /// Validate a data frame received as its head ([`Deframer::next_split`]),
+    /// its payload read by the caller: the checks and the state change that
+    /// [`Session::handle_frame`] applies to the whole frame (the head carries
+    /// the payload's length, checked already), with the same error handling.
+    pub fn handle_data_head(&mut self, head: &DataHead) -> Result<(), WireError> {
+        if self.state == State::Closed {
+            return Err(WireError::Closed);
+        }
+        // The state machine never looks at a payload: an empty one stands in for it.
+        self.transition(&Frame::Data(head.with_payload(Bytes::new())), Dir::Recv).map_err(|e| self.fail(e))
+    }
+
     /// Close locally with an error and queue an Error frame for the peer.
     pub fn fail(&mut self, e: WireError) -> WireError {
         if self.state != State::Closed && !matches!(e, WireError::Remote { .. } | WireError::Closed) {

@@ -39,14 +39,14 @@ use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use ferry_wire::{
-    Authenticator, Checkpoint, Codec, Committed, Data, DigestMapEnd, DigestMapPart, Event, Frame, OpenDisk,
+    Authenticator, Checkpoint, Codec, Committed, DataHead, DigestMapEnd, DigestMapPart, Event, Frame, OpenDisk,
     ReplicaOpened, ResumeInfo, MAX_DIGESTS_PER_PART,
 };
 use serde::Serialize;
 
 use crate::backend::{open_backend, BackendChoice, IoBackend, IoCompletion, IoKind, IoRequest, NbdBackend};
 use crate::buf::{BufPool, PoolBuf, ALIGN};
-use crate::conn::{server_handshake, Conn, Sock};
+use crate::conn::{server_handshake, Conn, Received, Sock};
 use crate::digests::{self, DigestMap, ZeroDigests};
 use crate::error::{MoveError, Result};
 use crate::stats::{Stage, StageStats};
@@ -215,7 +215,10 @@ struct Active {
 }
 
 struct Pipeline {
-    to_workers: Option<Sender<(u64, Data)>>,
+    /// The session's chunk buffers: payloads are received into them, verified, and written
+    /// from them.
+    pool: Arc<BufPool>,
+    to_workers: Option<Sender<(u64, DataHead, PoolBuf)>>,
     to_writer: Sender<WriterMsg>,
     workers: Vec<std::thread::JoinHandle<StageStats>>,
     writer: Option<std::thread::JoinHandle<WriterOutcome>>,
@@ -271,8 +274,24 @@ impl Active {
 impl TargetSession<'_> {
     fn run(&mut self, rx: &mut crate::conn::Rx, report: &mut SessionReport) -> Result<()> {
         loop {
-            let frame = match rx.next_frame() {
-                Ok(Some(f)) => f,
+            // Once a pipeline runs, data payloads go straight into its buffers.
+            let pool = self.inner.as_ref().and_then(|a| a.pipeline.as_ref()).map(|p| p.pool.clone());
+            let received = match &pool {
+                Some(pool) => rx.next_received(pool, &self.conn),
+                None => rx.next_frame().map(|f| f.map(Received::Frame)),
+            };
+            let frame = match received {
+                Ok(Some(Received::Frame(f))) => f,
+                Ok(Some(Received::Data(head, buf))) => {
+                    let a = self.active_mut()?;
+                    let seq = a.dispatched;
+                    a.dispatched += 1;
+                    let p = a.pipeline()?;
+                    if p.to_workers.as_ref().is_none_or(|w| w.send((seq, head, buf)).is_err()) {
+                        return Err(self.writer_gone());
+                    }
+                    continue;
+                }
                 Ok(None) => {
                     if self.inner.is_some() {
                         return Err(self.writer_error().unwrap_or_else(|| MoveError::PeerGone {
@@ -383,15 +402,8 @@ impl TargetSession<'_> {
                     let sent = reply.recv().map_err(|_| self.writer_gone())??;
                     sent.count_in(report);
                 }
-                Frame::Data(d) => {
-                    let a = self.active_mut()?;
-                    let seq = a.dispatched;
-                    a.dispatched += 1;
-                    let p = a.pipeline()?;
-                    if p.to_workers.as_ref().is_none_or(|w| w.send((seq, d)).is_err()) {
-                        return Err(self.writer_gone());
-                    }
-                }
+                // With a pipeline running, data comes as Received::Data (above).
+                Frame::Data(_) => return Err(MoveError::Config("data before any disk was opened".into())),
                 Frame::ZeroRun(z) => {
                     let a = self.active_mut()?;
                     let seq = a.dispatched;
@@ -783,7 +795,7 @@ fn start_pipeline(
         open_backend(cfg.backend, &pool, depth).map_err(|e| MoveError::Config(format!("target IO backend: {e}")))?;
     let backend_name = backend.name();
     let (to_writer, writer_rx) = bounded::<WriterMsg>(depth + 2 * workers + 16);
-    let (to_workers, work_rx) = bounded::<(u64, Data)>(workers * 2);
+    let (to_workers, work_rx) = bounded::<(u64, DataHead, PoolBuf)>(workers * 2);
     let counters = Arc::new(Counters::default());
     let error = Arc::new(Mutex::new(None));
     let mut handles = Vec::new();
@@ -854,6 +866,7 @@ fn start_pipeline(
             .expect("spawn writer")
     };
     Ok(Pipeline {
+        pool,
         to_workers: Some(to_workers),
         to_writer,
         workers: handles,
@@ -866,54 +879,39 @@ fn start_pipeline(
 }
 
 /// Decompress and verify chunks; a chunk that fails is never passed on.
-fn verify_worker(rx: Receiver<(u64, Data)>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) -> StageStats {
+/// Verify received chunks: a raw payload is hashed in the buffer it was received into,
+/// which then goes on to the writer; a compressed one is decompressed into a second buffer.
+fn verify_worker(rx: Receiver<(u64, DataHead, PoolBuf)>, tx: Sender<WriterMsg>, pool: Arc<BufPool>) -> StageStats {
     let mut stats = StageStats::default();
     let mut dctx = zstd::bulk::Decompressor::new().expect("zstd decompressor");
-    for (seq, d) in rx {
+    for (seq, d, received) in rx {
         let t = Instant::now();
-        let mut buf = pool.get();
         let len = d.logical_len as usize;
         let disk_label = || format!("#{}", d.disk);
-        let res = if len > buf.capacity() {
-            Err(MoveError::Decompress {
-                disk: disk_label(),
-                chunk: d.chunk,
-                expected: len,
-                detail: "longer than the chunk size".into(),
-            })
-        } else {
-            match d.codec {
-                Codec::None => {
-                    buf.spare_mut()[..len].copy_from_slice(&d.payload);
-                    Ok(())
+        let decompress_error =
+            |detail: String| MoveError::Decompress { disk: disk_label(), chunk: d.chunk, expected: len, detail };
+        let res = match d.codec {
+            // The wire checked that a raw payload is exactly the logical length.
+            Codec::None => Ok(received),
+            Codec::Zstd if len > pool.buf_size() => Err(decompress_error("longer than the chunk size".into())),
+            Codec::Zstd => {
+                let mut buf = pool.get();
+                match dctx.decompress_to_buffer(&received, &mut buf.spare_mut()[..len]) {
+                    Ok(n) if n == len => {
+                        buf.set_len(len);
+                        Ok(buf)
+                    }
+                    Ok(n) => Err(decompress_error(format!("got {n} bytes"))),
+                    Err(e) => Err(decompress_error(e.to_string())),
                 }
-                Codec::Zstd => match dctx.decompress_to_buffer(&d.payload, &mut buf.spare_mut()[..len]) {
-                    Ok(n) if n == len => Ok(()),
-                    Ok(n) => Err(MoveError::Decompress {
-                        disk: disk_label(),
-                        chunk: d.chunk,
-                        expected: len,
-                        detail: format!("got {n} bytes"),
-                    }),
-                    Err(e) => Err(MoveError::Decompress {
-                        disk: disk_label(),
-                        chunk: d.chunk,
-                        expected: len,
-                        detail: e.to_string(),
-                    }),
-                },
             }
         };
         let msg = match res {
             Err(e) => WriterMsg::Failed(e),
-            Ok(()) => {
-                buf.set_len(len);
-                if *blake3::hash(&buf).as_bytes() != d.digest {
-                    WriterMsg::Failed(MoveError::DigestMismatch { disk: disk_label(), chunk: d.chunk })
-                } else {
-                    WriterMsg::Chunk { seq, disk: d.disk, chunk: d.chunk, buf, digest: d.digest }
-                }
+            Ok(buf) if *blake3::hash(&buf).as_bytes() != d.digest => {
+                WriterMsg::Failed(MoveError::DigestMismatch { disk: disk_label(), chunk: d.chunk })
             }
+            Ok(buf) => WriterMsg::Chunk { seq, disk: d.disk, chunk: d.chunk, buf, digest: d.digest },
         };
         stats.record(Stage::Verify, t.elapsed());
         if tx.send(msg).is_err() {

@@ -7,6 +7,7 @@
 //! - `intent`: the optional Intent frame: codec, limits, session rules, skipping.
 //! - `corpus`: the fuzz corpus replayed through the fuzz targets' checks.
 //! - `zero_copy`: data payloads are slices of the receive buffer.
+//! - `split`: data payloads taken apart by the receiver: same frames, errors, rules.
 
 #[path = "../../fuzz/fuzz_targets/checks.rs"]
 mod checks;
@@ -18,4 +19,5 @@ mod golden;
 mod intent;
 mod pair;
 mod roundtrip;
+mod split;
 mod zero_copy;
