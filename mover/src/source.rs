@@ -641,7 +641,16 @@ fn run_job(
         (r, _) => r,
     };
     let cs = u64::from(chunk_size);
-    let read_side = ReadSide::spawn(cfg, chunk_size);
+    // A replica without points gets every disk in full, whatever the change lists say.
+    let first_run = opened_reply.latest_point == 0 && !opened_reply.resumed;
+    let span = read_span(
+        chunk_size,
+        opened.iter().map(|(sd, spec, cbt)| match spec.mode {
+            None | Some(Mode::Cbt) if !first_run => cbt.as_ref().map(|m| m.chunks(chunk_size, sd.size)),
+            _ => None,
+        }),
+    );
+    let read_side = ReadSide::spawn(cfg, chunk_size, span);
 
     let mut disks = Vec::new();
     for (i, (sd, spec, cbt)) in opened.into_iter().enumerate() {
@@ -948,11 +957,9 @@ struct ReadSide {
 }
 
 impl ReadSide {
-    fn new(backend: BackendChoice, workers: usize, depth: usize, chunk_size: u32) -> ReadSide {
+    /// Pools and backend for reads of `span` chunks of `chunk_size` bytes.
+    fn new(backend: BackendChoice, workers: usize, depth: usize, chunk_size: u32, span: u64) -> ReadSide {
         let (workers, depth) = (workers.max(1), depth.clamp(1, 256));
-        // Small chunks are read SPAN_BYTES at a time: one read, one hand-off and one buffer
-        // for several chunks (each still hashed, compared and sent on its own).
-        let span = (SPAN_BYTES / u64::from(chunk_size)).max(1);
         let read_pool = BufPool::new(depth + workers * 3 + 8, (span * u64::from(chunk_size)) as usize);
         let out_pool = BufPool::new(workers * 2 + 8, chunk_size as usize);
         let backend = open_backend(backend, &read_pool, depth);
@@ -960,9 +967,9 @@ impl ReadSide {
     }
 
     /// Build it on a thread of its own.
-    fn spawn(cfg: &ReplicateConfig, chunk_size: u32) -> std::thread::JoinHandle<ReadSide> {
+    fn spawn(cfg: &ReplicateConfig, chunk_size: u32, span: u64) -> std::thread::JoinHandle<ReadSide> {
         let (backend, workers, depth) = (cfg.backend, cfg.workers, cfg.queue_depth);
-        std::thread::spawn(move || ReadSide::new(backend, workers, depth, chunk_size))
+        std::thread::spawn(move || ReadSide::new(backend, workers, depth, chunk_size, span))
     }
 }
 
@@ -1078,6 +1085,28 @@ fn backend_error(plan: &ReadPlan, e: std::io::Error) -> MoveError {
 
 /// Bytes read at once when chunks are smaller (64 KiB chunks go four at a time).
 const SPAN_BYTES: u64 = 256 * 1024;
+
+/// Chunks per read: small chunks are read [`SPAN_BYTES`] at a time (one read, one
+/// hand-off and one buffer for several chunks, each still hashed, compared and sent on
+/// its own). When every disk comes with its changed chunks (cbt: `Some`), fewer: the
+/// mean run of changed chunks, rounded up to a power of two. A read never spans a gap,
+/// so a 1% change list (runs of one 64 KiB chunk) would fill a quarter of each buffer,
+/// and the read pool (all of it touched when io_uring registers it) would be four times
+/// the memory it needs. A disk that falls back to digest mode then reads with the
+/// smaller span.
+fn read_span(chunk_size: u32, changed: impl IntoIterator<Item = Option<ChunkSet>>) -> u64 {
+    let max = (SPAN_BYTES / u64::from(chunk_size)).max(1);
+    let (mut chunks, mut runs) = (0u64, 0u64);
+    for set in changed {
+        let Some(set) = set else { return max };
+        chunks += set.count();
+        runs += set.ranges().len() as u64;
+    }
+    if runs == 0 {
+        return max;
+    }
+    chunks.div_ceil(runs).next_power_of_two().min(max)
+}
 
 /// A read in flight: disk, first chunk, chunks, bytes expected, start time.
 type InFlight = (u32, u64, u64, usize, Instant);
@@ -1589,6 +1618,21 @@ pub fn replica_info(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>, replic
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_span_the_mean_run_of_changed_chunks_when_every_disk_has_a_change_list() {
+        // Runs as (first, end) pairs.
+        let set = |r: &[(u64, u64)]| Some(ChunkSet::from_ranges(r.iter().map(|&(a, b)| a..b)));
+        // 64 KiB chunks: at most 4 per read.
+        assert_eq!(read_span(64 << 10, [set(&[(1, 2), (5, 6), (9, 10)])]), 1);
+        assert_eq!(read_span(64 << 10, [set(&[(1, 2), (5, 7)]), set(&[(9, 10)])]), 2, "4 chunks in 3 runs");
+        assert_eq!(read_span(64 << 10, [set(&[(0, 100)])]), 4);
+        // A disk without a change list (digest or full mode) reads whole spans.
+        assert_eq!(read_span(64 << 10, [set(&[(1, 2)]), None]), 4);
+        // Nothing changed: whole spans (a fallback to digest mode reads everything).
+        assert_eq!(read_span(64 << 10, [set(&[])]), 4);
+        assert_eq!(read_span(1 << 20, [set(&[(0, 100)])]), 1);
+    }
 
     #[test]
     fn a_range_cursor_hands_out_runs_of_at_most_max_chunks_in_order() {
