@@ -944,8 +944,8 @@ struct Syncing {
     left: usize,
     /// Writes released when all have finished.
     writes: Vec<IoRequest>,
-    /// Per sync tag: the disk and its undo writer's `appended()` when the sync started.
-    upto: HashMap<u64, (u32, u64)>,
+    /// Per sync tag: the disk and its undo writer's `appended()` and `end()` when the sync started.
+    upto: HashMap<u64, (u32, (u64, u64))>,
 }
 
 /// What a write needs before it may overwrite its chunk.
@@ -1296,11 +1296,11 @@ impl Writer {
         let unsynced: u64 = self.disks.values().filter_map(|d| d.undo.as_ref()).map(|u| u.unsynced()).sum();
         let round_ready = unsynced >= HOLD_MAX || !more_coming || !self.barriers.is_empty() || self.stopping;
         if self.syncing.is_none() && (!self.held.is_empty() || unsynced > 0) && round_ready {
-            let undo: Vec<(u32, std::os::fd::RawFd, u64)> = self
+            let undo: Vec<(u32, std::os::fd::RawFd, (u64, u64))> = self
                 .disks
                 .iter()
                 .filter_map(|(&id, d)| {
-                    d.undo.as_ref().filter(|u| u.needs_sync()).map(|u| (id, u.raw_fd(), u.appended()))
+                    d.undo.as_ref().filter(|u| u.needs_sync()).map(|u| (id, u.raw_fd(), (u.appended(), u.end())))
                 })
                 .collect();
             if undo.is_empty() {
@@ -1499,10 +1499,10 @@ impl Writer {
             }
             IoKind::Sync => {
                 let s = self.syncing.as_mut().expect("a sync round in flight");
-                let (disk, upto) = s.upto.remove(&c.tag).expect("a sync of this round");
+                let (disk, (upto, end)) = s.upto.remove(&c.tag).expect("a sync of this round");
                 let u = self.disks.get_mut(&disk).and_then(|d| d.undo.as_mut()).expect("an undo file");
                 c.result.map_err(|e| MoveError::file("syncing undo file", u.path(), e))?;
-                u.synced_upto(upto);
+                u.synced_upto(upto, end);
                 s.left -= 1;
                 if s.left == 0 {
                     let s = self.syncing.take().expect("in flight");
