@@ -6,11 +6,14 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_mover::conn::{client_handshake, Conn, Rx, Sock};
+use ferry_mover::buf::BufPool;
+use ferry_mover::conn::{client_handshake, server_handshake, Conn, Received, Rx, Sock};
 use ferry_mover::target::datastore::Datastore;
 use ferry_mover::MoveError;
 use ferry_tests::*;
-use ferry_wire::{Codec, Data, ErrorCode, Event, Flush, Frame, Mode, OpenDisk, OpenReplica, WireError};
+use ferry_wire::{
+    Codec, Data, ErrorCode, Event, Flush, Frame, Mode, OpenDisk, OpenReplica, ReplicaOpened, ResumeInfo, WireError,
+};
 use serde_json::Value;
 
 const KIB: u64 = 1 << 10;
@@ -705,4 +708,139 @@ fn source_that_is_a_directory_or_missing_is_a_usage_error() {
     assert!(r.stderr.contains(&format!("opening source disk {}", missing.display())), "{}", r.stderr);
     assert!(r.stderr.contains("No such file or directory"), "{}", r.stderr);
     assert!(!ds.join("vm1").exists(), "no replica made");
+}
+
+/// The next frame `rx` brings, validated by `conn` (handshake frames answered inside).
+fn validated(conn: &Conn, rx: &mut Rx) -> Frame {
+    let f = rx.next_frame().unwrap().expect("a frame");
+    match conn.handle(f).unwrap() {
+        Some(Event::Frame(f)) => f,
+        other => panic!("not a frame: {other:?}"),
+    }
+}
+
+/// A client and a server connection over a socketpair, authenticated, with replica `vm1`
+/// and a disk 0 of two chunks of `cs` bytes (the last 1000 bytes short) open, and a clone
+/// of the client's socket to write raw bytes with. Returns (server conn, server rx, raw
+/// socket, client conn and rx).
+#[allow(clippy::type_complexity)]
+fn open_pair(cs: usize) -> (Arc<Conn>, Rx, std::os::unix::net::UnixStream, (Arc<Conn>, Rx)) {
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let raw = a.try_clone().unwrap();
+    let auth = Arc::new(ferry_mover::auth::TokenAuth::new(b"dribble"));
+    let server = {
+        let auth = auth.clone();
+        std::thread::spawn(move || server_handshake(Sock::Unix(b), "source", auth).unwrap())
+    };
+    let (cconn, mut crx, _) = client_handshake(Sock::Unix(a), "target", auth).unwrap();
+    let (sconn, mut srx, _) = server.join().unwrap();
+    let session_id = [7; 16];
+    cconn
+        .send(&Frame::OpenReplica(OpenReplica {
+            replica: "vm1".into(),
+            point_time_ns: 1,
+            session_id,
+            retain: 0,
+            flags: 0,
+        }))
+        .unwrap();
+    assert!(matches!(validated(&sconn, &mut srx), Frame::OpenReplica(_)));
+    sconn
+        .send(&Frame::ReplicaOpened(ReplicaOpened {
+            session_id,
+            resumed: false,
+            latest_point: 0,
+            latest_point_time_ns: 0,
+            chunk_size: cs as u32,
+            pending_point_time_ns: 0,
+        }))
+        .unwrap();
+    assert!(matches!(validated(&cconn, &mut crx), Frame::ReplicaOpened(_)));
+    let size = 2 * cs as u64 - 1000;
+    let open = OpenDisk { disk: 0, name: "d0".into(), size, chunk_size: cs as u32, mode: Mode::Full };
+    cconn.send(&Frame::OpenDisk(open)).unwrap();
+    assert!(matches!(validated(&sconn, &mut srx), Frame::OpenDisk(_)));
+    sconn.send(&Frame::ResumeInfo(ResumeInfo { disk: 0, previous_size: 0, next_chunk: 0, flags: 0 })).unwrap();
+    assert!(matches!(validated(&cconn, &mut crx), Frame::ResumeInfo(_)));
+    (sconn, srx, raw, (cconn, crx))
+}
+
+#[test]
+fn payloads_dribbled_in_small_pieces_arrive_whole_in_pool_buffers() {
+    // The target reads each data payload from the socket straight into a pool buffer
+    // (Rx::next_received). Here the frames come 777 bytes at a time, so payloads,
+    // heads and the frames after them are split across reads at every kind of place.
+    let cs = 64 * KIB as usize;
+    let (sconn, mut srx, raw, client) = open_pair(cs);
+
+    // Chunk 0 raw, chunk 1 (short) compressed, then a Flush.
+    let raw0: Vec<u8> = (0..cs).map(|i| (i * 7 % 251) as u8).collect();
+    // The receiver does not decompress: any payload shorter than the chunk will do.
+    let zstd1: Vec<u8> = (0..5000).map(|i| (i % 13) as u8).collect();
+    let frames = [(raw0.clone(), Codec::None, cs as u32), (zstd1.clone(), Codec::Zstd, cs as u32 - 1000)];
+    let mut wire = Vec::new();
+    for (chunk, (payload, codec, logical_len)) in frames.iter().enumerate() {
+        let d = Data {
+            disk: 0,
+            chunk: chunk as u64,
+            logical_len: *logical_len,
+            codec: *codec,
+            digest: [chunk as u8; 32],
+            payload: payload.clone().into(),
+        };
+        wire.extend_from_slice(&Frame::Data(d).to_bytes());
+    }
+    wire.extend_from_slice(&Frame::Flush(Flush { disk: 0, next_chunk: 2 }).to_bytes());
+    let total = wire.len() as u64;
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut raw = raw;
+        for piece in wire.chunks(777) {
+            raw.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        raw
+    });
+    let pool = BufPool::new(3, cs);
+    let before = srx.bytes_received;
+    let Received::Data(h0, b0) = srx.next_received(&pool, &sconn).unwrap().unwrap() else { panic!("not data") };
+    assert_eq!((h0.chunk, h0.codec, h0.payload_len, h0.digest), (0, Codec::None, cs as u32, [0; 32]));
+    assert!(b0[..] == raw0[..], "raw payload differs");
+    let Received::Data(h1, b1) = srx.next_received(&pool, &sconn).unwrap().unwrap() else { panic!("not data") };
+    assert_eq!((h1.chunk, h1.codec, h1.logical_len), (1, Codec::Zstd, cs as u32 - 1000));
+    assert_eq!(&b1[..], &zstd1[..]);
+    let Received::Frame(f) = srx.next_received(&pool, &sconn).unwrap().unwrap() else { panic!("not a frame") };
+    assert!(matches!(sconn.handle(f).unwrap(), Some(Event::Frame(Frame::Flush(Flush { disk: 0, next_chunk: 2 })))));
+    assert_eq!(srx.bytes_received - before, total);
+    drop(writer.join().unwrap());
+    drop(client);
+    // The peer is gone between frames: a clean end.
+    assert!(srx.next_received(&pool, &sconn).unwrap().is_none());
+}
+
+#[test]
+fn a_connection_cut_inside_a_payload_is_an_error_not_a_short_chunk() {
+    let cs = 64 * KIB as usize;
+    let (sconn, mut srx, raw, client) = open_pair(cs);
+    let d = Data {
+        disk: 0,
+        chunk: 0,
+        logical_len: cs as u32,
+        codec: Codec::None,
+        digest: [1; 32],
+        payload: vec![9u8; cs].into(),
+    };
+    let wire = Frame::Data(d).to_bytes();
+    {
+        use std::io::Write;
+        let mut raw = raw;
+        raw.write_all(&wire[..wire.len() / 2]).unwrap();
+    }
+    drop(client);
+    let pool = BufPool::new(1, cs);
+    let e = srx.next_received(&pool, &sconn).unwrap_err();
+    let MoveError::Net { source, .. } = &e else { panic!("not a network error: {e:?}") };
+    assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof);
+    assert_eq!(source.to_string(), "connection closed in the middle of a frame");
+    assert!(pool.try_get().is_some(), "the buffer went back to the pool");
 }
