@@ -200,6 +200,11 @@ fn dev_read_bytes() -> Option<u64> {
     s.lines().find_map(|l| l.strip_prefix("pgpgin ")).and_then(|v| v.trim().parse::<u64>().ok()).map(|k| k * 1024)
 }
 
+/// Bytes read from block devices since [`dev_read_bytes`] returned `start`.
+fn dev_read_since(start: Option<u64>) -> Option<u64> {
+    start.zip(dev_read_bytes()).map(|(a, b)| b.saturating_sub(a))
+}
+
 fn tail(path: &Path) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = s.lines().rev().take(4).collect();
@@ -310,7 +315,7 @@ fn measure_net(
     let tx = Tree::spawn(&tx_script, Some(&dir.join("sender.out")), &dir.join("sender.err"))?;
     let (tx_status, _, tx_usage) = tx.wait()?;
     let mut wall = t0.elapsed();
-    let mut read1 = dev_read_bytes();
+    let mut dev_read = dev_read_since(read0);
     let (rx_ok, rx_usage) = if daemon {
         // Let the daemon finish its bookkeeping of the session (untimed) before stopping it.
         if let Some(done) = daemon_done {
@@ -337,7 +342,7 @@ fn measure_net(
         }
         let (st, _, u) = rx.wait()?;
         wall = t0.elapsed();
-        read1 = dev_read_bytes();
+        dev_read = dev_read_since(read0);
         (st.success(), u)
     };
     let wire: u64 = proxies.iter().map(|p| p.settle(Duration::from_secs(5))).sum();
@@ -346,7 +351,6 @@ fn measure_net(
     let error = (!ok).then(|| {
         format!("sender {tx_status}: {}; receiver: {}", tail(&dir.join("sender.err")), tail(&dir.join("receiver.err")))
     });
-    let dev_read = read0.zip(read1).map(|(a, b)| b.saturating_sub(a));
     Ok(Measured {
         wall_s: wall.as_secs_f64(),
         usage: tx_usage.combine(rx_usage),
@@ -362,7 +366,7 @@ fn measure_local(env: &Env, dir: &Path, sources: &[(String, PathBuf)], script: &
     let read0 = dev_read_bytes();
     let t = Tree::spawn(script, Some(&dir.join("sender.out")), &dir.join("sender.err"))?;
     let (st, wall, usage) = t.wait()?;
-    let dev_read = read0.zip(dev_read_bytes()).map(|(a, b)| b.saturating_sub(a));
+    let dev_read = dev_read_since(read0);
     let error = (!st.success()).then(|| format!("{st}: {}", tail(&dir.join("sender.err"))));
     Ok(Measured { wall_s: wall.as_secs_f64(), usage, wire: None, dev_read, ok: st.success(), error })
 }

@@ -19,7 +19,7 @@ pub fn load(path: &Path, chunk_size: u32, disk_size: u64) -> Option<DigestMap> {
     // header word is shifted out in place).
     let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
-    if len != 32 * (ferry_planner::chunk_count(chunk_size, disk_size) + 2) {
+    if len != DigestMap::encoded_len(chunk_size, disk_size) {
         return None;
     }
     let mut words = vec![[0u8; 32]; (len / 32) as usize];

@@ -361,6 +361,12 @@ impl DigestMap {
         [&header[..], digests, &trailer[..]].concat()
     }
 
+    /// Length of [`encode`](Self::encode)'s output for a disk of `disk_size` bytes in
+    /// chunks of `chunk_size`: header, a digest per chunk, trailer.
+    pub fn encoded_len(chunk_size: u32, disk_size: u64) -> u64 {
+        (DIGEST_MAP_HEADER_LEN + DIGEST_MAP_TRAILER_LEN) as u64 + 32 * chunk_count(chunk_size, disk_size)
+    }
+
     /// [`encode`](Self::encode)'s output as its three parts, the digests not copied:
     /// header, digests, trailer (the BLAKE3 of the first two: the map's hash).
     pub fn encoded_parts(&self) -> ([u8; DIGEST_MAP_HEADER_LEN], &[u8], Digest) {
@@ -527,6 +533,7 @@ mod tests {
             assert_eq!(trailer, m.map_hash());
             out.extend_from_slice(&trailer);
             assert_eq!(out, m.encode(), "size {size}");
+            assert_eq!(out.len() as u64, DigestMap::encoded_len(K64, size), "size {size}");
             assert_eq!(DigestMap::decode("x", &out).unwrap().into_digests(), m.digests().to_vec());
             // As 32-byte words, the allocation kept: the same map, and the same refusals.
             let words: Vec<Digest> = out.chunks_exact(32).map(|w| w.try_into().unwrap()).collect();

@@ -275,9 +275,8 @@ impl TargetSession<'_> {
     fn run(&mut self, rx: &mut crate::conn::Rx, report: &mut SessionReport) -> Result<()> {
         loop {
             // Once a pipeline runs, data payloads go straight into its buffers.
-            let pool = self.inner.as_ref().and_then(|a| a.pipeline.as_ref()).map(|p| p.pool.clone());
-            let received = match &pool {
-                Some(pool) => rx.next_received(pool, &self.conn),
+            let received = match self.inner.as_ref().and_then(|a| a.pipeline.as_ref()) {
+                Some(p) => rx.next_received(&p.pool, &self.conn),
                 None => rx.next_frame().map(|f| f.map(Received::Frame)),
             };
             let frame = match received {

@@ -35,6 +35,8 @@ pub const HEADER_LEN: u64 = 64;
 pub const RECORD_HEAD_LEN: usize = 56;
 /// Record flag: the old contents were all zero (no data stored).
 pub const FLAG_ZERO: u32 = 1;
+/// 4 KiB, the smallest page size: the page cache drops only whole pages of the real size.
+const PAGE: u64 = 4096;
 
 fn check8(b: &[u8]) -> u64 {
     let h = blake3::hash(b);
@@ -130,7 +132,7 @@ impl UndoWriter {
             end,
             appended: 0,
             synced: 0,
-            uncached: end & !4095,
+            uncached: end & !(PAGE - 1),
             saved,
             index_of: HashMap::new(),
         })
@@ -237,7 +239,7 @@ impl UndoWriter {
             // (there is none for a regular file) would change nothing that matters.
             unsafe { libc::posix_fadvise(self.raw_fd(), self.uncached as libc::off_t, len, libc::POSIX_FADV_DONTNEED) };
             // A partial last page stays (and is dropped with the next round's).
-            self.uncached = end & !4095;
+            self.uncached = end & !(PAGE - 1);
         }
     }
 
