@@ -123,6 +123,28 @@ fn size_not_a_multiple_of_the_chunk_size_counts_the_short_last_chunk() {
     assert_eq!(std::fs::metadata(ds.join("vm1/disks/odd.img.img")).unwrap().len(), size);
 }
 
+/// A first copy is written with O_DIRECT where the file system allows it: gigabytes go to the
+/// target's disk without filling its page cache.
+#[test]
+fn a_full_copy_is_written_around_the_page_cache() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let probe = dir.path().join("probe");
+    let direct = std::fs::OpenOptions::new().create(true).write(true).custom_flags(libc::O_DIRECT).open(&probe);
+    if on_tmpfs(dir.path()) || direct.is_err() {
+        eprintln!("skipped: {} is on tmpfs or refuses O_DIRECT ({direct:?})", dir.path().display());
+        return;
+    }
+    let img = dir.path().join("d0.img");
+    write_image(&img, 32 * MIB, 21, &[Fill::Random]);
+    let ds = dir.path().join("ds");
+    replicate(&p(&ds), "vm1", &[named("d0", &img)], &["--chunk-size", "64K"]).expect_code(0);
+    let (cached, pages) = cached_pages(&ds.join("vm1").join("disks").join("d0.img"));
+    assert_eq!(pages as u64, 32 * MIB / 4096);
+    assert!(cached < pages / 100, "{cached} of {pages} pages of the replica cached after its full copy");
+    assert_replica_equals(&ds, "vm1", "d0", &img);
+}
+
 #[test]
 fn zero_byte_and_one_byte_disks_replicate_exactly() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,15 +15,17 @@ use std::sync::OnceLock;
 pub fn ferry_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "ferry", "--locked"])
-            .status()
-            .expect("run cargo build -p ferry");
-        assert!(st.success(), "building the ferry binary failed");
-        // target/debug/deps/e2e-HASH -> target/debug/ferry
+        // target/debug/deps/e2e-HASH -> target/debug/ferry (target/release/... for `--release`)
         let exe = std::env::current_exe().expect("current exe");
         let dir = exe.parent().and_then(Path::parent).expect("target/debug");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "ferry", "--locked"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let st = build.status().expect("run cargo build -p ferry");
+        assert!(st.success(), "building the ferry binary failed");
         let bin = dir.join("ferry");
         assert!(bin.exists(), "no ferry binary at {}", bin.display());
         // Digest maps cached by the previous run of the tests (see `ferry()`).
@@ -221,6 +223,34 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
 pub fn allocated_bytes(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).expect("stat").blocks() * 512
+}
+
+/// Pages of the file at `p` in the page cache, and its pages in all (mincore over a mapping).
+pub fn cached_pages(p: &Path) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(p).expect("open");
+    let len = f.metadata().expect("stat").len() as usize;
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a read-only shared mapping of a file held open, unmapped before return; mincore
+    // writes one byte per page into `vec`, which has room for every page.
+    unsafe {
+        let m = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(m, libc::MAP_FAILED, "mmap {}", p.display());
+        assert_eq!(libc::mincore(m, len, vec.as_mut_ptr()), 0, "mincore {}", p.display());
+        libc::munmap(m, len);
+    }
+    (vec.iter().filter(|&&b| b & 1 != 0).count(), pages)
+}
+
+/// True when `p` is on a tmpfs, whose page cache is the files themselves.
+pub fn on_tmpfs(p: &Path) -> bool {
+    // SAFETY: an all-zero statfs is a valid value of the plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path without NUL");
+    // SAFETY: a NUL-terminated path and a struct statfs for the kernel to fill.
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0, "statfs {}", p.display());
+    st.f_type == libc::TMPFS_MAGIC
 }
 
 /// The bytes of `image`'s holes that a file source skips instead of reading:
