@@ -1491,7 +1491,14 @@ impl Writer {
                 })?;
                 let d = self.disks.get_mut(&o.disk).ok_or_else(|| MoveError::Config(format!("no disk {}", o.disk)))?;
                 // A chunk saved meanwhile (its data's own read and this one) keeps its first record.
-                d.undo.as_mut().expect("old contents are read for an undo file").append(o.chunk, &c.buf[..n])?;
+                let u = d.undo.as_mut().expect("old contents are read for an undo file");
+                // The digest map is consistent with the image (see `old_contents`): a chunk it
+                // knows, of the length read, needs no hashing for its record. Old zeros were
+                // not read at all, so a known digest here is not that of zeros.
+                match d.digests.get(o.chunk).filter(|_| d.digests.chunk_len(o.chunk) as usize == n) {
+                    Some(digest) => u.append_hashed(o.chunk, &c.buf[..n], digest)?,
+                    None => u.append(o.chunk, &c.buf[..n])?,
+                }
                 if let Some(w) = o.write {
                     self.held.push(w);
                 }

@@ -149,6 +149,19 @@ impl UndoWriter {
         self.append_record(chunk, data.len() as u32, digest, (!zero).then_some(data))
     }
 
+    /// Append the old contents of `chunk`, `data`, whose BLAKE3 is known to be `digest` (the
+    /// replica's digest map holds it) and is not that of zeros: nothing is hashed again. A
+    /// wrong digest makes the record, and every record after it, unreadable (the reader takes
+    /// it for a torn tail), so the caller must know it. A chunk saved already keeps its first
+    /// record: nothing is appended.
+    pub fn append_hashed(&mut self, chunk: u64, data: &[u8], digest: [u8; 32]) -> Result<()> {
+        if self.saved.contains_key(&chunk) {
+            return Ok(());
+        }
+        debug_assert_eq!(blake3::hash(data).as_bytes(), &digest, "old contents of chunk {chunk}");
+        self.append_record(chunk, data.len() as u32, digest, Some(data))
+    }
+
     /// Append a record for a chunk whose old contents are known to be `len`
     /// zero bytes (the replica's digest map says so), without reading them.
     pub fn append_zero(&mut self, chunk: u64, len: u32, zero_digest: [u8; 32]) -> Result<()> {
@@ -377,6 +390,27 @@ mod tests {
         let w = UndoWriter::open(dir.path(), 3, "d", 65536, 300_000).unwrap();
         assert_eq!(w.saved.len(), 2);
         assert_eq!(std::fs::metadata(&p).unwrap().len(), r.valid_end);
+    }
+
+    #[test]
+    fn a_record_appended_with_its_known_digest_reads_back_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = UndoWriter::open(dir.path(), 2, "d", 65536, 1 << 20).unwrap();
+        let old: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8 + 1).collect();
+        let digest = *blake3::hash(&old).as_bytes();
+        w.append_hashed(3, &old, digest).unwrap();
+        let end = w.end();
+        w.append_hashed(3, &[9u8; 65536], *blake3::hash(&[9u8; 65536]).as_bytes()).unwrap();
+        assert_eq!(w.end(), end, "a chunk saved already keeps its first record");
+        w.sync().unwrap();
+        drop(w);
+        let r = UndoReader::open(&undo_path(dir.path(), 2, "d")).unwrap();
+        assert!(!r.torn);
+        let loc = r.records[&3];
+        assert_eq!((loc.len, loc.zero, loc.digest), (65536, false, digest));
+        let mut buf = vec![0u8; 65536];
+        r.read(&loc, &mut buf).unwrap();
+        assert_eq!(buf, old);
     }
 
     #[test]
