@@ -228,6 +228,14 @@ struct Tally {
 
 const KILL_OPTS: [&str; 4] = ["--retry-for", "0", "--checkpoint-every", "256K"];
 
+/// A killed source must still be sending: the 9 MiB or so a session puts on the wire fit in the
+/// loopback socket buffers, and a source that has sent its Commit leaves the target to finish the
+/// point without it. zstd at level 19 makes the source the slow end of the session (about
+/// 35 MiB/s here, several times slower than the target), so kills by the target's progress land
+/// while it still reads and sends. Without it a cbt session sent everything before the target
+/// made its first checkpoints, and 8 of 10 kills came too late.
+const SLOW_SOURCE: [&str; 2] = ["--compress", "zstd:19"];
+
 /// Kill `victim` at `cases` seeded random moments of a full session (on an
 /// empty datastore) or an incremental session in `mode` (digest, or cbt with the
 /// exact change list: its chunks are announced to the target, which saves their old
@@ -285,6 +293,9 @@ fn kill_at_random_moments(victim: Victim, incremental: Option<&str>, cases: usiz
     let args_for = |url: &str| -> Vec<String> {
         let mut extra: Vec<&str> = KILL_OPTS.to_vec();
         extra.extend(&mode);
+        if victim == Victim::Source {
+            extra.extend(SLOW_SOURCE);
+        }
         extra.extend(["--token-file", &tok]);
         replicate_args(url, "vm1", &src, &extra)
     };
@@ -295,7 +306,8 @@ fn kill_at_random_moments(victim: Victim, incremental: Option<&str>, cases: usiz
     //
     // A source, though, runs ahead of the target by what the socket buffers hold (megabytes on
     // loopback), and once its Commit is sent the target completes the point without it. So it
-    // gets a 16 MiB disk and is killed in the first 35% of the target's progress: still sending.
+    // gets a 16 MiB disk, is slowed down (SLOW_SOURCE) and is killed in the first 35% of the
+    // target's progress: still sending.
     let chunks = std::fs::metadata(&src).unwrap().len().div_ceil(CHUNK);
     let mut rng = Rng::new(seed);
     let mut tally = Tally::default();
@@ -350,16 +362,18 @@ fn kill_at_random_moments(victim: Victim, incremental: Option<&str>, cases: usiz
             first.code,
             std::fs::read_to_string(ds.join("vm1/session.json")).unwrap_or_default().replace(char::is_whitespace, "")
         );
-        match (&ids, committed, interrupted) {
-            (None, _, _) => tally.not_started += 1,
-            (_, true, _) => tally.committed += 1,
-            (_, false, true) => tally.interrupted += 1,
+        let outcome = match (&ids, committed, interrupted) {
+            (None, _, _) => &mut tally.not_started,
+            (_, true, _) => &mut tally.committed,
+            (_, false, true) => &mut tally.interrupted,
             (Some(ids), false, false) => {
                 // Opened, but nothing of the session is recorded: it did not get that far.
                 assert_eq!(ids, &prev_ids, "{ctx}");
-                tally.not_started += 1;
+                &mut tally.not_started
             }
-        }
+        };
+        *outcome += 1;
+        eprintln!("{ctx}: committed {committed}, interrupted {interrupted}");
         if victim == Victim::Target {
             server = Server::start(&ds, &token, &[]);
         }
