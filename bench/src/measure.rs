@@ -216,29 +216,24 @@ pub fn group_pids(pgid: u32) -> Vec<u32> {
 }
 
 /// Waits until every port in `ports` is in LISTEN state in the network
-/// namespace of some process of the tree led by `pid` (read from
-/// /proc/PID/net/tcp{,6}, so nothing connects to a one-shot listener such as
-/// `nc -l`; `ip netns exec` forks, so the whole process group is looked at).
+/// namespace of some process of the tree led by `pid`, on a socket that a
+/// process of the tree holds (read from /proc/PID/net/tcp{,6} and
+/// /proc/PID/fd, so nothing connects to a one-shot listener such as `nc -l`;
+/// `ip netns exec` forks, so the whole process group is looked at). A port
+/// someone else listens on does not count: the receiver may have failed to
+/// bind it.
 pub fn wait_listening(pid: u32, ports: &[u16], timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
+        let pids = group_pids(pid);
         let mut text = String::new();
-        for p in group_pids(pid) {
+        for p in &pids {
             for f in ["tcp", "tcp6"] {
                 text.push_str(&std::fs::read_to_string(format!("/proc/{p}/net/{f}")).unwrap_or_default());
             }
         }
-        let listening: Vec<u16> = text
-            .lines()
-            .filter_map(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                if cols.get(3) != Some(&"0A") {
-                    return None;
-                }
-                let port = cols.get(1)?.rsplit(':').next()?;
-                u16::from_str_radix(port, 16).ok()
-            })
-            .collect();
+        let held = socket_inodes(&pids);
+        let listening = listening_ports(&text, &held);
         if ports.iter().all(|p| listening.contains(p)) {
             return Ok(());
         }
@@ -247,6 +242,36 @@ pub fn wait_listening(pid: u32, ports: &[u16], timeout: Duration) -> Result<()> 
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Inodes of the sockets the processes `pids` hold open (/proc/PID/fd links `socket:[N]`).
+fn socket_inodes(pids: &[u32]) -> std::collections::HashSet<u64> {
+    let mut v = std::collections::HashSet::new();
+    for p in pids {
+        let Ok(rd) = std::fs::read_dir(format!("/proc/{p}/fd")) else { continue };
+        for e in rd.flatten() {
+            let Ok(link) = std::fs::read_link(e.path()) else { continue };
+            let link = link.to_string_lossy();
+            if let Some(n) = link.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                v.extend(n.parse::<u64>().ok());
+            }
+        }
+    }
+    v
+}
+
+/// Ports in LISTEN state (st 0A) in /proc/net/tcp{,6} `text` whose socket inode is in `held`.
+fn listening_ports(text: &str, held: &std::collections::HashSet<u64>) -> Vec<u16> {
+    text.lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            if cols.get(3) != Some(&"0A") || !held.contains(&cols.get(9)?.parse::<u64>().ok()?) {
+                return None;
+            }
+            let port = cols.get(1)?.rsplit(':').next()?;
+            u16::from_str_radix(port, 16).ok()
+        })
+        .collect()
 }
 
 /// A free TCP port on 127.0.0.1 (bound then released).
@@ -268,5 +293,35 @@ mod tests {
         assert!(u.user_s + u.sys_s > 0.0 && u.max_rss_bytes > 0);
         assert_eq!(sh_quote("a b'c"), r"'a b'\''c'");
         assert_eq!(sh_quote("/x/y.img"), "/x/y.img");
+    }
+
+    #[test]
+    fn only_a_port_the_tree_listens_on_counts() {
+        let dir = crate::scratch::ScratchDir::new("listen-test").unwrap();
+        // This process listens on `ours`; the tree is a shell that listens on nothing.
+        let ours = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = ours.local_addr().unwrap().port();
+        let t = Tree::spawn("exec sleep 30", None, &dir.path().join("e")).unwrap();
+        let e = wait_listening(t.pid(), &[port], Duration::from_millis(300)).unwrap_err();
+        assert_eq!(e.to_string(), format!("receiver (pid {}) did not listen on ports [{port}] within 300ms", t.pid()));
+        t.signal(libc::SIGKILL);
+        let _ = t.wait();
+        // A tree that does listen: nc, as the bench's nc receivers run it.
+        drop(ours);
+        let t =
+            Tree::spawn(&format!("exec nc -d -l 127.0.0.1 {port} > /dev/null"), None, &dir.path().join("e2")).unwrap();
+        wait_listening(t.pid(), &[port], Duration::from_secs(10)).unwrap();
+        t.signal(libc::SIGKILL);
+        let _ = t.wait();
+    }
+
+    #[test]
+    fn listening_ports_reads_state_and_inode() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0
+   1: 0100007F:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4243 1 0
+   2: 0100007F:1F92 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4244 1 0";
+        let held: std::collections::HashSet<u64> = [4242, 4244].into();
+        assert_eq!(listening_ports(text, &held), vec![0x1F90]);
     }
 }

@@ -46,6 +46,7 @@ impl Proxy {
         let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, rx) = sync_channel::<Result<u16>>(1);
         let (b2, s2, c2) = (bytes.clone(), stop.clone(), conns.clone());
+        let here = netns.is_none();
         let accept = std::thread::Builder::new().name("proxy-accept".into()).spawn(move || {
             let listener = match bind_in(listen, netns) {
                 Ok(l) => l,
@@ -54,6 +55,10 @@ impl Proxy {
                     return;
                 }
             };
+            if here && listener.local_addr().is_ok_and(|a| a == upstream) {
+                let _ = tx.send(Err(anyhow!("proxy on {upstream} would relay to itself")));
+                return;
+            }
             let _ = tx.send(Ok(listener.local_addr().map(|a| a.port()).unwrap_or(0)));
             while !s2.load(Ordering::Relaxed) {
                 if !readable(&listener, Duration::from_millis(100)) {
@@ -282,5 +287,12 @@ mod tests {
         assert_eq!(back, vec![7u8; 10]);
         assert!(t0.elapsed() >= Duration::from_millis(60), "round trip {:?}", t0.elapsed());
         assert_eq!(p.settle(Duration::from_secs(5)), 100_010);
+    }
+
+    #[test]
+    fn a_proxy_never_relays_to_itself() {
+        let free = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let e = Proxy::start(free, free, Duration::ZERO, None).unwrap_err();
+        assert_eq!(e.to_string(), format!("proxy on {free} would relay to itself"));
     }
 }

@@ -295,12 +295,18 @@ fn measure_net(
     sender: &dyn Fn(&[u16]) -> String,
     daemon_done: Option<&dyn Fn() -> bool>,
 ) -> Result<Measured> {
-    let back: Vec<u16> = (0..nports).map(|_| free_port()).collect::<Result<_>>()?;
+    // The receiver's ports stay bound here until the proxies listen: a port released at once could
+    // be handed to a proxy's port 0, and that proxy would relay to itself while the receiver
+    // failed to bind (CI hung on it once).
+    let held: Vec<std::net::TcpListener> =
+        (0..nports).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
+    let back: Vec<u16> = held.iter().map(|l| Ok(l.local_addr()?.port())).collect::<Result<_>>()?;
     let mut proxies = Vec::new();
     for b in &back {
         let up: SocketAddr = format!("{}:{b}", net.host).parse()?;
         proxies.push(Proxy::start("127.0.0.1:0".parse()?, up, net.delay, net.proxy_ns.clone())?);
     }
+    drop(held);
     let front: Vec<u16> = proxies.iter().map(|p| p.port).collect();
     let rx_script = in_ns(&net.dst_prefix, receiver(&back));
     let rx = Tree::spawn(&rx_script, Some(&dir.join("receiver.out")), &dir.join("receiver.err"))?;
