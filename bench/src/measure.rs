@@ -276,7 +276,14 @@ fn listening_ports(text: &str, held: &std::collections::HashSet<u64>) -> Vec<u16
 
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(reserved_port()?.1)
+}
+
+/// A TCP port on 127.0.0.1 held by the returned listener until it is dropped.
+pub fn reserved_port() -> Result<(std::net::TcpListener, u16)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    Ok((l, port))
 }
 
 #[cfg(test)]

@@ -55,11 +55,12 @@ impl Proxy {
                     return;
                 }
             };
-            if here && listener.local_addr().is_ok_and(|a| a == upstream) {
+            let addr = listener.local_addr();
+            if here && addr.as_ref().is_ok_and(|a| *a == upstream) {
                 let _ = tx.send(Err(anyhow!("proxy on {upstream} would relay to itself")));
                 return;
             }
-            let _ = tx.send(Ok(listener.local_addr().map(|a| a.port()).unwrap_or(0)));
+            let _ = tx.send(Ok(addr.map(|a| a.port()).unwrap_or(0)));
             while !s2.load(Ordering::Relaxed) {
                 if !readable(&listener, Duration::from_millis(100)) {
                     continue;

@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::ext4;
-use crate::measure::{free_port, sh_quote, shq, wait_listening, Tree, TreeUsage};
+use crate::measure::{free_port, reserved_port, sh_quote, shq, wait_listening, Tree, TreeUsage};
 use crate::mutate::{self, extent_bytes, Placement};
 use crate::netns::{self, Wan};
 use crate::proxy::Proxy;
@@ -298,9 +298,8 @@ fn measure_net(
     // The receiver's ports stay bound here until the proxies listen: a port released at once could
     // be handed to a proxy's port 0, and that proxy would relay to itself while the receiver
     // failed to bind (CI hung on it once).
-    let held: Vec<std::net::TcpListener> =
-        (0..nports).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
-    let back: Vec<u16> = held.iter().map(|l| Ok(l.local_addr()?.port())).collect::<Result<_>>()?;
+    let held: Vec<_> = (0..nports).map(|_| reserved_port()).collect::<Result<_>>()?;
+    let back: Vec<u16> = held.iter().map(|(_, port)| *port).collect();
     let mut proxies = Vec::new();
     for b in &back {
         let up: SocketAddr = format!("{}:{b}", net.host).parse()?;
