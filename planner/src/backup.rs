@@ -1,6 +1,6 @@
 //! Replica from backup: restore points of backup repositories, which of them
 //! to replicate, and what changed between two of them. Pure logic: the mover
-//! (`ferry_mover::backup`) lists the repositories and reads the images.
+//! (`ferry_backup::repo`) lists the repositories and reads the images.
 //!
 //! # Repositories
 //! - A ferry datastore (it has `ferry-datastore.json`): each replica is a VM

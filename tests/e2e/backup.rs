@@ -409,7 +409,7 @@ fn interrupted_session_finishes_its_point_first_on_a_remote_target() {
 }
 
 fn interrupted_session(remote: bool) {
-    use ferry_mover::target::datastore::{Datastore, SessionState};
+    use ferry_datastore::store::{Datastore, SessionState};
     if !have_qemu() {
         return;
     }
@@ -431,7 +431,7 @@ fn interrupted_session(remote: bool) {
         let store = Datastore::open(&ds).unwrap();
         let r = store.lock_replica("web1-dr", "test", 0, 0).unwrap();
         r.write_session(&SessionState {
-            version: ferry_mover::target::datastore::DATASTORE_VERSION,
+            version: ferry_datastore::store::DATASTORE_VERSION,
             session_id: "00".repeat(16),
             point_time_ns: ferry_planner::time::parse_rfc3339(t).unwrap(),
             started_ns: 0,

@@ -6,10 +6,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_mover::buf::BufPool;
-use ferry_mover::conn::{client_handshake, server_handshake, Conn, Received, Rx, Sock};
-use ferry_mover::target::datastore::Datastore;
-use ferry_mover::MoveError;
+use ferry_datastore::Datastore;
+use ferry_io::BufPool;
+use ferry_replicate::conn::{client_handshake, server_handshake, Conn, Received, Rx, Sock};
+use ferry_replicate::MoveError;
 use ferry_tests::*;
 use ferry_wire::{
     Codec, Data, ErrorCode, Event, Flush, Frame, Mode, OpenDisk, OpenReplica, ReplicaOpened, ResumeInfo, WireError,
@@ -329,7 +329,7 @@ fn raw_session(server: &Server, token: &Path, replica: &str) -> (Arc<Conn>, Rx, 
     let addr = server.url.strip_prefix("ferry://").unwrap().to_string();
     let stream = std::net::TcpStream::connect(&addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let auth = Arc::new(ferry_mover::auth::TokenAuth::from_file(token).unwrap());
+    let auth = Arc::new(ferry_replicate::auth::TokenAuth::from_file(token).unwrap());
     let (conn, mut rx, _) = client_handshake(Sock::Tcp(stream), &addr, auth).unwrap();
     conn.send(&Frame::OpenReplica(OpenReplica {
         replica: replica.into(),
@@ -488,7 +488,8 @@ fn wrong_token_is_refused_and_creates_nothing() {
     let ds = dir.path().join("ds");
     let server = Server::start(&ds, &right, &[]);
     let r = replicate(&server.url, "vm1", &[p(&img)], &["--token-file", &p(&wrong)]);
-    r.expect_code(1);
+    // Exit 2: a retry with the same token will not help.
+    r.expect_code(2);
     let addr = server.url.strip_prefix("ferry://").unwrap();
     assert!(r.stderr.contains(&format!("{addr}: peer reported authentication failed")), "stderr: {}", r.stderr);
     assert_eq!(r.summary()["status"], "failed");
@@ -635,7 +636,8 @@ fn second_writer_to_a_replica_is_refused() {
     let busy = "replica \"vm1\" is in use by another session (locked by test holder); try again when it has finished";
     for target in [p(&ds), server.url.clone()] {
         let r = replicate(&target, "vm1", &[p(&img)], &["--token-file", &p(&token)]);
-        r.expect_code(1);
+        // Exit 4: busy, try later (not 1, "failed", or 2, "fix the configuration").
+        r.expect_code(4);
         assert!(r.stderr.contains(busy), "{target}: {}", r.stderr);
         assert_eq!(r.summary()["status"], "failed");
     }
@@ -749,7 +751,7 @@ fn validated(conn: &Conn, rx: &mut Rx) -> Frame {
 fn open_pair(cs: usize) -> (Arc<Conn>, Rx, std::os::unix::net::UnixStream, (Arc<Conn>, Rx)) {
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
     let raw = a.try_clone().unwrap();
-    let auth = Arc::new(ferry_mover::auth::TokenAuth::new(b"dribble"));
+    let auth = Arc::new(ferry_replicate::auth::TokenAuth::new(b"dribble"));
     let server = {
         let auth = auth.clone();
         std::thread::spawn(move || server_handshake(Sock::Unix(b), "source", auth).unwrap())

@@ -2,6 +2,7 @@
 
 mod backup;
 mod datapath;
+mod exit_codes;
 mod faults;
 mod incremental;
 mod map_cache;

@@ -154,7 +154,8 @@ fn a_disk_larger_than_its_export_is_refused_and_nothing_is_written() {
     let srv = QemuNbd::start(&qcow2, &sock, &[]);
     place(&ds, &srv.uri);
     let r = replicate(s(&ds), &src, &[]);
-    r.expect_code(1);
+    // Exit 2: the export must be grown before a retry can help.
+    r.expect_code(2);
     let want = format!(
         "disk \"d0\" is 8388608 bytes but its NBD export {} has only 4194304 bytes; ferry cannot resize an \
          export: grow the image behind it (for example `qemu-img resize -f qcow2 IMAGE 8388608`) and restart \
@@ -270,7 +271,8 @@ fn a_read_only_export_is_refused() {
     let r = replicate(s(&ds), &src, &[]);
     let _ = child.kill();
     let _ = child.wait();
-    r.expect_code(1);
+    // Exit 2: the export must be served writable before a retry can help.
+    r.expect_code(2);
     let want = format!("disk \"d0\": the NBD export {uri} (named in {}) is read-only", s(&ds.join("vm/disks/d0.nbd")));
     assert!(r.stderr.contains(&want), "{}", r.stderr);
 }

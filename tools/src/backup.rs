@@ -1,57 +1,19 @@
-//! `ferry replicate --from-backup`: replica from the restore points of backup
-//! repositories (see docs/BACKUP.md). Each backup point becomes one replica
-//! point carrying the backup's point time.
+//! `ferry replicate --from-backup` and `ferry plan --from-backup`: flags into
+//! a [`BackupJob`], the job run by ferry-backup, its events printed (see
+//! docs/BACKUP.md).
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use anyhow::anyhow;
-use ferry_mover::source::{JobEvent, JobReport, ReplicateConfig};
-use ferry_mover::target::datastore::Datastore;
-use ferry_mover::TargetSpec;
-use ferry_planner::backup as plan;
+use ferry_backup::job::{self, BackupJob, BackupObserver, BackupOutcome, NOTHING_NEW};
+use ferry_planner::backup::BackupPoint;
+use ferry_replicate::source::{JobEvent, JobReport, Observer};
 
-use crate::report::{self, JobObserver, JsonObserver, Status, TextObserver};
+use crate::report::{self, JobObserver, Status};
 use crate::time::format_rfc3339;
-use crate::{replicate_config, run_job, serve_config, usage, ReplicateArgs};
+use crate::{job_observer, parse_duration, replicate_config, target, usage, ReplicateArgs, EXIT_OK, EXIT_WARNING};
 
-/// The message of a run that found nothing new (exit 3).
-pub const NOTHING_NEW: &str = "latest restore point already replicated";
-
-/// What a local replica holds: its latest restore point (id, point time),
-/// and the point time of an interrupted session, if any.
-type ReplicaState = (Option<(u64, i64)>, Option<i64>);
-
-fn replica_state(
-    a: &ReplicateArgs,
-    spec: &TargetSpec,
-    serve_cfg: &ferry_mover::target::ServeConfig,
-) -> anyhow::Result<ReplicaState> {
-    let replica = a.replica.as_str();
-    let dir = match spec {
-        TargetSpec::Local(dir) => dir,
-        TargetSpec::Remote(_) => {
-            // A plan-only session: the target answers without changing anything.
-            let c = ferry_mover::connect(spec, a.token_file.as_deref(), serve_cfg, false)?;
-            let info = ferry_mover::source::replica_info(c.sock, &c.peer, c.auth, replica)?;
-            if let Some(h) = c.local {
-                let _ = h.join();
-            }
-            let latest = (info.latest_point > 0).then_some((info.latest_point, info.latest_point_time_ns));
-            return Ok((latest, info.interrupted.then_some(info.pending_point_time_ns)));
-        }
-    };
-    if !dir.join("ferry-datastore.json").exists() || !dir.join(replica).join("replica.json").exists() {
-        return Ok((None, None));
-    }
-    let ds = Datastore::open(dir)?;
-    let r = ds.replica(replica)?;
-    let latest = r.catalog()?.points.last().map(|p| (p.id, p.point_time_ns));
-    Ok((latest, r.session()?.map(|s| s.point_time_ns)))
-}
-
-/// Flag checks shared by `replicate` and `plan`; returns the VM.
-fn check_args(a: &ReplicateArgs) -> anyhow::Result<String> {
+/// Flag checks shared by `replicate` and `plan`, then the job.
+fn backup_job(a: &ReplicateArgs) -> anyhow::Result<BackupJob> {
     if !a.sources.is_empty() {
         return Err(usage(
             "--source and --from-backup exclude each other: replicate either from disks (--source) or from the \
@@ -70,170 +32,126 @@ fn check_args(a: &ReplicateArgs) -> anyhow::Result<String> {
              --point-time",
         ));
     }
-    Ok(vm)
+    Ok(BackupJob {
+        repos: a.from_backup.clone(),
+        vm,
+        catch_up: a.catch_up,
+        base: replicate_config(a)?,
+        retry_for: parse_duration(&a.retry_for)?,
+    })
 }
 
 /// `ferry plan --from-backup ...`: the points that would be replicated and, for each, what would move.
-/// Later points are planned against the replica as it is now (their cbt extents are exact; digest
-/// figures are measured against the replica's current state).
 pub fn plan_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
-    let vm = check_args(&a)?;
-    let base = replicate_config(&a)?;
-    let spec = TargetSpec::parse(&a.target)?;
-    let (latest, _pending) = replica_state(&a, &spec, &serve_config(&a.io)?)?;
-    let inv = ferry_mover::backup::scan(&a.from_backup)?;
-    let mut latest_ns = latest.map(|l| l.1);
-    let chosen: Vec<plan::BackupPoint> = plan::select(&inv.points, &vm, latest_ns, a.catch_up)
-        .map_err(|e| ferry_mover::MoveError::Config(e.to_string()))?
-        .into_iter()
-        .cloned()
-        .collect();
-    if chosen.is_empty() {
-        if a.json {
-            report::print_json(&serde_json::json!({"event": "warning", "message": NOTHING_NEW}));
-        } else {
-            eprintln!("warning: {NOTHING_NEW}");
+    let job = backup_job(&a)?;
+    let obs =
+        PlanLog { json: a.json, vm: job.vm.clone(), base: job.base.clone(), warnings: report::WarningsOnly::default() };
+    match job::plan(&job, &target(&a)?, &obs)? {
+        BackupOutcome::NothingNew { .. } => {
+            if a.json {
+                report::print_json(&serde_json::json!({"event": "warning", "message": NOTHING_NEW}));
+            } else {
+                eprintln!("warning: {NOTHING_NEW}");
+            }
+            Ok(ExitCode::from(EXIT_WARNING))
         }
-        return Ok(ExitCode::from(3));
+        BackupOutcome::Done(_) => Ok(ExitCode::from(if obs.warnings.warned() { EXIT_WARNING } else { EXIT_OK })),
     }
-    let mut warned = false;
-    for (i, p) in chosen.iter().enumerate() {
-        let prepared = ferry_mover::backup::prepare(&inv, p, latest_ns)?;
-        let mut cfg: ReplicateConfig = base.clone();
-        cfg.disks = prepared.disks.clone();
-        cfg.point_time_ns = p.time_ns;
-        cfg.plan_only = true;
-        if i > 0 {
-            // The replica is not at this point's base yet: checking the change list against it would fail.
-            cfg.verify_samples = 0;
-        }
-        if a.json {
+}
+
+/// Prints each planned point.
+struct PlanLog {
+    json: bool,
+    vm: String,
+    base: ferry_replicate::source::ReplicateConfig,
+    warnings: report::WarningsOnly,
+}
+
+impl Observer for PlanLog {
+    fn event(&self, e: &JobEvent) {
+        self.warnings.event(e);
+    }
+}
+
+impl BackupObserver for PlanLog {
+    fn point_start(&self, p: &BackupPoint, how: &str, _index: usize, _count: usize) {
+        if self.json {
             report::print_json(&serde_json::json!({
-                "event": "backup_point", "backup_point": p.label(), "vm": vm,
-                "point_time": format_rfc3339(p.time_ns), "moves": prepared.how,
+                "event": "backup_point", "backup_point": p.label(), "vm": self.vm,
+                "point_time": format_rfc3339(p.time_ns), "moves": how,
             }));
         } else {
-            println!(
-                "restore point {} of VM {vm:?} ({}): moves {}",
-                p.label(),
-                format_rfc3339(p.time_ns),
-                prepared.how
-            );
+            println!("restore point {} of VM {:?} ({}): moves {how}", p.label(), self.vm, format_rfc3339(p.time_ns));
         }
-        let c = ferry_mover::connect(&spec, a.token_file.as_deref(), &serve_config(&a.io)?, false)?;
-        let obs = report::WarningsOnly::default();
-        let r = ferry_mover::source::replicate(c.sock, &c.peer, c.auth, &cfg, &obs);
-        let local_error = c.local.and_then(|h| h.join().ok()).and_then(|r| r.error);
-        let rep = r.map_err(|e| crate::with_local(e, local_error))?;
-        report::print_plan(&cfg, &rep, a.json);
-        warned |= obs.warned();
-        latest_ns = Some(p.time_ns);
     }
-    Ok(ExitCode::from(if warned { 3 } else { 0 }))
+
+    fn point_done(&self, _p: &BackupPoint, rep: &JobReport) {
+        report::print_plan(&self.base, rep, self.json);
+    }
 }
 
 /// Run `ferry replicate --from-backup ...`.
 pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
-    let vm = check_args(&a)?;
-    let base = replicate_config(&a)?;
-    let spec = TargetSpec::parse(&a.target)?;
-    let serve_cfg = serve_config(&a.io)?;
-    let obs: Box<dyn JobObserver> = if a.json {
-        Box::new(JsonObserver::default())
-    } else {
-        Box::new(TextObserver::new(std::io::stderr().is_terminal()))
-    };
-    let fail = |e: anyhow::Error| Ok(obs.finish_err(&base, &e));
-    let (latest, pending) = match replica_state(&a, &spec, &serve_cfg) {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
-    let inv = match ferry_mover::backup::scan(&a.from_backup) {
-        Ok(i) => i,
-        Err(e) => return fail(anyhow!(e)),
-    };
-    let mut latest_ns = latest.map(|l| l.1);
-    let mut chosen: Vec<plan::BackupPoint> = match plan::select(&inv.points, &vm, latest_ns, a.catch_up) {
-        Ok(c) => c.into_iter().cloned().collect(),
-        Err(e) => return fail(anyhow!(ferry_mover::MoveError::Config(e.to_string()))),
-    };
-    // An interrupted session resumes where it stopped: it must go on with the same backup point,
-    // or the replica would mix two points. Finish that point first.
-    if let Some(t) = pending.filter(|&t| chosen.first().map(|p| p.time_ns) != Some(t)) {
-        match inv.points.iter().find(|p| p.vm == vm && p.time_ns == t) {
-            Some(p) => {
-                obs.as_observer().event(&JobEvent::Notice(format!(
-                    "replica {:?} has an interrupted session for restore point {} ({}): finishing it first",
-                    a.replica,
-                    p.label(),
-                    format_rfc3339(t)
-                )));
-                chosen.retain(|c| c.time_ns > t);
-                chosen.insert(0, p.clone());
-            }
-            None => {
-                return fail(anyhow!(ferry_mover::MoveError::Config(format!(
-                    "replica {:?} has an interrupted session (point time {}) that is no restore point of VM {vm:?} \
-                     in these repositories: undo it with `ferry points rollback --incomplete --yes` first",
-                    a.replica,
-                    format_rfc3339(t)
-                ))))
-            }
+    let job = backup_job(&a)?;
+    let obs = ReplicateLog { json: a.json, vm: job.vm.clone(), inner: job_observer(a.json) };
+    let outcome = target(&a).and_then(|t| Ok(job::replicate(&job, &t, &obs)?));
+    let base = &job.base;
+    match outcome {
+        Err(e) => Ok(obs.inner.finish_err(base, &e)),
+        Ok(BackupOutcome::NothingNew { latest }) => {
+            let (point_id, point_time_ns) = latest.unwrap_or((0, 0));
+            let rep = JobReport {
+                disks: Vec::new(),
+                duration_s: 0.0,
+                stages: Vec::new(),
+                point_id,
+                point_time_ns,
+                backend: "none".into(),
+                resumed: false,
+                chunk_size: 0,
+                wire_bytes: 0,
+                compress_auto: None,
+            };
+            Ok(obs.inner.finish_ok(base, &rep, Status::Warning))
+        }
+        Ok(BackupOutcome::Done(rep)) => {
+            let status = if obs.inner.warned() { Status::Warning } else { Status::Ok };
+            Ok(obs.inner.finish_ok(base, &rep, status))
         }
     }
-    if chosen.is_empty() {
-        let newest = inv.points.iter().filter(|p| p.vm == vm).map(|p| p.time_ns).max().unwrap_or(0);
-        obs.as_observer().event(&JobEvent::Notice(format!(
-            "VM {vm:?}: the newest backup point is from {}; replica {:?} is at {}",
-            format_rfc3339(newest),
-            a.replica,
-            format_rfc3339(latest_ns.unwrap_or(0))
-        )));
-        obs.as_observer().event(&JobEvent::Warning(NOTHING_NEW.into()));
-        let (point_id, point_time_ns) = latest.unwrap_or((0, 0));
-        let rep = JobReport {
-            disks: Vec::new(),
-            duration_s: 0.0,
-            stages: Vec::new(),
-            point_id,
-            point_time_ns,
-            backend: "none".into(),
-            resumed: false,
-            chunk_size: 0,
-            wire_bytes: 0,
-            compress_auto: None,
-        };
-        return Ok(obs.finish_ok(&base, &rep, Status::Warning));
+}
+
+/// The job's events as `replicate` prints them, plus a line or event per backup point.
+struct ReplicateLog {
+    json: bool,
+    vm: String,
+    inner: Box<dyn JobObserver>,
+}
+
+impl Observer for ReplicateLog {
+    fn event(&self, e: &JobEvent) {
+        self.inner.as_observer().event(e);
     }
-    let n = chosen.len();
-    for (i, p) in chosen.iter().enumerate() {
-        let prepared = match ferry_mover::backup::prepare(&inv, p, latest_ns) {
-            Ok(x) => x,
-            Err(e) => return fail(anyhow!(e)),
-        };
-        obs.as_observer().event(&JobEvent::Notice(format!(
-            "restore point {} of VM {vm:?} ({}), {} of {n}: moving {}",
+}
+
+impl BackupObserver for ReplicateLog {
+    fn point_start(&self, p: &BackupPoint, how: &str, index: usize, count: usize) {
+        self.event(&JobEvent::Notice(format!(
+            "restore point {} of VM {:?} ({}), {} of {count}: moving {how}",
             p.label(),
+            self.vm,
             format_rfc3339(p.time_ns),
-            i + 1,
-            prepared.how
+            index + 1
         )));
-        let mut cfg: ReplicateConfig = base.clone();
-        cfg.disks = prepared.disks.clone();
-        cfg.point_time_ns = p.time_ns;
-        let rep = match run_job(&a, &spec, &serve_cfg, &cfg, obs.as_ref()) {
-            Ok(Ok(rep)) => rep,
-            Ok(Err(e)) => return fail(anyhow!(e)),
-            Err(e) => return fail(e),
-        };
-        drop(prepared);
-        latest_ns = Some(p.time_ns);
+    }
+
+    fn point_done(&self, p: &BackupPoint, rep: &JobReport) {
         let totals = report::totals(&rep.disks);
-        if a.json {
+        if self.json {
             report::print_json(&serde_json::json!({
                 "event": "point_done",
                 "backup_point": p.label(),
-                "vm": vm,
+                "vm": self.vm,
                 "point_id": rep.point_id,
                 "point_time": format_rfc3339(rep.point_time_ns),
                 "totals": totals,
@@ -248,10 +166,5 @@ pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
                 totals.chunks_sent
             );
         }
-        if i + 1 == n {
-            let status = if obs.warned() { Status::Warning } else { Status::Ok };
-            return Ok(obs.finish_ok(&cfg, &rep, status));
-        }
     }
-    unreachable!("the loop returns at its last point")
 }

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use ferry_mover::source::{DiskSpec, JobReport, Quiet, ReplicateConfig};
-use ferry_mover::target::datastore::Datastore;
-use ferry_mover::target::ServeConfig;
+use ferry_datastore::Datastore;
+use ferry_replicate::source::{DiskSpec, JobReport, Quiet, ReplicateConfig};
+use ferry_replicate::target::ServeConfig;
 
 use crate::report::{human_bytes, totals};
 
@@ -54,7 +54,8 @@ fn run_once(
     let cfg = ReplicateConfig::new("demo", vec![spec]);
     eprint!("{label} ... ");
     let _ = std::io::stderr().flush();
-    let rep = ferry_mover::source::replicate(ferry_mover::conn::Sock::Tcp(sock), addr, auth.clone(), &cfg, &Quiet)?;
+    let rep =
+        ferry_replicate::source::replicate(ferry_replicate::conn::Sock::Tcp(sock), addr, auth.clone(), &cfg, &Quiet)?;
     eprintln!("done in {:.2} s", rep.duration_s);
     Ok(rep)
 }
@@ -87,7 +88,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 
     // The real server code on loopback TCP, with token authentication.
     let ds = Datastore::open_or_create(&store)?;
-    let auth: Arc<dyn ferry_wire::Authenticator> = Arc::new(ferry_mover::auth::TokenAuth::ephemeral());
+    let auth: Arc<dyn ferry_wire::Authenticator> = Arc::new(ferry_replicate::auth::TokenAuth::ephemeral());
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     {
@@ -97,8 +98,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
                 let _ = s.set_nodelay(true);
                 let (auth, ds) = (auth.clone(), ds.clone());
                 std::thread::spawn(move || {
-                    ferry_mover::target::serve_connection(
-                        ferry_mover::conn::Sock::Tcp(s),
+                    ferry_replicate::target::serve_connection(
+                        ferry_replicate::conn::Sock::Tcp(s),
                         "demo source",
                         &ds,
                         auth,
@@ -111,7 +112,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let full = run_once(&addr, &auth, &disk, "full replication over TCP")?;
     let out = dir.join("export.img");
-    ferry_mover::target::points::export_point(&ds, "demo", "sample", None, &out)?;
+    ferry_datastore::points::export_point(&ds, "demo", "sample", None, &out)?;
     if !ferry_bench::mutate::files_identical(&disk, &out)? {
         bail!("the replica differs from the source disk: this is a bug, please report it");
     }
@@ -120,7 +121,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let changed = change_one_percent(&disk, size)?;
     eprintln!("changed {changed} blocks of 64 KiB (1%) in the source");
     let incr = run_once(&addr, &auth, &disk, "incremental replication (digest comparison)")?;
-    ferry_mover::target::points::export_point(&ds, "demo", "sample", None, &out)?;
+    ferry_datastore::points::export_point(&ds, "demo", "sample", None, &out)?;
     if !ferry_bench::mutate::files_identical(&disk, &out)? {
         bail!("the replica differs from the source disk after the incremental run: this is a bug, please report it");
     }

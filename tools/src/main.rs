@@ -1,9 +1,16 @@
 //! ferry: the command-line interface.
 //!
-//! Raw flags (clap) are validated into the mover's config types before
-//! anything runs. Exit codes: 0 success, 1 failed, 2 usage or configuration
-//! error, 3 finished with a warning. With `--json`, stdout carries NDJSON
-//! events ending in one `summary` event.
+//! Raw flags (clap) are validated into the libraries' config types before
+//! anything runs; the libraries do the work (ferry-replicate's `Target` runs
+//! and retries jobs and serves, ferry-backup replicates backups); this crate
+//! parses, validates, calls and prints. Exit codes come from the class of an
+//! error (`exit_code_of`): 0 success, 1 failed, 2 usage or configuration, 3
+//! finished with a warning, 4 replica busy. With `--json`, stdout carries
+//! NDJSON events ending in one `summary` event.
+
+// The doc comments of the argument structs are clap's --help text, where
+// `nbd://HOST[:PORT]/EXPORT` is plain text, not an intra-doc link.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 mod backup;
 mod demo;
@@ -17,12 +24,13 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
-use ferry_mover::backend::BackendChoice;
-use ferry_mover::source::{CompressPolicy, DiskSpec, ReplicateConfig};
-use ferry_mover::target::datastore::Datastore;
-use ferry_mover::target::points;
-use ferry_mover::target::ServeConfig;
-use ferry_mover::{MoveError, TargetSpec};
+use ferry_datastore::points;
+use ferry_datastore::Datastore;
+use ferry_io::BackendChoice;
+use ferry_io::ErrorClass;
+use ferry_replicate::source::{CompressPolicy, DiskSpec, ReplicateConfig};
+use ferry_replicate::target::ServeConfig;
+use ferry_replicate::{MoveError, Target, TargetSpec};
 use ferry_wire::Mode;
 
 use report::{JsonObserver, Status, TextObserver};
@@ -266,7 +274,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
         }
     };
     match run(cli) {
@@ -278,27 +286,38 @@ fn main() -> ExitCode {
     }
 }
 
-/// 2 for configuration errors, 1 for everything else.
+/// Exit codes, the contract with schedulers (README.md, "Exit codes").
+pub const EXIT_OK: u8 = 0;
+/// The run failed; a retry may help.
+pub const EXIT_FAILED: u8 = 1;
+/// Usage or configuration: a retry will not help.
+pub const EXIT_USAGE: u8 = 2;
+/// Finished with a warning.
+pub const EXIT_WARNING: u8 = 3;
+/// The replica is busy (another session holds it): try later.
+pub const EXIT_BUSY: u8 = 4;
+
+/// The exit code of an error: its class, from the first typed error in its chain.
 fn exit_code_of(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
-        if let Some(m) = cause.downcast_ref::<MoveError>() {
-            return match m {
-                MoveError::Config(_) | MoveError::BadName(_) => 2,
-                MoveError::File { what, .. }
-                    if what.starts_with("opening source")
-                        || what.starts_with("reading token")
-                        || what.starts_with("reading change list") =>
-                {
-                    2
-                }
-                _ => 1,
-            };
-        }
-        if cause.downcast_ref::<UsageError>().is_some() {
-            return 2;
-        }
+        let class = if let Some(m) = cause.downcast_ref::<MoveError>() {
+            m.class()
+        } else if let Some(s) = cause.downcast_ref::<ferry_datastore::StoreError>() {
+            s.class()
+        } else if let Some(b) = cause.downcast_ref::<ferry_backup::BackupError>() {
+            b.class()
+        } else if cause.downcast_ref::<UsageError>().is_some() {
+            ErrorClass::Usage
+        } else {
+            continue;
+        };
+        return match class {
+            ErrorClass::Failed => EXIT_FAILED,
+            ErrorClass::Usage => EXIT_USAGE,
+            ErrorClass::Busy => EXIT_BUSY,
+        };
     }
-    1
+    EXIT_FAILED
 }
 
 /// A usage error found while validating flags.
@@ -323,7 +342,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Plan(a) => plan(*a),
         Cmd::Points { cmd } => points(cmd),
         Cmd::Token { cmd: TokenCmd::New { out } } => {
-            ferry_mover::auth::write_new_token(&out)?;
+            ferry_replicate::auth::write_new_token(&out)?;
             eprintln!(
                 "wrote a new token to {} (mode 0600); give the same file to `serve` and `replicate`",
                 out.display()
@@ -368,7 +387,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             "ferry serve needs --token-file: create a token with `ferry token new --out PATH` and give the same file to the sources",
         ));
     };
-    let auth: Arc<dyn ferry_wire::Authenticator> = Arc::new(ferry_mover::auth::TokenAuth::from_file(&token_file)?);
+    let auth: Arc<dyn ferry_wire::Authenticator> = Arc::new(ferry_replicate::auth::TokenAuth::from_file(&token_file)?);
     let ds = Datastore::open_or_create(&a.datastore)?;
     let cfg = serve_config(&a.io)?;
     let listener = std::net::TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
@@ -380,23 +399,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         eprintln!("ferry serve: listening on {local}, datastore {}", a.datastore.display());
     }
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("ferry serve: accept failed: {e}");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_else(|_| "unknown".into());
-        let (ds, auth, cfg, json) = (ds.clone(), auth.clone(), cfg.clone(), a.json);
-        std::thread::spawn(move || {
-            let rep =
-                ferry_mover::target::serve_connection(ferry_mover::conn::Sock::Tcp(stream), &peer, &ds, auth, &cfg);
-            report::session_done(&rep, json);
-        });
-    }
+    ferry_replicate::target::serve(listener, ds, auth, cfg, Arc::new(report::ServeLog { json: a.json }))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -411,7 +414,7 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
     };
     let mut disks = Vec::new();
     for s in &a.sources {
-        let (name, path) = ferry_mover::disk::parse_named(s);
+        let (name, path) = ferry_replicate::disk::parse_named(s);
         disks.push(DiskSpec { name, path, mode, cbt: None });
     }
     for c in &a.cbt {
@@ -435,7 +438,7 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
         return Err(usage(format!("--cbt goes with --mode cbt (or auto), not --mode {}", a.mode)));
     }
     let mut cfg = ReplicateConfig::new(&a.replica, disks);
-    ferry_mover::target::datastore::validate_name("replica", &a.replica)?;
+    ferry_datastore::store::validate_name("replica", &a.replica)?;
     if let Some(cs) = &a.chunk_size {
         let n = parse_size(cs)?;
         if !n.is_power_of_two()
@@ -474,11 +477,11 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
 }
 
 /// The digest map cache of a job: its directory and the target's identity in it.
-fn map_cache(a: &ReplicateArgs) -> anyhow::Result<Option<ferry_mover::map_cache::MapCache>> {
+fn map_cache(a: &ReplicateArgs) -> anyhow::Result<Option<ferry_replicate::map_cache::MapCache>> {
     if a.no_map_cache {
         return Ok(None);
     }
-    let Some(dir) = a.map_cache.clone().or_else(ferry_mover::map_cache::MapCache::default_dir) else {
+    let Some(dir) = a.map_cache.clone().or_else(ferry_replicate::map_cache::MapCache::default_dir) else {
         return Ok(None); // no HOME: nowhere to cache
     };
     let target = match TargetSpec::parse(&a.target)? {
@@ -486,7 +489,7 @@ fn map_cache(a: &ReplicateArgs) -> anyhow::Result<Option<ferry_mover::map_cache:
         // The same datastore named from another working directory is the same target.
         TargetSpec::Local(d) => format!("dir:{}", std::path::absolute(&d).unwrap_or(d).display()),
     };
-    Ok(Some(ferry_mover::map_cache::MapCache::new(dir, target)))
+    Ok(Some(ferry_replicate::map_cache::MapCache::new(dir, target)))
 }
 
 /// Parse a duration: 0, 90s, 30m, 2h (a bare number is seconds).
@@ -508,14 +511,10 @@ fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         return backup::replicate_from_backup(a);
     }
     let cfg = replicate_config(&a)?;
-    let spec = TargetSpec::parse(&a.target)?;
-    let serve_cfg = serve_config(&a.io)?;
-    let obs: Box<dyn report::JobObserver> = if a.json {
-        Box::new(JsonObserver::default())
-    } else {
-        Box::new(TextObserver::new(std::io::stderr().is_terminal()))
-    };
-    match run_job(&a, &spec, &serve_cfg, &cfg, obs.as_ref())? {
+    let target = target(&a)?;
+    let retry_for = parse_duration(&a.retry_for)?;
+    let obs = job_observer(a.json);
+    match target.run_with_retry(&cfg, obs.as_observer(), retry_for) {
         Ok(rep) => {
             let status = if obs.warned() { Status::Warning } else { Status::Ok };
             Ok(obs.finish_ok(&cfg, &rep, status))
@@ -524,38 +523,18 @@ fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Run one job, reconnecting (and resuming) on transient failures until --retry-for runs out.
-fn run_job(
-    a: &ReplicateArgs,
-    spec: &TargetSpec,
-    serve_cfg: &ServeConfig,
-    cfg: &ReplicateConfig,
-    obs: &dyn report::JobObserver,
-) -> anyhow::Result<Result<ferry_mover::source::JobReport, MoveError>> {
-    let retry_for = parse_duration(&a.retry_for)?;
-    let deadline = std::time::Instant::now() + retry_for;
-    let mut delay = std::time::Duration::from_secs(1);
-    loop {
-        let result = ferry_mover::connect(spec, a.token_file.as_deref(), serve_cfg, true).and_then(|c| {
-            let r = ferry_mover::source::replicate(c.sock, &c.peer, c.auth, cfg, obs.as_observer());
-            let local_error = c.local.and_then(|h| h.join().ok()).and_then(|r| r.error);
-            r.map_err(|e| with_local(e, local_error))
-        });
-        match result {
-            Ok(rep) => return Ok(Ok(rep)),
-            Err(e) if e.is_transient() && std::time::Instant::now() + delay < deadline => {
-                obs.as_observer().event(&ferry_mover::source::JobEvent::Notice(format!(
-                    "{}; reconnecting in {} s (the session resumes where it stopped; giving up after --retry-for {})",
-                    e.detail(),
-                    delay.as_secs(),
-                    a.retry_for
-                )));
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(std::time::Duration::from_secs(60));
-            }
-            Err(e) => return Ok(Err(e)),
-        }
+/// The observer of a job: NDJSON with `--json`, else text (a progress bar on a terminal).
+fn job_observer(json: bool) -> Box<dyn report::JobObserver> {
+    if json {
+        Box::new(JsonObserver::default())
+    } else {
+        Box::new(TextObserver::new(std::io::stderr().is_terminal()))
     }
+}
+
+/// The target of `replicate` or `plan`.
+fn target(a: &ReplicateArgs) -> anyhow::Result<Target> {
+    Ok(Target { spec: TargetSpec::parse(&a.target)?, token: a.token_file.clone(), serve: serve_config(&a.io)? })
 }
 
 fn plan(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
@@ -564,24 +543,10 @@ fn plan(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     }
     let mut cfg = replicate_config(&a)?;
     cfg.plan_only = true;
-    let spec = TargetSpec::parse(&a.target)?;
-    let c = ferry_mover::connect(&spec, a.token_file.as_deref(), &serve_config(&a.io)?, false)?;
     let obs = report::WarningsOnly::default();
-    let r = ferry_mover::source::replicate(c.sock, &c.peer, c.auth, &cfg, &obs);
-    let local_error = c.local.and_then(|h| h.join().ok()).and_then(|r| r.error);
-    let rep = r.map_err(|e| with_local(e, local_error))?;
+    let rep = target(&a)?.run(&cfg, &obs)?;
     report::print_plan(&cfg, &rep, a.json);
-    Ok(ExitCode::from(if obs.warned() { 3 } else { 0 }))
-}
-
-/// A local target's own error explains more than "peer gone".
-fn with_local(e: MoveError, local: Option<String>) -> MoveError {
-    match (e, local) {
-        (e @ (MoveError::PeerGone { .. } | MoveError::Net { .. }), Some(t)) => {
-            MoveError::Datastore(format!("{t} ({})", e.detail()))
-        }
-        (e, _) => e,
-    }
+    Ok(ExitCode::from(if obs.warned() { EXIT_WARNING } else { EXIT_OK }))
 }
 
 fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
@@ -685,7 +650,7 @@ fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
                 }
                 println!("{checked} chunks and records checked, {} problem(s)", issues.len());
             }
-            Ok(ExitCode::from(if issues.is_empty() { 0 } else { 1 }))
+            Ok(ExitCode::from(if issues.is_empty() { EXIT_OK } else { EXIT_FAILED }))
         }
     }
 }

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use ferry_mover::source::{JobEvent, JobReport, Observer, ReplicateConfig};
-use ferry_mover::stats::{DiskCounters, MapSource, StageSummary};
-use ferry_mover::target::SessionReport;
+use ferry_replicate::source::{JobEvent, JobReport, Observer, ReplicateConfig};
+use ferry_replicate::stats::{DiskCounters, MapSource, StageSummary};
+use ferry_replicate::target::SessionReport;
 use serde_json::{json, Value};
 
 use crate::time::format_rfc3339;
@@ -68,7 +68,7 @@ pub fn stages_json(stages: &[StageSummary]) -> Value {
 }
 
 /// A job observer that also writes the final summary.
-pub trait JobObserver {
+pub trait JobObserver: Send + Sync {
     /// The mover-facing observer.
     fn as_observer(&self) -> &dyn Observer;
     /// True when a warning was reported.
@@ -100,6 +100,11 @@ fn summary_json(cfg: &ReplicateConfig, rep: &JobReport, status: &str) -> Value {
 
 fn exit_for_error(err: &anyhow::Error) -> ExitCode {
     ExitCode::from(crate::exit_code_of(err))
+}
+
+/// The exit code of a finished job.
+fn exit_for_status(status: Status) -> ExitCode {
+    ExitCode::from(if status == Status::Ok { crate::EXIT_OK } else { crate::EXIT_WARNING })
 }
 
 /// `--json`: NDJSON on stdout.
@@ -140,7 +145,7 @@ impl JobObserver for JsonObserver {
     fn finish_ok(&self, cfg: &ReplicateConfig, rep: &JobReport, status: Status) -> ExitCode {
         let s = if status == Status::Ok { "ok" } else { "warning" };
         print_json(&summary_json(cfg, rep, s));
-        ExitCode::from(if status == Status::Ok { 0 } else { 3 })
+        exit_for_status(status)
     }
     fn finish_err(&self, cfg: &ReplicateConfig, err: &anyhow::Error) -> ExitCode {
         let msg = format!("{err:#}");
@@ -266,7 +271,7 @@ impl JobObserver for TextObserver {
             human_bytes(t.bytes_sent),
             if rep.resumed { " (resumed)" } else { "" },
         );
-        ExitCode::from(if status == Status::Ok { 0 } else { 3 })
+        exit_for_status(status)
     }
     fn finish_err(&self, _cfg: &ReplicateConfig, err: &anyhow::Error) -> ExitCode {
         if let Some(b) = &self.bar {
@@ -274,6 +279,22 @@ impl JobObserver for TextObserver {
         }
         eprintln!("ferry: error: {err:#}");
         exit_for_error(err)
+    }
+}
+
+/// The log of `ferry serve`: a line (or with `--json` an event) per session.
+#[derive(Debug)]
+pub struct ServeLog {
+    /// NDJSON events instead of lines.
+    pub json: bool,
+}
+
+impl ferry_replicate::target::ServeObserver for ServeLog {
+    fn session_done(&self, report: &SessionReport) {
+        session_done(report, self.json);
+    }
+    fn accept_failed(&self, error: &std::io::Error) {
+        eprintln!("ferry serve: accept failed: {error}");
     }
 }
 

@@ -1,9 +1,0 @@
-//! `cargo +nightly fuzz run nbd_decoders` (from mover/): NBD reply, greeting
-//! and option reply decoders on arbitrary bytes.
-#![no_main]
-
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    ferry_mover::nbd::proto::fuzz_decoders(data);
-});

@@ -1,0 +1,38 @@
+//! ferry-io: the IO primitives of the mover crates.
+//!
+//! - [`buf`]: fixed pools of aligned buffers ([`BufPool`], [`PoolBuf`]) that bound
+//!   memory whatever the disk size, and the zero check.
+//! - [`backend`]: io_uring and a portable pread/pwrite fallback behind
+//!   [`IoBackend`], chosen at run time by probing ([`open_backend`]).
+//! - [`sys`]: every other raw system call the mover crates make, behind safe
+//!   functions (page-cache advice, hole walks, locks, vectored reads, ...).
+//!
+//! # Invariants
+//! - This is the only crate of the workspace's libraries with `unsafe` code;
+//!   every `unsafe` block carries a `// SAFETY:` note naming its invariant.
+//! - A buffer moves into an IO operation and comes back with its completion:
+//!   nothing can touch a buffer the kernel may still write into.
+//! - It knows nothing of disks, replicas, protocols or peers: it must not
+//!   depend on any other ferry crate.
+
+pub mod backend;
+pub mod buf;
+pub mod sys;
+
+pub use backend::{open_backend, BackendChoice, IoBackend, IoCompletion, IoKind, IoRequest};
+pub use buf::{is_zero, BufPool, PoolBuf, ALIGN};
+
+/// How an error should be handled by whoever runs the job (a scheduler reads
+/// it from the exit code). Every library error type of the mover crates has a
+/// `class()`; the CLI maps classes to exit codes and nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The run failed; a retry may help (IO error, peer gone, protocol
+    /// violation by the peer, disk changed during the run). Exit 1.
+    Failed,
+    /// Usage or configuration: a retry will not help until someone changes
+    /// something (bad flags, bad change list, wrong token, unknown replica). Exit 2.
+    Usage,
+    /// Another session holds the replica: try later. Exit 4.
+    Busy,
+}

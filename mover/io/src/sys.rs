@@ -1,0 +1,303 @@
+//! Every raw system call the mover crates make outside the IO backends, each
+//! behind a safe function: page-cache advice, hole and data ranges of sparse
+//! files, block-device sizes, hole punching, file locks, vectored socket
+//! reads into a receive buffer, the host name, page residency.
+//!
+//! Each function is a thin wrapper: it adds no policy, returns the OS error
+//! as an `io::Error`, and says in its `// SAFETY:` note why the call is sound.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
+
+use bytes::{BufMut, BytesMut};
+
+/// What [`fadvise`] tells the kernel about a range of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// The file is read sequentially: read ahead more.
+    Sequential,
+    /// The range will be read soon: start reading it now.
+    WillNeed,
+    /// The range will not be read again: drop its clean pages.
+    DontNeed,
+}
+
+/// `posix_fadvise`: advice only; the kernel may ignore it, and a failure
+/// means no more than that (callers usually ignore the result).
+pub fn fadvise(fd: RawFd, offset: u64, len: u64, advice: Advice) -> io::Result<()> {
+    let advice = match advice {
+        Advice::Sequential => libc::POSIX_FADV_SEQUENTIAL,
+        Advice::WillNeed => libc::POSIX_FADV_WILLNEED,
+        Advice::DontNeed => libc::POSIX_FADV_DONTNEED,
+    };
+    // SAFETY: posix_fadvise only reads its integer arguments.
+    let r = unsafe { libc::posix_fadvise(fd, offset as libc::off_t, len as libc::off_t, advice) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
+
+/// The data ranges of the first `size` bytes of a file (SEEK_DATA /
+/// SEEK_HOLE), in order; everything between them reads as zeros without
+/// being stored. A file system that does not report holes gives one range
+/// over everything. This is the one hole walk of the project: hole maps of
+/// sources and sparse exports are both made from it.
+pub fn data_ranges(file: &File, size: u64) -> DataRanges<'_> {
+    DataRanges { file, pos: 0, size }
+}
+
+/// Iterator of [`data_ranges`].
+#[derive(Debug)]
+pub struct DataRanges<'a> {
+    file: &'a File,
+    pos: u64,
+    size: u64,
+}
+
+impl DataRanges<'_> {
+    fn seek(&self, off: u64, whence: libc::c_int) -> io::Result<u64> {
+        // SAFETY: lseek on an open descriptor with integer arguments. It moves only this
+        // descriptor's offset, and every read of these files uses pread at its own offset.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off as libc::off_t, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    }
+}
+
+impl Iterator for DataRanges<'_> {
+    type Item = Range<u64>;
+
+    fn next(&mut self) -> Option<Range<u64>> {
+        if self.pos >= self.size {
+            return None;
+        }
+        let start = match self.seek(self.pos, libc::SEEK_DATA) {
+            Ok(s) => s.min(self.size),
+            // ENXIO: only a hole is left.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => self.size,
+            // Holes not reported here: the rest is data.
+            Err(_) => self.pos,
+        };
+        if start >= self.size {
+            self.pos = self.size;
+            return None;
+        }
+        let end = self.seek(start, libc::SEEK_HOLE).map_or(self.size, |e| e.min(self.size)).max(start + 1);
+        self.pos = end;
+        Some(start..end)
+    }
+}
+
+/// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Size in bytes of the block device open as `file`.
+pub fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Deallocate `len` bytes at `offset` (they read back as zeros); the size is kept.
+pub fn punch_hole(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on an open fd with plain integer arguments.
+    let r = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `fdatasync` of a descriptor (the file's data and the metadata needed to read it).
+pub fn fdatasync(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fdatasync on a descriptor; an invalid one fails with EBADF.
+    if unsafe { libc::fdatasync(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Take an exclusive `flock` on `file` without waiting: false when another
+/// open file description holds it. Released when the file is closed.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on an open fd with integer flags.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// One `read` from `fd` into the spare capacity of `buf` (at least `reserve`
+/// bytes of it), whose length grows by what was read. Returns the bytes read
+/// (0: end of stream); retried when interrupted.
+pub fn read_into_spare(fd: RawFd, buf: &mut BytesMut, reserve: usize) -> io::Result<usize> {
+    buf.reserve(reserve);
+    let spare = buf.chunk_mut();
+    let n = loop {
+        // SAFETY: the spare capacity of `buf` is valid for writes of its length, and
+        // read writes at most that many bytes.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // SAFETY: read initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.advance_mut(n) };
+    Ok(n)
+}
+
+/// One `readv` from `fd` into `bufs` (at most [`READV_MAX`]) in order. Returns
+/// the bytes read in all (0: end of stream); retried when interrupted.
+pub fn readv(fd: RawFd, bufs: &mut [&mut [u8]]) -> io::Result<usize> {
+    assert!(bufs.len() <= READV_MAX, "at most {READV_MAX} buffers");
+    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; READV_MAX];
+    for (v, b) in iov.iter_mut().zip(bufs.iter_mut()) {
+        *v = libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() };
+    }
+    loop {
+        // SAFETY: the first `bufs.len()` iovecs describe live mutable slices of `bufs`,
+        // valid for writes of their lengths, and readv writes at most that into each.
+        let n = unsafe { libc::readv(fd, iov.as_ptr(), bufs.len() as libc::c_int) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Buffers one [`readv`] takes at most.
+pub const READV_MAX: usize = 4;
+
+/// This host's name, or "unknown".
+pub fn hostname() -> String {
+    let mut host = [0u8; 256];
+    // SAFETY: gethostname writes at most host.len() bytes into the buffer.
+    if unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } != 0 {
+        return "unknown".to_string();
+    }
+    let end = host.iter().position(|&b| b == 0).unwrap_or(host.len());
+    String::from_utf8_lossy(&host[..end]).into_owned()
+}
+
+/// How many of the pages of the first `len` bytes of `file` are in the page
+/// cache (`mincore` over a read-only mapping). For tests that check what a
+/// writer leaves cached.
+pub fn resident_pages(file: &File, len: usize) -> io::Result<usize> {
+    if len == 0 {
+        return Ok(0);
+    }
+    // SAFETY: a fresh read-only shared mapping of an open file; unmapped below and
+    // never dereferenced here.
+    let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `addr` is a live mapping of `len` bytes and `vec` has one byte per page of it.
+    let r = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    let err = io::Error::last_os_error();
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(addr, len) };
+    if r != 0 {
+        return Err(err);
+    }
+    Ok(vec.iter().filter(|&&b| b & 1 != 0).count())
+}
+
+/// True when `path` is on a tmpfs (where a file's pages are the file, so
+/// page-cache residency says nothing).
+pub fn is_tmpfs(path: &std::path::Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type == libc::TMPFS_MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn data_ranges_of_a_sparse_file() {
+        let f = tempfile::tempfile().unwrap();
+        let m = 1 << 20;
+        f.set_len(8 * m).unwrap();
+        f.write_all_at(&[1; 4096], 2 * m).unwrap();
+        f.write_all_at(&[1; 4096], 8 * m - 4096).unwrap();
+        let got: Vec<_> = data_ranges(&f, 8 * m).collect();
+        assert_eq!(got, [2 * m..2 * m + 4096, 8 * m - 4096..8 * m]);
+        // Cut at `size`.
+        let got: Vec<_> = data_ranges(&f, 2 * m + 100).collect();
+        assert_eq!(got, vec![(2 * m)..(2 * m + 100)]);
+        // All hole; empty.
+        assert_eq!(data_ranges(&f, m).count(), 0);
+        assert_eq!(data_ranges(&f, 0).count(), 0);
+    }
+
+    #[test]
+    fn a_second_exclusive_lock_is_refused_until_the_first_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let a = File::create(&p).unwrap();
+        assert!(try_lock_exclusive(&a).unwrap());
+        let b = File::open(&p).unwrap();
+        assert!(!try_lock_exclusive(&b).unwrap());
+        drop(a);
+        assert!(try_lock_exclusive(&b).unwrap());
+    }
+
+    #[test]
+    fn vectored_and_spare_capacity_reads() {
+        use std::io::Write;
+        let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+        w.write_all(b"0123456789").unwrap();
+        let (mut a, mut b) = ([0u8; 4], [0u8; 16]);
+        let n = readv(r.as_raw_fd(), &mut [&mut a, &mut b]).unwrap();
+        assert_eq!((n, &a, &b[..6]), (10, b"0123", &b"456789"[..]));
+        w.write_all(b"abc").unwrap();
+        let mut buf = BytesMut::from(&b"xy"[..]);
+        assert_eq!(read_into_spare(r.as_raw_fd(), &mut buf, 64).unwrap(), 3);
+        assert_eq!(&buf[..], b"xyabc");
+        drop(w);
+        assert_eq!(read_into_spare(r.as_raw_fd(), &mut buf, 64).unwrap(), 0);
+    }
+}

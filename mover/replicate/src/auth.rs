@@ -1,0 +1,134 @@
+//! Shared-token authentication: token files and the BLAKE3 proofs.
+//!
+//! A token file holds the token as one line of text (`ferry token new`
+//! writes 64 hex characters; surrounding whitespace is ignored). The token
+//! never crosses the wire: each side proves it holds it with
+//! `BLAKE3-keyed(key = derive_key("ferry v1 auth token", token),
+//! label || client_nonce || server_nonce)`, label "ferry-v1 client" or
+//! "ferry-v1 server" (see wire/PROTOCOL.md).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use ferry_wire::{Authenticator, Role};
+
+use crate::error::{MoveError, Result};
+
+/// Computes ferry's v1 proofs from a token.
+#[derive(Clone)]
+pub struct TokenAuth {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for TokenAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenAuth(..)")
+    }
+}
+
+impl TokenAuth {
+    /// Keys derived from the token's bytes.
+    pub fn new(token: &[u8]) -> TokenAuth {
+        TokenAuth { key: blake3::derive_key("ferry v1 auth token", token) }
+    }
+
+    /// Read a token file.
+    pub fn from_file(path: &Path) -> Result<TokenAuth> {
+        let text = fs::read_to_string(path).map_err(|source| MoveError::Token { path: path.to_path_buf(), source })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(MoveError::BadToken(format!(
+                "token file {} is empty; create one with `ferry token new --out {}`",
+                path.display(),
+                path.display()
+            )));
+        }
+        if token.len() < 16 {
+            return Err(MoveError::BadToken(format!(
+                "token in {} is only {} characters; use at least 16 (`ferry token new` makes 64)",
+                path.display(),
+                token.len()
+            )));
+        }
+        Ok(TokenAuth::new(token.as_bytes()))
+    }
+
+    /// A fresh random token for an in-process session (local target).
+    pub fn ephemeral() -> TokenAuth {
+        TokenAuth::new(&random_bytes::<32>())
+    }
+}
+
+impl Authenticator for TokenAuth {
+    fn proof(&self, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(match role {
+            Role::Client => b"ferry-v1 client",
+            Role::Server => b"ferry-v1 server",
+        });
+        h.update(client_nonce);
+        h.update(server_nonce);
+        *h.finalize().as_bytes()
+    }
+}
+
+/// Random bytes from the OS.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("the OS random source works");
+    b
+}
+
+/// Write a new random token (64 hex characters) to `path`, mode 0600; never overwrites.
+pub fn write_new_token(path: &Path) -> Result<()> {
+    let token: String = random_bytes::<32>().iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| MoveError::file("creating token file", path, e))?;
+    f.write_all(format!("{token}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| MoveError::file("writing token file", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proofs_differ_by_role_token_and_nonce() {
+        let a = TokenAuth::new(b"0123456789abcdef0123");
+        let b = TokenAuth::new(b"0123456789abcdef0124");
+        let (c, s) = ([1u8; 32], [2u8; 32]);
+        assert_ne!(a.proof(Role::Client, &c, &s), a.proof(Role::Server, &c, &s));
+        assert_ne!(a.proof(Role::Client, &c, &s), b.proof(Role::Client, &c, &s));
+        assert_ne!(a.proof(Role::Client, &c, &s), a.proof(Role::Client, &s, &c));
+        assert_eq!(a.proof(Role::Client, &c, &s), a.proof(Role::Client, &c, &s));
+    }
+
+    #[test]
+    fn token_file_roundtrip_and_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        write_new_token(&p).unwrap();
+        let text = fs::read_to_string(&p).unwrap();
+        assert_eq!(text.trim().len(), 64);
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(write_new_token(&p).is_err(), "never overwrites");
+        // Whitespace around the token is ignored.
+        let q = dir.path().join("q");
+        fs::write(&q, format!("  {}  \n\n", text.trim())).unwrap();
+        let (c, s) = ([3u8; 32], [4u8; 32]);
+        assert_eq!(
+            TokenAuth::from_file(&p).unwrap().proof(Role::Client, &c, &s),
+            TokenAuth::from_file(&q).unwrap().proof(Role::Client, &c, &s)
+        );
+        fs::write(&q, "\n").unwrap();
+        assert!(TokenAuth::from_file(&q).unwrap_err().to_string().contains("ferry token new"));
+    }
+}

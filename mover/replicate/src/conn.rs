@@ -1,0 +1,430 @@
+//! A ferry connection: a socket, the wire session, and the handshake.
+//!
+//! The sending half ([`Conn`]) holds the [`Session`] under a mutex so that
+//! the sender and the receiver (and, on the target, the writer's checkpoints)
+//! can use it from different threads. The receiving half ([`Rx`]) owns its
+//! own [`Deframer`] and reads straight into it, so data payloads are slices
+//! of the receive buffer and never copied; frames are validated with
+//! [`Conn::handle`]. A target reads data payloads into its buffer pool
+//! instead ([`Rx::next_received`]): straight from the socket into the buffer
+//! the chunk is verified and written from, memory that is reused rather than
+//! fresh for every megabyte received.
+
+use std::io::{self, IoSlice, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferry_wire::{
+    Authenticator, Data, DataHead, Deframer, ErrorCode, ErrorFrame, Event, Frame, LocalInfo, PeerInfo, Session, Split,
+    WireError,
+};
+
+use crate::error::{MoveError, Result};
+use ferry_io::{BufPool, PoolBuf};
+
+/// A connected stream socket: TCP or Unix.
+#[derive(Debug)]
+pub enum Sock {
+    /// TCP (remote targets).
+    Tcp(TcpStream),
+    /// Unix (in-process local targets, over a socketpair).
+    Unix(UnixStream),
+}
+
+impl Sock {
+    /// Another handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shut both directions down (wakes a blocked reader).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Read timeout (None: block forever).
+    pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_read_timeout(d),
+            Sock::Unix(s) => s.set_read_timeout(d),
+        }
+    }
+
+    /// Write timeout (None: block forever).
+    pub fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_write_timeout(d),
+            Sock::Unix(s) => s.set_write_timeout(d),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn write_all_vectored(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        let w: &mut dyn Write = match self {
+            Sock::Tcp(s) => s,
+            Sock::Unix(s) => s,
+        };
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            match w.write_vectored(bufs) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Tx {
+    session: Session,
+    sock: Sock,
+    head: BytesMut,
+    bytes_sent: u64,
+}
+
+impl Tx {
+    /// Write whatever the session queued (handshake answers, errors).
+    fn flush_queued(&mut self) -> io::Result<()> {
+        if let Some(b) = self.session.take_transmit() {
+            self.bytes_sent += b.len() as u64;
+            self.sock.write_all_vectored(&mut [IoSlice::new(&b)])?;
+        }
+        Ok(())
+    }
+}
+
+/// The sending half of a connection, shareable between threads.
+pub struct Conn {
+    peer: String,
+    tx: Mutex<Tx>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("peer", &self.peer).finish()
+    }
+}
+
+/// The receiving half.
+pub struct Rx {
+    sock: Sock,
+    deframer: Deframer,
+    peer: String,
+    /// Bytes received so far.
+    pub bytes_received: u64,
+}
+
+impl std::fmt::Debug for Rx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rx").field("peer", &self.peer).finish()
+    }
+}
+
+/// How much to read at once.
+const READ_SIZE: usize = 1 << 20;
+
+/// How much to read at once into the receive buffer while data payloads go to
+/// pool buffers: after a payload, the next frame's head and a little of its
+/// payload, which is then copied.
+const SPLIT_READ_SIZE: usize = 4096;
+
+/// A frame, or a data frame whose payload was read into a pool buffer.
+#[derive(Debug)]
+pub enum Received {
+    /// Any frame but a data frame.
+    Frame(Frame),
+    /// A data frame, validated; its payload (`payload_len` bytes) is in the buffer.
+    Data(DataHead, PoolBuf),
+}
+
+impl Rx {
+    /// Next frame from the peer; `Ok(None)` when the peer closed the connection cleanly between frames.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>> {
+        loop {
+            match self.deframer.next_frame() {
+                Ok(Some(f)) => return Ok(Some(f)),
+                Ok(None) => {}
+                Err(source) => return Err(MoveError::Wire { peer: self.peer.clone(), source }),
+            }
+            if !self.read_more(READ_SIZE)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Next frame from the peer, a data frame's payload read into a buffer of
+    /// `pool` (waiting for one to be free) and the frame validated against the
+    /// session (`conn`'s) on the way: the payload comes from the socket straight
+    /// into that buffer, except for the few bytes read with the frame's head.
+    /// Other frames are returned as [`Rx::next_frame`] returns them, still to be
+    /// validated. A payload longer than the pool's buffers is an error.
+    pub fn next_received(&mut self, pool: &BufPool, conn: &Conn) -> Result<Option<Received>> {
+        loop {
+            match self.deframer.next_split() {
+                Ok(Some(Split::Frame(f))) => return Ok(Some(Received::Frame(f))),
+                Ok(Some(Split::Data(head))) => {
+                    conn.handle_data_head(&head)?;
+                    let buf = self.read_payload(&head, pool)?;
+                    return Ok(Some(Received::Data(head, buf)));
+                }
+                Ok(None) => {}
+                Err(source) => return Err(MoveError::Wire { peer: self.peer.clone(), source }),
+            }
+            if !self.read_more(SPLIT_READ_SIZE)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Read up to `size` more bytes (or what the deframer reserved) into the receive buffer;
+    /// false when the peer closed the connection cleanly between frames.
+    fn read_more(&mut self, size: usize) -> Result<bool> {
+        let n = ferry_io::sys::read_into_spare(self.sock.fd(), self.deframer.buffer_mut(), size)
+            .map_err(|e| self.net(e))?;
+        self.bytes_received += n as u64;
+        if n == 0 {
+            if self.deframer.buffered() == 0 {
+                return Ok(false);
+            }
+            return Err(self.eof_in_frame());
+        }
+        Ok(true)
+    }
+
+    /// Read the payload of the data frame `head` into a buffer of `pool`: what is buffered
+    /// already, then the rest from the socket, each read going on into a small buffer for
+    /// the next frame's head (handed to the deframer once the payload is accounted for).
+    fn read_payload(&mut self, head: &DataHead, pool: &BufPool) -> Result<PoolBuf> {
+        let len = head.payload_len as usize;
+        if len > pool.buf_size() {
+            let source = WireError::FieldTooLong {
+                frame: "Data",
+                field: "payload",
+                len: len as u64,
+                max: pool.buf_size() as u64,
+            };
+            return Err(MoveError::Wire { peer: self.peer.clone(), source });
+        }
+        let mut buf = pool.get();
+        let dst = &mut buf.spare_mut()[..len];
+        let mut filled = self.deframer.take_payload(dst);
+        let mut next = [0u8; SPLIT_READ_SIZE];
+        while filled < len {
+            let n =
+                ferry_io::sys::readv(self.sock.fd(), &mut [&mut dst[filled..], &mut next]).map_err(|e| self.net(e))?;
+            self.bytes_received += n as u64;
+            if n == 0 {
+                return Err(self.eof_in_frame());
+            }
+            let direct = n.min(len - filled);
+            filled += direct;
+            self.deframer.payload_received(direct);
+            self.deframer.push(&next[..n - direct]);
+        }
+        buf.set_len(len);
+        Ok(buf)
+    }
+
+    fn net(&self, source: io::Error) -> MoveError {
+        MoveError::Net { peer: self.peer.clone(), source }
+    }
+
+    fn eof_in_frame(&self) -> MoveError {
+        MoveError::Net {
+            peer: self.peer.clone(),
+            source: io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in the middle of a frame"),
+        }
+    }
+
+    /// Set the read timeout of the underlying socket.
+    pub fn set_timeout(&self, d: Option<Duration>) {
+        let _ = self.sock.set_read_timeout(d);
+    }
+}
+
+impl Conn {
+    fn new(peer: String, session: Session, sock: Sock) -> Result<(Arc<Conn>, Rx)> {
+        let rsock = sock.try_clone().map_err(|source| MoveError::Net { peer: peer.clone(), source })?;
+        let conn = Arc::new(Conn {
+            peer: peer.clone(),
+            tx: Mutex::new(Tx { session, sock, head: BytesMut::with_capacity(256), bytes_sent: 0 }),
+        });
+        Ok((conn, Rx { sock: rsock, deframer: Deframer::new(), peer, bytes_received: 0 }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tx> {
+        // A panic in another thread holding the lock is a bug; keep going with the state it left.
+        self.tx.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The peer's address, for messages.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Bytes written to the socket so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.lock().bytes_sent
+    }
+
+    fn net_err(&self, source: io::Error) -> MoveError {
+        MoveError::Net { peer: self.peer.clone(), source }
+    }
+
+    /// Validate and send a frame; returns the bytes written.
+    pub fn send(&self, frame: &Frame) -> Result<u64> {
+        if let Frame::Data(d) = frame {
+            return self.send_data(d);
+        }
+        let mut tx = self.lock();
+        tx.session.send(frame).map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })?;
+        let before = tx.bytes_sent;
+        tx.flush_queued().map_err(|e| self.net_err(e))?;
+        Ok(tx.bytes_sent - before)
+    }
+
+    /// Validate and send a data frame: header and payload in one vectored
+    /// write, the payload never copied. Returns the bytes written.
+    pub fn send_data(&self, data: &Data) -> Result<u64> {
+        let frame = Frame::Data(data.clone()); // clones the Bytes handle, not the payload
+        let mut tx = self.lock();
+        tx.session.prepare_send(&frame).map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })?;
+        tx.flush_queued().map_err(|e| self.net_err(e))?;
+        let tx = &mut *tx;
+        tx.head.clear();
+        data.encode_head(&mut tx.head);
+        let n = (tx.head.len() + data.payload.len()) as u64;
+        tx.sock
+            .write_all_vectored(&mut [IoSlice::new(&tx.head), IoSlice::new(&data.payload)])
+            .map_err(|e| MoveError::Net { peer: self.peer.clone(), source: e })?;
+        tx.bytes_sent += n;
+        Ok(n)
+    }
+
+    /// Validate a received frame against the session; answers the session
+    /// queued (handshake, errors) are written at once.
+    pub fn handle(&self, frame: Frame) -> Result<Option<Event>> {
+        let mut tx = self.lock();
+        let r = tx.session.handle_frame(frame);
+        let _ = tx.flush_queued();
+        r.map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })
+    }
+
+    /// Validate the head of a data frame whose payload the receiver reads itself.
+    pub fn handle_data_head(&self, head: &DataHead) -> Result<()> {
+        let mut tx = self.lock();
+        let r = tx.session.handle_data_head(head);
+        let _ = tx.flush_queued();
+        r.map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })
+    }
+
+    /// Report an error to the peer (best effort) and close the session.
+    pub fn send_error(&self, code: ErrorCode, message: &str) {
+        let mut tx = self.lock();
+        if tx.session.is_closed() {
+            return;
+        }
+        let mut msg = message.to_string();
+        msg.truncate(ferry_wire::MAX_MESSAGE_LEN);
+        while !message.is_char_boundary(msg.len()) {
+            msg.pop();
+        }
+        let _ = tx.session.send(&Frame::Error(ErrorFrame { code, message: msg }));
+        let _ = tx.flush_queued();
+    }
+
+    /// Shut the socket down: wakes the receiver.
+    pub fn shutdown(&self) {
+        self.lock().sock.shutdown();
+    }
+
+    /// Set the write timeout: a peer that stops reading fails the send instead of hanging.
+    pub fn set_write_timeout(&self, d: Option<Duration>) {
+        let _ = self.lock().sock.set_write_timeout(d);
+    }
+}
+
+/// Time allowed for the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Local identity for the handshake: host name, software version, a fresh nonce.
+pub fn local_info() -> LocalInfo {
+    LocalInfo {
+        name: ferry_io::sys::hostname(),
+        software: format!("ferry {}", env!("CARGO_PKG_VERSION")),
+        nonce: crate::auth::random_bytes::<32>(),
+        features: ferry_wire::FEATURES_V1,
+    }
+}
+
+fn handshake(conn: &Arc<Conn>, rx: &mut Rx, side: &'static str) -> Result<PeerInfo> {
+    rx.set_timeout(Some(HANDSHAKE_TIMEOUT));
+    {
+        let mut tx = conn.lock();
+        tx.flush_queued().map_err(|e| conn.net_err(e))?;
+    }
+    loop {
+        let frame = match rx.next_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(MoveError::PeerGone { peer: conn.peer.clone(), side }),
+            Err(MoveError::Net { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
+                return Err(MoveError::Net {
+                    peer: conn.peer.clone(),
+                    source: io::Error::new(io::ErrorKind::TimedOut, "no answer to the handshake within 30 s"),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        match conn.handle(frame)? {
+            Some(Event::Authenticated(peer)) => {
+                rx.set_timeout(None);
+                return Ok(peer);
+            }
+            Some(Event::Frame(f)) => {
+                return Err(MoveError::Wire {
+                    peer: conn.peer.clone(),
+                    source: ferry_wire::WireError::IllegalFrame {
+                        frame: f.name(),
+                        direction: "received",
+                        state: "handshake",
+                    },
+                })
+            }
+            None => {}
+        }
+    }
+}
+
+/// Connect as the client (source): handshake and authentication.
+pub fn client_handshake(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
+    let session = Session::client(local_info(), auth);
+    let (conn, mut rx) = Conn::new(peer.to_string(), session, sock)?;
+    let info = handshake(&conn, &mut rx, "target")?;
+    Ok((conn, rx, info))
+}
+
+/// Accept as the server (target): handshake and authentication.
+pub fn server_handshake(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
+    let session = Session::server(local_info(), auth);
+    let (conn, mut rx) = Conn::new(peer.to_string(), session, sock)?;
+    let info = handshake(&conn, &mut rx, "source")?;
+    Ok((conn, rx, info))
+}

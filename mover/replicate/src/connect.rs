@@ -1,0 +1,187 @@
+//! Reaching a target and running jobs against it: a `ferry serve` over TCP, or
+//! a datastore directory served in-process over a socketpair with the same
+//! protocol code; one attempt, or attempts that reconnect and resume until
+//! `--retry-for` runs out.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_wire::Authenticator;
+
+use crate::error::{MoveError, Result};
+use crate::source::{JobEvent, JobReport, Observer, ReplicaInfo, ReplicateConfig};
+use crate::target::{ServeConfig, SessionReport};
+use crate::{auth, conn, source, target};
+
+/// Where a job sends its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetSpec {
+    /// A `ferry serve` at HOST:PORT.
+    Remote(String),
+    /// A datastore directory, served in-process over the same protocol.
+    Local(PathBuf),
+}
+
+impl TargetSpec {
+    /// Parse `ferry://HOST:PORT` or a directory path.
+    pub fn parse(s: &str) -> Result<TargetSpec> {
+        if let Some(rest) = s.strip_prefix("ferry://") {
+            let hostport = rest.trim_end_matches('/');
+            if hostport.is_empty() || !hostport.contains(':') {
+                return Err(MoveError::Usage(format!("target {s:?}: expected ferry://HOST:PORT")));
+            }
+            return Ok(TargetSpec::Remote(hostport.to_string()));
+        }
+        if s.contains("://") {
+            return Err(MoveError::Usage(format!("target {s:?}: use ferry://HOST:PORT or a directory")));
+        }
+        Ok(TargetSpec::Local(PathBuf::from(s)))
+    }
+}
+
+/// A connection to a target, and for a local target the thread serving it.
+pub struct Connected {
+    /// The socket.
+    pub sock: conn::Sock,
+    /// Peer description for messages.
+    pub peer: String,
+    /// The authenticator both ends use.
+    pub auth: Arc<dyn Authenticator>,
+    /// The in-process target (local targets), joined after the job.
+    pub local: Option<JoinHandle<target::SessionReport>>,
+}
+
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected").field("peer", &self.peer).field("local", &self.local.is_some()).finish()
+    }
+}
+
+/// Connect to a target: TCP for a remote one (authenticated with `token`),
+/// an in-process target over a socketpair for a local one.
+/// With `create` false (plans), a local datastore is never created.
+pub fn connect(
+    spec: &TargetSpec,
+    token: Option<&std::path::Path>,
+    serve: &target::ServeConfig,
+    create: bool,
+) -> Result<Connected> {
+    match spec {
+        TargetSpec::Remote(addr) => {
+            let token = token.ok_or_else(|| {
+                MoveError::Usage("a remote target needs --token-file (the same token the server uses)".into())
+            })?;
+            let auth: Arc<dyn Authenticator> = Arc::new(auth::TokenAuth::from_file(token)?);
+            let addrs: Vec<_> =
+                addr.to_socket_addrs().map_err(|e| MoveError::Net { peer: addr.clone(), source: e })?.collect();
+            let mut last = None;
+            for a in addrs {
+                match TcpStream::connect_timeout(&a, std::time::Duration::from_secs(10)) {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        return Ok(Connected { sock: conn::Sock::Tcp(s), peer: addr.clone(), auth, local: None });
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(MoveError::Net {
+                peer: addr.clone(),
+                source: last.unwrap_or_else(|| std::io::Error::other("no address")),
+            })
+        }
+        TargetSpec::Local(dir) => {
+            let ds = if create {
+                ferry_datastore::Datastore::open_or_create(dir)?
+            } else if dir.join("ferry-datastore.json").exists() {
+                ferry_datastore::Datastore::open(dir)?
+            } else {
+                ferry_datastore::Datastore::at(dir)
+            };
+            let auth: Arc<dyn Authenticator> = Arc::new(auth::TokenAuth::ephemeral());
+            let (a, b) = std::os::unix::net::UnixStream::pair()
+                .map_err(|e| MoveError::Net { peer: "local target".into(), source: e })?;
+            let (auth2, serve) = (auth.clone(), serve.clone());
+            let peer = format!("local datastore {}", dir.display());
+            let handle = std::thread::Builder::new()
+                .name("ferry-local-target".into())
+                .spawn(move || target::serve_connection(conn::Sock::Unix(b), "local source", &ds, auth2, &serve))
+                .map_err(|e| MoveError::Net { peer: peer.clone(), source: e })?;
+            Ok(Connected { sock: conn::Sock::Unix(a), peer, auth, local: Some(handle) })
+        }
+    }
+}
+
+/// A target and how to reach it: what every job against it needs.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Where it is.
+    pub spec: TargetSpec,
+    /// Token file for a remote target.
+    pub token: Option<PathBuf>,
+    /// Settings of an in-process target (local datastores).
+    pub serve: ServeConfig,
+}
+
+impl Target {
+    /// One attempt at `cfg`: connect, run the job, and for a local target
+    /// join the in-process session. A plan never creates a local datastore.
+    pub fn run(&self, cfg: &ReplicateConfig, obs: &dyn Observer) -> Result<JobReport> {
+        let c = connect(&self.spec, self.token.as_deref(), &self.serve, !cfg.plan_only)?;
+        let r = source::replicate(c.sock, &c.peer, c.auth, cfg, obs);
+        let local = c.local.and_then(|h| h.join().ok());
+        r.map_err(|e| prefer_local(e, local))
+    }
+
+    /// Run `cfg`, reconnecting with backoff (1 s doubling to 60 s) on
+    /// transient failures until `retry_for` has passed; each new session
+    /// resumes where the last one stopped. Each retry is announced as a notice.
+    pub fn run_with_retry(&self, cfg: &ReplicateConfig, obs: &dyn Observer, retry_for: Duration) -> Result<JobReport> {
+        let deadline = Instant::now() + retry_for;
+        let mut delay = Duration::from_secs(1);
+        loop {
+            match self.run(cfg, obs) {
+                Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
+                    obs.event(&JobEvent::Notice(format!(
+                        "{}; reconnecting in {} s (the session resumes where it stopped; giving up after --retry-for {})",
+                        e.detail(),
+                        delay.as_secs(),
+                        format_duration(retry_for)
+                    )));
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// What the target says about `replica`, through a plan-only session
+    /// (nothing is created or changed there).
+    pub fn replica_info(&self, replica: &str) -> Result<ReplicaInfo> {
+        let c = connect(&self.spec, self.token.as_deref(), &self.serve, false)?;
+        let r = source::replica_info(c.sock, &c.peer, c.auth, replica);
+        let local = c.local.and_then(|h| h.join().ok());
+        r.map_err(|e| prefer_local(e, local))
+    }
+}
+
+/// A duration as the CLI takes it: 90s, 30m, 2h.
+fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// A local target's own error explains more than the source's "peer gone".
+fn prefer_local(e: MoveError, local: Option<SessionReport>) -> MoveError {
+    match (e, local.and_then(|r| r.failure)) {
+        (MoveError::PeerGone { .. } | MoveError::Net { .. }, Some(t)) => t,
+        (e, _) => e,
+    }
+}

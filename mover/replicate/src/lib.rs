@@ -1,0 +1,36 @@
+//! ferry-replicate: replication sessions, both ends.
+//!
+//! - [`source`]: the source pipeline (reader, workers, sender) that reads
+//!   disks, finds what changed and sends it.
+//! - [`target`]: the target session (receiver, verify workers, writer) that
+//!   verifies every chunk and writes it into a datastore.
+//! - [`conn`]: sockets, the wire session, handshake; [`auth`]: tokens.
+//! - [`disk`]: source disks (files, block devices, NBD exports).
+//! - [`map_cache`]: the source's cache of target digest maps.
+//! - [`stats`]: per-disk counters and per-stage latency histograms.
+//!
+//! A chunk travels reader -> worker -> socket with one copy at most (the
+//! kernel's), and socket -> verify worker -> writer straight into a pool
+//! buffer. Memory is bounded by fixed buffer pools on both sides whatever the
+//! disk size.
+//!
+//! # Dependencies
+//! ferry-wire (the protocol), ferry-planner (what must move), ferry-io
+//! (buffers, IO backends, syscalls), ferry-nbd (NBD disks) and
+//! ferry-datastore (the target's replicas). It has no `unsafe`: raw system
+//! calls are ferry-io's.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod conn;
+pub mod connect;
+pub mod disk;
+pub mod error;
+pub mod map_cache;
+pub mod source;
+pub mod stats;
+pub mod target;
+
+pub use connect::{connect, Connected, Target, TargetSpec};
+pub use error::{MoveError, Result};
