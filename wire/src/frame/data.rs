@@ -2,7 +2,8 @@
 
 use bytes::Bytes;
 
-use super::{frame_type, type_name, Digest, DIGEST_LEN, MAX_INTENT_RUNS};
+use super::{frame_type, type_name, DIGEST_LEN, MAX_INTENT_RUNS};
+use crate::chunk::Digest;
 use crate::error::WireError;
 
 /// How a data frame's payload is encoded.

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use super::data::{check_intent_run_count, check_intent_runs, INTENT_RUN_LEN};
 use super::reader::Reader;
 use super::*;
+use crate::chunk::{validate_chunk_size, MAX_CHUNK_SIZE};
 use crate::error::WireError;
 
 impl Frame {
@@ -272,8 +273,5 @@ impl Codec {
 }
 
 fn check_chunk_size(frame: &'static str, c: u32) -> Result<(), WireError> {
-    if !c.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c) {
-        return Err(WireError::InvalidValue { frame, field: "chunk_size", value: c.into() });
-    }
-    Ok(())
+    validate_chunk_size(c).map_err(|_| WireError::InvalidValue { frame, field: "chunk_size", value: c.into() })
 }

@@ -44,6 +44,10 @@ pub use handshake::{AuthOk, AuthProof, Hello, Welcome};
 pub use header::{decode_header, encode_header, header_check, Header};
 pub use replica::{Mode, OpenDisk, OpenReplica, ReplicaOpened, ResumeInfo};
 
+// The chunk size limits and `Digest` live in `crate::chunk`, shared with the
+// planner and the mover; frames only carry them.
+use crate::chunk::{Digest, MAX_CHUNK_SIZE};
+
 /// The two bytes every frame starts with. Not ASCII, so a text protocol
 /// (HTTP, SSH banner) hitting a ferry port is rejected at once.
 pub const MAGIC: [u8; 2] = [0xFE, 0x52];
@@ -54,10 +58,6 @@ pub const VERSION_MIN: u16 = 1;
 /// Highest protocol version this crate speaks.
 pub const VERSION_MAX: u16 = 1;
 
-/// Smallest chunk size (64 KiB).
-pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
-/// Largest chunk size (4 MiB).
-pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// Largest frame body: a full chunk plus the data frame's fixed fields, with room to spare.
 pub const MAX_BODY_LEN: u32 = MAX_CHUNK_SIZE + 1024;
 /// Largest frame body a session accepts before the peer is authenticated: an
@@ -76,6 +76,7 @@ pub const MAX_DIGESTS_PER_PART: usize = 16384;
 pub const MAX_INTENT_RUNS: usize = 16384;
 /// Length of a BLAKE3 digest, a nonce, an auth proof.
 pub const DIGEST_LEN: usize = 32;
+const _: () = assert!(DIGEST_LEN == std::mem::size_of::<Digest>());
 
 /// Frame flag: a peer that does not know this frame type skips it instead of failing.
 pub const FLAG_OPTIONAL: u8 = 0x01;
@@ -90,9 +91,6 @@ pub const FEATURE_DIGEST_MAP: u64 = 1 << 1;
 pub const FEATURE_RESUME: u64 = 1 << 2;
 /// All features this version implements.
 pub const FEATURES_V1: u64 = FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME;
-
-/// A 32-byte BLAKE3 digest (computed by the caller; this crate only carries it).
-pub type Digest = [u8; DIGEST_LEN];
 
 /// The frame type byte of each message.
 ///
