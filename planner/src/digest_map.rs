@@ -1,19 +1,15 @@
 //! Per-disk digest maps: the BLAKE3 of every chunk of a replica disk.
 
-use crate::PlanError;
+// The chunk geometry is ferry-wire's, one definition for the whole of ferry;
+// re-exported here and at the crate root under the names it always had.
+pub use ferry_wire::chunk::{chunk_count, chunk_len, validate_chunk_size, Digest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
-/// A BLAKE3 digest.
-pub type Digest = [u8; 32];
+use crate::PlanError;
 
 /// The sentinel that marks a chunk whose digest is unknown (must be
 /// recomputed or the chunk resent). A real chunk digest equal to it (odds
 /// 2^-256) is merely treated as unknown, which costs one resent chunk.
 pub const UNKNOWN_DIGEST: Digest = [0; 32];
-
-/// Smallest chunk size a replica may use (64 KiB).
-pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
-/// Largest chunk size a replica may use (4 MiB).
-pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 
 /// Magic of an encoded digest map. Do not modify: it is on disk.
 pub const DIGEST_MAP_MAGIC: [u8; 8] = *b"FERRYDM\0";
@@ -27,35 +23,10 @@ pub const DIGEST_MAP_TRAILER_LEN: usize = 32;
 
 const _: () = assert!(DIGEST_MAP_HEADER_LEN == 8 + 2 + 2 + 4 + 8 + 8);
 
-/// Checks that `chunk_size` is a power of two between [`MIN_CHUNK_SIZE`] and [`MAX_CHUNK_SIZE`].
-pub fn validate_chunk_size(label: &str, chunk_size: u32) -> Result<(), PlanError> {
-    if chunk_size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
-        Ok(())
-    } else {
-        Err(PlanError::InvalidChunkSize { label: label.to_owned(), chunk_size })
-    }
-}
-
-/// Number of chunks of `chunk_size` bytes in a disk of `disk_size` bytes (the
-/// last one may be partial).
-///
-/// # Panics
-/// If `chunk_size` is 0.
-pub fn chunk_count(chunk_size: u32, disk_size: u64) -> u64 {
-    disk_size.div_ceil(u64::from(chunk_size))
-}
-
-/// Length of chunk `index` of a disk: `chunk_size`, less for the last chunk,
-/// 0 beyond the disk.
-///
-/// # Panics
-/// If `chunk_size` is 0.
-pub fn chunk_len(chunk_size: u32, disk_size: u64, index: u64) -> u32 {
-    let cs = u64::from(chunk_size);
-    match index.checked_mul(cs) {
-        Some(start) if start < disk_size => (disk_size - start).min(cs) as u32,
-        _ => 0,
-    }
+/// [`validate_chunk_size`], its error as a [`PlanError::InvalidChunkSize`] for `label`.
+fn check_chunk_size(label: &str, chunk_size: u32) -> Result<(), PlanError> {
+    validate_chunk_size(chunk_size)
+        .map_err(|e| PlanError::InvalidChunkSize { label: label.to_owned(), chunk_size: e.chunk_size })
 }
 
 /// BLAKE3 of `len` zero bytes, hashed from a static zero buffer (never
@@ -144,7 +115,7 @@ const ENCODER_BATCH: usize = 16 << 10;
 impl DigestMapEncoder {
     /// An encoder for a map of a disk of `disk_size` bytes in chunks of `chunk_size`.
     pub fn new(chunk_size: u32, disk_size: u64) -> Result<Self, PlanError> {
-        validate_chunk_size("digest map", chunk_size)?;
+        check_chunk_size("digest map", chunk_size)?;
         let expected = chunk_count(chunk_size, disk_size);
         let header = encode_header(chunk_size, disk_size, expected);
         let mut hasher = blake3::Hasher::new();
@@ -212,7 +183,7 @@ pub struct DigestMap {
 impl DigestMap {
     /// A map of a disk whose chunk digests are all unknown.
     pub fn new(chunk_size: u32, disk_size: u64) -> Result<Self, PlanError> {
-        validate_chunk_size("digest map", chunk_size)?;
+        check_chunk_size("digest map", chunk_size)?;
         let count = chunk_count(chunk_size, disk_size);
         Ok(DigestMap { chunk_size, disk_size, digests: vec![UNKNOWN_DIGEST; count as usize] })
     }
@@ -228,7 +199,7 @@ impl DigestMap {
 
     /// A map from digests already computed, one per chunk.
     pub fn from_digests(chunk_size: u32, disk_size: u64, digests: Vec<Digest>) -> Result<Self, PlanError> {
-        validate_chunk_size("digest map", chunk_size)?;
+        check_chunk_size("digest map", chunk_size)?;
         let expected = chunk_count(chunk_size, disk_size);
         if digests.len() as u64 != expected {
             return Err(PlanError::DigestCountMismatch {
@@ -438,7 +409,7 @@ impl DigestMap {
             return Err(PlanError::DigestMapReserved { label: label_owned(), value: reserved });
         }
         let chunk_size = u32_at(12);
-        validate_chunk_size(label, chunk_size)?;
+        check_chunk_size(label, chunk_size)?;
         let disk_size = u64_at(16);
         let want = chunk_count(chunk_size, disk_size);
         if count != want {
@@ -470,29 +441,25 @@ mod tests {
         assert_eq!(z.digest(5), zero_chunk_digest(5));
     }
 
-    #[test]
-    fn chunk_geometry() {
-        assert_eq!(chunk_count(K64, 0), 0);
-        assert_eq!(chunk_count(K64, 1), 1);
-        assert_eq!(chunk_count(K64, 2 * u64::from(K64)), 2);
-        assert_eq!(chunk_len(K64, 100_000, 0), K64);
-        assert_eq!(chunk_len(K64, 100_000, 1), 100_000 - K64);
-        assert_eq!(chunk_len(K64, 100_000, 2), 0);
-        assert_eq!(chunk_len(K64, 100_000, u64::MAX), 0);
-    }
-
+    // chunk_count, chunk_len and validate_chunk_size are ferry-wire's (tested there).
     #[test]
     fn chunk_size_validation() {
         for ok in [MIN_CHUNK_SIZE, 1 << 20, MAX_CHUNK_SIZE] {
-            assert!(validate_chunk_size("x", ok).is_ok());
+            assert!(check_chunk_size("x", ok).is_ok());
+            assert!(DigestMap::new(ok, 1).is_ok());
+            assert!(DigestMapEncoder::new(ok, 1).is_ok());
         }
         for bad in [0, 4096, MIN_CHUNK_SIZE + 1, MAX_CHUNK_SIZE * 2, 3 << 20] {
-            assert_eq!(
-                validate_chunk_size("x", bad),
-                Err(PlanError::InvalidChunkSize { label: "x".into(), chunk_size: bad })
-            );
+            let err = |label: &str| Err(PlanError::InvalidChunkSize { label: label.into(), chunk_size: bad });
+            assert_eq!(check_chunk_size("x", bad), err("x"));
+            assert_eq!(DigestMap::new(bad, 1).map(|_| ()), err("digest map"));
+            assert_eq!(DigestMap::from_digests(bad, 1, vec![UNKNOWN_DIGEST]).map(|_| ()), err("digest map"));
+            assert_eq!(DigestMapEncoder::new(bad, 1).map(|_| ()), err("digest map"));
         }
-        assert!(DigestMap::new(4096, 1).is_err());
+        assert_eq!(
+            check_chunk_size("x", 4096).unwrap_err().to_string(),
+            "x: chunk size 4096 is not a power of two between 64 KiB and 4 MiB"
+        );
         assert!(DigestMap::from_digests(K64, 1, vec![]).is_err());
     }
 

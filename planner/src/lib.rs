@@ -10,7 +10,10 @@
 //!   [`MIN_CHUNK_SIZE`] (64 KiB) and [`MAX_CHUNK_SIZE`] (4 MiB), fixed per
 //!   replica. Chunk `i` covers `i * chunk_size .. min((i + 1) * chunk_size,
 //!   disk_size)`: the last chunk may be partial. A [`ChunkSet`] is a set of
-//!   chunk indices held as sorted, coalesced, non-empty ranges.
+//!   chunk indices held as sorted, coalesced, non-empty ranges. The chunk
+//!   size limits, [`validate_chunk_size`], [`chunk_count`], [`chunk_len`] and
+//!   [`Digest`] are ferry-wire's (`ferry_wire::chunk`, with its `Geometry`),
+//!   re-exported: one chunk geometry for all of ferry.
 //! - A chunk digest is BLAKE3 of the chunk's bytes at its real length.
 //!
 //! # Change-map formats ([`cbt::parse_cbt`])

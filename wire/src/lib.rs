@@ -6,6 +6,10 @@
 //! the nonces, computes digests and MACs (through [`Authenticator`]).
 //! `wire/PROTOCOL.md` is the byte-level specification.
 //!
+//! It also holds ferry's one chunk geometry ([`chunk`]): the chunk size
+//! limits, [`Geometry`] (which bytes of a disk each chunk covers) and
+//! [`Digest`], shared with the planner and the mover.
+//!
 //! Invariants:
 //! - The decoder never panics and never allocates more than
 //!   [`MAX_BODY_LEN`] for a frame ([`MAX_HANDSHAKE_BODY_LEN`] in a session
@@ -24,10 +28,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod chunk;
 mod error;
 mod frame;
 mod session;
 
+pub use chunk::{
+    chunk_count, chunk_len, default_chunk_size, validate_chunk_size, ChunkSizeError, Digest, Geometry, MAX_CHUNK_SIZE,
+    MAX_DEFAULT_CHUNKS, MIN_CHUNK_SIZE,
+};
 pub use error::WireError;
 pub use frame::*;
 pub use session::{Authenticator, Event, LocalInfo, PeerInfo, Role, Session, State};

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::chunk::{chunk_count, validate_chunk_size, MAX_CHUNK_SIZE};
 use crate::error::WireError;
 use crate::frame::*;
 
@@ -449,13 +450,12 @@ impl Session {
                 if self.disks.contains_key(&o.disk) {
                     return Err(WireError::Disk { what: "OpenDisk for already open", disk: o.disk });
                 }
-                let cs = u64::from(o.chunk_size);
                 self.disks.insert(
                     o.disk,
                     DiskTrack {
                         size: o.size,
                         chunk_size: o.chunk_size,
-                        chunk_count: o.size.div_ceil(cs),
+                        chunk_count: chunk_count(o.chunk_size, o.size),
                         open: false,
                         next_min: 0,
                         flushed: 0,
@@ -673,7 +673,7 @@ fn check_limits(frame: &Frame) -> Result<(), WireError> {
             Ok(())
         }
     };
-    let bad_chunk_size = |c: u32| !c.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c);
+    let bad_chunk_size = |c: u32| validate_chunk_size(c).is_err();
     match frame {
         Frame::OpenReplica(o) => too_long("replica", o.replica.len(), MAX_NAME_LEN),
         Frame::ReplicaOpened(r) if r.chunk_size != 0 && bad_chunk_size(r.chunk_size) => {
