@@ -411,6 +411,11 @@ impl Session {
     }
 
     /// Check that `frame` may go in direction `dir` now, and apply its effect.
+    ///
+    /// This is the session's state machine: one match over (frame, state,
+    /// direction), a row per legal transition. It is long on purpose: split
+    /// into helpers, the table could no longer be read (or reviewed against
+    /// PROTOCOL.md section 6, "Session state machine") in one place.
     fn transition(&mut self, frame: &Frame, dir: Dir) -> Result<(), WireError> {
         // Who sends this frame: the client (source) or the server (target).
         let from_client = (self.role == Role::Client) == (dir == Dir::Send);
