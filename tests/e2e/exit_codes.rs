@@ -34,6 +34,12 @@ fn a_bad_flag_or_bad_setting_exits_2() {
     assert!(r.stderr.contains(&format!("opening source disk {}: No such file", gone.display())), "{}", r.stderr);
 }
 
+/// One attempt (no retries) to replicate `img` to the remote `url`.
+fn replicate_once(url: &str, token: &Path, img: &Path) -> Run {
+    let args = ["replicate", "--source", s(img), "--target", url, "--token-file", s(token), "--replica", "vm"];
+    run(args.into_iter().chain(["--retry-for", "0"]))
+}
+
 /// Hold the replica's lock as a running session does.
 fn hold_lock(ds: &Path, replica: &str) -> std::fs::File {
     let f = std::fs::OpenOptions::new().read(true).write(true).open(ds.join(replica).join("lock")).unwrap();
@@ -58,19 +64,7 @@ fn a_second_writer_to_a_busy_replica_exits_4_locally_and_remotely() {
     // Through a server: the target's ReplicaBusy code is the same class at the source.
     let token = new_token(dir.path(), "token");
     let server = Server::start(&ds, &token, &[]);
-    let r = run([
-        "replicate",
-        "--source",
-        s(&img),
-        "--target",
-        &server.url,
-        "--token-file",
-        s(&token),
-        "--replica",
-        "vm",
-        "--retry-for",
-        "0",
-    ]);
+    let r = replicate_once(&server.url, &token, &img);
     r.expect_code(4);
     assert!(r.stderr.contains("in use by another session"), "{}", r.stderr);
     // Local maintenance on a busy replica too.
@@ -162,19 +156,7 @@ fn a_target_that_breaks_the_protocol_exits_1() {
         let _ = c.write_all(&[0x5a; 512]);
         std::thread::sleep(Duration::from_millis(500));
     });
-    let r = run([
-        "replicate",
-        "--source",
-        s(&img),
-        "--target",
-        &url,
-        "--token-file",
-        s(&token),
-        "--replica",
-        "vm",
-        "--retry-for",
-        "0",
-    ]);
+    let r = replicate_once(&url, &token, &img);
     garbage.join().unwrap();
     r.expect_code(1);
     assert!(r.stderr.contains("not a ferry stream"), "{}", r.stderr);

@@ -113,19 +113,7 @@ pub fn replicate(job: &BackupJob, target: &Target, obs: &dyn BackupObserver) -> 
         obs.event(&JobEvent::Warning(NOTHING_NEW.into()));
         return Ok(BackupOutcome::NothingNew { latest });
     }
-    let mut latest_ns = latest.map(|l| l.1);
-    let mut last = None;
-    for (i, p) in chosen.iter().enumerate() {
-        let prepared = repo::prepare(&inv, p, latest_ns)?;
-        obs.point_start(p, &prepared.how, i, chosen.len());
-        let cfg = ReplicateConfig { disks: prepared.disks.clone(), point_time_ns: p.time_ns, ..job.base.clone() };
-        let rep = target.run_with_retry(&cfg, obs, job.retry_for)?;
-        drop(prepared);
-        latest_ns = Some(p.time_ns);
-        obs.point_done(p, &rep);
-        last = Some(rep);
-    }
-    Ok(BackupOutcome::Done(last.expect("at least one point")))
+    run_points(job, target, obs, &inv, &chosen, latest, false)
 }
 
 /// What [`replicate`] would move, point by point, without changing the
@@ -137,20 +125,39 @@ pub fn plan(job: &BackupJob, target: &Target, obs: &dyn BackupObserver) -> Resul
     if chosen.is_empty() {
         return Ok(BackupOutcome::NothingNew { latest });
     }
+    run_points(job, target, obs, &inv, &chosen, latest, true)
+}
+
+/// Replicate (or plan) `chosen` in order, each point against the replica as
+/// the previous one leaves it; the report of the last one.
+fn run_points(
+    job: &BackupJob,
+    target: &Target,
+    obs: &dyn BackupObserver,
+    inv: &Inventory,
+    chosen: &[BackupPoint],
+    latest: Option<(u64, i64)>,
+    plan_only: bool,
+) -> Result<BackupOutcome> {
     let mut latest_ns = latest.map(|l| l.1);
     let mut last = None;
     for (i, p) in chosen.iter().enumerate() {
-        let prepared = repo::prepare(&inv, p, latest_ns)?;
+        let prepared = repo::prepare(inv, p, latest_ns)?;
         obs.point_start(p, &prepared.how, i, chosen.len());
         let mut cfg = ReplicateConfig { disks: prepared.disks.clone(), point_time_ns: p.time_ns, ..job.base.clone() };
-        cfg.plan_only = true;
-        if i > 0 {
-            // The replica is not at this point's base yet: checking the change list against it would fail.
-            cfg.verify_samples = 0;
-        }
-        let rep = target.run(&cfg, obs)?;
-        obs.point_done(p, &rep);
+        let rep = if plan_only {
+            cfg.plan_only = true;
+            if i > 0 {
+                // The replica is not at this point's base yet: checking the change list against it would fail.
+                cfg.verify_samples = 0;
+            }
+            target.run(&cfg, obs)?
+        } else {
+            target.run_with_retry(&cfg, obs, job.retry_for)?
+        };
+        drop(prepared);
         latest_ns = Some(p.time_ns);
+        obs.point_done(p, &rep);
         last = Some(rep);
     }
     Ok(BackupOutcome::Done(last.expect("at least one point")))

@@ -1,4 +1,4 @@
-//! Integration tests of ferry-wire: one test binary (see STYLE.md).
+//! Integration tests of ferry-wire, in one test binary (as every crate here has: one binary per crate, a module per area).
 //!
 //! - `roundtrip`: proptest encode/decode of every frame type, whole and split.
 //! - `pair`: two in-memory sessions (quinn-proto's `Pair`) with random cuts.
