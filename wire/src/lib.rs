@@ -10,6 +10,10 @@
 //! limits, [`Geometry`] (which bytes of a disk each chunk covers) and
 //! [`Digest`], shared with the planner and the mover.
 //!
+//! It depends on no other ferry crate (the planner and the mover crates
+//! depend on it), and must stay that way: the protocol is the contract both
+//! ends share.
+//!
 //! Invariants:
 //! - The decoder never panics and never allocates more than
 //!   [`MAX_BODY_LEN`] for a frame ([`MAX_HANDSHAKE_BODY_LEN`] in a session

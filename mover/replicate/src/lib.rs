@@ -17,8 +17,9 @@
 //! # Dependencies
 //! ferry-wire (the protocol), ferry-planner (what must move), ferry-io
 //! (buffers, IO backends, syscalls), ferry-nbd (NBD disks) and
-//! ferry-datastore (the target's replicas). It has no `unsafe`: raw system
-//! calls are ferry-io's.
+//! ferry-datastore (the target's replicas). It must not depend on
+//! ferry-backup, the CLI or the bench (they sit above it), and it has no
+//! `unsafe`: raw system calls are ferry-io's.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
