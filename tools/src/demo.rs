@@ -93,20 +93,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let addr = listener.local_addr()?.to_string();
     {
         let (auth, ds) = (auth.clone(), ds.clone());
+        // The library's accept loop, as `ferry serve` runs it; it ends with the process.
         std::thread::spawn(move || {
-            for s in listener.incoming().flatten() {
-                let _ = s.set_nodelay(true);
-                let (auth, ds) = (auth.clone(), ds.clone());
-                std::thread::spawn(move || {
-                    ferry_replicate::target::serve_connection(
-                        ferry_replicate::conn::Sock::Tcp(s),
-                        "demo source",
-                        &ds,
-                        auth,
-                        &ServeConfig::default(),
-                    )
-                });
-            }
+            ferry_replicate::target::serve(listener, ds, auth, ServeConfig::default(), Arc::new(QuietServer))
         });
     }
 
@@ -196,4 +185,12 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The demo's server reports nothing: the demo prints its own figures.
+struct QuietServer;
+
+impl ferry_replicate::target::ServeObserver for QuietServer {
+    fn session_done(&self, _report: &ferry_replicate::target::SessionReport) {}
+    fn accept_failed(&self, _error: &std::io::Error) {}
 }
