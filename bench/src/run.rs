@@ -343,7 +343,7 @@ fn measure_net(
     } else {
         if !tx_status.success() {
             // The receiver may wait forever for a sender that failed.
-            rx.signal(libc::SIGTERM);
+            rx.signal(ferry_io::process::Signal::Term);
         }
         let (st, _, u) = rx.wait()?;
         wall = t0.elapsed();
@@ -605,8 +605,7 @@ fn run_peer(env: &Env, net: &Net, sc: &Scenario, tool: &str, dir: &Path) -> Resu
             for (prev, out) in sc.previous.iter().zip(&outs) {
                 run_quiet(&format!("cp --sparse=always {} {}", shq(prev), shq(out)))?;
             }
-            // SAFETY: geteuid/getegid have no preconditions.
-            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            let (uid, gid) = (ferry_io::process::effective_uid(), ferry_io::process::effective_gid());
             let conf = dir.join("rsyncd.conf");
             std::fs::write(
                 &conf,
