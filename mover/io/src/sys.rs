@@ -1,5 +1,6 @@
-//! Every raw system call the mover crates make outside the IO backends, each
-//! behind a safe function: page-cache advice, hole and data ranges of sparse
+//! Every raw system call on files and sockets that the workspace's libraries
+//! make outside the IO backends (process calls are in [`crate::process`]),
+//! each behind a safe function: page-cache advice, hole and data ranges of sparse
 //! files, block-device sizes, hole punching, file locks, vectored socket
 //! reads into a receive buffer, the host name, page residency, and the socket
 //! helpers of a relay (waiting for readability, pipes, splice).
