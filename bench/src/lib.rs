@@ -11,6 +11,10 @@
 //! ferry is driven as a subprocess through its CLI contract (DESIGN.md), so the
 //! harness measures exactly what a user runs. Entry point: [`main_with_args`],
 //! which the ferry CLI exposes as `ferry bench` and the `ferry-bench` binary calls.
+//!
+//! It has no `unsafe`: its system calls (wait4 with resource usage, signals to
+//! process groups, setns, splice) are ferry-io's safe functions.
+#![forbid(unsafe_code)]
 
 pub mod ext4;
 pub mod measure;

@@ -13,6 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use ferry_io::process::{self, Signal};
 
 /// Resource usage of one finished process tree.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -86,29 +87,14 @@ impl Tree {
 
     /// True while the tree's top process has not exited (does not reap it).
     pub fn is_running(&self) -> bool {
-        let mut info: libc::siginfo_t = unsafe_zeroed_siginfo();
-        // SAFETY: waitid with WNOWAIT only inspects the state of our own child and
-        // writes into `info`, a valid siginfo_t we own.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                self.pid() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
-        };
-        // SAFETY: si_pid is valid to read for a siginfo_t filled by waitid (0 when nothing changed).
-        rc == 0 && unsafe { info.si_pid() } == 0
+        process::child_is_running(self.pid()).unwrap_or(false)
     }
 
     /// Sends a signal to every process of the tree (its process group).
-    pub fn signal(&self, sig: libc::c_int) {
+    pub fn signal(&self, sig: Signal) {
         if !self.reaped {
-            // SAFETY: kill() on the process group our own unreaped child leads: the
-            // group id cannot have been recycled while the leader is unreaped.
-            unsafe {
-                libc::kill(-(self.pid() as libc::pid_t), sig);
-            }
+            // The group id cannot have been recycled while its leader, our child, is unreaped.
+            let _ = process::signal_group(self.pid(), sig);
         }
     }
 
@@ -118,32 +104,15 @@ impl Tree {
     }
 
     fn wait_inner(&mut self) -> Result<(ExitStatus, Duration, TreeUsage)> {
-        let mut status: libc::c_int = 0;
-        // SAFETY: rusage is plain old data; all-zero is a valid value.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        let pid = self.pid() as libc::pid_t;
-        loop {
-            // SAFETY: wait4 on our own child with valid out-pointers to locals.
-            let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-            if rc == pid {
-                break;
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e).context("waiting for a measured process");
-            }
-        }
+        let (status, ru) = process::wait_with_usage(self.pid()).context("waiting for a measured process")?;
         let wall = self.started.elapsed();
         self.reaped = true;
-        use std::os::unix::process::ExitStatusExt;
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         let usage = TreeUsage {
-            user_s: tv(ru.ru_utime),
-            sys_s: tv(ru.ru_stime),
-            // ru_maxrss is in KiB on Linux.
-            max_rss_bytes: ru.ru_maxrss as u64 * 1024,
+            user_s: ru.user.as_secs_f64(),
+            sys_s: ru.system.as_secs_f64(),
+            max_rss_bytes: ru.max_rss_bytes,
         };
-        Ok((ExitStatus::from_raw(status), wall, usage))
+        Ok((status, wall, usage))
     }
 
     /// Number of processes in the tree's process group (zombies included).
@@ -155,19 +124,17 @@ impl Tree {
     /// children and their usage is counted), SIGKILL after `grace`, then SIGKILL
     /// to whatever is left in the group; returns its usage.
     pub fn stop(mut self, grace: Duration) -> Result<(ExitStatus, TreeUsage)> {
-        let leader = self.pid() as libc::pid_t;
-        // SAFETY: kill() on our own unreaped child.
-        unsafe { libc::kill(leader, libc::SIGTERM) };
+        // Our own unreaped child: its pid cannot have been recycled.
+        let _ = process::signal_process(self.pid(), Signal::Term);
         let deadline = Instant::now() + grace;
         while self.is_running() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         if self.is_running() {
-            // SAFETY: as above.
-            unsafe { libc::kill(leader, libc::SIGKILL) };
+            let _ = process::signal_process(self.pid(), Signal::Kill);
         }
         // The leader is not reaped yet, so the group id still names our group.
-        self.signal(libc::SIGKILL);
+        self.signal(Signal::Kill);
         let (st, _, u) = self.wait_inner()?;
         Ok((st, u))
     }
@@ -186,15 +153,10 @@ pub fn rss_floor(scratch: &Path) -> u64 {
 impl Drop for Tree {
     fn drop(&mut self) {
         if !self.reaped {
-            self.signal(libc::SIGKILL);
+            self.signal(Signal::Kill);
             let _ = self.wait_inner();
         }
     }
-}
-
-fn unsafe_zeroed_siginfo() -> libc::siginfo_t {
-    // SAFETY: siginfo_t is plain old data; all-zero is a valid value.
-    unsafe { std::mem::zeroed() }
 }
 
 /// Processes of process group `pgid` (read from /proc/*/stat).
@@ -311,14 +273,14 @@ mod tests {
         let t = Tree::spawn("exec sleep 30", None, &dir.path().join("e")).unwrap();
         let e = wait_listening(t.pid(), &[port], Duration::from_millis(300)).unwrap_err();
         assert_eq!(e.to_string(), format!("receiver (pid {}) did not listen on ports [{port}] within 300ms", t.pid()));
-        t.signal(libc::SIGKILL);
+        t.signal(Signal::Kill);
         let _ = t.wait();
         // A tree that does listen: nc, as the bench's nc receivers run it.
         drop(ours);
         let t =
             Tree::spawn(&format!("exec nc -d -l 127.0.0.1 {port} > /dev/null"), None, &dir.path().join("e2")).unwrap();
         wait_listening(t.pid(), &[port], Duration::from_secs(10)).unwrap();
-        t.signal(libc::SIGKILL);
+        t.signal(Signal::Kill);
         let _ = t.wait();
     }
 

@@ -36,8 +36,7 @@ pub fn unavailable_reason() -> Option<String> {
     if Command::new("nsenter").arg("--version").output().is_err() {
         return Some("`nsenter` (util-linux) is not installed".into());
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if ferry_io::process::effective_uid() != 0 {
         return Some("not root: network namespaces and tc need root".into());
     }
     match Command::new("ip").args(["netns", "list"]).output() {

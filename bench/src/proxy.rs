@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
+use ferry_io::sys;
 
 const BUF: usize = 256 << 10;
 const DELAY_QUEUE: usize = 64;
@@ -122,13 +123,8 @@ impl Drop for Proxy {
 fn bind_in(listen: SocketAddr, netns: Option<PathBuf>) -> Result<TcpListener> {
     if let Some(ns) = netns {
         let f = std::fs::File::open(&ns).with_context(|| format!("opening network namespace {}", ns.display()))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a valid namespace fd we hold open; it only changes the
-        // network namespace of this (proxy) thread.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("entering the network namespace for the proxy");
-        }
+        // Only this (proxy) thread, and the threads it starts, move into the namespace.
+        ferry_io::process::enter_network_namespace(&f).context("entering the network namespace for the proxy")?;
     }
     let l = TcpListener::bind(listen).with_context(|| format!("proxy listening on {listen}"))?;
     l.set_nonblocking(true)?;
@@ -137,10 +133,7 @@ fn bind_in(listen: SocketAddr, netns: Option<PathBuf>) -> Result<TcpListener> {
 
 /// Waits until `l` has a connection to accept (or `timeout` passes).
 fn readable(l: &TcpListener, timeout: Duration) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut p = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) > 0 }
+    sys::wait_readable(l, timeout).unwrap_or(false)
 }
 
 fn relay(down: TcpStream, up: TcpStream, delay: Duration, bytes: Arc<AtomicU64>) {
@@ -199,22 +192,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration, bytes: Arc<Atom
 /// Moves `from`'s bytes to `to` through a pipe with splice(2) until EOF. Err only when
 /// splice is unusable before any byte moved; a broken connection after that ends it Ok.
 fn splice_pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both fds are fresh and owned here; closed when these drop.
-    let (rd, wr) = unsafe {
-        use std::os::fd::FromRawFd;
-        (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1]))
-    };
-    // SAFETY: fcntl on our own pipe fd.
-    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, BUF as libc::c_int) };
+    let (rd, wr) = sys::pipe()?;
+    // A larger pipe means fewer splices; the default (64 KiB) still works.
+    let _ = sys::set_pipe_capacity(&wr, BUF);
     let mut moved_any = false;
     loop {
-        let n = match splice(from.as_raw_fd(), wr.as_raw_fd(), BUF) {
+        let n = match sys::splice(from, &wr, BUF) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) => return if moved_any { Ok(()) } else { Err(e) },
@@ -223,28 +206,13 @@ fn splice_pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> std::io::
         bytes.fetch_add(n as u64, Ordering::Relaxed);
         let mut left = n;
         while left > 0 {
-            match splice(rd.as_raw_fd(), to.as_raw_fd(), left) {
+            match sys::splice(&rd, to, left) {
                 Ok(m) => left -= m,
                 Err(_) => {
                     let _ = from.shutdown(Shutdown::Both);
                     return Ok(());
                 }
             }
-        }
-    }
-}
-
-/// One splice(2) of up to `len` bytes between a socket and a pipe, retried on EINTR.
-fn splice(from: libc::c_int, to: libc::c_int, len: usize) -> std::io::Result<usize> {
-    loop {
-        // SAFETY: splice between fds the caller holds open; null offsets for sockets and pipes.
-        let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
         }
     }
 }

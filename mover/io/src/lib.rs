@@ -4,8 +4,12 @@
 //!   memory whatever the disk size, and the zero check.
 //! - [`backend`]: io_uring and a portable pread/pwrite fallback behind
 //!   [`IoBackend`], chosen at run time by probing ([`open_backend`]).
-//! - [`sys`]: every other raw system call the mover crates make, behind safe
-//!   functions (page-cache advice, hole walks, locks, vectored reads, ...).
+//! - [`sys`]: every other raw system call on files and sockets, behind safe
+//!   functions (page-cache advice, hole walks, locks, vectored reads, poll,
+//!   pipes and splice, ...).
+//! - [`process`]: the process system calls (child state without reaping,
+//!   signals to a process or its group, wait4 with resource usage, effective
+//!   uid/gid, entering a network namespace), for the bench harness and tools.
 //!
 //! # Invariants
 //! - This is the only crate of the workspace's libraries with `unsafe` code;
@@ -17,6 +21,7 @@
 
 pub mod backend;
 pub mod buf;
+pub mod process;
 pub mod sys;
 
 pub use backend::{open_backend, BackendChoice, IoBackend, IoCompletion, IoKind, IoRequest};

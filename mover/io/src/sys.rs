@@ -1,7 +1,9 @@
-//! Every raw system call the mover crates make outside the IO backends, each
-//! behind a safe function: page-cache advice, hole and data ranges of sparse
+//! Every raw system call on files and sockets that the workspace's libraries
+//! make outside the IO backends (process calls are in [`crate::process`]),
+//! each behind a safe function: page-cache advice, hole and data ranges of sparse
 //! files, block-device sizes, hole punching, file locks, vectored socket
-//! reads into a receive buffer, the host name, page residency.
+//! reads into a receive buffer, the host name, page residency, and the socket
+//! helpers of a relay (waiting for readability, pipes, splice).
 //!
 //! Each function is a thin wrapper: it adds no policy, returns the OS error
 //! as an `io::Error`, and says in its `// SAFETY:` note why the call is sound.
@@ -9,7 +11,8 @@
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 
@@ -251,6 +254,71 @@ pub fn is_tmpfs(path: &std::path::Path) -> io::Result<bool> {
     Ok(st.f_type == libc::TMPFS_MAGIC)
 }
 
+/// Waits until `fd` is readable (for a listening socket: has a connection to
+/// accept), at most `timeout` (rounded down to milliseconds). One `poll`;
+/// false when the time ran out or the wait was interrupted.
+pub fn wait_readable(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd { fd: fd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(libc::c_int::MAX as u128) as libc::c_int;
+    // SAFETY: one valid pollfd, owned here, for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    if n >= 0 {
+        return Ok(n > 0);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::Interrupted {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// A new pipe, `(read end, write end)`, both close-on-exec (`pipe2`).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array, which has room for them.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are fresh and owned by nothing else; they are
+    // closed when the OwnedFds drop.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Asks for a pipe buffer of `bytes` (`F_SETPIPE_SZ`; the kernel rounds it up
+/// to a power-of-two number of pages). Returns the capacity it now has.
+/// Unprivileged processes are capped at /proc/sys/fs/pipe-max-size.
+pub fn set_pipe_capacity(pipe: impl AsFd, bytes: usize) -> io::Result<usize> {
+    let want = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
+    // SAFETY: fcntl on a descriptor we borrow, with an integer argument.
+    let r = unsafe { libc::fcntl(pipe.as_fd().as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// One `splice` of up to `len` bytes from `from` to `to`, one of which must be
+/// a pipe (the payload moves inside the kernel, never through user space), at
+/// their current offsets; retried when interrupted. Returns the bytes moved
+/// (0: end of stream on `from`).
+pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    let (from, to) = (from.as_fd().as_raw_fd(), to.as_fd().as_raw_fd());
+    loop {
+        // SAFETY: splice between descriptors we borrow; null offset pointers (use
+        // and advance the descriptors' own offsets) and no memory of ours.
+        let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +367,47 @@ mod tests {
         assert_eq!(&buf[..], b"xyabc");
         drop(w);
         assert_eq!(read_into_spare(r.as_raw_fd(), &mut buf, 64).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_listener_is_readable_once_a_connection_waits() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!wait_readable(&l, Duration::from_millis(20)).unwrap());
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(wait_readable(&l, Duration::from_secs(10)).unwrap());
+    }
+
+    #[test]
+    fn splice_moves_socket_bytes_through_a_pipe() {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let pair = || {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (a, l.accept().unwrap().0)
+        };
+        let ((mut src, from), (to, mut dst)) = (pair(), pair());
+        let (rd, wr) = pipe().unwrap();
+        assert!(set_pipe_capacity(&wr, 256 << 10).unwrap() >= 64 << 10);
+        src.write_all(b"through the pipe").unwrap();
+        drop(src);
+        let mut moved = 0;
+        loop {
+            let n = splice(&from, &wr, 1 << 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            let mut left = n;
+            while left > 0 {
+                left -= splice(&rd, &to, left).unwrap();
+            }
+            moved += n;
+        }
+        drop(to);
+        let mut got = Vec::new();
+        dst.read_to_end(&mut got).unwrap();
+        assert_eq!((moved, &got[..]), (16, &b"through the pipe"[..]));
+        // Neither end a pipe: refused.
+        assert_eq!(splice(&from, &dst, 16).unwrap_err().raw_os_error(), Some(libc::EINVAL));
     }
 }

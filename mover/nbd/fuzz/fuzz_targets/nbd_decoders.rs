@@ -1,4 +1,4 @@
-//! `cargo +nightly fuzz run nbd_decoders` (from mover/): NBD reply, greeting
+//! `cargo +nightly fuzz run nbd_decoders` (from mover/nbd/): NBD reply, greeting
 //! and option reply decoders on arbitrary bytes.
 #![no_main]
 
