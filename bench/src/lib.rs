@@ -8,7 +8,7 @@
 //! results.json (schema `ferry-bench/1`, see bench/README.md), results.md and
 //! results.svg.
 //!
-//! ferry is driven as a subprocess through its CLI contract (DESIGN.md), so the
+//! ferry is driven as a subprocess through its CLI contract (README.md: usage, events, exit codes), so the
 //! harness measures exactly what a user runs. Entry point: [`main_with_args`],
 //! which the ferry CLI exposes as `ferry bench` and the `ferry-bench` binary calls.
 //!

@@ -11,6 +11,7 @@
 // The doc comments of the argument structs are clap's --help text, where
 // `nbd://HOST[:PORT]/EXPORT` is plain text, not an intra-doc link.
 #![allow(rustdoc::broken_intra_doc_links)]
+#![forbid(unsafe_code)]
 
 mod backup;
 mod demo;
