@@ -1,26 +1,25 @@
 //! The target: receives a session, verifies every chunk, writes the datastore.
 //!
 //! ```text
-//!            socket (read)                                 socket (write)
-//!                 |                                              ^
-//!   session thread (session.rs; open_disk.rs,          sending thread (sender.rs)
-//!   plan_session.rs, digest_map.rs)                              ^
-//!     |  Data (payload in a pool buffer)                         |  Outgoing events:
-//!     v                                                          |  - Frame (ReplicaOpened,
-//!   verify workers (verify.rs: zstd, BLAKE3)                     |    ResumeInfo, digest map
-//!     |  verified chunk                                          |    parts, Committed)
-//!     v                                                          |  - Checkpoint (writer)
-//!   writer thread (writer/mod.rs; undo.rs: old contents,         |  - WriterFailed (writer)
-//!   undo fdatasync rounds; barrier.rs: checkpoints, commit) -----+  - Error (session's end)
-//!     ^  OpenDisk (hand-over), ZeroRun, Intent, Flush, Commit
-//!     +---- session thread
+//!  socket --read--> session thread ---------- Frame, Error -----------> sending thread --write--> socket
+//!   (session.rs; open_disk.rs,            (ReplicaOpened, ResumeInfo,        (sender.rs)
+//!   plan_session.rs, digest_map.rs)        digest maps, Committed)                ^
+//!     |  Data (payload in a pool buffer)                                          |
+//!     v                                                                           |
+//!   verify workers (verify.rs: zstd, BLAKE3)                                      |
+//!     |  verified chunk                                                           |
+//!     v                                                                           |
+//!   writer thread (writer/mod.rs; writer/undo.rs: old contents, undo   ---------+
+//!   fdatasync rounds; writer/barrier.rs: checkpoints, the commit)      Checkpoint, WriterFailed,
+//!     ^                                                                digest maps (late requests)
+//!     +-- session thread: OpenDisk (hand-over), ZeroRun, Intent, Flush, Commit
 //! ```
 //!
 //! Threads and who owns what. The session thread ([`serve_connection`]) reads
 //! and validates every frame and dispatches it; it owns the replica lock, the
 //! catalog and the disks it has opened but not handed over. The sending thread
 //! is the only one that writes to the socket: everyone else sends it
-//! [`Outgoing`](sender::Outgoing) events over one bounded channel, and answers
+//! `Outgoing` events (sender.rs) over one bounded channel, and answers
 //! the wire session queues while validating a received frame (an Error for a
 //! refused one) wait for it too (`Conn::defer_answers`). The writer owns the
 //! images, undo files and digest maps of the disks handed to it; it never

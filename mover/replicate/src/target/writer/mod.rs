@@ -9,6 +9,8 @@
 //! own failure go to the connection's sending thread as [`Outgoing`] events.
 
 mod barrier;
+#[cfg(test)]
+mod tests;
 mod undo;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
