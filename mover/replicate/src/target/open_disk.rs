@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use ferry_wire::{Frame, OpenDisk, ResumeInfo};
 
 use super::session::{start_pipeline, Active, TargetSession};
-use super::writer::WDisk;
+use super::writer::{WDisk, WriterMsg};
 use super::SessionReport;
 use crate::error::{MoveError, Result};
 use ferry_datastore::digests::{self, DigestMap, ZeroDigests};
@@ -88,12 +88,18 @@ impl TargetSession<'_> {
         });
         a.state.disks.insert(o.name.clone(), entry.clone());
         a.replica.write_session(&a.state)?;
-        if a.pipeline.is_none() {
-            let p = start_pipeline(&cfg, o.chunk_size, a.replica.clone(), a.state.clone(), events, failed)?;
-            report.backend = p.backend_name.to_string();
-            report.warning = p.warning.clone();
-            a.pipeline = Some(p);
-        }
+        let told = match &a.pipeline {
+            None => {
+                let p = start_pipeline(&cfg, o.chunk_size, a.replica.clone(), a.state.clone(), events, failed)?;
+                report.backend = p.backend_name.to_string();
+                report.warning = p.warning.clone();
+                a.pipeline = Some(p);
+                true
+            }
+            // The writer's checkpoints rewrite session.json: it must name this disk too, from
+            // now on, not only from the disk's own first checkpoint.
+            Some(p) => p.tell(WriterMsg::SessionDisk(o.name.clone(), entry.clone())),
+        };
         let direct =
             image.path().and_then(|p| OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(p).ok());
         // Chunk writes to an export are pipelined on its connection: several WRITEs in flight.
@@ -119,6 +125,9 @@ impl TargetSession<'_> {
         };
         a.opened.insert(o.disk, Box::new(disk));
         let finished = st.next_chunk == st.chunk_count && st.chunk_count > 0 && a.resumed;
+        if !told {
+            return Err(self.writer_gone());
+        }
         self.send(Frame::ResumeInfo(ResumeInfo {
             disk: o.disk,
             previous_size: st.previous_size,

@@ -83,6 +83,13 @@ pub(super) struct Counters {
     pub(super) chunks_zero: AtomicU64,
 }
 
+impl Pipeline {
+    /// Send the writer a message; false when it stopped (see `TargetSession::writer_gone`).
+    pub(super) fn tell(&self, msg: WriterMsg) -> bool {
+        self.to_writer.send(msg).is_ok()
+    }
+}
+
 impl Active {
     /// Copy the writer's counters into a report (they only grow: a later call is as good or better).
     pub(super) fn fill_counters(&self, report: &mut SessionReport) {
@@ -198,7 +205,7 @@ impl TargetSession<'_> {
         self.failed.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    fn writer_gone(&self) -> MoveError {
+    pub(super) fn writer_gone(&self) -> MoveError {
         self.failure().unwrap_or_else(|| MoveError::Internal("the target writer stopped".into()))
     }
 

@@ -63,6 +63,9 @@ pub(in crate::target) struct WDisk {
 /// What the writer is told, in the order the source sent it (chunks: in the order their
 /// verification finished; `seq` numbers them as dispatched).
 pub(in crate::target) enum WriterMsg {
+    /// A disk the session thread opened: its entry in session.json, which every checkpoint
+    /// rewrites (the disk itself may come much later, with its first item).
+    SessionDisk(String, SessionDisk),
     /// A disk the session thread hands over (before its first item).
     OpenDisk(u32, Box<WDisk>),
     /// A verified chunk, item `seq`.
@@ -227,6 +230,9 @@ impl Writer {
             match msg {
                 WriterMsg::Stop => return self.stop(),
                 WriterMsg::Failed(e) => return Err(self.named(e)),
+                WriterMsg::SessionDisk(name, entry) => {
+                    self.state.disks.insert(name, entry);
+                }
                 WriterMsg::OpenDisk(id, d) => {
                     self.disks.insert(id, *d);
                 }

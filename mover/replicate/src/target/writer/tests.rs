@@ -292,3 +292,51 @@ fn the_commit_answers_after_every_earlier_checkpoint_and_write() {
     }
     rig.stop();
 }
+
+/// Regression: the writer's copy of the session state was taken when the first disk was
+/// opened, and a checkpoint of that disk rewrote session.json without the disks opened after
+/// it (until their own first checkpoint). The session thread now sends the writer each later
+/// disk's entry ([`WriterMsg::SessionDisk`]) when it opens the disk; this pins the writer's side. A crash then lost a later disk's entry, and with
+/// it the size it had at the latest point (`previous_size`): a resumed cbt run of a disk
+/// that grew would not have sent the grown chunks it had not written yet.
+#[test]
+fn a_checkpoint_keeps_the_session_entries_of_disks_opened_after_the_first() {
+    let rig = Rig::new(true);
+    let size = 4 * u64::from(CS);
+    let image = ReplicaImage::open_rw(&rig.replica, "d1").unwrap();
+    image.resize(0, size, false).unwrap();
+    let zeros = ZeroDigests::new(CS);
+    let entry =
+        SessionDisk { size, previous_size: 2 * u64::from(CS), next_chunk: 0, chunks_changed: 0, bytes_changed: 0 };
+    // As the session thread records it when it opens the disk.
+    let mut state = rig.replica.session().unwrap().expect("session.json");
+    state.disks.insert("d1".into(), entry.clone());
+    rig.replica.write_session(&state).unwrap();
+    rig.to_writer.send(WriterMsg::SessionDisk("d1".into(), entry.clone())).unwrap();
+    let disk = WDisk {
+        name: "d1".into(),
+        image,
+        direct: None,
+        nbd: None,
+        size,
+        chunk_size: CS,
+        digests: DigestMap::zeroed(CS, size, &zeros).unwrap(),
+        zeros,
+        digests_path: rig.replica.digests_path("d1").unwrap(),
+        dirty: false,
+        entry,
+        undo: None,
+        point_size: 0,
+        presave: Default::default(),
+    };
+    rig.chunk(0, 0);
+    rig.barrier(1, 1);
+    assert_eq!(rig.next_checkpoint(), (0, 1));
+    // The disk goes to the writer with its first item, after the other disk's checkpoint.
+    rig.to_writer.send(WriterMsg::OpenDisk(1, Box::new(disk))).unwrap();
+    let state = rig.replica.session().unwrap().expect("session.json");
+    assert_eq!(state.disks["d0"].next_chunk, 1);
+    let d1 = state.disks.get("d1").expect("d1 is still in session.json");
+    assert_eq!((d1.size, d1.previous_size), (size, 2 * u64::from(CS)));
+    rig.stop();
+}
