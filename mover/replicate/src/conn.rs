@@ -1,9 +1,10 @@
 //! A ferry connection: a socket, the wire session, and the handshake.
 //!
 //! The sending half ([`Conn`]) holds the [`Session`] under a mutex so that
-//! the sender and the receiver (and, on the target, the writer's checkpoints)
-//! can use it from different threads. The receiving half ([`Rx`]) owns its
-//! own [`Deframer`] and reads straight into it, so data payloads are slices
+//! the sender and the receiver can use it from different threads (a target
+//! has one thread that writes: see `target` and [`Conn::defer_answers`]).
+//! The receiving half ([`Rx`]) owns its own [`Deframer`] and reads straight
+//! into it, so data payloads are slices
 //! of the receive buffer and never copied; frames are validated with
 //! [`Conn::handle`]. A target reads data payloads into its buffer pool
 //! instead ([`Rx::next_received`]): straight from the socket into the buffer
@@ -98,6 +99,9 @@ struct Tx {
     sock: Sock,
     head: BytesMut,
     bytes_sent: u64,
+    /// Answers the session queues while validating received frames wait for
+    /// [`Conn::flush_answers`] (a target's receiving thread never writes).
+    defer_answers: bool,
 }
 
 impl Tx {
@@ -265,7 +269,13 @@ impl Conn {
         let rsock = sock.try_clone().map_err(|source| MoveError::Net { peer: peer.clone(), source })?;
         let conn = Arc::new(Conn {
             peer: peer.clone(),
-            tx: Mutex::new(Tx { session, sock, head: BytesMut::with_capacity(256), bytes_sent: 0 }),
+            tx: Mutex::new(Tx {
+                session,
+                sock,
+                head: BytesMut::with_capacity(256),
+                bytes_sent: 0,
+                defer_answers: false,
+            }),
         });
         Ok((conn, Rx { sock: rsock, deframer: Deframer::new(), peer, bytes_received: 0 }))
     }
@@ -324,7 +334,9 @@ impl Conn {
     pub fn handle(&self, frame: Frame) -> Result<Option<Event>> {
         let mut tx = self.lock();
         let r = tx.session.handle_frame(frame);
-        let _ = tx.flush_queued();
+        if !tx.defer_answers {
+            let _ = tx.flush_queued();
+        }
         r.map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })
     }
 
@@ -332,7 +344,9 @@ impl Conn {
     pub fn handle_data_head(&self, head: &DataHead) -> Result<()> {
         let mut tx = self.lock();
         let r = tx.session.handle_data_head(head);
-        let _ = tx.flush_queued();
+        if !tx.defer_answers {
+            let _ = tx.flush_queued();
+        }
         r.map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })
     }
 
@@ -349,6 +363,19 @@ impl Conn {
         }
         let _ = tx.session.send(&Frame::Error(ErrorFrame { code, message: msg }));
         let _ = tx.flush_queued();
+    }
+
+    /// From now on, answers the session queues while [`Conn::handle`] or
+    /// [`Conn::handle_data_head`] validate a received frame (an Error frame for a
+    /// refused one) are not written by the validating thread: they wait for
+    /// [`Conn::flush_answers`] from the thread that owns the writes.
+    pub fn defer_answers(&self) {
+        self.lock().defer_answers = true;
+    }
+
+    /// Write the answers the session queued (see [`Conn::defer_answers`]).
+    pub fn flush_answers(&self) -> Result<()> {
+        self.lock().flush_queued().map_err(|e| self.net_err(e))
     }
 
     /// Shut the socket down: wakes the receiver.

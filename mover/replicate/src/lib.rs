@@ -2,7 +2,8 @@
 //!
 //! - [`source`]: the source pipeline (reader, workers, sender) that reads
 //!   disks, finds what changed and sends it.
-//! - [`target`]: the target session (receiver, verify workers, writer) that
+//! - [`target`]: the target session (session thread, verify workers, writer,
+//!   one sending thread per connection) that
 //!   verifies every chunk and writes it into a datastore.
 //! - [`conn`]: sockets, the wire session, handshake; [`auth`]: tokens.
 //! - [`disk`]: source disks (files, block devices, NBD exports).

@@ -1,0 +1,444 @@
+//! The session thread: reads the connection's frames and dispatches them.
+//!
+//! It opens the replica and its disks, answers digest map requests of the
+//! disks it still holds, numbers the items (Data, ZeroRun) it dispatches, turns
+//! a Flush into a barrier and a Commit into the point, and hands everything that
+//! writes to the verify workers and the writer. It never writes to the socket:
+//! its answers go to the sending thread ([`Outgoing::Frame`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{bounded, Sender};
+use ferry_wire::{
+    Committed, DataHead, DigestMapRequest, Event, Flush, Frame, Intent, OpenReplica, ReplicaOpened, ZeroRun,
+};
+
+use super::digest_map::{rebuild_unknown, send_digest_map};
+use super::plan_session::PlanSession;
+use super::sender::Outgoing;
+use super::verify::verify_worker;
+use super::writer::{WDisk, Writer, WriterMsg};
+use super::{ServeConfig, SessionReport};
+use crate::conn::{Conn, Received, Rx};
+use crate::error::{MoveError, Result};
+use crate::stats::{Stage, StageStats};
+use ferry_datastore::points;
+use ferry_datastore::store::{self as datastore, now_ns, Datastore, Replica, RestorePoint, SessionState};
+use ferry_io::{open_backend, BufPool, PoolBuf};
+
+/// One connection's session, as the session thread runs it.
+pub(super) struct TargetSession<'a> {
+    pub(super) conn: Arc<Conn>,
+    pub(super) ds: &'a Datastore,
+    pub(super) cfg: &'a ServeConfig,
+    /// Who holds the replica lock (for a second writer's error).
+    pub(super) holder: String,
+    /// To the sending thread.
+    pub(super) events: Sender<Outgoing>,
+    /// The first failure of the writer or of the sending thread, typed (taken by whoever
+    /// reports it): the sending thread records it before it shuts the socket down.
+    pub(super) failed: Arc<Mutex<Option<MoveError>>>,
+    pub(super) inner: Option<Active>,
+    pub(super) plan: Option<PlanSession>,
+}
+
+/// A replica opened in a session, with its pipeline.
+pub(super) struct Active {
+    pub(super) replica: Arc<Replica>,
+    pub(super) state: SessionState,
+    /// Disk id -> name.
+    pub(super) disk_names: HashMap<u32, String>,
+    /// Disks opened and not yet handed to the writer (their digest maps are answered here).
+    pub(super) opened: HashMap<u32, Box<WDisk>>,
+    pub(super) pipeline: Option<Pipeline>,
+    /// Items (Data, ZeroRun) dispatched so far: the next item's sequence number.
+    pub(super) dispatched: u64,
+    pub(super) latest_point: Option<RestorePoint>,
+    pub(super) resumed: bool,
+    /// Digest maps rebuilt on this thread.
+    pub(super) stats: StageStats,
+}
+
+/// The verify workers and the writer of a session.
+pub(super) struct Pipeline {
+    /// The session's chunk buffers: payloads are received into them, verified, and written
+    /// from them.
+    pool: Arc<BufPool>,
+    to_workers: Option<Sender<(u64, DataHead, PoolBuf)>>,
+    to_writer: Sender<WriterMsg>,
+    workers: Vec<std::thread::JoinHandle<StageStats>>,
+    writer: Option<std::thread::JoinHandle<StageStats>>,
+    counters: Arc<Counters>,
+    pub(super) backend_name: &'static str,
+    pub(super) warning: Option<String>,
+}
+
+/// The writer's counters, read by the session for its report.
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) chunks_written: AtomicU64,
+    pub(super) bytes_written: AtomicU64,
+    pub(super) chunks_zero: AtomicU64,
+}
+
+impl Pipeline {
+    /// Send the writer a message; false when it stopped (see `TargetSession::writer_gone`).
+    pub(super) fn tell(&self, msg: WriterMsg) -> bool {
+        self.to_writer.send(msg).is_ok()
+    }
+}
+
+impl Active {
+    /// Copy the writer's counters into a report (they only grow: a later call is as good or better).
+    pub(super) fn fill_counters(&self, report: &mut SessionReport) {
+        if let Some(p) = &self.pipeline {
+            report.chunks_written += p.counters.chunks_written.load(Ordering::Relaxed);
+            report.bytes_written += p.counters.bytes_written.load(Ordering::Relaxed);
+            report.chunks_zero += p.counters.chunks_zero.load(Ordering::Relaxed);
+        }
+    }
+
+    /// Stop the pipeline (the writer finishes what it was sent) and give its figures.
+    pub(super) fn finish(mut self) -> StageStats {
+        let mut stats = std::mem::take(&mut self.stats);
+        if let Some(mut p) = self.pipeline.take() {
+            drop(p.to_workers.take());
+            for w in p.workers.drain(..) {
+                if let Ok(s) = w.join() {
+                    stats.merge(&s);
+                }
+            }
+            let _ = p.to_writer.send(WriterMsg::Stop);
+            if let Some(w) = p.writer.take() {
+                if let Ok(s) = w.join() {
+                    stats.merge(&s);
+                }
+            }
+        }
+        stats
+    }
+
+    fn pipeline(&self) -> Result<&Pipeline> {
+        self.pipeline.as_ref().ok_or_else(|| MoveError::Internal("no disk open".into()))
+    }
+}
+
+impl TargetSession<'_> {
+    /// Read and dispatch frames until the session ends: `Ok` when the source closed it.
+    pub(super) fn run(&mut self, rx: &mut Rx, report: &mut SessionReport) -> Result<()> {
+        loop {
+            // Once a pipeline runs, data payloads go straight into its buffers.
+            let received = match self.inner.as_ref().and_then(|a| a.pipeline.as_ref()) {
+                Some(p) => rx.next_received(&p.pool, &self.conn),
+                None => rx.next_frame().map(|f| f.map(Received::Frame)),
+            };
+            let frame = match received {
+                Ok(Some(Received::Frame(f))) => f,
+                Ok(Some(Received::Data(head, buf))) => {
+                    self.data(head, buf)?;
+                    continue;
+                }
+                Ok(None) if self.inner.is_some() => {
+                    let peer = self.peer().to_string();
+                    return Err(self.failure().unwrap_or(MoveError::PeerGone { peer, side: "source" }));
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.failure().unwrap_or_else(|| e.peer_gone_if_reset("source"))),
+            };
+            let Some(Event::Frame(frame)) = self.conn.handle(frame)? else { continue };
+            if !self.dispatch(frame, report)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One frame, validated by the wire session; false when the session ends (Close).
+    fn dispatch(&mut self, frame: Frame, report: &mut SessionReport) -> Result<bool> {
+        match frame {
+            Frame::OpenReplica(o) if o.flags & OpenReplica::PLAN_ONLY != 0 => self.open_plan_replica(&o, report)?,
+            Frame::OpenDisk(o) if self.plan.is_some() => self.plan_open_disk(&o)?,
+            Frame::OpenReplica(o) => self.open_replica(&o, report)?,
+            Frame::OpenDisk(o) => self.open_disk(&o, report)?,
+            Frame::DigestMapRequest(r) if self.plan.is_some() => self.plan_digest_map(&r, report)?,
+            Frame::DigestMapRequest(r) => self.digest_map(&r, report)?,
+            // With a pipeline running, data comes as Received::Data (above).
+            Frame::Data(_) => return Err(self.protocol("data before any disk was opened".into())),
+            Frame::ZeroRun(z) => self.zero_run(&z)?,
+            Frame::Intent(i) => self.intent(&i)?,
+            Frame::Flush(f) => self.flush(&f)?,
+            Frame::Commit(_) => self.commit(report)?,
+            Frame::Close => return Ok(false),
+            Frame::Progress(_) | Frame::Keepalive | Frame::Unknown { .. } => {}
+            other => return Err(self.protocol(format!("unexpected {} frame from the source", other.name()))),
+        }
+        Ok(true)
+    }
+
+    /// Queue a frame for the sending thread.
+    pub(super) fn send(&self, frame: Frame) -> Result<()> {
+        self.events.send(Outgoing::Frame(frame)).map_err(|_| MoveError::Internal("the sending thread stopped".into()))
+    }
+
+    pub(super) fn peer(&self) -> &str {
+        self.conn.peer()
+    }
+
+    /// The source did something the session does not allow here.
+    pub(super) fn protocol(&self, what: String) -> MoveError {
+        MoveError::Protocol { peer: self.peer().to_string(), what }
+    }
+
+    fn active(&self) -> Result<&Active> {
+        self.inner.as_ref().ok_or_else(|| self.protocol("no replica open".into()))
+    }
+
+    pub(super) fn active_mut(&mut self) -> Result<&mut Active> {
+        let peer = self.peer().to_string();
+        self.inner.as_mut().ok_or_else(|| MoveError::Protocol { peer, what: "no replica open".into() })
+    }
+
+    /// The writer's (or the sending thread's) failure, if there was one: the cause of
+    /// whatever this thread saw next.
+    pub(super) fn failure(&self) -> Option<MoveError> {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    pub(super) fn writer_gone(&self) -> MoveError {
+        self.failure().unwrap_or_else(|| MoveError::Internal("the target writer stopped".into()))
+    }
+
+    /// Tell the writer, which owns `disk` from now on: a disk this thread still holds goes
+    /// to it first (before the item that needs it).
+    fn tell_writer(&mut self, disk: Option<u32>, msg: WriterMsg) -> Result<()> {
+        let a = self.active_mut()?;
+        let handed = match disk {
+            Some(id) => a.opened.remove(&id).map(|d| vec![(id, d)]).unwrap_or_default(),
+            None => a.opened.drain().collect(),
+        };
+        let to_writer = &a.pipeline()?.to_writer;
+        let mut sent = true;
+        for (id, d) in handed {
+            sent &= to_writer.send(WriterMsg::OpenDisk(id, d)).is_ok();
+        }
+        if !sent || to_writer.send(msg).is_err() {
+            return Err(self.writer_gone());
+        }
+        Ok(())
+    }
+
+    /// OpenReplica (not plan only): lock the replica, finish an interrupted rollback, start
+    /// or resume the session (session.json), answer ReplicaOpened.
+    fn open_replica(&mut self, o: &OpenReplica, report: &mut SessionReport) -> Result<()> {
+        let replica = self.ds.lock_replica(&o.replica, &self.holder, 0, o.retain)?;
+        // A rollback interrupted by a crash is finished before anything else.
+        points::finish_rollback(&replica)?;
+        let catalog = replica.catalog()?;
+        let latest = catalog.points.last().cloned();
+        let (state, resumed, pending_point_time_ns) = match replica.session()? {
+            Some(mut s) if latest.as_ref().is_none_or(|p| p.session_id != s.session_id) => {
+                let pending = s.point_time_ns;
+                s.point_time_ns = o.point_time_ns;
+                (s, true, pending)
+            }
+            _ => (
+                SessionState {
+                    version: datastore::DATASTORE_VERSION,
+                    session_id: hex(&o.session_id),
+                    point_time_ns: o.point_time_ns,
+                    started_ns: now_ns(),
+                    disks: Default::default(),
+                },
+                false,
+                0,
+            ),
+        };
+        replica.write_session(&state)?;
+        report.replica = Some(o.replica.clone());
+        report.resumed = resumed;
+        let mut sid = [0u8; 16];
+        unhex(&state.session_id, &mut sid);
+        self.send(Frame::ReplicaOpened(ReplicaOpened {
+            session_id: sid,
+            resumed,
+            latest_point: latest.as_ref().map_or(0, |p| p.id),
+            latest_point_time_ns: latest.as_ref().map_or(0, |p| p.point_time_ns),
+            chunk_size: replica.settings.chunk_size,
+            pending_point_time_ns,
+        }))?;
+        self.inner = Some(Active {
+            replica: Arc::new(replica),
+            state,
+            disk_names: HashMap::new(),
+            opened: HashMap::new(),
+            pipeline: None,
+            dispatched: 0,
+            latest_point: latest,
+            resumed,
+            stats: StageStats::default(),
+        });
+        Ok(())
+    }
+
+    /// DigestMapRequest: answered here for a disk not handed to the writer yet (the
+    /// source asks right after OpenDisk); for one the writer holds, the writer answers
+    /// (the protocol allows a request at any time) and this thread waits for it.
+    fn digest_map(&mut self, r: &DigestMapRequest, report: &mut SessionReport) -> Result<()> {
+        let events = self.events.clone();
+        let a = self.active_mut()?;
+        let sent = match a.opened.get_mut(&r.disk) {
+            Some(d) => {
+                if d.digests.unknown_count() > 0 {
+                    let t = std::time::Instant::now();
+                    rebuild_unknown(&d.image, &mut d.digests)?;
+                    d.dirty = true;
+                    a.stats.record(Stage::Verify, t.elapsed());
+                }
+                send_digest_map(&events, r.disk, &d.digests, &r.cached_map_hash)?
+            }
+            None => {
+                let (tx, reply) = bounded(1);
+                let msg = WriterMsg::SendDigests { disk: r.disk, cached: r.cached_map_hash, reply: tx };
+                a.pipeline()?.to_writer.send(msg).ok();
+                reply.recv().map_err(|_| self.writer_gone())??
+            }
+        };
+        sent.count_in(report);
+        Ok(())
+    }
+
+    /// A data frame's payload, received: item number `dispatched`, to the verify workers.
+    fn data(&mut self, head: DataHead, buf: PoolBuf) -> Result<()> {
+        let a = self.active_mut()?;
+        if let Some(d) = a.opened.remove(&head.disk) {
+            // The writer takes the disk before the worker can pass it the chunk.
+            if a.pipeline()?.to_writer.send(WriterMsg::OpenDisk(head.disk, d)).is_err() {
+                return Err(self.writer_gone());
+            }
+        }
+        let a = self.active_mut()?;
+        let seq = a.dispatched;
+        a.dispatched += 1;
+        let p = a.pipeline()?;
+        if p.to_workers.as_ref().is_none_or(|w| w.send((seq, head, buf)).is_err()) {
+            return Err(self.writer_gone());
+        }
+        Ok(())
+    }
+
+    fn zero_run(&mut self, z: &ZeroRun) -> Result<()> {
+        let a = self.active_mut()?;
+        let seq = a.dispatched;
+        a.dispatched += 1;
+        self.tell_writer(Some(z.disk), WriterMsg::Zero { seq, disk: z.disk, first: z.first_chunk, count: z.count })
+    }
+
+    /// Advisory: the writer saves these chunks' old contents ahead of their data.
+    fn intent(&mut self, i: &Intent) -> Result<()> {
+        let runs = i.runs.iter().map(|r| (r.first_chunk, r.first_chunk + u64::from(r.count))).collect();
+        self.tell_writer(Some(i.disk), WriterMsg::Intent { disk: i.disk, runs })
+    }
+
+    /// A Flush becomes a barrier behind every item dispatched so far.
+    fn flush(&mut self, f: &Flush) -> Result<()> {
+        let items_before = self.active()?.dispatched;
+        self.tell_writer(Some(f.disk), WriterMsg::Barrier { disk: f.disk, next_chunk: f.next_chunk, items_before })
+    }
+
+    /// Commit: once the writer made everything durable, the point goes into the catalog
+    /// (the commit point), session.json goes, retention runs, and Committed is sent: after
+    /// every Checkpoint the writer sent before it answered.
+    fn commit(&mut self, report: &mut SessionReport) -> Result<()> {
+        let (tx, reply) = bounded(1);
+        let items_before = self.active()?.dispatched;
+        self.tell_writer(None, WriterMsg::Commit { items_before, reply: tx })?;
+        let disks = reply.recv().map_err(|_| self.writer_gone())??;
+        let a = self.active()?;
+        let mut catalog = a.replica.catalog()?;
+        let point = RestorePoint {
+            id: catalog.next_id.max(1),
+            point_time_ns: a.state.point_time_ns,
+            completed_ns: now_ns(),
+            ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+            session_id: a.state.session_id.clone(),
+            disks,
+        };
+        catalog.next_id = point.id + 1;
+        catalog.points.push(point.clone());
+        // The catalog write is the commit point; session.json goes after it.
+        a.replica.write_catalog(&catalog)?;
+        a.replica.clear_session()?;
+        points::prune(&a.replica, a.replica.settings.retain)?;
+        report.point_id = Some(point.id);
+        self.send(Frame::Committed(Committed { point_id: point.id, point_time_ns: point.point_time_ns }))?;
+        if let Some(inner) = self.inner.take() {
+            inner.fill_counters(report);
+            report.stages = inner.finish().summary();
+            if let Some(e) = self.failure() {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str, out: &mut [u8]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = s.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+    }
+}
+
+/// Start the verify workers and the writer of a session with chunks of `chunk_size` bytes.
+pub(super) fn start_pipeline(
+    cfg: &ServeConfig,
+    chunk_size: u32,
+    replica: Arc<Replica>,
+    state: SessionState,
+    events: Sender<Outgoing>,
+    failed: Arc<Mutex<Option<MoveError>>>,
+) -> Result<Pipeline> {
+    let workers = cfg.workers.max(1);
+    let depth = cfg.depth(chunk_size);
+    let pool = Arc::new(BufPool::new(depth + 2 * workers + 4, chunk_size as usize));
+    let (backend, warning) = open_backend(cfg.backend, &pool, depth).map_err(|source| MoveError::Backend {
+        side: "target",
+        opening: true,
+        source,
+    })?;
+    let backend_name = backend.name();
+    let (to_writer, writer_rx) = bounded::<WriterMsg>(depth + 2 * workers + 16);
+    let (to_workers, work_rx) = bounded::<(u64, DataHead, PoolBuf)>(workers * 2);
+    let counters = Arc::new(Counters::default());
+    let mut handles = Vec::new();
+    for i in 0..workers {
+        let rx = work_rx.clone();
+        let tx = to_writer.clone();
+        let pool = pool.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("ferry-verify-{i}"))
+                .spawn(move || verify_worker(rx, tx, pool))
+                .expect("spawn verify worker"),
+        );
+    }
+    let w = Writer::new(backend, replica, state, events, failed, counters.clone(), chunk_size);
+    let writer = std::thread::Builder::new()
+        .name("ferry-writer".into())
+        .spawn(move || w.serve(writer_rx))
+        .expect("spawn writer");
+    Ok(Pipeline {
+        pool,
+        to_workers: Some(to_workers),
+        to_writer,
+        workers: handles,
+        writer: Some(writer),
+        counters,
+        backend_name,
+        warning,
+    })
+}
