@@ -10,12 +10,15 @@ use std::time::Instant;
 use crossbeam_channel::{bounded, Receiver};
 use ferry_io::IoBackend;
 use ferry_nbd::NbdBackend;
-use ferry_planner::{sample_unchanged, ChangeMap, ChunkSet, Digest, DigestMap};
+use ferry_planner::{
+    check_samples, expected_changes, plan_disk, read_span, ChangeMap, ChunkSet, Digest, DigestMap, DiskInputs,
+    PlanMode, TargetDisk,
+};
 use ferry_wire::{Commit, DigestMapRequest, Event, Frame, Mode, OpenDisk, OpenReplica, ReplicaOpened, ResumeInfo};
 
 use super::announce::Announcer;
 use super::compress::{AutoCompress, AUTO_LEVELS};
-use super::read::{read_loop, read_span, ReadPlan, ReadSide, Work};
+use super::read::{read_loop, ReadPlan, ReadSide, Work};
 use super::receive::{prefer_target_error, receive_loop, RxMsg};
 use super::send::send_loop;
 use super::work::{work_loop, Done};
@@ -83,9 +86,8 @@ pub(super) fn run_job(
     let first_run = reply.latest_point == 0 && !reply.resumed;
     let span = read_span(
         chunk_size,
-        opened.iter().map(|(sd, spec, cbt)| match spec.mode {
-            None | Some(Mode::Cbt) if !first_run => cbt.as_ref().map(|m| m.chunks(chunk_size, sd.size)),
-            _ => None,
+        opened.iter().map(|(sd, spec, cbt)| {
+            expected_changes(spec.mode.map(PlanMode::from), cbt.as_ref(), chunk_size, sd.size, first_run)
         }),
     );
     let read_side = ReadSide::spawn(cfg, chunk_size, span);
@@ -238,21 +240,22 @@ fn open_disk(
         f => return Err(unexpected(conn, &f, "ResumeInfo")),
     };
     let chunk_count = sd.size.div_ceil(cs);
-    let existed = resume.flags & ResumeInfo::EXISTED != 0;
-    let mut mode = spec.mode.unwrap_or(match (&cbt, existed) {
-        (Some(_), _) => Mode::Cbt,
-        (None, true) => Mode::Digest,
-        (None, false) => Mode::Full,
-    });
-    if !existed && mode != Mode::Full {
-        obs.event(&JobEvent::Notice(format!("disk {:?} is new to the replica: copying it in full", sd.name)));
-        mode = Mode::Full;
-    }
-    let all = ChunkSet::all(chunk_count);
-    let mut target_digests = None;
-    let mut cache_base = None;
-    let mut map_source = MapSource::None;
-    let mut map_bytes = 0;
+    let inputs = DiskInputs {
+        chunk_size,
+        disk_size: sd.size,
+        requested: spec.mode.map(PlanMode::from),
+        change_map: cbt.as_ref(),
+        target: TargetDisk {
+            existed: resume.flags & ResumeInfo::EXISTED != 0,
+            previous_size: resume.previous_size,
+            next_chunk: resume.next_chunk,
+        },
+        plan_only: cfg.plan_only,
+        verify_samples: cfg.verify_samples,
+        seed: if cfg.verify_samples == 0 { 0 } else { u64::from_le_bytes(crate::auth::random_bytes::<8>()) },
+    };
+    let mut plan = plan_disk(&inputs);
+    let (mut map_source, mut map_bytes) = (MapSource::None, 0);
     let mut fetch = |conn: &Conn, rx: &mut Rx| -> Result<Vec<Digest>> {
         let cached = cfg.map_cache.as_ref().and_then(|c| c.load(&cfg.replica, &sd.name, chunk_size, sd.size));
         let f = fetch_digests(conn, rx, id, chunk_count, cached)?;
@@ -260,56 +263,35 @@ fn open_disk(
         map_bytes = f.wire_bytes;
         Ok(f.digests)
     };
-    let wanted = match mode {
-        Mode::Full => all,
-        Mode::Digest | Mode::Seed => {
-            target_digests = Some(fetch(conn, rx)?);
-            all
+    let (mut target_digests, mut cache_base) = (None, None);
+    if plan.needs_digest_map {
+        let digests = if plan.samples.is_empty() {
+            fetch(conn, rx)?
+        } else {
+            let (digests, sampled) = fetch_and_sample(conn, rx, &sd, cs, &plan.samples, &mut fetch)?;
+            plan = check_samples(plan, &sampled, &digests);
+            digests
+        };
+        // Digest mode compares every chunk with the map; cbt keeps it for the cache.
+        if plan.compares_digests() {
+            target_digests = Some(digests);
+        } else {
+            cache_base = Some(digests);
         }
-        Mode::Cbt => {
-            let map = cbt.as_ref().expect("cbt mode has a change list");
-            // Chunks the target did not have (the disk grew; the old partial last chunk changed length).
-            // Only a grown disk has them: a same-size disk's partial last chunk is not new.
-            let grown = if resume.previous_size < sd.size {
-                ChunkSet::from_range(resume.previous_size / cs..chunk_count)
-            } else {
-                ChunkSet::new()
-            };
-            let changed = map.chunks(chunk_size, sd.size).union(&grown);
-            if cfg.verify_samples == 0 {
-                changed
-            } else {
-                let seed = u64::from_le_bytes(crate::auth::random_bytes::<8>());
-                let samples = sample_unchanged(&changed, chunk_count, cfg.verify_samples, seed);
-                let (digests, mismatch) = check_samples(conn, rx, &sd, cs, &samples, &mut fetch)?;
-                match mismatch {
-                    None => {
-                        cache_base = Some(digests);
-                        changed
-                    }
-                    Some(chunk) => {
-                        obs.event(&JobEvent::Warning(format!(
-                            "disk {:?}: changed block tracking missed a change (chunk {chunk} differs from the \
-                             replica but is not in the change list); replicating this disk in digest mode",
-                            sd.name
-                        )));
-                        mode = Mode::Digest;
-                        target_digests = Some(digests);
-                        all
-                    }
-                }
-            }
-        }
-    };
-    let todo = wanted.difference(&ChunkSet::from_range(0..resume.next_chunk));
-    let holes = sd.hole_chunks(&todo, cs)?;
+    }
+    for note in &plan.notes {
+        let message = note.message(&sd.name);
+        obs.event(&if note.is_warning() { JobEvent::Warning(message) } else { JobEvent::Notice(message) });
+    }
+    let todo = &plan.todo;
+    let holes = sd.hole_chunks(todo, cs)?;
     let mut counters = DiskCounters {
         disk: sd.name.clone(),
-        mode: format!("{mode:?}").to_lowercase(),
+        mode: Some(plan.mode),
         size: sd.size,
         chunks_planned: todo.count(),
         bytes_planned: todo.bytes(chunk_size, sd.size),
-        chunks_resumed: wanted.count() - todo.count(),
+        chunks_resumed: plan.chunks_resumed(),
         digest_map: Some(map_source),
         digest_map_bytes: map_bytes,
         ..Default::default()
@@ -318,9 +300,7 @@ fn open_disk(
     // processed by this run or in the target's map as it stands.
     let complete = target_digests.is_some() || cache_base.is_some() || todo.count() == chunk_count;
     let cache = if complete { cache_writer(&sd, cfg, chunk_size, obs) } else { None };
-    // A cbt plan is what will be sent (short of a few chunks equal to the replica's):
-    // announce it, so the target starts saving old contents now.
-    let mut announcer = (mode == Mode::Cbt && existed && !cfg.plan_only).then(Announcer::default);
+    let mut announcer = plan.announce.then(Announcer::default);
     if let Some(intent) = announcer.as_mut().and_then(|a| a.next_window(id, todo.ranges())) {
         counters.bytes_sent += conn.send(&Frame::Intent(intent))?;
     }
@@ -338,23 +318,21 @@ fn open_disk(
 }
 
 /// Read and hash the chunks `samples` while the target's map is on its way
-/// (`fetch`): the map, and the first sample that differs from it.
-fn check_samples(
+/// (`fetch`): the map, and the samples' digests.
+fn fetch_and_sample(
     conn: &Conn,
     rx: &mut Rx,
     sd: &SourceDisk,
     cs: u64,
     samples: &[u64],
     fetch: &mut dyn FnMut(&Conn, &mut Rx) -> Result<Vec<Digest>>,
-) -> Result<(Vec<Digest>, Option<u64>)> {
+) -> Result<(Vec<Digest>, Vec<Digest>)> {
     let (digests, sampled) = std::thread::scope(|s| {
         let sampled = s.spawn(|| hash_chunks(sd, cs, samples));
         let digests = fetch(conn, rx);
         (digests, sampled.join().expect("sample hashing does not panic"))
     });
-    let (digests, sampled) = (digests?, sampled?);
-    let mismatch = samples.iter().zip(&sampled).find(|(&c, d)| digests[c as usize] != **d).map(|(&c, _)| c);
-    Ok((digests, mismatch))
+    Ok((digests?, sampled?))
 }
 
 /// A writer of the disk's map into the cache, if there is a cache and this is not a plan only.

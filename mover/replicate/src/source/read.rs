@@ -159,31 +159,6 @@ pub(super) struct ReadSpan {
     pub(super) result: std::io::Result<usize>,
 }
 
-/// Bytes read at once when chunks are smaller (64 KiB chunks go four at a time).
-const SPAN_BYTES: u64 = 256 * 1024;
-
-/// Chunks per read: small chunks are read [`SPAN_BYTES`] at a time (one read, one
-/// hand-off and one buffer for several chunks, each still hashed, compared and sent on
-/// its own). When every disk comes with its changed chunks (cbt: `Some`), fewer: the
-/// mean run of changed chunks, rounded up to a power of two. A read never spans a gap,
-/// so a 1% change list (runs of one 64 KiB chunk) would fill a quarter of each buffer,
-/// and the read pool (all of it touched when io_uring registers it) would be four times
-/// the memory it needs. A disk that falls back to digest mode then reads with the
-/// smaller span.
-pub(super) fn read_span(chunk_size: u32, changed: impl IntoIterator<Item = Option<ChunkSet>>) -> u64 {
-    let max = (SPAN_BYTES / u64::from(chunk_size)).max(1);
-    let (mut chunks, mut runs) = (0u64, 0u64);
-    for set in changed {
-        let Some(set) = set else { return max };
-        chunks += set.count();
-        runs += set.ranges().len() as u64;
-    }
-    if runs == 0 {
-        return max;
-    }
-    chunks.div_ceil(runs).next_power_of_two().min(max)
-}
-
 /// A read in flight: disk, first chunk, chunks, bytes expected, start time.
 type InFlight = (u32, u64, u64, usize, Instant);
 
@@ -300,21 +275,6 @@ fn backend_error(plan: &ReadPlan, e: std::io::Error) -> MoveError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_span_the_mean_run_of_changed_chunks_when_every_disk_has_a_change_list() {
-        // Runs as (first, end) pairs.
-        let set = |r: &[(u64, u64)]| Some(ChunkSet::from_ranges(r.iter().map(|&(a, b)| a..b)));
-        // 64 KiB chunks: at most 4 per read.
-        assert_eq!(read_span(64 << 10, [set(&[(1, 2), (5, 6), (9, 10)])]), 1);
-        assert_eq!(read_span(64 << 10, [set(&[(1, 2), (5, 7)]), set(&[(9, 10)])]), 2, "4 chunks in 3 runs");
-        assert_eq!(read_span(64 << 10, [set(&[(0, 100)])]), 4);
-        // A disk without a change list (digest or full mode) reads whole spans.
-        assert_eq!(read_span(64 << 10, [set(&[(1, 2)]), None]), 4);
-        // Nothing changed: whole spans (a fallback to digest mode reads everything).
-        assert_eq!(read_span(64 << 10, [set(&[])]), 4);
-        assert_eq!(read_span(1 << 20, [set(&[(0, 100)])]), 1);
-    }
 
     #[test]
     fn a_range_cursor_hands_out_runs_of_at_most_max_chunks_in_order() {
