@@ -14,6 +14,7 @@ use ferry_planner::{
     check_samples, expected_changes, plan_disk, read_span, ChangeMap, ChunkSet, Digest, DigestMap, DiskInputs,
     PlanMode, TargetDisk,
 };
+use ferry_wire::chunk::default_chunk_size;
 use ferry_wire::{Commit, DigestMapRequest, Event, Frame, Mode, OpenDisk, OpenReplica, ReplicaOpened, ResumeInfo};
 
 use super::announce::Announcer;
@@ -22,9 +23,7 @@ use super::read::{read_loop, ReadPlan, ReadSide, Work};
 use super::receive::{prefer_target_error, receive_loop, RxMsg};
 use super::send::send_loop;
 use super::work::{work_loop, Done};
-use super::{
-    default_chunk_size, CompressChoice, CompressPolicy, DiskSpec, JobEvent, JobReport, Observer, ReplicateConfig,
-};
+use super::{CompressChoice, CompressPolicy, DiskSpec, JobEvent, JobReport, Observer, ReplicateConfig};
 use crate::conn::{Conn, Rx};
 use crate::disk::SourceDisk;
 use crate::error::{MoveError, Result};

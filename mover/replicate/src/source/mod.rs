@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use ferry_io::BackendChoice;
 use ferry_nbd::is_nbd_uri;
-use ferry_planner::parse_cbt;
+use ferry_planner::{parse_cbt, ChangeMap, PlanError};
 use ferry_wire::{Authenticator, Frame, Mode, OpenReplica};
 
 use crate::conn::{client_handshake, Sock};
@@ -56,24 +56,6 @@ use crate::stats::{DiskCounters, StageSummary};
 use job::{expect_frame, run_job, unexpected};
 
 pub use compress::AUTO_LEVELS;
-
-/// Smallest chunk size, and the default for disks up to [`MAX_DEFAULT_CHUNKS`] of it (128 GiB).
-pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
-/// Chunks per disk above which the default chunk size doubles: 2 Mi chunks keep a
-/// disk's digest map (32 bytes per chunk, held in memory at both ends) at 64 MiB.
-pub const MAX_DEFAULT_CHUNKS: u64 = 2 << 20;
-
-/// Default chunk size of a new replica whose largest disk has `largest` bytes:
-/// 64 KiB (the granularity of VMware CBT and of QEMU dirty bitmaps, so a changed
-/// block moves as itself, not as a larger chunk around it), doubled until the
-/// disk has at most [`MAX_DEFAULT_CHUNKS`] chunks, at most 4 MiB.
-pub fn default_chunk_size(largest: u64) -> u32 {
-    let mut cs = MIN_CHUNK_SIZE;
-    while cs < (4 << 20) && largest.div_ceil(u64::from(cs)) > MAX_DEFAULT_CHUNKS {
-        cs *= 2;
-    }
-    cs
-}
 
 /// How chunks are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,9 +100,19 @@ pub struct DiskSpec {
     /// How changes are found; `None` for auto: cbt when a change list is
     /// given, digest when the target already has the disk, else full.
     pub mode: Option<Mode>,
-    /// Changed-block-tracking list (any format the planner recognises), or
-    /// `qemu-bitmap:BITMAP`: the dirty bitmap BITMAP of the disk's NBD export.
-    pub cbt: Option<PathBuf>,
+    /// Where its changes come from (cbt); `None`: no change list.
+    pub cbt: Option<ChangeSource>,
+}
+
+/// Where a disk's changes since the replica's latest point come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeSource {
+    /// A changed-block-tracking list in any format the planner recognises.
+    File(PathBuf),
+    /// The dirty bitmap of this name of the disk's NBD export (`qemu-bitmap:NAME`).
+    QemuBitmap(String),
+    /// Changed extents already in memory (such as a backup's own metadata).
+    Extents(ChangeMap),
 }
 
 /// A replication job.
@@ -268,33 +260,21 @@ pub fn replicate(
         if opened.iter().any(|(o, _, _): &(SourceDisk, _, _)| o.name == d.name) {
             return Err(MoveError::Usage(format!("disk name {:?} given twice", d.name)));
         }
-        let bitmap = d.cbt.as_ref().and_then(|p| p.to_str()).and_then(|s| s.strip_prefix("qemu-bitmap:"));
-        let sd = match bitmap {
-            None => SourceDisk::open(&d.name, &d.path, cfg.direct_io)?,
-            Some("") => return Err(MoveError::Usage(format!("disk {:?}: qemu-bitmap: needs a bitmap name", d.name))),
-            Some(b) => match d.path.to_str().filter(|p| is_nbd_uri(p)) {
-                Some(uri) => SourceDisk::open_nbd(&d.name, uri, Some(b))?,
-                None => {
-                    return Err(MoveError::Usage(format!(
-                        "disk {:?}: qemu-bitmap CBT needs an NBD source (--source {}=nbd+unix:///EXPORT?socket=PATH \
-                         or nbd://HOST:PORT/EXPORT), not {}",
-                        d.name,
-                        d.name,
-                        d.path.display()
-                    )))
-                }
-            },
+        let sd = match &d.cbt {
+            Some(ChangeSource::QemuBitmap(b)) => open_bitmap_source(d, b)?,
+            _ => SourceDisk::open(&d.name, &d.path, cfg.direct_io)?,
         };
-        let cbt = match (&d.cbt, bitmap) {
-            (None, _) => None,
-            (Some(_), Some(b)) => Some(sd.dirty_map(b)?),
-            (Some(p), None) => {
+        let cbt = match &d.cbt {
+            None => None,
+            Some(ChangeSource::QemuBitmap(b)) => Some(sd.dirty_map(b)?),
+            Some(ChangeSource::File(p)) => {
                 let content =
                     std::fs::read(p).map_err(|source| MoveError::ChangeListUnreadable { path: p.clone(), source })?;
                 let label = p.display().to_string();
                 let bad = |e| MoveError::ChangeList { disk: d.name.clone(), source: Box::new(e) };
                 Some(parse_cbt(&label, &content, sd.size).map_err(bad)?)
             }
+            Some(ChangeSource::Extents(map)) => Some(check_extents(&d.name, map, sd.size)?),
         };
         if d.mode == Some(Mode::Cbt) && cbt.is_none() {
             return Err(MoveError::Usage(format!("disk {:?}: --mode cbt needs a change list (--cbt)", d.name)));
@@ -311,6 +291,40 @@ pub fn replicate(
     }
     conn.shutdown();
     result
+}
+
+/// Open disk `d` whose changes are its NBD export's dirty bitmap `bitmap`.
+fn open_bitmap_source(d: &DiskSpec, bitmap: &str) -> Result<SourceDisk> {
+    if bitmap.is_empty() {
+        return Err(MoveError::Usage(format!("disk {:?}: qemu-bitmap: needs a bitmap name", d.name)));
+    }
+    match d.path.to_str().filter(|p| is_nbd_uri(p)) {
+        Some(uri) => SourceDisk::open_nbd(&d.name, uri, Some(bitmap)),
+        None => Err(MoveError::Usage(format!(
+            "disk {:?}: qemu-bitmap CBT needs an NBD source (--source {}=nbd+unix:///EXPORT?socket=PATH \
+             or nbd://HOST:PORT/EXPORT), not {}",
+            d.name,
+            d.name,
+            d.path.display()
+        ))),
+    }
+}
+
+/// Changed extents given in memory, checked as a change list is: every one inside the disk.
+fn check_extents(disk: &str, map: &ChangeMap, disk_size: u64) -> Result<ChangeMap> {
+    match map.extents().iter().enumerate().find(|(_, e)| e.end() > disk_size) {
+        None => Ok(map.clone()),
+        Some((entry, e)) => Err(MoveError::ChangeList {
+            disk: disk.to_string(),
+            source: Box::new(PlanError::ExtentBeyondDisk {
+                label: "changed extents".into(),
+                entry,
+                offset: e.offset,
+                length: e.len,
+                disk_size,
+            }),
+        }),
+    }
 }
 
 /// What a target says about a replica, without changing anything there.
@@ -356,20 +370,18 @@ pub fn replica_info(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>, replic
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_planner::Extent;
 
     #[test]
-    fn default_chunk_size_keeps_digest_maps_at_64_mib() {
-        const GIB: u64 = 1 << 30;
-        assert_eq!(default_chunk_size(0), 64 * 1024);
-        assert_eq!(default_chunk_size(4 * GIB), 64 * 1024);
-        assert_eq!(default_chunk_size(128 * GIB), 64 * 1024);
-        assert_eq!(default_chunk_size(128 * GIB + 1), 128 * 1024);
-        assert_eq!(default_chunk_size(2048 * GIB), 1024 * 1024);
-        assert_eq!(default_chunk_size(8192 * GIB), 4 << 20);
-        assert_eq!(default_chunk_size(u64::MAX), 4 << 20);
-        for size in [GIB, 100 * GIB, 300 * GIB, 5000 * GIB] {
-            let cs = u64::from(default_chunk_size(size));
-            assert!(size.div_ceil(cs) <= MAX_DEFAULT_CHUNKS, "{size}");
-        }
+    fn extents_given_in_memory_must_lie_inside_the_disk() {
+        let map = ChangeMap::from_extents([Extent::new(0, 10), Extent::new(100, 28)]);
+        assert_eq!(check_extents("d", &map, 128).unwrap(), map);
+        let e = check_extents("d", &map, 127).unwrap_err();
+        assert!(matches!(e, MoveError::ChangeList { ref disk, .. } if disk == "d"), "{e:?}");
+        assert_eq!(
+            std::error::Error::source(&e).unwrap().to_string(),
+            "changed extents: entry 1: extent at offset 100 with length 28 ends beyond the disk (127 bytes): map \
+             made for another disk?"
+        );
     }
 }
