@@ -21,7 +21,7 @@
 //!
 //! | file | stage | takes | gives |
 //! |------|-------|-------|-------|
-//! | `job.rs` | the session with the target: OpenReplica, per disk OpenDisk / ResumeInfo and the digest map, the plan, the pipeline's threads, Commit | the opened disks | a [`JobReport`] |
+//! | `job.rs` | the session with the target: OpenReplica, per disk OpenDisk / ResumeInfo, the digest map and the sample check the plan asks for, the pipeline's threads, Commit | the opened disks | a [`JobReport`] |
 //! | `read.rs` | reader thread: the planned chunks, a span per read, NBD holes skipped, page cache prefetch | each disk's planned ranges | `Work` (a read span, a hole, a disk's end) |
 //! | `work.rs` | worker threads: zero check, BLAKE3, compare with the target's digest, compress | `Work` | `Done` (one `Outcome` per chunk) |
 //! | `compress.rs` | `--compress auto`: what the workers measure, the level the sender picks | | |
@@ -29,7 +29,9 @@
 //! | `announce.rs` | Intent frames announcing a cbt disk's plan ahead of its data | the planned ranges | `Intent` |
 //! | `receive.rs` | receiver thread: Checkpoint, Committed, Error from the target | frames | `RxMsg` |
 //!
-//! The entry points are [`replicate`] and [`replica_info`].
+//! What each disk reads is decided by the planner (`ferry_planner::plan_disk`,
+//! then `check_samples` once the target's digests are in); this module only
+//! executes the plan. The entry points are [`replicate`] and [`replica_info`].
 
 mod announce;
 mod compress;
