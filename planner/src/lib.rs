@@ -76,4 +76,7 @@ pub use digest_map::{
 };
 pub use error::PlanError;
 pub use extent::{ChangeMap, ChunkSet, Extent};
-pub use plan::{sample_unchanged, DiskPlan, Plan, PlanMode, PlanTotals};
+pub use plan::{
+    check_samples, expected_changes, plan_disk, read_span, sample_unchanged, DiskInputs, DiskPlan, PlanMode, PlanNote,
+    TargetDisk,
+};

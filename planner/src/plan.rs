@@ -1,10 +1,17 @@
-//! "What must move" decisions and their summary.
+//! "What must move": the plan of each disk of a replication job.
+//!
+//! The source executes it: [`plan_disk`] decides from what the job was given
+//! and what the target answered (ResumeInfo) which chunks to consider, whether
+//! the target's digest map is needed and which unchanged chunks to sample;
+//! once the samples are read and the map is in, [`check_samples`] keeps the
+//! plan or falls back to digest mode. [`read_span`] sizes the reads.
 
+use std::fmt;
 use std::ops::Range;
 
 use serde::Serialize;
 
-use crate::{chunk_count, ChunkSet};
+use crate::{chunk_count, ChangeMap, ChunkSet, Digest};
 
 /// splitmix64: a tiny, well-mixed deterministic generator (Steele, Lea, Flood 2014).
 fn splitmix64(state: &mut u64) -> u64 {
@@ -64,123 +71,280 @@ pub fn sample_unchanged(changed: &ChunkSet, chunk_count: u64, n: usize, seed: u6
     out
 }
 
-/// How a disk's chunks are chosen.
+/// Bytes read at once when chunks are smaller (64 KiB chunks go four at a time).
+pub const SPAN_BYTES: u64 = 256 * 1024;
+
+/// Chunks per read: small chunks are read [`SPAN_BYTES`] at a time (one read, one
+/// hand-off and one buffer for several chunks, each still hashed, compared and sent on
+/// its own). When every disk comes with its changed chunks (cbt: `Some`, see
+/// [`expected_changes`]), fewer: the mean run of changed chunks, rounded up to a power
+/// of two. A read never spans a gap, so a 1% change list (runs of one 64 KiB chunk)
+/// would fill a quarter of each buffer, and the read pool (all of it touched when
+/// io_uring registers it) would be four times the memory it needs. A disk that falls
+/// back to digest mode then reads with the smaller span.
+pub fn read_span(chunk_size: u32, changed: impl IntoIterator<Item = Option<ChunkSet>>) -> u64 {
+    let max = (SPAN_BYTES / u64::from(chunk_size)).max(1);
+    let (mut chunks, mut runs) = (0u64, 0u64);
+    for set in changed {
+        let Some(set) = set else { return max };
+        chunks += set.count();
+        runs += set.ranges().len() as u64;
+    }
+    if runs == 0 {
+        return max;
+    }
+    chunks.div_ceil(runs).next_power_of_two().min(max)
+}
+
+/// The chunks a disk is expected to read as far as is known before the target
+/// answers (for [`read_span`]): its change map's, when the mode asked is cbt or
+/// auto and the replica has points (`first_run`: it has none, every disk goes
+/// in full); `None` when every chunk may be read.
+pub fn expected_changes(
+    requested: Option<PlanMode>,
+    change_map: Option<&ChangeMap>,
+    chunk_size: u32,
+    disk_size: u64,
+    first_run: bool,
+) -> Option<ChunkSet> {
+    match requested {
+        None | Some(PlanMode::Cbt) if !first_run => change_map.map(|m| m.chunks(chunk_size, disk_size)),
+        _ => None,
+    }
+}
+
+/// How a disk's chunks are chosen (serialised in lowercase: `"full"`, `"cbt"`, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PlanMode {
-    /// Every chunk.
+    /// Every chunk (zero chunks become zero runs).
     Full,
-    /// The chunks a changed-block-tracking map touches.
+    /// The chunks a changed-block-tracking map touches, a sample of the others checked.
     Cbt,
     /// Every chunk is read and hashed; only those whose digest differs are sent.
     Digest,
-    /// The extents a backup restore point changed relative to the previous one.
-    Backup,
     /// The target digests a copy it already holds, then the job runs as digest mode.
     Seed,
 }
 
-/// What a job plans to read for one disk. Serialised into the `plan` event.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DiskPlan {
-    /// The disk's name.
-    pub disk: String,
-    /// How its chunks were chosen.
-    pub mode: PlanMode,
-    /// Chunk size in bytes.
+impl PlanMode {
+    /// The lowercase name, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanMode::Full => "full",
+            PlanMode::Cbt => "cbt",
+            PlanMode::Digest => "digest",
+            PlanMode::Seed => "seed",
+        }
+    }
+}
+
+impl fmt::Display for PlanMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl From<ferry_wire::Mode> for PlanMode {
+    fn from(m: ferry_wire::Mode) -> PlanMode {
+        match m {
+            ferry_wire::Mode::Full => PlanMode::Full,
+            ferry_wire::Mode::Cbt => PlanMode::Cbt,
+            ferry_wire::Mode::Digest => PlanMode::Digest,
+            ferry_wire::Mode::Seed => PlanMode::Seed,
+        }
+    }
+}
+
+impl From<PlanMode> for ferry_wire::Mode {
+    fn from(m: PlanMode) -> ferry_wire::Mode {
+        match m {
+            PlanMode::Full => ferry_wire::Mode::Full,
+            PlanMode::Cbt => ferry_wire::Mode::Cbt,
+            PlanMode::Digest => ferry_wire::Mode::Digest,
+            PlanMode::Seed => ferry_wire::Mode::Seed,
+        }
+    }
+}
+
+/// What the target answered about a disk when it was opened (ResumeInfo).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TargetDisk {
+    /// The replica already had the disk.
+    pub existed: bool,
+    /// Its size at the latest point (0 when new).
+    pub previous_size: u64,
+    /// An interrupted session's watermark: chunks below it are durable at the target.
+    pub next_chunk: u64,
+}
+
+/// What a disk's plan is made from.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskInputs<'a> {
+    /// Chunk size in force.
     pub chunk_size: u32,
     /// Disk size in bytes.
     pub disk_size: u64,
+    /// The mode asked for; `None` for auto: cbt when a change map is given,
+    /// digest when the target already has the disk, else full.
+    pub requested: Option<PlanMode>,
+    /// The disk's change map, if one was given.
+    pub change_map: Option<&'a ChangeMap>,
+    /// What the target answered.
+    pub target: TargetDisk,
+    /// Plan only: nothing is announced to the target.
+    pub plan_only: bool,
+    /// Cbt: unchanged chunks to check against the target's digests (0: trust the map).
+    pub verify_samples: usize,
+    /// Seed of the sample draw ([`sample_unchanged`]).
+    pub seed: u64,
+}
+
+/// Something the plan tells the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanNote {
+    /// The disk is new to the replica: it is copied in full whatever the mode asked.
+    NewDisk,
+    /// A sampled chunk the change map calls unchanged differs from the
+    /// target's: the disk falls back to digest mode.
+    CbtMissedChange {
+        /// The first such chunk.
+        chunk: u64,
+    },
+}
+
+impl PlanNote {
+    /// Whether it affects the result (a warning) rather than being a notice.
+    pub fn is_warning(&self) -> bool {
+        matches!(self, PlanNote::CbtMissedChange { .. })
+    }
+
+    /// The message for disk `disk`.
+    pub fn message(&self, disk: &str) -> String {
+        match self {
+            PlanNote::NewDisk => format!("disk {disk:?} is new to the replica: copying it in full"),
+            PlanNote::CbtMissedChange { chunk } => format!(
+                "disk {disk:?}: changed block tracking missed a change (chunk {chunk} differs from the \
+                 replica but is not in the change list); replicating this disk in digest mode"
+            ),
+        }
+    }
+}
+
+/// The plan of one disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskPlan {
+    /// How its chunks are chosen.
+    pub mode: PlanMode,
     /// Chunks in the disk.
     pub chunk_count: u64,
-    /// Chunks the source will read (in digest and seed mode: all of them;
-    /// which are sent is decided per chunk).
-    pub chunks_planned: u64,
-    /// Bytes of those chunks, the last chunk at its real length.
-    pub bytes_planned: u64,
-    /// `bytes_planned / disk_size`, 0 for an empty disk.
-    pub share: f64,
+    /// The chunks this run considers (digest, seed and full: all of them).
+    pub wanted: ChunkSet,
+    /// Of those, the ones still to read: a resumed session skips what the target holds.
+    pub todo: ChunkSet,
+    /// A resumed session's watermark: the chunks below it are not read again.
+    pub resume_from: u64,
+    /// Cbt: unchanged chunks to read and compare with the target's digests.
+    pub samples: Vec<u64>,
+    /// The target's digest map is needed (digest and seed: to compare; cbt: to check the samples).
+    pub needs_digest_map: bool,
+    /// Intent frames announce `todo` ahead of the data (cbt: the plan is what will be sent).
+    pub announce: bool,
+    /// What to tell the operator, in order.
+    pub notes: Vec<PlanNote>,
 }
 
 impl DiskPlan {
-    /// The plan of a disk whose chunks to read are `planned` (chunks beyond the disk are not counted).
-    ///
-    /// # Panics
-    /// If `chunk_size` is 0.
-    pub fn new(disk: impl Into<String>, mode: PlanMode, chunk_size: u32, disk_size: u64, planned: &ChunkSet) -> Self {
-        let count = chunk_count(chunk_size, disk_size);
-        let planned = planned.intersection(&ChunkSet::all(count));
-        let bytes_planned = planned.bytes(chunk_size, disk_size);
-        DiskPlan {
-            disk: disk.into(),
-            mode,
-            chunk_size,
-            disk_size,
-            chunk_count: count,
-            chunks_planned: planned.count(),
-            bytes_planned,
-            share: share(bytes_planned, disk_size),
+    /// Whether each chunk read is compared with the target's digest (digest and seed).
+    pub fn compares_digests(&self) -> bool {
+        matches!(self.mode, PlanMode::Digest | PlanMode::Seed)
+    }
+
+    /// Chunks wanted that a resumed session skips.
+    pub fn chunks_resumed(&self) -> u64 {
+        self.wanted.count() - self.todo.count()
+    }
+}
+
+/// The plan of a disk before its samples are checked.
+///
+/// # Panics
+/// If the mode is cbt (asked, or auto with a change map) without a change map:
+/// the caller rejects that before planning.
+pub fn plan_disk(inputs: &DiskInputs) -> DiskPlan {
+    let DiskInputs { chunk_size, disk_size, requested, change_map, target, .. } = *inputs;
+    let chunk_count = chunk_count(chunk_size, disk_size);
+    let mut notes = Vec::new();
+    let mut mode = requested.unwrap_or(match (change_map, target.existed) {
+        (Some(_), _) => PlanMode::Cbt,
+        (None, true) => PlanMode::Digest,
+        (None, false) => PlanMode::Full,
+    });
+    if !target.existed && mode != PlanMode::Full {
+        notes.push(PlanNote::NewDisk);
+        mode = PlanMode::Full;
+    }
+    let mut samples = Vec::new();
+    let (wanted, needs_digest_map) = match mode {
+        PlanMode::Full => (ChunkSet::all(chunk_count), false),
+        PlanMode::Digest | PlanMode::Seed => (ChunkSet::all(chunk_count), true),
+        PlanMode::Cbt => {
+            let map = change_map.expect("cbt mode has a change list");
+            // Chunks the target did not have (the disk grew; the old partial last chunk changed length).
+            // Only a grown disk has them: a same-size disk's partial last chunk is not new.
+            let grown = if target.previous_size < disk_size {
+                ChunkSet::from_range(target.previous_size / u64::from(chunk_size)..chunk_count)
+            } else {
+                ChunkSet::new()
+            };
+            let changed = map.chunks(chunk_size, disk_size).union(&grown);
+            if inputs.verify_samples > 0 {
+                samples = sample_unchanged(&changed, chunk_count, inputs.verify_samples, inputs.seed);
+            }
+            (changed, inputs.verify_samples > 0)
         }
-    }
+    };
+    let resume_from = target.next_chunk;
+    let todo = wanted.difference(&ChunkSet::from_range(0..resume_from));
+    // A cbt plan is what will be sent (short of a few chunks equal to the replica's):
+    // announcing it lets the target start saving old contents now.
+    let announce = mode == PlanMode::Cbt && target.existed && !inputs.plan_only;
+    DiskPlan { mode, chunk_count, wanted, todo, resume_from, samples, needs_digest_map, announce, notes }
 }
 
-fn share(part: u64, whole: u64) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        part as f64 / whole as f64
-    }
-}
-
-/// Totals over the disks of a job.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct PlanTotals {
-    /// Number of disks.
-    pub disks: usize,
-    /// Sum of the disk sizes.
-    pub disk_bytes: u64,
-    /// Sum of the chunks planned.
-    pub chunks_planned: u64,
-    /// Sum of the bytes planned.
-    pub bytes_planned: u64,
-    /// `bytes_planned / disk_bytes`, 0 if there is no byte.
-    pub share: f64,
-}
-
-impl PlanTotals {
-    /// Sums the per-disk figures (saturating).
-    pub fn from_disks(disks: &[DiskPlan]) -> Self {
-        let mut t = PlanTotals { disks: disks.len(), ..PlanTotals::default() };
-        for d in disks {
-            t.disk_bytes = t.disk_bytes.saturating_add(d.disk_size);
-            t.chunks_planned = t.chunks_planned.saturating_add(d.chunks_planned);
-            t.bytes_planned = t.bytes_planned.saturating_add(d.bytes_planned);
-        }
-        t.share = share(t.bytes_planned, t.disk_bytes);
-        t
-    }
-}
-
-/// A job's plan: one entry per disk and the totals.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Plan {
-    /// Per-disk figures, in the order given.
-    pub disks: Vec<DiskPlan>,
-    /// Their totals.
-    pub totals: PlanTotals,
-}
-
-impl Plan {
-    /// A plan of these disks, totals computed.
-    pub fn new(disks: Vec<DiskPlan>) -> Self {
-        let totals = PlanTotals::from_disks(&disks);
-        Plan { disks, totals }
-    }
+/// The plan once its samples are read (`sampled[i]`: the digest of chunk
+/// `plan.samples[i]`) and the target's map is in (`target`, one digest per
+/// chunk): unchanged if every sample matches, else digest mode over every
+/// chunk (a [`PlanNote::CbtMissedChange`] names the first mismatch).
+pub fn check_samples(mut plan: DiskPlan, sampled: &[Digest], target: &[Digest]) -> DiskPlan {
+    let mismatch = plan.samples.iter().zip(sampled).find(|(&c, d)| target[c as usize] != **d);
+    let Some((&chunk, _)) = mismatch else { return plan };
+    plan.notes.push(PlanNote::CbtMissedChange { chunk });
+    plan.mode = PlanMode::Digest;
+    plan.wanted = ChunkSet::all(plan.chunk_count);
+    plan.todo = plan.wanted.difference(&ChunkSet::from_range(0..plan.resume_from));
+    plan.announce = false;
+    plan
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_span_the_mean_run_of_changed_chunks_when_every_disk_has_a_change_list() {
+        // Runs as (first, end) pairs.
+        let set = |r: &[(u64, u64)]| Some(ChunkSet::from_ranges(r.iter().map(|&(a, b)| a..b)));
+        // 64 KiB chunks: at most 4 per read.
+        assert_eq!(read_span(64 << 10, [set(&[(1, 2), (5, 6), (9, 10)])]), 1);
+        assert_eq!(read_span(64 << 10, [set(&[(1, 2), (5, 7)]), set(&[(9, 10)])]), 2, "4 chunks in 3 runs");
+        assert_eq!(read_span(64 << 10, [set(&[(0, 100)])]), 4);
+        // A disk without a change list (digest or full mode) reads whole spans.
+        assert_eq!(read_span(64 << 10, [set(&[(1, 2)]), None]), 4);
+        // Nothing changed: whole spans (a fallback to digest mode reads everything).
+        assert_eq!(read_span(64 << 10, [set(&[])]), 4);
+        assert_eq!(read_span(1 << 20, [set(&[(0, 100)])]), 1);
+    }
 
     #[test]
     fn splitmix64_reference_values() {
@@ -210,22 +374,5 @@ mod tests {
             // Stratum k of the unchanged chunks 1000..101000 is 1000 + 1000k .. 1000 + 1000(k+1).
             assert!((1000 + 1000 * k as u64..2000 + 1000 * k as u64).contains(i), "{k}: {i}");
         }
-    }
-
-    #[test]
-    fn disk_plan_figures_and_json() {
-        let cs = 64 * 1024;
-        let disk = 3 * u64::from(cs) + 100;
-        let p = DiskPlan::new("sda", PlanMode::Cbt, cs, disk, &ChunkSet::from_indices([0, 3, 9]));
-        assert_eq!((p.chunk_count, p.chunks_planned, p.bytes_planned), (4, 2, u64::from(cs) + 100));
-        let empty = DiskPlan::new("empty", PlanMode::Full, cs, 0, &ChunkSet::all(0));
-        assert_eq!(empty.share, 0.0);
-        let plan = Plan::new(vec![p, empty]);
-        assert_eq!(plan.totals.disks, 2);
-        assert_eq!(plan.totals.bytes_planned, u64::from(cs) + 100);
-        let json = serde_json::to_value(&plan).unwrap();
-        assert_eq!(json["disks"][0]["mode"], "cbt");
-        assert_eq!(json["disks"][0]["disk"], "sda");
-        assert_eq!(json["totals"]["chunks_planned"], 2);
     }
 }

@@ -29,7 +29,7 @@ use ferry_datastore::points;
 use ferry_datastore::Datastore;
 use ferry_io::BackendChoice;
 use ferry_io::ErrorClass;
-use ferry_replicate::source::{CompressPolicy, DiskSpec, ReplicateConfig};
+use ferry_replicate::source::{ChangeSource, CompressPolicy, DiskSpec, ReplicateConfig};
 use ferry_replicate::target::ServeConfig;
 use ferry_replicate::{MoveError, Target, TargetSpec};
 use ferry_wire::Mode;
@@ -420,8 +420,8 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
     }
     for c in &a.cbt {
         let (name, path) = match c.split_once('=') {
-            Some((n, p)) if disks.iter().any(|d| d.name == n) => (n.to_string(), PathBuf::from(p)),
-            _ if disks.len() == 1 => (disks[0].name.clone(), PathBuf::from(c)),
+            Some((n, p)) if disks.iter().any(|d| d.name == n) => (n.to_string(), p),
+            _ if disks.len() == 1 => (disks[0].name.clone(), c.as_str()),
             _ => {
                 let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
                 return Err(usage(format!(
@@ -430,8 +430,12 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
                 )));
             }
         };
+        let source = match path.strip_prefix("qemu-bitmap:") {
+            Some(bitmap) => ChangeSource::QemuBitmap(bitmap.to_string()),
+            None => ChangeSource::File(PathBuf::from(path)),
+        };
         let d = disks.iter_mut().find(|d| d.name == name).expect("found above");
-        if d.cbt.replace(path).is_some() {
+        if d.cbt.replace(source).is_some() {
             return Err(usage(format!("--cbt given twice for disk {name:?}")));
         }
     }
@@ -441,13 +445,11 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
     let mut cfg = ReplicateConfig::new(&a.replica, disks);
     ferry_datastore::store::validate_name("replica", &a.replica)?;
     if let Some(cs) = &a.chunk_size {
-        let n = parse_size(cs)?;
-        if !n.is_power_of_two()
-            || !(u64::from(ferry_wire::MIN_CHUNK_SIZE)..=u64::from(ferry_wire::MAX_CHUNK_SIZE)).contains(&n)
-        {
+        let n = u32::try_from(parse_size(cs)?).ok().filter(|&n| ferry_wire::validate_chunk_size(n).is_ok());
+        let Some(n) = n else {
             return Err(usage(format!("--chunk-size {cs}: must be a power of two from 64K to 4M")));
-        }
-        cfg.chunk_size = Some(n as u32);
+        };
+        cfg.chunk_size = Some(n);
     }
     cfg.compress = a.compress.parse::<CompressPolicy>().map_err(usage)?;
     cfg.backend = a.io.io_backend.parse().map_err(usage)?;
@@ -667,6 +669,53 @@ mod tests {
         assert_eq!(parse_size("4MiB").unwrap(), 4 << 20);
         assert!(parse_size("4X").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    fn replicate_args(args: &[&str]) -> ReplicateArgs {
+        let cli = Cli::try_parse_from([&["ferry", "plan"], args].concat()).expect("valid arguments");
+        match cli.cmd {
+            Cmd::Plan(a) => *a,
+            _ => unreachable!("a plan command"),
+        }
+    }
+
+    #[test]
+    fn cbt_options_become_change_sources() {
+        let a = replicate_args(&[
+            "--source",
+            "d=/x.img",
+            "--cbt",
+            "d=qemu-bitmap:b0",
+            "--target",
+            "/tmp/t",
+            "--replica",
+            "r",
+        ]);
+        let cfg = replicate_config(&a).expect("valid");
+        assert_eq!(cfg.disks[0].cbt, Some(ChangeSource::QemuBitmap("b0".into())));
+        let a = replicate_args(&["--source", "/x.img", "--cbt", "/y.json", "--target", "/tmp/t", "--replica", "r"]);
+        let cfg = replicate_config(&a).expect("valid");
+        assert_eq!(cfg.disks[0].cbt, Some(ChangeSource::File(PathBuf::from("/y.json"))));
+        // An empty bitmap name is the source's to reject (it names the disk).
+        let a =
+            replicate_args(&["--source", "/x.img", "--cbt", "qemu-bitmap:", "--target", "/tmp/t", "--replica", "r"]);
+        assert_eq!(replicate_config(&a).expect("valid").disks[0].cbt, Some(ChangeSource::QemuBitmap(String::new())));
+    }
+
+    #[test]
+    fn chunk_size_must_be_a_power_of_two_from_64k_to_4m() {
+        for (cs, ok) in
+            [("64K", true), ("4M", true), ("1M", true), ("32K", false), ("8M", false), ("96K", false), ("8G", false)]
+        {
+            let a = replicate_args(&["--source", "/x.img", "--chunk-size", cs, "--target", "/tmp/t", "--replica", "r"]);
+            match replicate_config(&a) {
+                Ok(cfg) => assert!(ok && cfg.chunk_size.is_some(), "{cs}"),
+                Err(e) => {
+                    assert!(!ok, "{cs}: {e}");
+                    assert_eq!(e.to_string(), format!("--chunk-size {cs}: must be a power of two from 64K to 4M"));
+                }
+            }
+        }
     }
 
     #[test]

@@ -360,7 +360,7 @@ pub fn print_plan(cfg: &ReplicateConfig, rep: &JobReport, json_out: bool) {
         println!(
             "{:<16} {:<7} {:>10} {:>8} {:>8} {:>8} {:>9} {:>11} {:>6.2}% {:>11}",
             c.disk,
-            c.mode,
+            c.mode.map_or("", ferry_planner::PlanMode::as_str),
             human_bytes(c.size),
             c.chunks_planned,
             c.chunks_sent,

@@ -18,8 +18,8 @@
 //! The work directory and the servers go when the [`Prepared`] point is dropped.
 //!
 //! What changed since the replica's latest point, when that point is an
-//! ancestor of the new one (same point time), is written as a JSON extent
-//! list and fed to cbt mode:
+//! ancestor of the new one (same point time), is handed to cbt mode as
+//! changed extents in memory (`ChangeSource::Extents`):
 //! - qcow2: `qemu-img map --output=json` of the top file: the extents
 //!   allocated in the layers above the ancestor's file;
 //! - ferry: the chunks recorded in the undo files of the points from the
@@ -38,7 +38,7 @@ use ferry_wire::Mode;
 
 use ferry_datastore::image::Placement;
 use ferry_datastore::{points, undo, Datastore, Replica};
-use ferry_replicate::source::DiskSpec;
+use ferry_replicate::source::{ChangeSource, DiskSpec};
 
 use crate::error::{BackupError, Result};
 
@@ -328,12 +328,6 @@ pub struct Prepared {
     pub work: WorkDir,
 }
 
-fn write_extents(path: &Path, map: &ChangeMap) -> Result<()> {
-    let v: Vec<serde_json::Value> =
-        map.extents().iter().map(|e| serde_json::json!({"offset": e.offset, "length": e.len})).collect();
-    std::fs::write(path, serde_json::to_vec(&v).expect("json")).map_err(|e| BackupError::file("writing", path, e))
-}
-
 /// Materialise `point` for replication onto a replica whose latest point time is `replica_latest_ns`.
 pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i64>) -> Result<Prepared> {
     let work = WorkDir::new(None)?;
@@ -381,10 +375,8 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
                         let out = qemu_img(&["map", "-U", "-f", "qcow2", "--output=json", top])?;
                         let entries = plan::parse_qemu_map(top, &out).map_err(BackupError::from)?;
                         let map = plan::changed_above(&entries, d as u64);
-                        let list = work.path().join(format!("{disk}.changes.json"));
-                        write_extents(&list, &map)?;
                         spec.mode = Some(Mode::Cbt);
-                        spec.cbt = Some(list);
+                        spec.cbt = Some(ChangeSource::Extents(map));
                     }
                     None => how = "what differs from the replica".to_string(),
                 }
@@ -435,10 +427,8 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
                     }
                     if complete {
                         let map = map.clip(size);
-                        let list = work.path().join(format!("{disk}.changes.json"));
-                        write_extents(&list, &map)?;
                         spec.mode = Some(Mode::Cbt);
-                        spec.cbt = Some(list);
+                        spec.cbt = Some(ChangeSource::Extents(map));
                     } else {
                         how = "what differs from the replica".to_string();
                     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ferry_planner::{ChangeMap, ChunkSet, Extent};
+use ferry_wire::Geometry;
 
 use ferry_io::sys::{self, Advice};
 use ferry_nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
@@ -242,7 +243,6 @@ impl SourceDisk {
     }
 }
 
-/// Chunks lying entirely in `[a, b)` (the short last chunk counts when `b` is the disk's end).
 /// Whole chunks inside the holes of a regular file (SEEK_HOLE / SEEK_DATA: what
 /// reads as zeros without being stored), so that the reader need not read them.
 /// Block devices and file systems without hole reporting give none.
@@ -264,10 +264,12 @@ fn file_holes(file: &File, size: u64, cs: u64) -> Result<ChunkSet> {
     Ok(ChunkSet::from_ranges(holes))
 }
 
+/// Chunks lying entirely in `[a, b)` (the short last chunk counts when `b` is the disk's end):
+/// [`Geometry::inner`] of a disk of `size` bytes in chunks of `cs` bytes.
 fn whole_chunks(a: u64, b: u64, cs: u64, size: u64, chunk_count: u64) -> std::ops::Range<u64> {
-    let first = a.div_ceil(cs);
-    let last = if b >= size { chunk_count } else { b / cs };
-    first..last.max(first)
+    let g = Geometry::new(cs as u32, size).expect("the session's chunk size is valid");
+    debug_assert_eq!(g.chunk_count(), chunk_count);
+    g.inner(a, b.saturating_sub(a))
 }
 
 /// Size of a regular file or block device.

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_planner::PlanMode;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -134,8 +135,9 @@ pub struct StageSummary {
 pub struct DiskCounters {
     /// Disk name.
     pub disk: String,
-    /// How its changes were found (full, cbt, digest, seed).
-    pub mode: String,
+    /// How its changes were found (full, cbt, digest, seed; `""` in totals).
+    #[serde(serialize_with = "mode_or_empty")]
+    pub mode: Option<PlanMode>,
     /// Disk size in bytes.
     pub size: u64,
     /// Chunks the plan selected.
@@ -175,6 +177,11 @@ pub struct DiskCounters {
     pub digest_map: Option<MapSource>,
     /// Bytes of DigestMapPart and DigestMapEnd frames received for this disk (headers included).
     pub digest_map_bytes: u64,
+}
+
+/// A disk's mode by its name; totals (no mode) as `""`.
+fn mode_or_empty<S: serde::Serializer>(mode: &Option<PlanMode>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(mode.map_or("", PlanMode::as_str))
 }
 
 /// Where a disk's digest map (the target's digests) came from.

@@ -3,3 +3,4 @@
 mod algebra;
 mod cbt;
 mod digest_map;
+mod plan;

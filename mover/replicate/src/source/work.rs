@@ -1,0 +1,261 @@
+//! The workers: per chunk, the zero check, the BLAKE3 digest, the comparison
+//! with the target's digest and compression. A read span is split into its
+//! chunks here; each is answered on its own ([`Outcome`]), with the span's
+//! sequence numbers.
+
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use ferry_io::{is_zero, BufPool};
+use ferry_planner::{Digest, ZeroDigests};
+use ferry_wire::{Codec, Data};
+
+use super::compress::{AutoCompress, AUTO_LEVELS};
+use super::read::{ReadSpan, Work};
+use super::CompressPolicy;
+use crate::error::MoveError;
+use crate::stats::{Stage, StageStats};
+
+/// What a worker found of one chunk.
+pub(super) enum Outcome {
+    Data(Data),
+    /// `skipped`: not read (an NBD hole).
+    Zero {
+        disk: u32,
+        chunk: u64,
+        len: u64,
+        skipped: bool,
+    },
+    Unchanged {
+        disk: u32,
+        chunk: u64,
+        len: u64,
+        skipped: bool,
+    },
+    DiskEnd {
+        disk: u32,
+    },
+    Failed(MoveError),
+}
+
+/// A worker's answer for the chunk with sequence number `seq`.
+pub(super) struct Done {
+    pub(super) seq: u64,
+    pub(super) outcome: Outcome,
+    /// Compressed in / out bytes (0, 0 when not compressed).
+    pub(super) compressed: (u64, u64),
+}
+
+// One pipeline stage: its channels, shared pools and the job's settings.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn work_loop(
+    rx: Receiver<Work>,
+    tx: Sender<Done>,
+    out_pool: &BufPool,
+    digests: &[Option<Vec<Digest>>],
+    names: &[String],
+    policy: CompressPolicy,
+    chunk_size: u32,
+    auto: &AutoCompress,
+) -> StageStats {
+    let mut worker = Worker::new(out_pool, digests, names, policy, chunk_size, auto);
+    for w in rx {
+        let sent = match w {
+            Work::DiskEnd { seq, disk } => {
+                tx.send(Done { seq, outcome: Outcome::DiskEnd { disk }, compressed: (0, 0) })
+            }
+            Work::Hole { seq, disk, chunk, len } => {
+                tx.send(Done { seq, outcome: worker.hole(disk, chunk, len), compressed: (0, 0) })
+            }
+            Work::Chunk(span) => worker.span(span, &tx),
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+    worker.stats
+}
+
+/// One worker's state: its zstd context and what `--compress` does next.
+struct Worker<'a> {
+    out_pool: &'a BufPool,
+    /// Per disk, the target's digests (digest mode).
+    digests: &'a [Option<Vec<Digest>>],
+    names: &'a [String],
+    policy: CompressPolicy,
+    chunk_size: u32,
+    auto: &'a AutoCompress,
+    stats: StageStats,
+    zeros: ZeroDigests,
+    cctx: zstd::bulk::Compressor<'static>,
+    /// The level `cctx` is set to (auto).
+    cur_level: i32,
+    /// Chunks seen while auto is off (1 in 16 is compressed anyway).
+    probe: u64,
+    /// Chunks not to try, and the current back-off, after incompressible ones.
+    skip: u32,
+    backoff: u32,
+}
+
+type SendResult = std::result::Result<(), crossbeam_channel::SendError<Done>>;
+
+impl<'a> Worker<'a> {
+    fn new(
+        out_pool: &'a BufPool,
+        digests: &'a [Option<Vec<Digest>>],
+        names: &'a [String],
+        policy: CompressPolicy,
+        chunk_size: u32,
+        auto: &'a AutoCompress,
+    ) -> Worker<'a> {
+        let level = match policy {
+            CompressPolicy::Zstd(l) => l,
+            _ => 1,
+        };
+        let mut cctx = zstd::bulk::Compressor::new(level).expect("zstd context");
+        let _ = cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false));
+        let _ = cctx.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(false));
+        Worker {
+            out_pool,
+            digests,
+            names,
+            policy,
+            chunk_size,
+            auto,
+            stats: StageStats::default(),
+            zeros: ZeroDigests::new(chunk_size),
+            cctx,
+            cur_level: 1,
+            probe: 0,
+            skip: 0,
+            backoff: 0,
+        }
+    }
+
+    /// The target's digest of `chunk` of `disk`, if the job has its map.
+    fn target(&self, disk: u32, chunk: u64) -> Option<&'a Digest> {
+        self.digests[disk as usize].as_ref().map(|m| &m[chunk as usize])
+    }
+
+    /// A chunk not read (an NBD hole): unchanged if the target holds zeros there.
+    fn hole(&self, disk: u32, chunk: u64, len: u64) -> Outcome {
+        if self.target(disk, chunk).is_some_and(|d| *d == self.zeros.digest(len as u32)) {
+            Outcome::Unchanged { disk, chunk, len, skipped: true }
+        } else {
+            Outcome::Zero { disk, chunk, len, skipped: true }
+        }
+    }
+
+    /// A read span: a failure for the span, else one answer per chunk.
+    fn span(&mut self, read: ReadSpan, tx: &Sender<Done>) -> SendResult {
+        let ReadSpan { seq, disk, chunk, count, offset, expected, mut buf, result } = read;
+        let name = &self.names[disk as usize];
+        let failed = match result {
+            Err(e) => Some(MoveError::DiskIo { what: "reading", disk: name.clone(), offset, len: expected, source: e }),
+            Ok(n) if n < expected => Some(MoveError::ShortRead { disk: name.clone(), offset, expected, got: n }),
+            Ok(_) => None,
+        };
+        if let Some(e) = failed {
+            // The sender stops at the first failed item: the span's later chunks never come.
+            return tx.send(Done { seq, outcome: Outcome::Failed(e), compressed: (0, 0) });
+        }
+        buf.set_len(expected);
+        // One owner for the span: a raw payload is a slice of it, no copy.
+        let span = Bytes::from_owner(buf);
+        let cs = self.chunk_size as usize;
+        for i in 0..count {
+            let at = i as usize * cs;
+            let (outcome, compressed) = self.chunk(disk, chunk + i, &span, at..(at + cs).min(expected));
+            tx.send(Done { seq: seq + i, outcome, compressed })?;
+        }
+        Ok(())
+    }
+
+    /// Chunk `chunk` of `disk`, the bytes `range` of `span`: zero, unchanged or data;
+    /// with the compressed in / out bytes.
+    fn chunk(&mut self, disk: u32, chunk: u64, span: &Bytes, range: Range<usize>) -> (Outcome, (u64, u64)) {
+        let buf = &span[range.clone()];
+        let len = range.len();
+        let t = Instant::now();
+        let target = self.target(disk, chunk);
+        if is_zero(buf) {
+            self.stats.record(Stage::Hash, t.elapsed());
+            let outcome = if target.is_some_and(|d| *d == self.zeros.digest(len as u32)) {
+                Outcome::Unchanged { disk, chunk, len: len as u64, skipped: false }
+            } else {
+                Outcome::Zero { disk, chunk, len: len as u64, skipped: false }
+            };
+            return (outcome, (0, 0));
+        }
+        let digest = *blake3::hash(buf).as_bytes();
+        self.stats.record(Stage::Hash, t.elapsed());
+        if target.is_some_and(|d| *d == digest) {
+            return (Outcome::Unchanged { disk, chunk, len: len as u64, skipped: false }, (0, 0));
+        }
+        let compressed = if self.try_compress() { self.compress(buf) } else { None };
+        let (codec, payload, sizes) = match compressed {
+            Some((payload, n)) => (Codec::Zstd, payload, (len as u64, n)),
+            None => (Codec::None, span.slice(range), (0, 0)),
+        };
+        (Outcome::Data(Data { disk, chunk, logical_len: len as u32, codec, digest, payload }), sizes)
+    }
+
+    /// Whether to try compressing the next data chunk (and at which level, for auto).
+    fn try_compress(&mut self) -> bool {
+        match self.policy {
+            CompressPolicy::None => false,
+            CompressPolicy::Zstd(_) => true,
+            CompressPolicy::Auto => {
+                let lvl = AUTO_LEVELS[self.auto.idx.load(Ordering::Relaxed)];
+                // While off, 1 chunk in 16 is compressed anyway to keep measuring.
+                self.probe += 1;
+                let want = if lvl == 0 { self.probe % 16 == 0 } else { true };
+                let lvl = lvl.max(1);
+                if want && lvl != self.cur_level {
+                    let _ = self.cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(lvl));
+                    self.cur_level = lvl;
+                }
+                if !want {
+                    false
+                } else if self.skip > 0 {
+                    self.skip -= 1;
+                    false
+                } else {
+                    true
+                }
+            }
+        }
+    }
+
+    /// `buf` compressed into a buffer of the compressed pool, and its length;
+    /// None when the pool is empty or it did not shrink by 1/8.
+    fn compress(&mut self, buf: &[u8]) -> Option<(Bytes, u64)> {
+        let mut out = self.out_pool.try_get()?;
+        let expected = buf.len();
+        let t = Instant::now();
+        let cap = expected - expected / 8;
+        let r = self.cctx.compress_to_buffer(buf, &mut out.spare_mut()[..cap]);
+        let took = t.elapsed();
+        let auto = self.auto;
+        auto.comp_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        auto.comp_in.fetch_add(expected as u64, Ordering::Relaxed);
+        auto.comp_out.fetch_add(r.as_ref().map_or(expected as u64, |&n| n as u64), Ordering::Relaxed);
+        self.stats.record(Stage::Compress, t.elapsed());
+        match r {
+            Ok(n) if n < cap => {
+                out.set_len(n);
+                self.backoff = 0;
+                Some((Bytes::from_owner(out), n as u64))
+            }
+            _ => {
+                // Did not shrink by 1/8: back off exponentially on incompressible runs.
+                self.backoff = (self.backoff * 2).clamp(1, 64);
+                self.skip = if self.policy == CompressPolicy::Auto { self.backoff } else { 0 };
+                None
+            }
+        }
+    }
+}
