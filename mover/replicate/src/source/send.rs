@@ -20,7 +20,7 @@ use super::{CompressPolicy, JobEvent, Observer, ReplicateConfig};
 use crate::conn::Conn;
 use crate::error::{MoveError, Result};
 use crate::map_cache::MapCacheWriter;
-use crate::stats::{Stage, StageStats};
+use crate::stats::{DiskCounters, Stage, StageStats};
 
 // One pipeline stage: its channels, shared pools and the job's settings.
 #[allow(clippy::too_many_arguments)]
@@ -148,11 +148,7 @@ impl Sender<'_> {
     fn zero(&mut self, disk: u32, chunk: u64, len: u64, skipped: bool) -> Result<(u32, u64)> {
         let jd = &mut self.disks[disk as usize];
         let c = &mut jd.counters;
-        if skipped {
-            c.bytes_hole_skipped += len;
-        } else {
-            c.bytes_read += len;
-        }
+        count_read(c, len, skipped);
         c.bytes_zero += len;
         c.chunks_zero += 1;
         cache_chunk(&mut jd.cache, self.target_digests[disk as usize], chunk, Some(self.zeros.digest(len as u32)));
@@ -171,11 +167,7 @@ impl Sender<'_> {
         self.flush_zero()?;
         let jd = &mut self.disks[disk as usize];
         let c = &mut jd.counters;
-        if skipped {
-            c.bytes_hole_skipped += len;
-        } else {
-            c.bytes_read += len;
-        }
+        count_read(c, len, skipped);
         c.bytes_unchanged += len;
         c.chunks_unchanged += 1;
         // Unchanged: the target keeps the digest its map has.
@@ -274,4 +266,13 @@ fn emit_data(conn: &Conn, plan_only: bool, d: &Data) -> Result<u64> {
         return Ok((ferry_wire::HEADER_LEN + ferry_wire::DATA_FIXED_LEN + d.payload.len()) as u64);
     }
     conn.send_data(d)
+}
+
+/// A chunk of `len` bytes was read, or `skipped` as a hole the server reported.
+fn count_read(c: &mut DiskCounters, len: u64, skipped: bool) {
+    if skipped {
+        c.bytes_hole_skipped += len;
+    } else {
+        c.bytes_read += len;
+    }
 }
