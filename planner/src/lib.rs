@@ -2,6 +2,9 @@
 //! decisions. Pure logic: no file, network or clock access; functions take
 //! bytes, strings and values, never paths.
 //!
+//! It depends on ferry-wire alone (the chunk geometry and the wire's modes) and
+//! must not depend on any mover crate: they call it, it never calls them.
+//!
 //! # Units and invariants
 //! - An [`Extent`] is a byte range `offset..offset + len`. A [`ChangeMap`] is
 //!   a set of bytes held as extents sorted by offset, coalesced (no two
