@@ -787,3 +787,87 @@ fn bad_change_lists_are_refused_with_exit_2_naming_file_and_entry_and_change_not
         assert_replica_equals(store, "vm1", "d0", &img);
     }
 }
+
+/// Export disk `disk` of point `point` of replica vm1 and compare it with `expected`.
+fn assert_disk_point_equals(ds: &Path, disk: &str, point: u64, expected: &Path) {
+    let out = ds.with_file_name(format!("export-{disk}-{point}.raw"));
+    let (ds_s, out_s, point_s) = (p(ds), p(&out), point.to_string());
+    let args = ["points", "export", "--target", &ds_s, "--replica", "vm1", "--disk", disk, "--out", &out_s];
+    run(args.into_iter().chain(["--point", &point_s])).expect_code(0);
+    assert!(same_bytes(&out, expected), "disk {disk} at point {point} differs from {}", expected.display());
+    std::fs::remove_file(&out).expect("remove export");
+}
+
+/// Regression (issue 17): a run that names fewer disks than the replica has used to leave the
+/// other disks out of its point, so the next run that changed them kept no undo records for
+/// them and their older points could no longer be rebuilt. A disk left out of a run is
+/// carried into the new point unchanged.
+#[test]
+fn a_disk_left_out_of_a_run_is_carried_into_its_point_and_its_older_points_stay_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    write_image(&a, 2 * MIB, 71, &[Fill::Random, Fill::Text]);
+    write_image(&b, 2 * MIB, 72, &[Fill::Text, Fill::Random]);
+    let both = [named("a", &a), named("b", &b)];
+    ok_summary(&replicate(&p(&ds), &both, &[])); // point 1
+    write_random(&b, 0, MIB / 4, 73);
+    let b2 = snapshot(&b, "b2.img");
+    ok_summary(&replicate(&p(&ds), &both, &[])); // point 2
+    write_random(&a, MIB, MIB + MIB / 16, 74);
+    let s = ok_summary(&replicate(&p(&ds), &[named("a", &a)], &[])); // point 3: b left out
+    assert_eq!(s["point_id"], 3);
+    write_random(&b, 0, MIB, 75);
+    let b4 = snapshot(&b, "b4.img");
+    ok_summary(&replicate(&p(&ds), &both, &[])); // point 4: b changed
+    assert_disk_point_equals(&ds, "b", 2, &b2);
+    assert_disk_point_equals(&ds, "b", 3, &b2);
+    assert_disk_point_equals(&ds, "b", 4, &b4);
+    let list = run(["points", "list", "--json", "--target", &p(&ds), "--replica", "vm1"]);
+    list.expect_code(0);
+    let v: Value = serde_json::from_str(&list.stdout).unwrap();
+    let p3 = &v["points"][2];
+    let names: Vec<&str> = p3["disks"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "b"], "{p3}");
+    assert_eq!(p3["disks"][1]["chunks_changed"], 0, "{p3}");
+    run(["points", "verify", "--target", &p(&ds), "--replica", "vm1"]).expect_code(0);
+    // Rolled back to point 3, b is as it was at point 2 (and 3).
+    let ds_s = p(&ds);
+    run(["points", "rollback", "--target", &ds_s, "--replica", "vm1", "--point", "3", "--yes"]).expect_code(0);
+    assert!(same_bytes(&ds.join("vm1/disks/b.img"), &b2), "b after the rollback to point 3");
+}
+
+/// A run that resumes an interrupted session which had begun to change a disk, and does
+/// not name that disk, is refused (exit 2) and changes nothing: that disk's image is no
+/// longer the latest point's, so it cannot be carried into the new point.
+#[test]
+fn a_resumed_session_that_leaves_out_a_disk_it_had_begun_to_change_is_refused() {
+    use ferry_datastore::store::{Datastore, SessionDisk, SessionState, DATASTORE_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    write_image(&a, MIB, 81, &[Fill::Random]);
+    write_image(&b, MIB, 82, &[Fill::Text]);
+    ok_summary(&replicate(&p(&ds), &[named("a", &a), named("b", &b)], &[]));
+    // An interrupted session that had begun with disk b.
+    {
+        let r = Datastore::open(&ds).unwrap().lock_replica("vm1", "test", 0, 0).unwrap();
+        let entry = SessionDisk { size: MIB, previous_size: MIB, next_chunk: 4, chunks_changed: 4, bytes_changed: 4 };
+        r.write_session(&SessionState {
+            version: DATASTORE_VERSION,
+            session_id: "11".repeat(16),
+            point_time_ns: 0,
+            started_ns: 0,
+            disks: [("b".to_string(), entry)].into_iter().collect(),
+        })
+        .unwrap();
+    }
+    let r = replicate(&p(&ds), &[named("a", &a)], &[]);
+    r.expect_code(2);
+    let e = r.summary()["error"].as_str().unwrap().to_string();
+    assert!(e.contains("disk \"b\" of replica \"vm1\" was being changed by the interrupted session"), "{e}");
+    let list = run(["points", "list", "--json", "--target", &p(&ds), "--replica", "vm1"]);
+    let v: Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(v["points"].as_array().unwrap().len(), 1, "no point was made: {v}");
+    assert_eq!(v["interrupted_session"], true);
+}

@@ -25,7 +25,7 @@ use crate::conn::{Conn, Received, Rx};
 use crate::error::{MoveError, Result};
 use crate::stats::{Stage, StageStats};
 use ferry_datastore::points;
-use ferry_datastore::store::{self as datastore, now_ns, Datastore, Replica, RestorePoint, SessionState};
+use ferry_datastore::store::{self as datastore, now_ns, Datastore, PointDisk, Replica, RestorePoint, SessionState};
 use ferry_io::{open_backend, BufPool, PoolBuf};
 
 /// One connection's session, as the session thread runs it.
@@ -350,10 +350,13 @@ impl TargetSession<'_> {
     /// (the commit point), session.json goes, retention runs, and Committed is sent: after
     /// every Checkpoint the writer sent before it answered.
     fn commit(&mut self, report: &mut SessionReport) -> Result<()> {
+        let carried = self.carried_disks()?;
         let (tx, reply) = bounded(1);
         let items_before = self.active()?.dispatched;
         self.tell_writer(None, WriterMsg::Commit { items_before, reply: tx })?;
-        let disks = reply.recv().map_err(|_| self.writer_gone())??;
+        let mut disks = reply.recv().map_err(|_| self.writer_gone())??;
+        disks.extend(carried);
+        disks.sort_by(|x, y| x.name.cmp(&y.name));
         let a = self.active()?;
         let mut catalog = a.replica.catalog()?;
         let point = RestorePoint {
@@ -380,6 +383,33 @@ impl TargetSession<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl TargetSession<'_> {
+    /// The disks of the latest point this session did not open: they go into the new point
+    /// unchanged (their images and maps untouched, no chunk changed), so that the next
+    /// session that changes one saves its old contents in this point's undo file and every
+    /// older point of it stays exact (mover/datastore/DATASTORE.md, "A run that names fewer
+    /// disks"). A disk that an interrupted session this one resumes had begun to change is
+    /// refused instead: its image is no longer the latest point's.
+    fn carried_disks(&self) -> Result<Vec<PointDisk>> {
+        let a = self.active()?;
+        let Some(latest) = &a.latest_point else { return Ok(Vec::new()) };
+        let opened: Vec<&String> = a.disk_names.values().collect();
+        let mut carried = Vec::new();
+        for d in latest.disks.iter().filter(|d| !opened.contains(&&d.name)) {
+            if a.state.disks.contains_key(&d.name) {
+                return Err(MoveError::Usage(format!(
+                    "disk {:?} of replica {:?} was being changed by the interrupted session this run resumes, \
+                     but this run does not name it: name it again (--source {}=...), or undo the interrupted \
+                     session with `ferry points rollback --incomplete --yes`",
+                    d.name, a.replica.name, d.name
+                )));
+            }
+            carried.push(PointDisk { chunks_changed: 0, bytes_changed: 0, ..d.clone() });
+        }
+        Ok(carried)
     }
 }
 
