@@ -364,14 +364,7 @@ fn remote_code(r: &Result<Frame, MoveError>) -> Option<ErrorCode> {
 
 /// The error with its causes, as the CLI prints it.
 fn anyhow_like(e: &MoveError) -> String {
-    let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    ferry_io::error_chain(e)
 }
 
 /// A raw session that writes a good chunk 0 (checkpointed), then a chunk 1 of

@@ -97,14 +97,7 @@ impl StoreError {
 
     /// The error with its whole chain of causes, for messages and reports.
     pub fn detail(&self) -> String {
-        let mut s = self.to_string();
-        let mut cur = std::error::Error::source(self);
-        while let Some(c) = cur {
-            s.push_str(": ");
-            s.push_str(&c.to_string());
-            cur = c.source();
-        }
-        s
+        ferry_io::error_chain(self)
     }
 
     /// Shorthand for a file error.

@@ -41,3 +41,16 @@ pub enum ErrorClass {
     /// Another session holds the replica: try later. Exit 4.
     Busy,
 }
+
+/// An error with its whole chain of causes, `: `-separated, as `{:#}` of
+/// anyhow prints it: for messages to peers, reports and logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -291,14 +291,7 @@ impl MoveError {
 
     /// The error with its whole chain of causes, for messages to peers and reports.
     pub fn detail(&self) -> String {
-        let mut s = self.to_string();
-        let mut cur = std::error::Error::source(self);
-        while let Some(c) = cur {
-            s.push_str(": ");
-            s.push_str(&c.to_string());
-            cur = c.source();
-        }
-        s
+        ferry_io::error_chain(self)
     }
 
     /// A reset or broken connection becomes [`MoveError::PeerGone`]: the
