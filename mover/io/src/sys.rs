@@ -155,16 +155,21 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     }
 }
 
-/// One `read` from `fd` into the spare capacity of `buf` (at least `reserve`
-/// bytes of it), whose length grows by what was read. Returns the bytes read
-/// (0: end of stream); retried when interrupted.
-pub fn read_into_spare(fd: RawFd, buf: &mut BytesMut, reserve: usize) -> io::Result<usize> {
+/// One `readv` from `fd`: first into `direct`, then into the spare capacity of
+/// `buf` (at least `reserve` bytes of it), whose length grows by what went
+/// there. Returns the bytes read in all (0: end of stream); retried when
+/// interrupted. With an empty `direct` it is a plain read into `buf`.
+pub fn readv_into(fd: RawFd, direct: &mut [u8], buf: &mut BytesMut, reserve: usize) -> io::Result<usize> {
     buf.reserve(reserve);
     let spare = buf.chunk_mut();
+    let iov = [
+        libc::iovec { iov_base: direct.as_mut_ptr().cast(), iov_len: direct.len() },
+        libc::iovec { iov_base: spare.as_mut_ptr().cast(), iov_len: spare.len() },
+    ];
     let n = loop {
-        // SAFETY: the spare capacity of `buf` is valid for writes of its length, and
-        // read writes at most that many bytes.
-        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        // SAFETY: both iovecs describe memory valid for writes of their length (a live
+        // mutable slice and the spare capacity of `buf`), and readv writes at most that.
+        let n = unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) };
         if n >= 0 {
             break n as usize;
         }
@@ -173,35 +178,11 @@ pub fn read_into_spare(fd: RawFd, buf: &mut BytesMut, reserve: usize) -> io::Res
             return Err(e);
         }
     };
-    // SAFETY: read initialised the first `n` bytes of the spare capacity.
-    unsafe { buf.advance_mut(n) };
+    // SAFETY: readv fills the iovecs in order, `direct` first: it initialised the first
+    // `n - direct.len()` bytes (if any) of the spare capacity.
+    unsafe { buf.advance_mut(n.saturating_sub(direct.len())) };
     Ok(n)
 }
-
-/// One `readv` from `fd` into `bufs` (at most [`READV_MAX`]) in order. Returns
-/// the bytes read in all (0: end of stream); retried when interrupted.
-pub fn readv(fd: RawFd, bufs: &mut [&mut [u8]]) -> io::Result<usize> {
-    assert!(bufs.len() <= READV_MAX, "at most {READV_MAX} buffers");
-    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; READV_MAX];
-    for (v, b) in iov.iter_mut().zip(bufs.iter_mut()) {
-        *v = libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() };
-    }
-    loop {
-        // SAFETY: the first `bufs.len()` iovecs describe live mutable slices of `bufs`,
-        // valid for writes of their lengths, and readv writes at most that into each.
-        let n = unsafe { libc::readv(fd, iov.as_ptr(), bufs.len() as libc::c_int) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// Buffers one [`readv`] takes at most.
-pub const READV_MAX: usize = 4;
 
 /// This host's name, or "unknown".
 pub fn hostname() -> String {
@@ -354,19 +335,19 @@ mod tests {
     }
 
     #[test]
-    fn vectored_and_spare_capacity_reads() {
+    fn readv_into_fills_the_slice_then_the_buffer() {
         use std::io::Write;
         let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
         w.write_all(b"0123456789").unwrap();
-        let (mut a, mut b) = ([0u8; 4], [0u8; 16]);
-        let n = readv(r.as_raw_fd(), &mut [&mut a, &mut b]).unwrap();
-        assert_eq!((n, &a, &b[..6]), (10, b"0123", &b"456789"[..]));
-        w.write_all(b"abc").unwrap();
+        let mut direct = [0u8; 4];
         let mut buf = BytesMut::from(&b"xy"[..]);
-        assert_eq!(read_into_spare(r.as_raw_fd(), &mut buf, 64).unwrap(), 3);
-        assert_eq!(&buf[..], b"xyabc");
+        assert_eq!(readv_into(r.as_raw_fd(), &mut direct, &mut buf, 64).unwrap(), 10);
+        assert_eq!((&direct, &buf[..]), (b"0123", &b"xy456789"[..]));
+        w.write_all(b"abc").unwrap();
+        assert_eq!(readv_into(r.as_raw_fd(), &mut [], &mut buf, 64).unwrap(), 3);
+        assert_eq!(&buf[..], b"xy456789abc");
         drop(w);
-        assert_eq!(read_into_spare(r.as_raw_fd(), &mut buf, 64).unwrap(), 0);
+        assert_eq!(readv_into(r.as_raw_fd(), &mut [], &mut buf, 64).unwrap(), 0);
     }
 
     #[test]

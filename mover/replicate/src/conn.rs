@@ -201,7 +201,7 @@ impl Rx {
     /// Read up to `size` more bytes (or what the deframer reserved) into the receive buffer;
     /// false when the peer closed the connection cleanly between frames.
     fn read_more(&mut self, size: usize) -> Result<bool> {
-        let n = ferry_io::sys::read_into_spare(self.sock.fd(), self.deframer.buffer_mut(), size)
+        let n = ferry_io::sys::readv_into(self.sock.fd(), &mut [], self.deframer.buffer_mut(), size)
             .map_err(|e| self.net(e))?;
         self.bytes_received += n as u64;
         if n == 0 {
@@ -214,8 +214,10 @@ impl Rx {
     }
 
     /// Read the payload of the data frame `head` into a buffer of `pool`: what is buffered
-    /// already, then the rest from the socket, each read going on into a small buffer for
-    /// the next frame's head (handed to the deframer once the payload is accounted for).
+    /// already, then the rest from the socket, each read going on into the receive buffer
+    /// for the next frame's head. The receive buffer is empty while the payload is read
+    /// (every buffered byte of it was taken first); it is set aside for each read, so the
+    /// deframer accounts for the payload bytes before it holds the bytes that followed them.
     fn read_payload(&mut self, head: &DataHead, pool: &BufPool) -> Result<PoolBuf> {
         let len = head.payload_len as usize;
         if len > pool.buf_size() {
@@ -230,10 +232,10 @@ impl Rx {
         let mut buf = pool.get();
         let dst = &mut buf.spare_mut()[..len];
         let mut filled = self.deframer.take_payload(dst);
-        let mut next = [0u8; SPLIT_READ_SIZE];
         while filled < len {
-            let n =
-                ferry_io::sys::readv(self.sock.fd(), &mut [&mut dst[filled..], &mut next]).map_err(|e| self.net(e))?;
+            let mut next = std::mem::take(self.deframer.buffer_mut());
+            let read = ferry_io::sys::readv_into(self.sock.fd(), &mut dst[filled..], &mut next, SPLIT_READ_SIZE);
+            let n = read.map_err(|e| self.net(e))?;
             self.bytes_received += n as u64;
             if n == 0 {
                 return Err(self.eof_in_frame());
@@ -241,7 +243,7 @@ impl Rx {
             let direct = n.min(len - filled);
             filled += direct;
             self.deframer.payload_received(direct);
-            self.deframer.push(&next[..n - direct]);
+            *self.deframer.buffer_mut() = next;
         }
         buf.set_len(len);
         Ok(buf)
