@@ -43,15 +43,15 @@ impl TargetSpec {
 }
 
 /// A connection to a target, and for a local target the thread serving it.
-pub struct Connected {
+pub(crate) struct Connected {
     /// The socket.
-    pub sock: conn::Sock,
+    pub(crate) sock: conn::Sock,
     /// Peer description for messages.
-    pub peer: String,
+    pub(crate) peer: String,
     /// The authenticator both ends use.
-    pub auth: Arc<dyn Authenticator>,
+    pub(crate) auth: Arc<dyn Authenticator>,
     /// The in-process target (local targets), joined after the job.
-    pub local: Option<JoinHandle<target::SessionReport>>,
+    pub(crate) local: Option<JoinHandle<target::SessionReport>>,
 }
 
 impl std::fmt::Debug for Connected {
@@ -63,7 +63,7 @@ impl std::fmt::Debug for Connected {
 /// Connect to a target: TCP for a remote one (authenticated with `token`),
 /// an in-process target over a socketpair for a local one.
 /// With `create` false (plans), a local datastore is never created.
-pub fn connect(
+pub(crate) fn connect(
     spec: &TargetSpec,
     token: Option<&std::path::Path>,
     serve: &target::ServeConfig,

@@ -34,5 +34,5 @@ pub mod source;
 pub mod stats;
 pub mod target;
 
-pub use connect::{connect, Connected, Target, TargetSpec};
+pub use connect::{Target, TargetSpec};
 pub use error::{MoveError, Result};
