@@ -10,6 +10,8 @@
 //! - [`process`]: the process system calls (child state without reaping,
 //!   signals to a process or its group, wait4 with resource usage, effective
 //!   uid/gid, entering a network namespace), for the bench harness and tools.
+//! - [`ErrorClass`] and [`error_chain`]: what every mover crate's errors share
+//!   (the class that decides the exit code; an error printed with its causes).
 //!
 //! # Invariants
 //! - This is the only crate of the workspace's libraries with `unsafe` code;
