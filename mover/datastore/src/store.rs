@@ -163,6 +163,23 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::file("syncing directory", dir, e))
 }
 
+/// Create `dir` and its missing parents durably: each directory created is made durable
+/// in its parent (the parent is fsynced) before anything goes into it. A directory made by
+/// `create_dir_all` alone can vanish at a power cut with everything later written in it,
+/// however well synced (DATASTORE.md, "Durability").
+pub fn create_dir_durable(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    create_dir_durable(parent)?;
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(StoreError::file("creating", dir, e)),
+    }
+}
+
 /// Whether `root` holds only disks placed by hand before the first run:
 /// replica directories with nothing but `disks/`, holding nothing but
 /// `DISK.nbd` (an NBD placement) and `DISK.img` (a seed) files. Such a
@@ -212,7 +229,7 @@ pub struct Datastore {
 impl Datastore {
     /// Open a datastore, creating it (and its directory) when absent.
     pub fn open_or_create(root: &Path) -> Result<Datastore> {
-        fs::create_dir_all(root).map_err(|e| StoreError::file("creating datastore", root, e))?;
+        create_dir_durable(root)?;
         let marker = root.join(MARKER);
         if !marker.exists() {
             let non_empty = fs::read_dir(root).map_err(|e| StoreError::file("listing", root, e))?.next().is_some();
@@ -292,7 +309,7 @@ impl Datastore {
     /// A second writer gets [`StoreError::Busy`] at once.
     pub fn lock_replica(&self, name: &str, holder: &str, chunk_size: u32, retain: u32) -> Result<Replica> {
         let dir = self.replica_dir(name)?;
-        fs::create_dir_all(dir.join("disks")).map_err(|e| StoreError::file("creating replica", &dir, e))?;
+        create_dir_durable(&dir.join("disks"))?;
         let lock_path = dir.join("lock");
         let mut lock = OpenOptions::new()
             .read(true)

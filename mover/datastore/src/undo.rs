@@ -85,7 +85,7 @@ impl UndoWriter {
     pub fn open(replica_dir: &Path, point: u64, disk: &str, chunk_size: u32, disk_size: u64) -> Result<UndoWriter> {
         let path = undo_path(replica_dir, point, disk);
         let dir = path.parent().expect("undo dir");
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::file("creating", dir, e))?;
+        crate::store::create_dir_durable(dir)?;
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
