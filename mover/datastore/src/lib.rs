@@ -14,6 +14,8 @@
 //! - [`digests`]: storing and loading digest maps.
 //! - [`points`]: export, rollback, retention and verify of restore points.
 //! - [`export`]: sparse copies of images.
+//! - [`fault`]: the power-loss tests' hidden knob that removes one fdatasync
+//!   (`FERRY_TEST_SKIP_FSYNC=undo`), to show the tests catch its absence.
 //!
 //! # Invariants
 //! - A chunk of the latest image is overwritten only once its old contents
@@ -34,6 +36,7 @@
 pub mod digests;
 mod error;
 pub mod export;
+pub mod fault;
 pub mod image;
 pub mod points;
 pub mod store;

@@ -1,0 +1,24 @@
+//! A hidden knob for ferry's power-loss tests, never for production: it
+//! removes one fdatasync so that the tests can show they catch its absence
+//! (tests/e2e/power.rs). Not shown in `--help` or the README's usage.
+//!
+//! `FERRY_TEST_SKIP_FSYNC=undo`: the undo records of a session are not
+//! fdatasynced before the chunks they protect are overwritten (the writer's
+//! sync rounds and [`crate::undo::UndoWriter::sync`] report them durable
+//! without the call). A power cut after a checkpoint then leaves overwritten
+//! chunks whose old contents are lost: an older point no longer exports as it
+//! was. The variable is read once per process; any other value does nothing.
+
+use std::sync::OnceLock;
+
+/// Name of the environment variable.
+pub const SKIP_FSYNC_VAR: &str = "FERRY_TEST_SKIP_FSYNC";
+
+/// True when [`SKIP_FSYNC_VAR`] names `what` (comma-separated list).
+pub fn skip_fsync(what: &str) -> bool {
+    static VALUE: OnceLock<Option<String>> = OnceLock::new();
+    VALUE
+        .get_or_init(|| std::env::var(SKIP_FSYNC_VAR).ok())
+        .as_deref()
+        .is_some_and(|v| v.split(',').any(|w| w.trim() == what))
+}
