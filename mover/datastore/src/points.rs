@@ -214,7 +214,9 @@ fn remove_disk(r: &Replica, disk: &str) -> Result<()> {
             Err(e) => return Err(StoreError::file("removing", &p, e)),
         }
     }
-    Ok(())
+    // Durable before the catalog drops the point that had the disk: a power cut must not
+    // bring back an image (and map) that no point names.
+    crate::store::sync_dir(&r.dir.join("disks"))
 }
 
 fn remove_undo_dir(r: &Replica, point: u64) -> Result<()> {
