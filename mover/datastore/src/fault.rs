@@ -7,7 +7,15 @@
 //! sync rounds and [`crate::undo::UndoWriter::sync`] report them durable
 //! without the call). A power cut after a checkpoint then leaves overwritten
 //! chunks whose old contents are lost: an older point no longer exports as it
-//! was. The variable is read once per process; any other value does nothing.
+//! was.
+//!
+//! `FERRY_TEST_SKIP_FSYNC=image`: a file image is never fdatasynced
+//! ([`crate::image::ReplicaImage::sync`]: at checkpoints, the commit and
+//! rollbacks). A checkpoint then records chunks as durable that a power cut
+//! takes back, and a resumed session skips them.
+//!
+//! Both may be given (`undo,image`). The variable is read once per process;
+//! any other value does nothing.
 
 use std::sync::OnceLock;
 

@@ -316,6 +316,9 @@ impl ReplicaImage {
     pub fn sync(&self) -> Result<()> {
         match self {
             ReplicaImage::File { file, disk, .. } => {
+                if crate::fault::skip_fsync("image") {
+                    return Ok(());
+                }
                 if let Err(source) = file.sync_data() {
                     return Err(StoreError::DiskIo { what: "syncing", disk: disk.clone(), offset: 0, len: 0, source });
                 }

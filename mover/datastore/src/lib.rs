@@ -15,7 +15,7 @@
 //! - [`points`]: export, rollback, retention and verify of restore points.
 //! - [`export`]: sparse copies of images.
 //! - [`fault`]: the power-loss tests' hidden knob that removes one fdatasync
-//!   (`FERRY_TEST_SKIP_FSYNC=undo`), to show the tests catch its absence.
+//!   (`FERRY_TEST_SKIP_FSYNC=undo` or `image`), to show the tests catch its absence.
 //!
 //! # Invariants
 //! - A chunk of the latest image is overwritten only once its old contents
