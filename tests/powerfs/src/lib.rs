@@ -494,9 +494,35 @@ impl PowerFs {
         Ok(std::mem::take(&mut g.state))
     }
 
+    /// Unmount and end the session thread. A process killed with files open in an io_uring
+    /// keeps the mount busy for a moment after it is reaped (the ring is torn down by a kernel
+    /// worker): `umount` is retried for 10 s, then the mount is detached (`umount -l`) and the
+    /// session thread left to end when the last file goes.
     fn unmount_session(&mut self) -> io::Result<()> {
         let Some(s) = self.session.take() else { return Ok(()) };
-        s.umount_and_join()
+        let t = std::time::Instant::now();
+        loop {
+            let out = std::process::Command::new("umount").arg(&self.mountpoint).output();
+            match out {
+                // Unmounted: the session thread ends (its device reads fail); fuser's own
+                // unmount, when its handle drops, finds nothing to do.
+                Ok(o) if o.status.success() => return s.join(),
+                Ok(o) if t.elapsed() > Duration::from_secs(10) => {
+                    let lazy = std::process::Command::new("umount").arg("-l").arg(&self.mountpoint).status()?;
+                    if !lazy.success() {
+                        return Err(io::Error::other(format!(
+                            "umount {}: {}",
+                            self.mountpoint.display(),
+                            String::from_utf8_lossy(&o.stderr).trim()
+                        )));
+                    }
+                    return Ok(());
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+                // No umount(8) here: fuser's own unmount.
+                Err(_) => return s.umount_and_join(),
+            }
+        }
     }
 }
 
