@@ -627,9 +627,13 @@ fn finds_missing_fsync(what: &str) {
     let Some(o) = power_cuts(50, seed(), &[(ferry_datastore::fault::SKIP_FSYNC_VAR, what)]) else { return };
     let f =
         o.failure.as_deref().unwrap_or_else(|| panic!("no failure found without the {what} fdatasync: {}", o.line()));
-    // Found after a cut, as a point that is wrong or missing (not as a command that failed uncut).
+    // Found in the checks after a cut (not in a command that ran uncut): a point that is not
+    // what the source was, a catalog without a point it must have, verify, or a recovery that
+    // could not finish (for example CBT sampling finding chunks the replica lost: exit 3);
+    // never the harness's own trouble.
     assert!(o.cuts >= 1 && o.at_point < o.cuts, "{f}\n{}", o.line());
-    assert!(f.contains("point") || f.contains("verify"), "{f}");
+    let harness = ["mounting after the cut", "ran for 2 minutes"];
+    assert!(!harness.iter().any(|h| f.contains(h)), "{f}");
     eprintln!("without the {what} fdatasync the harness found, after {} power cut(s): {f}", o.cuts);
 }
 
