@@ -330,6 +330,7 @@ fn rollback_incomplete_killed(f: &Fixture, cases: usize, seed: u64) {
         let made =
             follow_up(f, &ds, next, &rollback(&ds), "rollback of its interrupted session that did not finish", &ctx);
         assert!(!ds.join("vm/session.json").exists(), "{ctx}: the interrupted session is gone");
+        assert!(!ds.join("vm/rollback-session.json").exists(), "{ctx}: its intent record is gone");
         let mut want = vec![1, 2, 3, 4];
         want.extend(made);
         if let Some(id) = made {

@@ -6,10 +6,10 @@
 //! chunk in none of them is unchanged since K.
 //!
 //! # Rollbacks: an intent record, then idempotent steps
-//! Both rollbacks (to a point, and of an interrupted session) first write
-//! `rollback.json` (atomically and durably: temporary file, fsync, rename,
-//! fsync of the directory), then change the replica in steps that can all run
-//! again, and remove `rollback.json` last. Killed at any moment, the next
+//! Both rollbacks (to a point, and of an interrupted session) first make an
+//! intent record durable (`rollback.json`, `rollback-session.json`), then
+//! change the replica in steps that can all run again, and remove the record
+//! last. Killed at any moment, the next
 //! `points rollback`, `replicate` or `points prune` finishes the recorded
 //! rollback before anything else ([`finish_pending`]); `points export`,
 //! `points list` and `points verify`, which do not write, refuse with
@@ -17,9 +17,11 @@
 //! - To a point: undo files are applied newest first, each fully and durably,
 //!   before the catalog drops the newer point; the undo file goes after the
 //!   catalog write (applying an undo file twice is harmless).
-//! - An interrupted session: the latest point's undo file is applied, disks the
-//!   session added are removed, `session.json` goes, and only then the undo
-//!   file: while `session.json` exists, the undo file that undoes it does too.
+//! - An interrupted session: `session.json` is renamed to
+//!   `rollback-session.json` (the intent: no session resumes it from then on,
+//!   and a rename needs no room on a full file system); the latest point's undo
+//!   file is applied, disks the session added are removed, then the undo file,
+//!   then the intent.
 //!
 //! # The points lock
 //! Exports and verify hold `points.lock` shared while they read; rollbacks and
@@ -47,7 +49,7 @@ use crate::digests::{self, DigestMap, ZeroDigests};
 use crate::error::{Result, StoreError};
 use crate::export::ExportReport;
 use crate::image::{Placement, ReplicaImage};
-use crate::store::{sync_dir, write_atomic, Catalog, Datastore, Replica, RestorePoint};
+use crate::store::{sync_dir, write_atomic, Catalog, Datastore, Replica, RestorePoint, SessionState};
 use crate::undo::{undo_path, RecordLoc, Tail, UndoReader};
 
 /// Exit code of a process stopped by `FERRY_TEST_STOP_AFTER` (see the module doc).
@@ -68,17 +70,25 @@ pub fn test_step(what: &str) {
     }
 }
 
-/// The intent record of a rollback, `rollback.json`.
+/// The intent record of a rollback to a point, `rollback.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct RollbackIntent {
-    /// The point the replica goes back to (for an interrupted session: its latest point, 0 for none).
+    /// The point the replica goes back to.
     to: u64,
-    /// For `--incomplete`: the id of the session being undone.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    incomplete: Option<String>,
 }
 
-/// A rollback recorded in `rollback.json` and not finished.
+/// The intent record of a rollback of an interrupted session: its `session.json`, renamed.
+/// A rename needs no room for data, so it is made on a full file system too (where a
+/// session often stops).
+const UNDOING: &str = "rollback-session.json";
+
+/// A rollback recorded and not finished.
+enum Intent {
+    ToPoint(u64),
+    Incomplete(SessionState),
+}
+
+/// A rollback recorded (`rollback.json`, `rollback-session.json`) and not finished.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PendingRollback {
     /// Back to restore point `to`.
@@ -98,29 +108,41 @@ impl PendingRollback {
             ),
             PendingRollback::Incomplete => format!(
                 "replica {replica:?} has a rollback of its interrupted session that did not finish \
-                 (rollback.json); `ferry points rollback --incomplete --yes` finishes it (so do \
+                 ({UNDOING}); `ferry points rollback --incomplete --yes` finishes it (so do \
                  `ferry replicate` and `ferry points prune` of the replica)"
             ),
         }
     }
 }
 
-fn read_intent(r: &Replica) -> Result<Option<RollbackIntent>> {
-    let path = r.dir.join("rollback.json");
-    match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-            StoreError::Damaged(format!("{} is corrupt ({e}); the datastore needs repair", path.display()))
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StoreError::file("reading", &path, e)),
+fn read_intent(r: &Replica) -> Result<Option<Intent>> {
+    let read = |name: &str| -> Result<Option<Vec<u8>>> {
+        let path = r.dir.join(name);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::file("reading", &path, e)),
+        }
+    };
+    let corrupt = |name: &str, e: serde_json::Error| {
+        StoreError::Damaged(format!("{} is corrupt ({e}); the datastore needs repair", r.dir.join(name).display()))
+    };
+    if let Some(b) = read(UNDOING)? {
+        return serde_json::from_slice(&b).map(|s| Some(Intent::Incomplete(s))).map_err(|e| corrupt(UNDOING, e));
+    }
+    match read("rollback.json")? {
+        Some(b) => serde_json::from_slice::<RollbackIntent>(&b)
+            .map(|i| Some(Intent::ToPoint(i.to)))
+            .map_err(|e| corrupt("rollback.json", e)),
+        None => Ok(None),
     }
 }
 
 /// The rollback recorded and not finished, if any.
 pub fn pending_rollback(r: &Replica) -> Result<Option<PendingRollback>> {
-    Ok(read_intent(r)?.map(|i| match i.incomplete {
-        Some(_) => PendingRollback::Incomplete,
-        None => PendingRollback::ToPoint(i.to),
+    Ok(read_intent(r)?.map(|i| match i {
+        Intent::Incomplete(_) => PendingRollback::Incomplete,
+        Intent::ToPoint(to) => PendingRollback::ToPoint(to),
     }))
 }
 
@@ -402,7 +424,9 @@ const EXPORT_BATCH: u64 = 8 << 20;
 ///
 /// The image goes to a temporary file beside `out`, made durable and then renamed into
 /// place: an export that fails or is killed leaves no file at `out` (a killed one may
-/// leave its `.NAME.ferry-export.PID` file). See [`OutFile::create`] for what is refused.
+/// leave its `.NAME.ferry-export.PID` file). Refused (usage errors): a path inside the
+/// datastore, a symbolic link or directory at `out`, an existing file without `force`, a
+/// directory that does not exist.
 ///
 /// Consistency while a session runs: the export takes no replica lock (a session may hold
 /// it for hours); it holds the points lock shared, so no rollback or prune changes the
@@ -580,10 +604,10 @@ pub fn rollback_to(r: &Replica, to: u64) -> Result<Vec<u64>> {
     assert!(r.is_locked(), "rollback needs the replica lock");
     let _points = r.change_points("the rollback")?;
     match read_intent(r)? {
-        Some(RollbackIntent { incomplete: Some(_), .. }) => {
+        Some(Intent::Incomplete(_)) => {
             finish(r)?;
         }
-        Some(RollbackIntent { to: pending, incomplete: None }) if pending < to => {
+        Some(Intent::ToPoint(pending)) if pending < to => {
             return Err(StoreError::RollbackPending(format!(
                 "{}; restore point {to} is dropped by it",
                 PendingRollback::ToPoint(pending).describe(&r.name)
@@ -598,11 +622,7 @@ pub fn rollback_to(r: &Replica, to: u64) -> Result<Vec<u64>> {
         )));
     }
     find_point(&r.catalog()?, to, &r.name)?;
-    write_atomic(
-        &r.dir,
-        "rollback.json",
-        &serde_json::to_vec(&RollbackIntent { to, incomplete: None }).expect("json"),
-    )?;
+    write_atomic(&r.dir, "rollback.json", &serde_json::to_vec(&RollbackIntent { to }).expect("json"))?;
     test_step("rollback: intent written");
     finish(r).map(|f| f.dropped)
 }
@@ -631,17 +651,19 @@ pub fn finish_pending(r: &Replica) -> Result<Finished> {
 fn finish(r: &Replica) -> Result<Finished> {
     let Some(intent) = read_intent(r)? else { return Ok(Finished::default()) };
     let mut done = Finished::default();
-    match &intent.incomplete {
-        Some(session_id) => {
-            finish_incomplete(r, session_id)?;
+    let name = match intent {
+        Intent::Incomplete(session) => {
+            finish_incomplete(r, &session)?;
             done.what = Some(PendingRollback::Incomplete);
+            UNDOING
         }
-        None => {
-            done.dropped = finish_to_point(r, intent.to)?;
-            done.what = Some(PendingRollback::ToPoint(intent.to));
+        Intent::ToPoint(to) => {
+            done.dropped = finish_to_point(r, to)?;
+            done.what = Some(PendingRollback::ToPoint(to));
+            "rollback.json"
         }
-    }
-    let path = r.dir.join("rollback.json");
+    };
+    let path = r.dir.join(name);
     std::fs::remove_file(&path).map_err(|e| StoreError::file("removing", &path, e))?;
     sync_dir(&r.dir)?;
     test_step("rollback: intent removed");
@@ -688,68 +710,61 @@ fn finish_to_point(r: &Replica, to: u64) -> Result<Vec<u64>> {
 
 /// Undo an interrupted session: the replica returns exactly to its latest
 /// restore point (or, with none yet, to empty). Returns false when there was no session.
+///
+/// The intent record is `session.json` itself, renamed to `rollback-session.json`: from
+/// then on no session resumes it, and the rename needs no room on a full file system.
 pub fn rollback_incomplete(r: &Replica) -> Result<bool> {
     assert!(r.is_locked(), "rollback needs the replica lock");
     let _points = r.change_points("the rollback")?;
     if let Some(pending) = read_intent(r)? {
         finish(r)?;
-        if pending.incomplete.is_some() {
+        if matches!(pending, Intent::Incomplete(_)) {
             return Ok(true);
         }
     }
-    let Some(session) = r.session()? else { return Ok(false) };
-    let to = r.catalog()?.points.last().map_or(0, |p| p.id);
-    let intent = RollbackIntent { to, incomplete: Some(session.session_id.clone()) };
-    write_atomic(&r.dir, "rollback.json", &serde_json::to_vec(&intent).expect("json"))?;
-    test_step("rollback: intent written");
+    if r.session()?.is_none() {
+        return Ok(false);
+    }
+    let (from, to) = (r.dir.join("session.json"), r.dir.join(UNDOING));
+    std::fs::rename(&from, &to).map_err(|e| StoreError::file("renaming", &from, e))?;
+    sync_dir(&r.dir)?;
+    test_step("rollback: intent written (session.json renamed)");
     finish(r)?;
     Ok(true)
 }
 
-/// The steps of a rollback of the interrupted session `session_id`, from wherever a killed
-/// one stopped: while `session.json` exists the images are restored (again); the latest
-/// point's undo file goes only once `session.json` is gone.
-fn finish_incomplete(r: &Replica, session_id: &str) -> Result<()> {
+/// The steps of a rollback of the interrupted session `session`, from wherever a killed
+/// one stopped: the images restored from the latest point's undo file (again), disks the
+/// session added removed, then the undo file removed; the intent record goes last.
+fn finish_incomplete(r: &Replica, session: &SessionState) -> Result<()> {
     let catalog = r.catalog()?;
-    if let Some(session) = r.session()? {
-        if session.session_id != session_id {
-            return Err(StoreError::Damaged(format!(
-                "{}: rollback.json undoes session {session_id} but session.json holds session {}; \
-                 the datastore needs repair",
-                r.dir.display(),
-                session.session_id
-            )));
-        }
-        // Disks the session added: those it recorded, and any image it created before it
-        // could record it (the image is created just before the session state names it).
-        let mut added: std::collections::BTreeSet<String> = session.disks.keys().cloned().collect();
-        added.extend(r.disks()?);
-        match catalog.points.last() {
-            Some(latest) if latest.session_id == session.session_id => {} // committed already
-            Some(latest) => {
-                for d in &latest.disks {
-                    let cur = session.disks.get(&d.name).map_or(d.size, |s| s.size);
-                    let path = undo_path(&r.dir, latest.id, &d.name);
-                    let u = match path.exists() {
-                        true => Some(UndoReader::open(&path, Tail::MayBeTorn)?),
-                        false => None,
-                    };
-                    apply_undo(r, u.as_ref(), &d.name, d.size, cur)?;
-                }
-                for name in added.iter().filter(|n| !latest.disks.iter().any(|d| &d.name == *n)) {
-                    remove_disk(r, name)?;
-                    test_step("rollback: a disk removed");
-                }
+    // Disks the session added: those it recorded, and any image it created before it
+    // could record it (the image is created just before the session state names it).
+    let mut added: std::collections::BTreeSet<String> = session.disks.keys().cloned().collect();
+    added.extend(r.disks()?);
+    match catalog.points.last() {
+        Some(latest) if latest.session_id == session.session_id => {} // committed already
+        Some(latest) => {
+            for d in &latest.disks {
+                let cur = session.disks.get(&d.name).map_or(d.size, |s| s.size);
+                let path = undo_path(&r.dir, latest.id, &d.name);
+                let u = match path.exists() {
+                    true => Some(UndoReader::open(&path, Tail::MayBeTorn)?),
+                    false => None,
+                };
+                apply_undo(r, u.as_ref(), &d.name, d.size, cur)?;
             }
-            None => {
-                for name in &added {
-                    remove_disk(r, name)?;
-                    test_step("rollback: a disk removed");
-                }
+            for name in added.iter().filter(|n| !latest.disks.iter().any(|d| &d.name == *n)) {
+                remove_disk(r, name)?;
+                test_step("rollback: a disk removed");
             }
         }
-        r.clear_session()?;
-        test_step("rollback: session state removed");
+        None => {
+            for name in &added {
+                remove_disk(r, name)?;
+                test_step("rollback: a disk removed");
+            }
+        }
     }
     if let Some(latest) = catalog.points.last() {
         remove_undo_dirs(r, |id| id >= latest.id)?;
