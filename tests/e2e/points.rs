@@ -693,3 +693,26 @@ fn rollback_and_prune_wait_for_no_export_and_a_commit_leaves_retention_for_later
     assert_eq!(point_ids(&ds), [2, 3]);
     assert_point(&ds, "d0", 3, &src, "after the prune");
 }
+
+#[test]
+fn a_pending_rollback_is_finished_before_a_rollback_further_back_or_to_a_point_it_drops() {
+    let f = Fixture::new(seed() + 6);
+    let rollback = |ds: &Path, to: &str| {
+        args(&["points", "rollback", "--target", &p(ds), "--replica", "vm", "--point", to, "--yes"])
+    };
+    // Further back: the pending rollback to 2 is finished, then the replica goes on to 1.
+    let ds = f.copy("further");
+    assert_eq!(run_stop(&rollback(&ds, "2"), Some(5)).code, STOPPED);
+    let r = run(rollback(&ds, "1"));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("finished the rollback to restore point 2, which had not finished"), "{}", r.stderr);
+    f.assert_exact(&ds, &[1], "rolled back further");
+    // To a point the pending rollback drops: finished, then the point is not there (exit 2).
+    let ds = f.copy("dropped");
+    assert_eq!(run_stop(&rollback(&ds, "2"), Some(5)).code, STOPPED);
+    let r = run(rollback(&ds, "3"));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("finished the rollback to restore point 2"), "{}", r.stderr);
+    assert!(r.stderr.contains("has no restore point 3 (points: 1, 2)"), "{}", r.stderr);
+    f.assert_exact(&ds, &[1, 2], "the pending rollback finished");
+}

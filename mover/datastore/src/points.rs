@@ -880,10 +880,6 @@ pub fn verify(r: &Replica) -> Result<(u64, Vec<VerifyIssue>)> {
     }
     let cs = r.settings.chunk_size;
     let mut issues = Vec::new();
-    if catalog.checksum.is_none() {
-        // Not a finding: catalogs written before ferry kept a checksum have none.
-        eprintln!("note: catalog.json of {:?} has no checksum (written by an older ferry)", r.name);
-    }
     let mut checked = 0;
     let mut buf = vec![0u8; cs as usize];
     for d in &latest.disks {
