@@ -9,4 +9,5 @@ mod map_cache;
 mod nbd;
 mod nbd_target;
 mod plan;
+mod points;
 mod power;

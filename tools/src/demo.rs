@@ -101,7 +101,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let full = run_once(&addr, &auth, &disk, "full replication over TCP")?;
     let out = dir.join("export.img");
-    ferry_datastore::points::export_point(&ds, "demo", "sample", None, &out)?;
+    // The demo exports twice to its own file.
+    let force = ferry_datastore::points::ExportOptions { force: true };
+    ferry_datastore::points::export_point(&ds, "demo", "sample", None, &out, force)?;
     if !ferry_bench::mutate::files_identical(&disk, &out)? {
         bail!("the replica differs from the source disk: this is a bug, please report it");
     }
@@ -110,7 +112,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let changed = change_one_percent(&disk, size)?;
     eprintln!("changed {changed} blocks of 64 KiB (1%) in the source");
     let incr = run_once(&addr, &auth, &disk, "incremental replication (digest comparison)")?;
-    ferry_datastore::points::export_point(&ds, "demo", "sample", None, &out)?;
+    ferry_datastore::points::export_point(&ds, "demo", "sample", None, &out, force)?;
     if !ferry_bench::mutate::files_identical(&disk, &out)? {
         bail!("the replica differs from the source disk after the incremental run: this is a bug, please report it");
     }

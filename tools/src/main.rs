@@ -208,12 +208,16 @@ enum PointsCmd {
         /// Disk name.
         #[arg(long)]
         disk: String,
-        /// Output file (created or truncated).
+        /// Output file: written to a temporary file beside it, renamed into place when
+        /// complete. Never a path inside the datastore, never through a symbolic link.
         #[arg(long)]
         out: PathBuf,
         /// Restore point id (default: the latest).
         #[arg(long)]
         point: Option<u64>,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
     },
     /// Return a replica, in place, to an older restore point (newer points are dropped),
     /// or undo an interrupted session.
@@ -557,7 +561,12 @@ fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
         PointsCmd::List { target, replica, json } => {
             let ds = Datastore::open(&target)?;
             let r = ds.replica(&replica)?;
-            let catalog = r.catalog()?;
+            let catalog = {
+                // A rollback running now holds the points lock: Busy. One that was killed: refused.
+                let _points = r.read_points("the listing")?;
+                points::refuse_pending(&r)?;
+                r.catalog()?
+            };
             let session = r.session()?;
             if json {
                 let points: Vec<_> = catalog
@@ -599,9 +608,9 @@ fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PointsCmd::Export { target, replica, disk, out, point } => {
+        PointsCmd::Export { target, replica, disk, out, point, force } => {
             let ds = Datastore::open(&target)?;
-            let rep = points::export_point(&ds, &replica, &disk, point, &out)?;
+            let rep = points::export_point(&ds, &replica, &disk, point, &out, points::ExportOptions { force })?;
             eprintln!(
                 "exported {replica}/{disk} to {} ({} , {} of data)",
                 out.display(),
@@ -617,6 +626,7 @@ fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
             let ds = Datastore::open(&target)?;
             ds.replica(&replica)?;
             let r = ds.lock_replica(&replica, "ferry points rollback", 0, 0)?;
+            finished_first(&r)?;
             if incomplete {
                 if points::rollback_incomplete(&r)? {
                     eprintln!("rolled back the interrupted session of {replica}: it is at its last complete point");
@@ -634,6 +644,7 @@ fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
             let ds = Datastore::open(&target)?;
             ds.replica(&replica)?;
             let r = ds.lock_replica(&replica, "ferry points prune", 0, retain.unwrap_or(0))?;
+            finished_first(&r)?;
             let dropped = points::prune(&r, r.settings.retain)?;
             eprintln!("replica {replica}: kept {} point(s), dropped {dropped:?}", r.settings.retain);
             Ok(ExitCode::SUCCESS)
@@ -642,12 +653,17 @@ fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
             let ds = Datastore::open(&target)?;
             let r = ds.lock_replica(&replica, "ferry points verify", 0, 0)?;
             let (checked, issues) = points::verify(&r)?;
+            if r.catalog().is_ok_and(|c| c.checksum.is_none() && !c.points.is_empty()) {
+                // Not a finding: catalogs written before ferry kept a checksum have none.
+                eprintln!("note: catalog.json of {replica} has no checksum yet (written by an older ferry)");
+            }
             if json {
                 report::print_json(&serde_json::json!({"replica": replica, "checked": checked, "issues": issues}));
             } else {
                 for i in &issues {
                     match i.chunk {
                         Some(c) => println!("disk {} chunk {c}: {}", i.disk, i.problem),
+                        None if i.disk.is_empty() => println!("replica {replica}: {}", i.problem),
                         None => println!("disk {}: {}", i.disk, i.problem),
                     }
                 }
@@ -656,6 +672,20 @@ fn points(cmd: PointsCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(if issues.is_empty() { EXIT_OK } else { EXIT_FAILED }))
         }
     }
+}
+
+/// Finish a rollback that a crash left recorded (rollback.json) before a command that
+/// changes the replica, and say so.
+fn finished_first(r: &ferry_datastore::Replica) -> anyhow::Result<()> {
+    let f = points::finish_pending(r)?;
+    if let Some(what) = f.what {
+        let what = match what {
+            points::PendingRollback::ToPoint(to) => format!("the rollback to restore point {to}"),
+            points::PendingRollback::Incomplete => "the rollback of the interrupted session".to_string(),
+        };
+        eprintln!("replica {}: finished {what}, which had not finished; dropped points {:?}", r.name, f.dropped);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

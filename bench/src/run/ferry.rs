@@ -178,7 +178,7 @@ pub(super) fn run_ferry(env: &Env, net: &Net, sc: &Scenario, dir: &Path) -> Resu
             let o = Command::new(&env.ferry)
                 .args(["points", "export", "--target"])
                 .arg(&ds)
-                .args(["--replica", "bench", "--disk", name, "--out"])
+                .args(["--replica", "bench", "--disk", name, "--force", "--out"])
                 .arg(&out)
                 .output()
                 .context("running ferry points export")?;

@@ -404,7 +404,7 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
                     image
                 } else {
                     let raw = work.path().join(format!("{disk}.raw"));
-                    points::export_point(&ds, replica, disk, Some(*id), &raw)?;
+                    points::export_point(&ds, replica, disk, Some(*id), &raw, points::ExportOptions { force: true })?;
                     raw
                 };
                 let mut spec = DiskSpec { name: disk.clone(), path, mode: None, cbt: None };
@@ -419,7 +419,8 @@ pub fn prepare(inv: &Inventory, point: &BackupPoint, replica_latest_ns: Option<i
                             complete = false;
                             break;
                         }
-                        let u = undo::UndoReader::open(&path)?;
+                        let extent = p.disks.iter().find(|d| &d.name == disk).and_then(|d| d.undo);
+                        let u = undo::UndoReader::open(&path, undo::Tail::Complete(extent))?;
                         let cs = u64::from(u.chunk_size);
                         for &c in u.records.keys() {
                             map.insert(Extent::new(c * cs, cs));

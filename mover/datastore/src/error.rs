@@ -65,6 +65,10 @@ pub enum StoreError {
     /// file, a damaged undo file, an image of the wrong size.
     #[error("{0}")]
     Damaged(String),
+    /// A rollback was recorded (`rollback.json`) and did not finish: the images may be
+    /// half way between two points. The message names it and the command that finishes it.
+    #[error("{0}")]
+    RollbackPending(String),
     /// The replica is locked by another session.
     #[error("replica {replica:?} is in use by another session (locked by {holder}); try again when it has finished")]
     Busy {
@@ -79,7 +83,10 @@ impl StoreError {
     /// How the job that met this error should be treated.
     pub fn class(&self) -> ErrorClass {
         match self {
-            StoreError::BadName(_) | StoreError::NotFound(_) | StoreError::Invalid(_) => ErrorClass::Usage,
+            StoreError::BadName(_)
+            | StoreError::NotFound(_)
+            | StoreError::Invalid(_)
+            | StoreError::RollbackPending(_) => ErrorClass::Usage,
             StoreError::Busy { .. } => ErrorClass::Busy,
             StoreError::File { .. } | StoreError::DiskIo { .. } | StoreError::Nbd { .. } | StoreError::Damaged(_) => {
                 ErrorClass::Failed

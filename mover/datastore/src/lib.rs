@@ -25,6 +25,17 @@
 //!   fsync of the directory); the catalog write is a session's commit point.
 //! - One writer per replica: [`Datastore::lock_replica`] takes an exclusive
 //!   lock that a second session gets as [`StoreError::Busy`].
+//! - A rollback writes its intent record (`rollback.json`) before it changes
+//!   anything and takes only steps that can be taken again; until it is
+//!   finished ([`points::finish_pending`]) nothing reads or deletes around it
+//!   ([`StoreError::RollbackPending`]).
+//! - Readers of old points (export, verify) hold the points lock shared,
+//!   rollbacks and prunes exclusively ([`Replica::read_points`],
+//!   [`Replica::change_points`]); sessions do not take it: an export reads a
+//!   consistent point while one runs ([`points::export_point`]).
+//! - Only the latest point's undo file may end in a torn tail; an older
+//!   point's must hold what the catalog recorded ([`undo::Tail`]). The
+//!   catalog carries its own checksum ([`store::decode_catalog`]).
 //!
 //! # Dependencies
 //! ferry-io (syscalls, zero check), ferry-nbd (images behind exports) and

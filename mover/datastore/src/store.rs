@@ -8,6 +8,9 @@
 //!     replica.json              settings: chunk size, retention
 //!     catalog.json              restore points, oldest first
 //!     session.json              only while a session is in progress (resume state)
+//!     rollback.json             only while a rollback is pending (its intent record)
+//!     points.lock               flock()ed shared by exports and verify, exclusively by
+//!                               rollback and prune
 //!     disks/DISK.img            latest state of each disk: flat, sparse
 //!     disks/DISK.digests        BLAKE3 per chunk of DISK.img
 //! ```
@@ -73,6 +76,23 @@ pub struct PointDisk {
     pub chunks_changed: u64,
     /// Logical bytes written by that session.
     pub bytes_changed: u64,
+    /// This disk's undo file for this point (`undo/ID/DISK.undo`), as the session that
+    /// made the next point left it: written at that commit, cleared when a rollback makes
+    /// this point the latest again. `None`: the latest point, or a catalog written by a
+    /// ferry that did not record it (nothing to check the file against).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo: Option<UndoExtent>,
+}
+
+/// What an undo file held when its point stopped being the latest: `points verify`,
+/// exports and rollbacks check the file against it (a file cut at a record boundary
+/// reads as intact on its own).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UndoExtent {
+    /// Length of the file; 0: there is no file (no chunk of the disk changed).
+    pub bytes: u64,
+    /// Records in it.
+    pub records: u64,
 }
 
 /// A restore point.
@@ -101,6 +121,55 @@ pub struct Catalog {
     pub next_id: u64,
     /// Points, oldest first. The last one is the state of the images.
     pub points: Vec<RestorePoint>,
+    /// BLAKE3 (hex) of catalog.json as written with this field all zeros: checked
+    /// whenever the catalog is read. Absent from catalogs written before ferry kept it
+    /// (read as they are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+/// The checksum field's value while the catalog's checksum is computed.
+const CHECKSUM_PLACEHOLDER: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The bytes of catalog.json for `c`, with its checksum.
+pub fn encode_catalog(c: &Catalog) -> Vec<u8> {
+    let mut c = c.clone();
+    c.checksum = Some(CHECKSUM_PLACEHOLDER.into());
+    let mut bytes = serde_json::to_vec_pretty(&c).expect("json");
+    bytes.push(b'\n');
+    let sum = blake3::hash(&bytes).to_hex();
+    let at = checksum_at(&bytes, CHECKSUM_PLACEHOLDER).expect("the placeholder was just written");
+    bytes[at..at + 64].copy_from_slice(sum.as_bytes());
+    bytes
+}
+
+/// Where the value `hex` of the `"checksum"` field starts in `bytes`.
+fn checksum_at(bytes: &[u8], hex: &str) -> Option<usize> {
+    let needle = format!("\"checksum\": \"{hex}\"");
+    let n = needle.as_bytes();
+    bytes.windows(n.len()).position(|w| w == n).map(|p| p + n.len() - 65)
+}
+
+/// Parse catalog.json, checking its checksum when it has one.
+pub fn decode_catalog(path: &Path, bytes: &[u8]) -> Result<Catalog> {
+    let c: Catalog = serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Damaged(format!("{} is corrupt ({e}); the datastore needs repair", path.display())))?;
+    if let Some(sum) = &c.checksum {
+        let ok = sum.len() == 64
+            && checksum_at(bytes, sum).is_some_and(|at| {
+                let mut b = bytes.to_vec();
+                b[at..at + 64].copy_from_slice(CHECKSUM_PLACEHOLDER.as_bytes());
+                blake3::hash(&b).to_hex().as_str() == sum
+            });
+        if !ok {
+            return Err(StoreError::Damaged(format!(
+                "{} does not match its checksum: it was changed outside ferry or is damaged; \
+                 the restore points it lists cannot be trusted",
+                path.display()
+            )));
+        }
+    }
+    Ok(c)
 }
 
 /// State of one disk in a session in progress.
@@ -350,6 +419,13 @@ impl Datastore {
     }
 }
 
+/// The points lock of a replica, held until dropped ([`Replica::read_points`],
+/// [`Replica::change_points`]).
+#[derive(Debug)]
+pub struct PointsLock {
+    _file: Option<File>,
+}
+
 /// A replica, locked for writing or opened for reading.
 #[derive(Debug)]
 pub struct Replica {
@@ -420,18 +496,65 @@ impl Replica {
         Ok(self.dir.join("disks").join(format!("{disk}.digests")))
     }
 
-    /// The restore points.
+    /// The restore points (the catalog's checksum checked).
     pub fn catalog(&self) -> Result<Catalog> {
-        Ok(read_json(&self.dir.join("catalog.json"))?.unwrap_or(Catalog {
-            version: DATASTORE_VERSION,
-            next_id: 1,
-            points: vec![],
-        }))
+        let path = self.dir.join("catalog.json");
+        match fs::read(&path) {
+            Ok(b) => decode_catalog(&path, &b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Catalog { version: DATASTORE_VERSION, next_id: 1, points: vec![], checksum: None })
+            }
+            Err(e) => Err(StoreError::file("reading", &path, e)),
+        }
     }
 
-    /// Replace the catalog atomically.
+    /// Replace the catalog atomically (with a fresh checksum).
     pub fn write_catalog(&self, c: &Catalog) -> Result<()> {
-        write_atomic(&self.dir, "catalog.json", &serde_json::to_vec_pretty(c).expect("json"))
+        write_atomic(&self.dir, "catalog.json", &encode_catalog(c))
+    }
+
+    /// Take the points lock (`points.lock`) shared, without waiting: held by exports and
+    /// `points verify` while they read restore points, so that nothing deletes or
+    /// rewrites a point under them. A rollback or a prune holding it exclusively (they
+    /// change or delete points) makes this [`StoreError::Busy`].
+    pub fn read_points(&self, what: &str) -> Result<PointsLock> {
+        self.points_lock(false, what)
+    }
+
+    /// Take the points lock exclusively, without waiting: for a rollback or a prune,
+    /// which change or delete restore points. [`StoreError::Busy`] while an export or a
+    /// verify reads them.
+    pub fn change_points(&self, what: &str) -> Result<PointsLock> {
+        self.points_lock(true, what)
+    }
+
+    fn points_lock(&self, exclusive: bool, what: &str) -> Result<PointsLock> {
+        let path = self.dir.join("points.lock");
+        let file = match OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path) {
+            Ok(f) => f,
+            // A datastore on a read-only file system: nothing can change points there.
+            Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PointsLock { _file: None }),
+                Err(e) => return Err(StoreError::file("opening lock", &path, e)),
+            },
+            Err(e) => return Err(StoreError::file("opening lock", &path, e)),
+        };
+        let taken =
+            if exclusive { ferry_io::sys::try_lock_exclusive(&file) } else { ferry_io::sys::try_lock_shared(&file) }
+                .map_err(|e| StoreError::file("locking", &path, e))?;
+        if !taken {
+            let holder = if exclusive {
+                "an export or `points verify` reading its restore points".to_string()
+            } else {
+                "a rollback or prune changing its restore points".to_string()
+            };
+            return Err(StoreError::Busy {
+                replica: self.name.clone(),
+                holder: format!("{holder}, so {what} cannot run now"),
+            });
+        }
+        Ok(PointsLock { _file: Some(file) })
     }
 
     /// The interrupted session, if any.

@@ -140,11 +140,24 @@ pub fn fdatasync(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// `open(2)`'s O_NOFOLLOW, for `OpenOptionsExt::custom_flags` in crates without libc.
+pub const O_NOFOLLOW: i32 = libc::O_NOFOLLOW;
+
 /// Take an exclusive `flock` on `file` without waiting: false when another
 /// open file description holds it. Released when the file is closed.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    try_flock(file, libc::LOCK_EX)
+}
+
+/// Take a shared `flock` on `file` without waiting: false when another open
+/// file description holds it exclusively. Released when the file is closed.
+pub fn try_lock_shared(file: &File) -> io::Result<bool> {
+    try_flock(file, libc::LOCK_SH)
+}
+
+fn try_flock(file: &File, how: libc::c_int) -> io::Result<bool> {
     // SAFETY: flock on an open fd with integer flags.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
         return Ok(true);
     }
     let e = io::Error::last_os_error();

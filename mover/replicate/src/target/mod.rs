@@ -145,6 +145,10 @@ pub struct SessionReport {
     pub bytes_written: u64,
     /// Zero chunks (holes).
     pub chunks_zero: u64,
+    /// Chunks whose old contents, read for their undo records, did not match the digest
+    /// map: the image was changed outside ferry since the last session (booted in place?).
+    /// Their records hold the real contents; `ferry points verify` names the chunks left.
+    pub chunks_changed_outside: u64,
     /// IO backend used.
     pub backend: String,
     /// Seconds from handshake to end.

@@ -25,7 +25,10 @@ use crate::conn::{Conn, Received, Rx};
 use crate::error::{MoveError, Result};
 use crate::stats::{Stage, StageStats};
 use ferry_datastore::points;
-use ferry_datastore::store::{self as datastore, now_ns, Datastore, PointDisk, Replica, RestorePoint, SessionState};
+use ferry_datastore::store::{
+    self as datastore, now_ns, Datastore, PointDisk, Replica, RestorePoint, SessionState, UndoExtent,
+};
+use ferry_datastore::StoreError;
 use ferry_io::{open_backend, BufPool, PoolBuf};
 
 /// One connection's session, as the session thread runs it.
@@ -81,6 +84,8 @@ pub(super) struct Counters {
     pub(super) chunks_written: AtomicU64,
     pub(super) bytes_written: AtomicU64,
     pub(super) chunks_zero: AtomicU64,
+    /// Old contents read for undo records that did not match the digest map.
+    pub(super) chunks_changed_outside: AtomicU64,
 }
 
 impl Pipeline {
@@ -97,6 +102,7 @@ impl Active {
             report.chunks_written += p.counters.chunks_written.load(Ordering::Relaxed);
             report.bytes_written += p.counters.bytes_written.load(Ordering::Relaxed);
             report.chunks_zero += p.counters.chunks_zero.load(Ordering::Relaxed);
+            report.chunks_changed_outside += p.counters.chunks_changed_outside.load(Ordering::Relaxed);
         }
     }
 
@@ -233,7 +239,7 @@ impl TargetSession<'_> {
     fn open_replica(&mut self, o: &OpenReplica, report: &mut SessionReport) -> Result<()> {
         let replica = self.ds.lock_replica(&o.replica, &self.holder, 0, o.retain)?;
         // A rollback interrupted by a crash is finished before anything else.
-        points::finish_rollback(&replica)?;
+        points::finish_pending(&replica)?;
         let catalog = replica.catalog()?;
         let latest = catalog.points.last().cloned();
         let (state, resumed, pending_point_time_ns) = match replica.session()? {
@@ -354,11 +360,19 @@ impl TargetSession<'_> {
         let (tx, reply) = bounded(1);
         let items_before = self.active()?.dispatched;
         self.tell_writer(None, WriterMsg::Commit { items_before, reply: tx })?;
-        let mut disks = reply.recv().map_err(|_| self.writer_gone())??;
+        let (mut disks, undo) = reply.recv().map_err(|_| self.writer_gone())??;
         disks.extend(carried);
         disks.sort_by(|x, y| x.name.cmp(&y.name));
         let a = self.active()?;
         let mut catalog = a.replica.catalog()?;
+        if let Some(prev) = catalog.points.last_mut() {
+            // The previous point's undo files are complete now: the catalog records them
+            // (a disk this session did not change has none).
+            for d in &mut prev.disks {
+                let extent = undo.iter().find(|(n, _)| n == &d.name).map(|(_, e)| *e);
+                d.undo = Some(extent.unwrap_or(UndoExtent { bytes: 0, records: 0 }));
+            }
+        }
         let point = RestorePoint {
             id: catalog.next_id.max(1),
             point_time_ns: a.state.point_time_ns,
@@ -372,7 +386,14 @@ impl TargetSession<'_> {
         // The catalog write is the commit point; session.json goes after it.
         a.replica.write_catalog(&catalog)?;
         a.replica.clear_session()?;
-        points::prune(&a.replica, a.replica.settings.retain)?;
+        match points::prune(&a.replica, a.replica.settings.retain) {
+            // An export or verify reads the points: retention waits for the next commit
+            // (or `ferry points prune`) rather than delete what it reads.
+            Err(StoreError::Busy { .. }) => {}
+            other => {
+                other?;
+            }
+        }
         report.point_id = Some(point.id);
         self.send(Frame::Committed(Committed { point_id: point.id, point_time_ns: point.point_time_ns }))?;
         if let Some(inner) = self.inner.take() {
@@ -407,7 +428,7 @@ impl TargetSession<'_> {
                     d.name, a.replica.name, d.name
                 )));
             }
-            carried.push(PointDisk { chunks_changed: 0, bytes_changed: 0, ..d.clone() });
+            carried.push(PointDisk { chunks_changed: 0, bytes_changed: 0, undo: None, ..d.clone() });
         }
         Ok(carried)
     }

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use super::{Writer, WriterMsg};
+use super::{PointMade, Writer, WriterMsg};
 use crate::error::Result;
 use crate::stats::Stage;
 use crate::target::sender::Outgoing;
@@ -61,6 +61,8 @@ impl Writer {
         self.sync_disk(disk)?;
         self.replica.write_session(&self.state)?;
         self.stats.record(Stage::Sync, t.elapsed());
+        // A kill point for tests (FERRY_TEST_STOP_AFTER): an interrupted session, made on purpose.
+        ferry_datastore::points::test_step("session: checkpoint durable");
         // Durable whether or not anyone hears of it: the sending thread lives as long as this
         // writer (it drops what it can no longer send).
         let _ = self.events.send(Outgoing::Checkpoint { disk, next_chunk });
@@ -81,7 +83,7 @@ impl Writer {
 
     /// The Commit, every item before it written: make every disk durable, and give the
     /// point's disks (sorted by name) for the catalog.
-    fn commit(&mut self) -> Result<Vec<PointDisk>> {
+    fn commit(&mut self) -> Result<PointMade> {
         let t = Instant::now();
         let ids: Vec<u32> = self.disks.keys().copied().collect();
         let mut result = Ok(());
@@ -101,10 +103,12 @@ impl Writer {
                 size: d.size,
                 chunks_changed: d.entry.chunks_changed,
                 bytes_changed: d.entry.bytes_changed,
+                undo: None,
             })
             .collect();
         disks.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(disks)
+        let undo = self.disks.values().filter_map(|d| Some((d.name.clone(), d.undo.as_ref()?.extent()))).collect();
+        Ok((disks, undo))
     }
 
     /// Make a disk's image and digest map durable.

@@ -29,12 +29,18 @@ use crate::error::{MoveError, Result};
 use crate::stats::{Stage, StageStats};
 use ferry_datastore::digests::{DigestMap, ZeroDigests};
 use ferry_datastore::image::ReplicaImage;
+use ferry_datastore::store::UndoExtent;
 use ferry_datastore::store::{PointDisk, Replica, SessionDisk, SessionState};
 use ferry_datastore::undo::UndoWriter;
 use ferry_io::{BufPool, IoBackend, IoCompletion, IoKind, IoRequest, PoolBuf, ALIGN};
 use ferry_nbd::NbdBackend;
 
 use undo::{old_contents, save_old_now, skip_presave, OldContents, OldRead, Syncing, PRESAVE_RUNS_MAX};
+
+/// What the Commit gives the catalog: the new point's disks (sorted by name), and the
+/// undo files of the point before it as they now stand, by disk (the catalog records
+/// them, for `points verify` and readers to check the files against).
+pub(in crate::target) type PointMade = (Vec<PointDisk>, Vec<(String, UndoExtent)>);
 
 /// A disk as the writer holds it.
 pub(in crate::target) struct WDisk {
@@ -79,7 +85,7 @@ pub(in crate::target) enum WriterMsg {
     SendDigests { disk: u32, cached: [u8; 32], reply: Sender<Result<MapSent>> },
     /// The Commit: once every item below `items_before` is written, make every disk
     /// durable and reply with the point's disks.
-    Commit { items_before: u64, reply: Sender<Result<Vec<PointDisk>>> },
+    Commit { items_before: u64, reply: Sender<Result<PointMade>> },
     /// The source is about to send these chunks (runs `start..end`, increasing).
     Intent { disk: u32, runs: Vec<(u64, u64)> },
     /// A verify worker refused a chunk: the session fails.

@@ -16,8 +16,8 @@ use crate::target::sender::Outgoing;
 use crate::target::session::Counters;
 use ferry_datastore::digests::{self, DigestMap, ZeroDigests};
 use ferry_datastore::image::ReplicaImage;
-use ferry_datastore::store::{Datastore, PointDisk, Replica, SessionDisk, SessionState, DATASTORE_VERSION};
-use ferry_datastore::undo::{undo_path, UndoReader, UndoWriter};
+use ferry_datastore::store::{Datastore, Replica, SessionDisk, SessionState, DATASTORE_VERSION};
+use ferry_datastore::undo::{undo_path, Tail, UndoReader, UndoWriter};
 use ferry_io::backend::PortableBackend;
 use ferry_io::{BufPool, IoBackend, IoCompletion, IoKind, IoRequest};
 
@@ -158,7 +158,7 @@ impl Rig {
         self.to_writer.send(WriterMsg::Barrier { disk: 0, next_chunk, items_before }).unwrap();
     }
 
-    fn commit(&self, items_before: u64) -> Receiver<crate::error::Result<Vec<PointDisk>>> {
+    fn commit(&self, items_before: u64) -> Receiver<crate::error::Result<super::PointMade>> {
         let (tx, reply) = bounded(1);
         self.to_writer.send(WriterMsg::Commit { items_before, reply: tx }).unwrap();
         reply
@@ -217,7 +217,7 @@ fn every_overwritten_chunk_has_its_undo_record_synced_before_its_write() {
     let log = rig.log.lock().unwrap().clone();
     rig.assert_undo_durable_before_writes(&log, &chunks);
     // The records are in the undo file, durable, with the old contents.
-    let undo = UndoReader::open(&undo_path(&rig.replica.dir, 1, "d0")).unwrap();
+    let undo = UndoReader::open(&undo_path(&rig.replica.dir, 1, "d0"), Tail::MayBeTorn).unwrap();
     assert_eq!(undo.records.len(), chunks.len());
     let mut old = vec![0u8; CS as usize];
     for &c in &chunks {
@@ -274,7 +274,7 @@ fn the_commit_answers_after_every_earlier_checkpoint_and_write() {
         panic!("the commit answered {r:?} before item 5 was written");
     }
     rig.chunk(5, 5);
-    let disks = reply.recv_timeout(Duration::from_secs(20)).expect("a reply").expect("committed");
+    let (disks, _) = reply.recv_timeout(Duration::from_secs(20)).expect("a reply").expect("committed");
     assert_eq!(disks.len(), 1);
     assert_eq!(disks[0].chunks_changed, 8);
     // The checkpoint was on its way to the sending thread before the reply came.

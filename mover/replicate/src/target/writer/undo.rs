@@ -238,11 +238,16 @@ impl Writer {
         let d = self.disks.get_mut(&o.disk).ok_or_else(|| MoveError::Internal(format!("no disk {}", o.disk)))?;
         // A chunk saved meanwhile (its data's own read and this one) keeps its first record.
         let u = d.undo.as_mut().expect("old contents are read for an undo file");
-        // The digest map is consistent with the image (see `old_contents`): a chunk it
-        // knows, of the length read, needs no hashing for its record. Old zeros were
-        // not read at all, so a known digest here is not that of zeros.
+        // The old contents are hashed even where the digest map knows them: an image
+        // changed outside ferry (booted in place) no longer matches its map, and its record
+        // must hold the real digest, else every reader rejects it. Old zeros the map knows
+        // are not read (their record is the point's contents, whatever the image holds now).
         match d.digests.get(o.chunk).filter(|_| d.digests.chunk_len(o.chunk) as usize == n) {
-            Some(digest) => u.append_hashed(o.chunk, &c.buf[..n], digest)?,
+            Some(digest) => {
+                if !u.append_checked(o.chunk, &c.buf[..n], digest)? {
+                    self.counters.chunks_changed_outside.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             None => u.append(o.chunk, &c.buf[..n])?,
         }
         if let Some(w) = o.write {
