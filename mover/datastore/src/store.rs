@@ -14,10 +14,18 @@
 //!
 //! Every metadata file is replaced atomically: written to a temporary file,
 //! fsynced, renamed over the old one, and the directory fsynced.
+//!
+//! Modes: VM disks hold secrets, so every directory the datastore creates is
+//! created with mode 0700 and every file with 0600 ([`DIR_MODE`],
+//! [`FILE_MODE`]), whatever the umask (a umask only takes bits away). Files
+//! and directories that exist already (a datastore made by an older ferry,
+//! a seed placed by hand) keep their modes: ferry never chmods what it did
+//! not create; `chmod -R go-rwx DATASTORE` tightens an old one.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +37,22 @@ pub const DATASTORE_VERSION: u32 = 1;
 const MARKER: &str = "ferry-datastore.json";
 /// Longest replica or disk name in bytes.
 pub const MAX_NAME: usize = 128;
+/// Mode of the directories the datastore creates: the owner's only.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of the files the datastore creates: the owner's only.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Create `dir` and its missing parents with [`DIR_MODE`] (existing ones keep theirs).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)
+}
+
+/// Options that create a file with [`FILE_MODE`] (an existing file keeps its mode).
+pub fn private_file() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(FILE_MODE);
+    o
+}
 
 /// Check a replica or disk name: it becomes a file or directory name, so it
 /// must not escape the datastore.
@@ -147,7 +171,12 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 pub fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let dst = dir.join(name);
-    let mut f = File::create(&tmp).map_err(|e| StoreError::file("creating", &tmp, e))?;
+    let mut f = private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| StoreError::file("creating", &tmp, e))?;
     parts
         .iter()
         .try_for_each(|p| f.write_all(p))
@@ -212,7 +241,7 @@ pub struct Datastore {
 impl Datastore {
     /// Open a datastore, creating it (and its directory) when absent.
     pub fn open_or_create(root: &Path) -> Result<Datastore> {
-        fs::create_dir_all(root).map_err(|e| StoreError::file("creating datastore", root, e))?;
+        create_private_dir(root).map_err(|e| StoreError::file("creating datastore", root, e))?;
         let marker = root.join(MARKER);
         if !marker.exists() {
             let non_empty = fs::read_dir(root).map_err(|e| StoreError::file("listing", root, e))?.next().is_some();
@@ -292,9 +321,9 @@ impl Datastore {
     /// A second writer gets [`StoreError::Busy`] at once.
     pub fn lock_replica(&self, name: &str, holder: &str, chunk_size: u32, retain: u32) -> Result<Replica> {
         let dir = self.replica_dir(name)?;
-        fs::create_dir_all(dir.join("disks")).map_err(|e| StoreError::file("creating replica", &dir, e))?;
+        create_private_dir(&dir.join("disks")).map_err(|e| StoreError::file("creating replica", &dir, e))?;
         let lock_path = dir.join("lock");
-        let mut lock = OpenOptions::new()
+        let mut lock = private_file()
             .read(true)
             .write(true)
             .create(true)

@@ -21,7 +21,7 @@
 //! are fsynced before the overwrite).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -85,8 +85,8 @@ impl UndoWriter {
     pub fn open(replica_dir: &Path, point: u64, disk: &str, chunk_size: u32, disk_size: u64) -> Result<UndoWriter> {
         let path = undo_path(replica_dir, point, disk);
         let dir = path.parent().expect("undo dir");
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::file("creating", dir, e))?;
-        let mut file = OpenOptions::new()
+        crate::store::create_private_dir(dir).map_err(|e| StoreError::file("creating", dir, e))?;
+        let mut file = crate::store::private_file()
             .read(true)
             .write(true)
             .create(true)
@@ -360,6 +360,7 @@ impl UndoReader {
 mod tests {
 
     use super::*;
+    use std::fs::OpenOptions;
 
     #[test]
     fn append_reopen_and_torn_tail() {
