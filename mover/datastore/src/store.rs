@@ -375,6 +375,12 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// Change the replica's retention setting (replica.json, atomically).
+    pub fn set_retain(&mut self, retain: u32) -> Result<()> {
+        self.settings.retain = retain.max(1);
+        write_atomic(&self.dir, "replica.json", &serde_json::to_vec_pretty(&self.settings).expect("json"))
+    }
+
     /// True when this handle holds the write lock.
     pub fn is_locked(&self) -> bool {
         self.lock.is_some()
