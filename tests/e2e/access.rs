@@ -224,9 +224,11 @@ fn sighup_after_removing_a_line_ends_its_running_session_and_refuses_the_next() 
     // A session of the leaving token, open and idle: a real client over TCP.
     let addr = server.url.strip_prefix("ferry://").unwrap().to_string();
     let stream = std::net::TcpStream::connect(&addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let auth = Arc::new(ferry_replicate::auth::TokenAuth::from_file(&gone).unwrap());
     let (conn, mut rx, _) = client_handshake(Sock::Tcp(stream), &addr, auth).unwrap();
+    // The handshake clears the read timeout: a session the server forgets to end fails the
+    // test instead of hanging it.
+    rx.set_timeout(Some(Duration::from_secs(20)));
     conn.send(&Frame::OpenReplica(OpenReplica {
         replica: "vm2".into(),
         point_time_ns: 1_700_000_000_000_000_000,
