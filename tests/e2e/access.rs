@@ -332,3 +332,29 @@ fn datastore_files_have_no_group_or_other_bits() {
     // ds, marker, vm1, lock, replica.json, catalog.json, disks/, d0.img, d0.digests, undo/, undo/1/, d0.undo
     assert_eq!(checked, 12);
 }
+
+#[test]
+fn token_new_prints_the_access_line_and_checks_it_before_writing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (tok, line) = new_scoped_token(dir.path(), "web-writer", "replicate", "web*");
+    let fields: Vec<&str> = line.split(' ').collect();
+    assert_eq!(fields[..3], ["web-writer", "replicate", "web*"]);
+    assert!(fields[3].len() == 64 && fields[3].bytes().all(|b| b.is_ascii_hexdigit()), "{line}");
+    assert_eq!(std::fs::metadata(&tok).unwrap().permissions().mode() & 0o777, 0o600);
+    // The line holds the verifier, not the token; `token line` prints the same line again.
+    let secret = std::fs::read_to_string(&tok).unwrap();
+    assert!(!line.contains(secret.trim()));
+    let again = run(["token", "line", "--token-file", &s(&tok), "--name", "web-writer", "--replicas", "web*"]);
+    again.expect_code(0);
+    assert_eq!(again.stdout.trim(), line);
+    // A bad name or role is refused before anything is written.
+    let bad = dir.path().join("bad");
+    let r = run(["token", "new", "--out", &s(&bad), "--name", "web writer"]);
+    r.expect_code(2);
+    assert!(r.stderr.contains("token name \"web writer\" holds ' '"), "{}", r.stderr);
+    let r = run(["token", "new", "--out", &s(&bad), "--role", "root"]);
+    r.expect_code(2);
+    assert!(r.stderr.contains("--role: unknown role \"root\": use read, replicate or admin"), "{}", r.stderr);
+    assert!(!bad.exists());
+}

@@ -385,6 +385,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Points { cmd } => points(cmd),
         Cmd::Token { cmd: TokenCmd::New { out, grant } } => {
             let (name, role) = grant_of(&grant, &out)?;
+            // The line's fields are checked before the token is written: a bad name leaves no file.
+            Grant::new(&name, role, &grant.replicas, &ferry_replicate::auth::TokenAuth::new(b"checking the line"))?;
             ferry_replicate::auth::write_new_token(&out)?;
             let auth = ferry_replicate::auth::TokenAuth::from_file(&out)?;
             println!("{}", Grant::new(&name, role, &grant.replicas, &auth)?.line());
@@ -452,8 +454,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             (Some(p), _) => AccessSource::File(p),
             (None, Some(p)) => AccessSource::TokenFile(p),
             (None, None) => return Err(usage(
-                "ferry serve needs --access FILE (one line per token: `ferry token new --out PATH --name NAME --role \
-                 replicate --replicas GLOB` prints it) or --token-file FILE (one admin token)",
+                "ferry serve needs --token-file FILE (one admin token: create it with `ferry token new --out PATH`) \
+                 or --access FILE (one line per token, as `ferry token new --out PATH --name NAME --role ROLE \
+                 --replicas GLOB` prints it)",
             )),
         };
     let access = Arc::new(Access::load(source)?);
