@@ -1,5 +1,6 @@
 //! ferry's end-to-end tests: one binary, one module per area.
 
+mod access;
 mod backup;
 mod datapath;
 mod exit_codes;

@@ -287,6 +287,30 @@ pub fn new_token(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
+/// A scoped token file `dir/NAME` (`ferry token new --name NAME --role ROLE --replicas GLOB`)
+/// and the access-file line it printed.
+pub fn new_scoped_token(dir: &Path, name: &str, role: &str, replicas: &str) -> (PathBuf, String) {
+    let p = dir.join(name);
+    let path = p.to_str().expect("utf-8 path");
+    let r = run(["token", "new", "--out", path, "--name", name, "--role", role, "--replicas", replicas]);
+    r.expect_code(0);
+    (p, r.stdout.trim().to_string())
+}
+
+/// Write an access file of `lines` at `path`, mode 0600 (as `serve --access` requires).
+pub fn write_access(path: &Path, lines: &[&str]) {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("create access file");
+    f.write_all(format!("# written by a test\n{}\n", lines.join("\n")).as_bytes()).expect("write access file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod access file");
+}
+
 /// `ferry serve` on a free loopback port; killed when dropped.
 pub struct Server {
     child: Child,
@@ -298,11 +322,20 @@ pub struct Server {
 impl Server {
     /// Start a server on `datastore` with `token`, plus extra args.
     pub fn start(datastore: &Path, token: &Path, extra: &[&str]) -> Server {
+        Server::launch(datastore, "--token-file", token, extra)
+    }
+
+    /// Start a server on `datastore` with the access file `access` (`--access`), plus extra args.
+    pub fn start_access(datastore: &Path, access: &Path, extra: &[&str]) -> Server {
+        Server::launch(datastore, "--access", access, extra)
+    }
+
+    fn launch(datastore: &Path, auth_flag: &str, auth_file: &Path, extra: &[&str]) -> Server {
         let mut child = ferry()
             .args(["serve", "--listen", "127.0.0.1:0", "--json", "--datastore"])
             .arg(datastore)
-            .arg("--token-file")
-            .arg(token)
+            .arg(auth_flag)
+            .arg(auth_file)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -329,6 +362,19 @@ impl Server {
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Wait (up to 20 s) until the server has printed `n` events named `name`; return them.
+    pub fn events_named(&self, name: &str, n: usize) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let found: Vec<serde_json::Value> =
+                self.events.lock().unwrap().iter().filter(|v| v["event"] == name).cloned().collect();
+            if found.len() >= n || std::time::Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Kill it with SIGKILL and reap it.

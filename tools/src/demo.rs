@@ -7,6 +7,7 @@
 //! it, verifies the replica byte for byte after each run, prints figures and
 //! removes everything it made.
 
+use ferry_replicate::access::{Access, AccessList};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -88,14 +89,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 
     // The real server code on loopback TCP, with token authentication.
     let ds = Datastore::open_or_create(&store)?;
-    let auth: Arc<dyn ferry_wire::Authenticator> = Arc::new(ferry_replicate::auth::TokenAuth::ephemeral());
+    let token = ferry_replicate::auth::TokenAuth::ephemeral();
+    let access = AccessList::single_admin("demo", &token);
+    let auth: Arc<dyn ferry_wire::Authenticator> = Arc::new(token);
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     {
-        let (auth, ds) = (auth.clone(), ds.clone());
+        let (access, ds) = (Arc::new(Access::fixed(access)), ds.clone());
         // The library's accept loop, as `ferry serve` runs it; it ends with the process.
         std::thread::spawn(move || {
-            ferry_replicate::target::serve(listener, ds, auth, ServeConfig::default(), Arc::new(QuietServer))
+            ferry_replicate::target::serve(listener, ds, access, ServeConfig::default(), Arc::new(QuietServer))
         });
     }
 

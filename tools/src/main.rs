@@ -26,9 +26,11 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
 use ferry_datastore::points;
+use ferry_datastore::points::Protection;
 use ferry_datastore::Datastore;
 use ferry_io::BackendChoice;
 use ferry_io::ErrorClass;
+use ferry_replicate::access::{Access, AccessRole, AccessSource, Grant};
 use ferry_replicate::source::{ChangeSource, CompressPolicy, DiskSpec, ReplicateConfig};
 use ferry_replicate::target::ServeConfig;
 use ferry_replicate::{MoveError, Target, TargetSpec};
@@ -82,9 +84,21 @@ struct ServeArgs {
     /// Datastore directory (created when absent).
     #[arg(long)]
     datastore: PathBuf,
-    /// File holding the shared token (see `ferry token new`).
-    #[arg(long)]
+    /// File holding one token (see `ferry token new`): an admin token for every replica.
+    #[arg(long, conflicts_with = "access")]
     token_file: Option<PathBuf>,
+    /// Access file: one line per token a source may use, NAME ROLE REPLICAS KEY, as
+    /// `ferry token new` prints it (roles read, replicate, admin; REPLICAS a glob). Mode 0600.
+    /// SIGHUP reloads it: a removed or changed token's running sessions end.
+    #[arg(long, value_name = "FILE")]
+    access: Option<PathBuf>,
+    /// Restore points every replica keeps at least, whatever retention a remote client asks.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    keep_min: u32,
+    /// No remote client, whatever its role, can remove a restore point younger than this
+    /// (by the time this server completed it), e.g. 7d, 24h; 0: no such period.
+    #[arg(long, value_name = "DURATION", default_value = "0")]
+    immutable: String,
     #[command(flatten)]
     io: IoArgs,
     /// NDJSON events on stdout (one `session_done` per session).
@@ -266,12 +280,39 @@ enum PointsCmd {
 
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
-    /// Write a fresh random token (64 hex characters, mode 0600).
+    /// Write a fresh random token (64 hex characters, mode 0600) and print its line for a
+    /// server's access file (`ferry serve --access`) on stdout.
     New {
         /// Where to write it (never overwritten).
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        grant: GrantArgs,
     },
+    /// Print the access-file line of an existing token file (e.g. the token a server used
+    /// with --token-file, to move it to --access with a narrower role).
+    Line {
+        /// The token file.
+        #[arg(long)]
+        token_file: PathBuf,
+        #[command(flatten)]
+        grant: GrantArgs,
+    },
+}
+
+/// What a token may do, for its access-file line.
+#[derive(Debug, Args)]
+struct GrantArgs {
+    /// The token's name in the access file and in the server's logs (default: the file's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// read (plan, digest maps), replicate (also write the replicas it matches), or admin
+    /// (also lower retention).
+    #[arg(long, default_value = "replicate")]
+    role: String,
+    /// Glob of the replica names it may touch: * any characters, ? any one.
+    #[arg(long, default_value = "*")]
+    replicas: String,
 }
 
 fn main() -> ExitCode {
@@ -346,12 +387,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Replicate(a) => replicate(*a),
         Cmd::Plan(a) => plan(*a),
         Cmd::Points { cmd } => points(cmd),
-        Cmd::Token { cmd: TokenCmd::New { out } } => {
+        Cmd::Token { cmd: TokenCmd::New { out, grant } } => {
+            let (name, role) = grant_of(&grant, &out)?;
+            // The line's fields are checked before the token is written: a bad name leaves no file.
+            Grant::new(&name, role, &grant.replicas, &ferry_replicate::auth::TokenAuth::new(b"checking the line"))?;
             ferry_replicate::auth::write_new_token(&out)?;
+            let auth = ferry_replicate::auth::TokenAuth::from_file(&out)?;
+            println!("{}", Grant::new(&name, role, &grant.replicas, &auth)?.line());
             eprintln!(
-                "wrote a new token to {} (mode 0600); give the same file to `serve` and `replicate`",
+                "wrote a new token to {} (mode 0600) for `replicate --token-file`; the line above goes into the \
+                 server's access file (`serve --access`; it holds a verifier, not the token)",
                 out.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Token { cmd: TokenCmd::Line { token_file, grant } } => {
+            let (name, role) = grant_of(&grant, &token_file)?;
+            let auth = ferry_replicate::auth::TokenAuth::from_file(&token_file)?;
+            println!("{}", Grant::new(&name, role, &grant.replicas, &auth)?.line());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo(a) => demo::run(a),
@@ -359,6 +412,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ferry_bench::main_with_args(std::iter::once("ferry bench".to_string()).chain(args).collect())
         }
     }
+}
+
+/// The name and role of a token's access-file line (the name defaults to the file's name).
+fn grant_of(g: &GrantArgs, file: &std::path::Path) -> anyhow::Result<(String, AccessRole)> {
+    let role: AccessRole = g.role.parse().map_err(|e: String| usage(format!("--role: {e}")))?;
+    let name = match &g.name {
+        Some(n) => n.clone(),
+        None => file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    Ok((name, role))
 }
 
 /// Parse a size: 262144, 256K, 256KiB, 1M, 4MiB.
@@ -387,14 +450,40 @@ fn serve_config(io: &IoArgs) -> anyhow::Result<ServeConfig> {
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    let Some(token_file) = a.token_file else {
-        return Err(usage(
-            "ferry serve needs --token-file: create a token with `ferry token new --out PATH` and give the same file to the sources",
-        ));
-    };
-    let auth: Arc<dyn ferry_wire::Authenticator> = Arc::new(ferry_replicate::auth::TokenAuth::from_file(&token_file)?);
+    // Before any thread starts: every thread inherits the mask, so SIGHUP waits for the
+    // reloading thread instead of ending the process.
+    ferry_io::process::block_signal(ferry_io::process::Signal::Hup).context("blocking SIGHUP")?;
+    let source =
+        match (a.access, a.token_file) {
+            (Some(p), _) => AccessSource::File(p),
+            (None, Some(p)) => AccessSource::TokenFile(p),
+            (None, None) => return Err(usage(
+                "ferry serve needs --token-file FILE (one admin token: create it with `ferry token new --out PATH`) \
+                 or --access FILE (one line per token, as `ferry token new --out PATH --name NAME --role ROLE \
+                 --replicas GLOB` prints it)",
+            )),
+        };
+    let access = Arc::new(Access::load(source)?);
+    if access.snapshot().grants().is_empty() {
+        return Err(usage("the access file lists no token: no source could connect"));
+    }
     let ds = Datastore::open_or_create(&a.datastore)?;
-    let cfg = serve_config(&a.io)?;
+    let mut cfg = serve_config(&a.io)?;
+    if a.keep_min == 0 {
+        return Err(usage("--keep-min must be at least 1 (a replica always keeps its latest point)"));
+    }
+    let immutable = parse_duration(&a.immutable)?;
+    cfg.protection = Protection {
+        keep_min: a.keep_min,
+        immutable_ns: i64::try_from(immutable.as_nanos()).map_err(|_| usage("--immutable is too long"))?,
+    };
+    {
+        let (access, json) = (access.clone(), a.json);
+        std::thread::Builder::new()
+            .name("ferry-sighup".into())
+            .spawn(move || reload_on_sighup(&access, json))
+            .context("starting the SIGHUP thread")?;
+    }
     let listener = std::net::TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     let local = listener.local_addr()?;
     if a.json {
@@ -404,8 +493,34 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         eprintln!("ferry serve: listening on {local}, datastore {}", a.datastore.display());
     }
-    ferry_replicate::target::serve(listener, ds, auth, cfg, Arc::new(report::ServeLog { json: a.json }))?;
+    ferry_replicate::target::serve(listener, ds, access, cfg, Arc::new(report::ServeLog { json: a.json }))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reload the access list at every SIGHUP; a list that does not load leaves the old one
+/// in force (logged). Runs for the life of the server.
+fn reload_on_sighup(access: &Access, json: bool) {
+    while ferry_io::process::wait_signal(ferry_io::process::Signal::Hup).is_ok() {
+        match access.reload() {
+            Ok(r) if json => report::print_json(&serde_json::json!({
+                "event": "access_reloaded",
+                "tokens": r.tokens,
+                "sessions_ended": r.ended.iter().map(|(t, p)| serde_json::json!({"token": t, "peer": p})).collect::<Vec<_>>(),
+            })),
+            Ok(r) => {
+                eprintln!("ferry serve: access reloaded: {} token(s)", r.tokens);
+                for (t, p) in &r.ended {
+                    eprintln!("ferry serve: ended the session of revoked token {t:?} from {p}");
+                }
+            }
+            Err(e) if json => report::print_json(&serde_json::json!({
+                "event": "access_reload_failed",
+                "error": e.detail(),
+                "kept": "the access list in force before",
+            })),
+            Err(e) => eprintln!("ferry serve: access reload failed, keeping the list in force: {}", e.detail()),
+        }
+    }
 }
 
 fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
@@ -499,17 +614,19 @@ fn map_cache(a: &ReplicateArgs) -> anyhow::Result<Option<ferry_replicate::map_ca
     Ok(Some(ferry_replicate::map_cache::MapCache::new(dir, target)))
 }
 
-/// Parse a duration: 0, 90s, 30m, 2h (a bare number is seconds).
+/// Parse a duration: 0, 90s, 30m, 2h, 7d (a bare number is seconds).
 fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
     let t = s.trim();
     let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
     let n: u64 = num.parse().map_err(|_| usage(format!("bad duration {s:?} (use e.g. 90s, 30m, 2h)")))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(usage(format!("bad duration unit in {s:?} (use s, m or h)"))),
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(usage(format!("bad duration unit in {s:?} (use s, m, h or d)"))),
     };
+    let secs = n.checked_mul(mult).ok_or_else(|| usage(format!("duration {s:?} is too long")))?;
     Ok(std::time::Duration::from_secs(secs))
 }
 

@@ -26,9 +26,10 @@
 //! - Within a disk, data travels in strictly increasing chunk order, so one
 //!   watermark per disk (Flush / Checkpoint / ResumeInfo) describes what is
 //!   durable and where to resume.
-//! - Optional frames (Progress, Keepalive, Intent) are always sent with
+//! - Optional frames (Progress, Keepalive, Intent, Notice) are always sent with
 //!   [`FLAG_OPTIONAL`]: a peer that does not know one skips it, so no peer
-//!   ever needs one understood. Intent only announces chunks (advisory).
+//!   ever needs one understood. Intent only announces chunks (advisory);
+//!   Notice only informs the source (a warning makes it finish with exit 3).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

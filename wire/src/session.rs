@@ -28,14 +28,26 @@ pub enum Role {
     Server,
 }
 
-/// Computes authentication proofs from the shared token.
+/// Computes authentication proofs from one or more keys.
 ///
 /// The wire crate computes no MACs itself: the caller supplies this (ferry
 /// uses a keyed BLAKE3 over a label and both nonces). `role` tells whose proof
 /// is asked for, so the client's proof can never be replayed as the server's.
+///
+/// A client holds one key (its token). A server may accept several (one per
+/// token in its access file): it finds which key made the client's proof by
+/// comparing the proof of every key in constant time, without stopping at a
+/// match (the time taken does not say which key, or whether any, matched),
+/// answers with that key's server proof, and reports the key's index as
+/// [`PeerInfo::key`], so the application can tell which token the peer holds.
 pub trait Authenticator: Send + Sync {
-    /// The proof that `role` holds the token, for this pair of nonces.
-    fn proof(&self, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32];
+    /// How many keys this end holds (at least 1 to authenticate anyone). A client uses key 0.
+    fn key_count(&self) -> usize {
+        1
+    }
+
+    /// The proof that `role` holds key `key` (`0..key_count()`), for this pair of nonces.
+    fn proof(&self, key: usize, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32];
 }
 
 /// What one end says about itself in the handshake.
@@ -62,6 +74,9 @@ pub struct PeerInfo {
     pub version: u16,
     /// Features both ends support.
     pub features: u64,
+    /// Which key of this end's [`Authenticator`] the peer proved it holds: on a
+    /// server, the index of the client's token among its keys; on a client, 0.
+    pub key: usize,
 }
 
 /// What [`Session::poll_event`] hands out.
@@ -343,8 +358,13 @@ impl Session {
                 }
                 self.peer_nonce = h.nonce;
                 let features = h.features & self.local.features;
-                self.peer =
-                    Some(PeerInfo { name: h.peer_name.clone(), software: h.software.clone(), version, features });
+                self.peer = Some(PeerInfo {
+                    name: h.peer_name.clone(),
+                    software: h.software.clone(),
+                    version,
+                    features,
+                    key: 0,
+                });
                 Frame::Welcome(Welcome {
                     version,
                     features,
@@ -371,18 +391,31 @@ impl Session {
                     software: w.software.clone(),
                     version: w.version,
                     features: w.features & self.local.features,
+                    key: 0,
                 });
-                let proof = self.auth.proof(Role::Client, &self.local.nonce, &w.nonce);
+                let proof = self.auth.proof(0, Role::Client, &self.local.nonce, &w.nonce);
                 Frame::AuthProof(AuthProof { proof }).encode(&mut self.out);
                 self.state = State::AwaitAuthOk;
                 Ok(None)
             }
             (Frame::AuthProof(p), Role::Server, State::AwaitAuthProof) => {
-                let expected = self.auth.proof(Role::Client, &self.peer_nonce, &self.local.nonce);
-                if !constant_time_eq(&expected, &p.proof) {
-                    return Err(WireError::AuthFailed);
+                // Every key is tried, a match does not end the loop: the time taken does not
+                // say which key matched. Keys are distinct (the application checks), so at
+                // most one matches.
+                let mut matched = None;
+                for key in 0..self.auth.key_count() {
+                    let expected = self.auth.proof(key, Role::Client, &self.peer_nonce, &self.local.nonce);
+                    if constant_time_eq(&expected, &p.proof) {
+                        matched = Some(key);
+                    }
                 }
-                let proof = self.auth.proof(Role::Server, &self.peer_nonce, &self.local.nonce);
+                let Some(key) = matched else {
+                    return Err(WireError::AuthFailed);
+                };
+                if let Some(peer) = &mut self.peer {
+                    peer.key = key;
+                }
+                let proof = self.auth.proof(key, Role::Server, &self.peer_nonce, &self.local.nonce);
                 Frame::AuthOk(AuthOk { proof }).encode(&mut self.out);
                 self.state = State::Ready;
                 self.authenticated = true;
@@ -390,7 +423,7 @@ impl Session {
                 Ok(self.peer.clone().map(Event::Authenticated))
             }
             (Frame::AuthOk(a), Role::Client, State::AwaitAuthOk) => {
-                let expected = self.auth.proof(Role::Server, &self.local.nonce, &self.peer_nonce);
+                let expected = self.auth.proof(0, Role::Server, &self.local.nonce, &self.peer_nonce);
                 if !constant_time_eq(&expected, &a.proof) {
                     return Err(WireError::ServerAuthFailed);
                 }
@@ -432,6 +465,7 @@ impl Session {
                 Ok(())
             }
             Frame::Progress(_) | Frame::Keepalive | Frame::Unknown { .. } if authenticated => Ok(()),
+            Frame::Notice(_) if authenticated && !from_client => Ok(()),
             Frame::Data(_) | Frame::ZeroRun(_) | Frame::Flush(_) | Frame::Intent(_) | Frame::Commit(_)
                 if self.plan_only && self.state == State::ReplicaOpen =>
             {
@@ -721,6 +755,7 @@ fn check_limits(frame: &Frame) -> Result<(), WireError> {
         Frame::ZeroRun(z) if z.count == 0 => Err(WireError::InvalidValue { frame: name, field: "count", value: 0 }),
         Frame::Intent(i) => i.validate(),
         Frame::Error(e) => too_long("message", e.message.len(), MAX_MESSAGE_LEN),
+        Frame::Notice(n) => too_long("message", n.message.len(), MAX_MESSAGE_LEN),
         _ => Ok(()),
     }
 }

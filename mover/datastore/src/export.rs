@@ -1,7 +1,7 @@
 //! Sparse copies of images: streaming, bounded memory, holes kept (used by
 //! [`crate::points::export_point`] for the latest point).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -24,7 +24,7 @@ pub struct ExportReport {
 pub fn copy_sparse(src: &Path, dst: &Path) -> Result<ExportReport> {
     let f = File::open(src).map_err(|e| StoreError::file("opening", src, e))?;
     let size = f.metadata().map_err(|e| StoreError::file("inspecting", src, e))?.len();
-    let o = OpenOptions::new()
+    let o = crate::store::private_file()
         .write(true)
         .create(true)
         .truncate(true)

@@ -22,7 +22,7 @@
 //!   finds them identical. [`ReplicaImage::capacity`] is the file's length or the
 //!   export's size; the disk's logical size is the caller's to know.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
@@ -121,7 +121,7 @@ impl ReplicaImage {
     pub fn open_rw(r: &Replica, disk: &str) -> Result<ReplicaImage> {
         match Placement::of(r, disk)? {
             Placement::File(path) => {
-                let file = OpenOptions::new()
+                let file = crate::store::private_file()
                     .read(true)
                     .write(true)
                     .create(true)
@@ -398,6 +398,7 @@ fn lock(c: &Mutex<NbdClient>) -> MutexGuard<'_, NbdClient> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     fn file_image(size: u64) -> (tempfile::TempDir, ReplicaImage) {
         let dir = tempfile::tempdir().unwrap();

@@ -38,7 +38,7 @@
 //! killed there (nothing is cleaned up, the page cache keeps what was written).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -259,7 +259,7 @@ impl OutFile {
         }
         let tmp = dir.join(format!(".{}.ferry-export.{}", name.to_string_lossy(), std::process::id()));
         // O_EXCL (create_new) and O_NOFOLLOW: never an existing file, never through a link.
-        let file = OpenOptions::new()
+        let file = crate::store::private_file()
             .write(true)
             .create_new(true)
             .custom_flags(ferry_io::sys::O_NOFOLLOW)
@@ -822,14 +822,55 @@ fn remove_undo_dirs(r: &Replica, which: impl Fn(u64) -> bool) -> Result<()> {
 /// need the undo files: refused otherwise). [`StoreError::Busy`] while an export or a
 /// verify reads the points.
 pub fn prune(r: &Replica, retain: u32) -> Result<Vec<u64>> {
+    Ok(prune_protected(r, retain, Protection::default(), crate::store::now_ns())?.dropped)
+}
+
+/// What a target's retention policy protects from what remote clients ask
+/// (`ferry serve --keep-min N --immutable DURATION`); local `ferry points`
+/// commands on the target's host are not bound by it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Protection {
+    /// Points a replica keeps at least, whatever retention is asked.
+    pub keep_min: u32,
+    /// A point younger than this (ns, by the time the target completed it:
+    /// the source's point time is the source's to choose) is never dropped.
+    pub immutable_ns: i64,
+}
+
+/// What [`prune_protected`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneOutcome {
+    /// Points dropped, oldest first.
+    pub dropped: Vec<u64>,
+    /// Points the retention alone would have dropped that `keep_min` kept.
+    pub kept_by_keep_min: Vec<u64>,
+    /// Points the retention and `keep_min` would have dropped that were younger than `immutable_ns`.
+    pub kept_by_immutable: Vec<u64>,
+}
+
+/// [`prune`] under a [`Protection`]: keep the newest `max(retain, keep_min)`
+/// points, and of the older ones drop only those at least `immutable_ns` old
+/// at `now_ns`. Points go only as a run from the oldest (a point needs the
+/// undo files of every newer one): should the clock have gone back, a young
+/// point keeps the older ones after it too.
+pub fn prune_protected(r: &Replica, retain: u32, p: Protection, now_ns: i64) -> Result<PruneOutcome> {
     if let Some(p) = pending_rollback(r)? {
         return Err(StoreError::RollbackPending(p.describe(&r.name)));
     }
     let _points = r.change_points("pruning")?;
     let mut catalog = r.catalog()?;
-    let keep = (retain.max(1) as usize).min(catalog.points.len());
-    let drop_n = catalog.points.len() - keep;
-    let dropped: Vec<u64> = catalog.points.drain(..drop_n).map(|p| p.id).collect();
+    let n = catalog.points.len();
+    let excess = |keep: u32| n - (keep.max(1) as usize).min(n);
+    let asked = excess(retain);
+    let allowed = excess(retain.max(p.keep_min));
+    let old_enough = catalog.points[..allowed]
+        .iter()
+        .take_while(|q| p.immutable_ns <= 0 || now_ns.saturating_sub(q.completed_ns) >= p.immutable_ns)
+        .count();
+    let ids = |range: std::ops::Range<usize>| catalog.points[range].iter().map(|q| q.id).collect::<Vec<u64>>();
+    let kept_by_keep_min = ids(allowed..asked);
+    let kept_by_immutable = ids(old_enough..allowed);
+    let dropped: Vec<u64> = catalog.points.drain(..old_enough).map(|p| p.id).collect();
     if !dropped.is_empty() {
         r.write_catalog(&catalog)?;
         test_step("prune: catalog written");
@@ -845,7 +886,7 @@ pub fn prune(r: &Replica, retain: u32) -> Result<Vec<u64>> {
             test_step("prune: undo directory removed");
         }
     }
-    Ok(dropped)
+    Ok(PruneOutcome { dropped, kept_by_keep_min, kept_by_immutable })
 }
 
 /// A problem `verify` found.
@@ -929,4 +970,103 @@ pub fn verify(r: &Replica) -> Result<(u64, Vec<VerifyIssue>)> {
         }
     }
     Ok((checked, issues))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::DATASTORE_VERSION;
+
+    const HOUR: i64 = 3600 * 1_000_000_000;
+
+    /// A replica whose catalog holds points 1..=n, point i completed `ages[i-1]` hours before `now`.
+    fn replica_with_points(dir: &Path, ages: &[i64], now: i64) -> Replica {
+        let ds = Datastore::open_or_create(dir).unwrap();
+        let r = ds.lock_replica("vm1", "test", 65536, 7).unwrap();
+        let points = ages
+            .iter()
+            .enumerate()
+            .map(|(i, age)| RestorePoint {
+                id: i as u64 + 1,
+                point_time_ns: 0, // a source's point time says nothing about a point's age
+                completed_ns: now - age * HOUR,
+                ferry_version: "test".into(),
+                session_id: format!("{i}"),
+                disks: vec![],
+            })
+            .collect();
+        r.write_catalog(&Catalog { version: DATASTORE_VERSION, next_id: ages.len() as u64 + 1, points }).unwrap();
+        r
+    }
+
+    fn ids(r: &Replica) -> Vec<u64> {
+        r.catalog().unwrap().points.iter().map(|p| p.id).collect()
+    }
+
+    #[test]
+    fn keep_min_and_immutable_keep_points_that_retention_would_drop() {
+        let now = crate::store::now_ns();
+        let dir = tempfile::tempdir().unwrap();
+        // Points 1..=6 completed 50, 40, 30, 20, 10 and 0 hours ago.
+        let ages = [50, 40, 30, 20, 10, 0];
+        let r = replica_with_points(dir.path(), &ages, now);
+        let p = Protection { keep_min: 4, immutable_ns: 0 };
+        let out = prune_protected(&r, 1, p, now).unwrap();
+        assert_eq!(
+            out,
+            PruneOutcome { dropped: vec![1, 2], kept_by_keep_min: vec![3, 4, 5], kept_by_immutable: vec![] }
+        );
+        assert_eq!(ids(&r), vec![3, 4, 5, 6]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let r = replica_with_points(dir.path(), &ages, now);
+        // Younger than 35 hours: points 3..=6 stay whatever is asked.
+        let p = Protection { keep_min: 2, immutable_ns: 35 * HOUR };
+        let out = prune_protected(&r, 1, p, now).unwrap();
+        assert_eq!(out, PruneOutcome { dropped: vec![1, 2], kept_by_keep_min: vec![5], kept_by_immutable: vec![3, 4] });
+        assert_eq!(ids(&r), vec![3, 4, 5, 6]);
+
+        // Without protection, retention alone decides (the local `ferry points prune`).
+        let dir = tempfile::tempdir().unwrap();
+        let r = replica_with_points(dir.path(), &ages, now);
+        assert_eq!(prune(&r, 1).unwrap(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(ids(&r), vec![6]);
+    }
+
+    #[test]
+    fn a_clock_that_went_back_keeps_the_points_after_a_young_one() {
+        let now = 1_000_000 * HOUR;
+        let dir = tempfile::tempdir().unwrap();
+        // Point 2 looks younger than point 3 (the clock was set back in between).
+        let r = replica_with_points(dir.path(), &[50, 1, 40, 30], now);
+        let out = prune_protected(&r, 1, Protection { keep_min: 1, immutable_ns: 24 * HOUR }, now).unwrap();
+        assert_eq!(out, PruneOutcome { dropped: vec![1], kept_by_keep_min: vec![], kept_by_immutable: vec![2, 3] });
+        assert_eq!(ids(&r), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn files_and_directories_are_created_for_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("ds");
+        let ds = Datastore::open_or_create(&root).unwrap();
+        let r = ds.lock_replica("vm1", "test", 65536, 7).unwrap();
+        crate::image::ReplicaImage::open_rw(&r, "d0").unwrap();
+        crate::undo::UndoWriter::open(&r.dir, 1, "d0", 65536, 65536).unwrap();
+        r.write_catalog(&r.catalog().unwrap()).unwrap();
+        let mut seen = 0;
+        let mut stack = vec![root.clone()];
+        while let Some(p) = stack.pop() {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            if p.is_dir() {
+                assert_eq!(mode, 0o700, "{}", p.display());
+                stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            } else {
+                assert_eq!(mode, 0o600, "{}", p.display());
+            }
+            seen += 1;
+        }
+        // ds, marker, vm1, lock, replica.json, catalog.json, disks, d0.img, undo, undo/1, its file
+        assert_eq!(seen, 11);
+    }
 }

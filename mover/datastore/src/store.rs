@@ -17,10 +17,18 @@
 //!
 //! Every metadata file is replaced atomically: written to a temporary file,
 //! fsynced, renamed over the old one, and the directory fsynced.
+//!
+//! Modes: VM disks hold secrets, so every directory the datastore creates is
+//! created with mode 0700 and every file with 0600 ([`DIR_MODE`],
+//! [`FILE_MODE`]), whatever the umask (a umask only takes bits away). Files
+//! and directories that exist already (a datastore made by an older ferry,
+//! a seed placed by hand) keep their modes: ferry never chmods what it did
+//! not create; `chmod -R go-rwx DATASTORE` tightens an old one.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +40,22 @@ pub const DATASTORE_VERSION: u32 = 1;
 const MARKER: &str = "ferry-datastore.json";
 /// Longest replica or disk name in bytes.
 pub const MAX_NAME: usize = 128;
+/// Mode of the directories the datastore creates: the owner's only.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of the files the datastore creates: the owner's only.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Create `dir` and its missing parents with [`DIR_MODE`] (existing ones keep theirs).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)
+}
+
+/// Options that create a file with [`FILE_MODE`] (an existing file keeps its mode).
+pub fn private_file() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(FILE_MODE);
+    o
+}
 
 /// Check a replica or disk name: it becomes a file or directory name, so it
 /// must not escape the datastore.
@@ -216,7 +240,12 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 pub fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let dst = dir.join(name);
-    let mut f = File::create(&tmp).map_err(|e| StoreError::file("creating", &tmp, e))?;
+    let mut f = private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| StoreError::file("creating", &tmp, e))?;
     parts
         .iter()
         .try_for_each(|p| f.write_all(p))
@@ -242,7 +271,7 @@ pub fn create_dir_durable(dir: &Path) -> Result<()> {
     }
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     create_dir_durable(parent)?;
-    match fs::create_dir(dir) {
+    match fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
         Ok(()) => sync_dir(parent),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
         Err(e) => Err(StoreError::file("creating", dir, e)),
@@ -380,7 +409,7 @@ impl Datastore {
         let dir = self.replica_dir(name)?;
         create_dir_durable(&dir.join("disks"))?;
         let lock_path = dir.join("lock");
-        let mut lock = OpenOptions::new()
+        let mut lock = private_file()
             .read(true)
             .write(true)
             .create(true)
@@ -439,6 +468,12 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// Change the replica's retention setting (replica.json, atomically).
+    pub fn set_retain(&mut self, retain: u32) -> Result<()> {
+        self.settings.retain = retain.max(1);
+        write_atomic(&self.dir, "replica.json", &serde_json::to_vec_pretty(&self.settings).expect("json"))
+    }
+
     /// True when this handle holds the write lock.
     pub fn is_locked(&self) -> bool {
         self.lock.is_some()

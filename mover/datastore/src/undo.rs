@@ -23,7 +23,7 @@
 //! and the record's index ([`Tail`]).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -91,7 +91,7 @@ impl UndoWriter {
         let path = undo_path(replica_dir, point, disk);
         let dir = path.parent().expect("undo dir");
         crate::store::create_dir_durable(dir)?;
-        let mut file = OpenOptions::new()
+        let mut file = crate::store::private_file()
             .read(true)
             .write(true)
             .create(true)
@@ -467,6 +467,7 @@ impl UndoReader {
 mod tests {
 
     use super::*;
+    use std::fs::OpenOptions;
 
     #[test]
     fn append_reopen_and_torn_tail() {

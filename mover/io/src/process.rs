@@ -1,7 +1,8 @@
 //! The process system calls of the workspace, each behind a safe function:
 //! whether a child has exited (without reaping it), signals to a process or a
 //! process group, waiting for a child with its resource usage, the effective
-//! user and group, and entering a network namespace.
+//! user and group, entering a network namespace, and taking a signal
+//! synchronously (`ferry serve` reloads its access file on SIGHUP).
 //!
 //! Like [`crate::sys`], each function is a thin wrapper: it adds no policy,
 //! returns the OS error as an `io::Error`, and says in its `// SAFETY:` note
@@ -21,6 +22,8 @@ pub enum Signal {
     Term,
     /// `SIGKILL`: ends the process at once.
     Kill,
+    /// `SIGHUP`: by convention, asks a daemon to reload its configuration.
+    Hup,
 }
 
 impl Signal {
@@ -28,7 +31,48 @@ impl Signal {
         match self {
             Signal::Term => libc::SIGTERM,
             Signal::Kill => libc::SIGKILL,
+            Signal::Hup => libc::SIGHUP,
         }
+    }
+
+    fn set(self) -> libc::sigset_t {
+        // SAFETY: sigset_t is plain old data; sigemptyset initialises it, sigaddset adds a
+        // valid signal number (both only write into the set we own).
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, self.raw());
+            set
+        }
+    }
+}
+
+/// Blocks `sig` in the calling thread (`pthread_sigmask(SIG_BLOCK)`); the threads
+/// it starts afterwards inherit the mask. Called before any other thread starts,
+/// no thread of the process takes the signal's default action (SIGHUP's ends the
+/// process): it stays pending until [`wait_signal`] takes it.
+pub fn block_signal(sig: Signal) -> io::Result<()> {
+    let set = sig.set();
+    // SAFETY: a valid, initialised sigset_t; the old mask is not asked for (null).
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Waits until `sig` (blocked in every thread, see [`block_signal`]) is pending, and
+/// takes it (`sigwait`). Several deliveries before the call count as one.
+pub fn wait_signal(sig: Signal) -> io::Result<()> {
+    let set = sig.set();
+    let mut got: libc::c_int = 0;
+    // SAFETY: a valid, initialised sigset_t and an int for the signal number, both ours.
+    let rc = unsafe { libc::sigwait(&set, &mut got) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
     }
 }
 
@@ -147,6 +191,20 @@ pub fn enter_network_namespace(ns: &File) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blocked_signal_waits_for_wait_signal() {
+        // On a thread of its own, the signal directed at that thread: the test harness's
+        // other threads keep SIGHUP's default action and never see it.
+        std::thread::spawn(|| {
+            block_signal(Signal::Hup).unwrap();
+            // SAFETY: pthread_kill to this very thread, with a signal it has blocked.
+            assert_eq!(unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) }, 0);
+            wait_signal(Signal::Hup).unwrap();
+        })
+        .join()
+        .unwrap();
+    }
     use std::process::Command;
 
     #[test]

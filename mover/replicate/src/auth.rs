@@ -6,10 +6,17 @@
 //! `BLAKE3-keyed(key = derive_key("ferry v1 auth token", token),
 //! label || client_nonce || server_nonce)`, label "ferry-v1 client" or
 //! "ferry-v1 server" (see wire/PROTOCOL.md).
+//!
+//! A token file, like an ssh private key, must be the owner's alone: one
+//! that group or others may read (or write) is refused, naming the file and
+//! the `chmod 600` that fixes it ([`check_private`]; the access file of
+//! `ferry serve --access` too). A server keeps only the verifier key
+//! `derive_key(..., token)` of each token ([`TokenAuth::verifier_key`],
+//! the last field of an access-file line), never the token.
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use ferry_wire::{Authenticator, Role};
@@ -34,8 +41,20 @@ impl TokenAuth {
         TokenAuth { key: blake3::derive_key("ferry v1 auth token", token) }
     }
 
-    /// Read a token file.
+    /// From a verifier key (an access-file line's): proves what the token's holder proves.
+    pub fn from_verifier_key(key: [u8; 32]) -> TokenAuth {
+        TokenAuth { key }
+    }
+
+    /// The verifier key the proofs are keyed by: a one-way function of the token, what a
+    /// server's access file holds (see wire/PROTOCOL.md, section 4).
+    pub fn verifier_key(&self) -> [u8; 32] {
+        self.key
+    }
+
+    /// Read a token file (refused unless it is the owner's alone).
     pub fn from_file(path: &Path) -> Result<TokenAuth> {
+        check_private(path, "token file")?;
         let text = fs::read_to_string(path).map_err(|source| MoveError::Token { path: path.to_path_buf(), source })?;
         let token = text.trim();
         if token.is_empty() {
@@ -62,16 +81,37 @@ impl TokenAuth {
 }
 
 impl Authenticator for TokenAuth {
-    fn proof(&self, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
-        let mut h = blake3::Hasher::new_keyed(&self.key);
-        h.update(match role {
-            Role::Client => b"ferry-v1 client",
-            Role::Server => b"ferry-v1 server",
-        });
-        h.update(client_nonce);
-        h.update(server_nonce);
-        *h.finalize().as_bytes()
+    fn proof(&self, _key: usize, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
+        proof(&self.key, role, client_nonce, server_nonce)
     }
+}
+
+/// The v1 proof of `role` keyed by the verifier `key` (wire/PROTOCOL.md, section 4).
+pub(crate) fn proof(key: &[u8; 32], role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(match role {
+        Role::Client => b"ferry-v1 client",
+        Role::Server => b"ferry-v1 server",
+    });
+    h.update(client_nonce);
+    h.update(server_nonce);
+    *h.finalize().as_bytes()
+}
+
+/// Refuse a secret file that group or others may access (any of the mode bits 0o077), as
+/// ssh refuses such a private key: the error names the file, its mode and the fix.
+pub fn check_private(path: &Path, what: &str) -> Result<()> {
+    let meta = fs::metadata(path).map_err(|source| MoveError::Token { path: path.to_path_buf(), source })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(MoveError::BadToken(format!(
+            "{what} {} is accessible by group or others (mode {mode:04o}); it holds a secret: \
+             run `chmod 600 {}` (and check who could read it)",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Random bytes from the OS.
@@ -104,10 +144,13 @@ mod tests {
         let a = TokenAuth::new(b"0123456789abcdef0123");
         let b = TokenAuth::new(b"0123456789abcdef0124");
         let (c, s) = ([1u8; 32], [2u8; 32]);
-        assert_ne!(a.proof(Role::Client, &c, &s), a.proof(Role::Server, &c, &s));
-        assert_ne!(a.proof(Role::Client, &c, &s), b.proof(Role::Client, &c, &s));
-        assert_ne!(a.proof(Role::Client, &c, &s), a.proof(Role::Client, &s, &c));
-        assert_eq!(a.proof(Role::Client, &c, &s), a.proof(Role::Client, &c, &s));
+        assert_ne!(a.proof(0, Role::Client, &c, &s), a.proof(0, Role::Server, &c, &s));
+        assert_ne!(a.proof(0, Role::Client, &c, &s), b.proof(0, Role::Client, &c, &s));
+        assert_ne!(a.proof(0, Role::Client, &c, &s), a.proof(0, Role::Client, &s, &c));
+        assert_eq!(a.proof(0, Role::Client, &c, &s), a.proof(0, Role::Client, &c, &s));
+        // The verifier key proves what the token proves.
+        let v = TokenAuth::from_verifier_key(a.verifier_key());
+        assert_eq!(v.proof(0, Role::Client, &c, &s), a.proof(0, Role::Client, &c, &s));
     }
 
     #[test]
@@ -123,12 +166,36 @@ mod tests {
         // Whitespace around the token is ignored.
         let q = dir.path().join("q");
         fs::write(&q, format!("  {}  \n\n", text.trim())).unwrap();
+        fs::set_permissions(&q, fs::Permissions::from_mode(0o600)).unwrap();
         let (c, s) = ([3u8; 32], [4u8; 32]);
         assert_eq!(
-            TokenAuth::from_file(&p).unwrap().proof(Role::Client, &c, &s),
-            TokenAuth::from_file(&q).unwrap().proof(Role::Client, &c, &s)
+            TokenAuth::from_file(&p).unwrap().proof(0, Role::Client, &c, &s),
+            TokenAuth::from_file(&q).unwrap().proof(0, Role::Client, &c, &s)
         );
         fs::write(&q, "\n").unwrap();
         assert!(TokenAuth::from_file(&q).unwrap_err().to_string().contains("ferry token new"));
+    }
+
+    #[test]
+    fn a_token_file_that_group_or_others_may_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        write_new_token(&p).unwrap();
+        for mode in [0o640, 0o604, 0o644, 0o660, 0o601] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            let e = TokenAuth::from_file(&p).unwrap_err();
+            assert_eq!(e.class(), ferry_io::ErrorClass::Usage);
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "token file {} is accessible by group or others (mode {mode:04o}); it holds a secret: run \
+                     `chmod 600 {}` (and check who could read it)",
+                    p.display(),
+                    p.display()
+                )
+            );
+        }
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o400)).unwrap();
+        TokenAuth::from_file(&p).unwrap();
     }
 }

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ferry_wire::{
-    Authenticator, Data, DataHead, Deframer, ErrorCode, ErrorFrame, Event, Frame, LocalInfo, PeerInfo, Session, Split,
-    WireError,
+    Authenticator, Data, DataHead, Deframer, ErrorCode, ErrorFrame, Event, Frame, LocalInfo, Notice, PeerInfo, Session,
+    Split, WireError,
 };
 
 use crate::error::{MoveError, Result};
@@ -119,6 +119,8 @@ impl Tx {
 pub struct Conn {
     peer: String,
     tx: Mutex<Tx>,
+    /// Notices the peer sent (a target's retention warnings), for the job to report.
+    notices: Mutex<Vec<Notice>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -278,6 +280,7 @@ impl Conn {
                 bytes_sent: 0,
                 defer_answers: false,
             }),
+            notices: Mutex::new(Vec::new()),
         });
         Ok((conn, Rx { sock: rsock, deframer: Deframer::new(), peer, bytes_received: 0 }))
     }
@@ -332,14 +335,27 @@ impl Conn {
     }
 
     /// Validate a received frame against the session; answers the session
-    /// queued (handshake, errors) are written at once.
+    /// queued (handshake, errors) are written at once. A Notice is kept for
+    /// [`Conn::take_notices`] (whichever thread reads it) and not returned.
     pub fn handle(&self, frame: Frame) -> Result<Option<Event>> {
         let mut tx = self.lock();
         let r = tx.session.handle_frame(frame);
         if !tx.defer_answers {
             let _ = tx.flush_queued();
         }
-        r.map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })
+        drop(tx);
+        match r {
+            Ok(Some(Event::Frame(Frame::Notice(n)))) => {
+                self.notices.lock().unwrap_or_else(|p| p.into_inner()).push(n);
+                Ok(None)
+            }
+            r => r.map_err(|source| MoveError::Wire { peer: self.peer.clone(), source }),
+        }
+    }
+
+    /// The Notices received so far, oldest first (taken).
+    pub fn take_notices(&self) -> Vec<Notice> {
+        std::mem::take(&mut *self.notices.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Validate the head of a data frame whose payload the receiver reads itself.

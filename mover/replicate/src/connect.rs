@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use ferry_wire::Authenticator;
 
+use crate::access::{Access, AccessList};
 use crate::error::{MoveError, Result};
 use crate::source::{JobEvent, JobReport, Observer, ReplicaInfo, ReplicateConfig};
 use crate::target::{ServeConfig, SessionReport};
@@ -100,14 +101,17 @@ pub(crate) fn connect(
             } else {
                 ferry_datastore::Datastore::at(dir)
             };
-            let auth: Arc<dyn Authenticator> = Arc::new(auth::TokenAuth::ephemeral());
+            // The datastore is the caller's own: one ephemeral admin token, no protection.
+            let token = auth::TokenAuth::ephemeral();
+            let access = Arc::new(Access::fixed(AccessList::single_admin("local", &token)));
+            let auth: Arc<dyn Authenticator> = Arc::new(token);
             let (a, b) = std::os::unix::net::UnixStream::pair()
                 .map_err(|e| MoveError::Net { peer: "local target".into(), source: e })?;
-            let (auth2, serve) = (auth.clone(), serve.clone());
+            let serve = serve.clone();
             let peer = format!("local datastore {}", dir.display());
             let handle = std::thread::Builder::new()
                 .name("ferry-local-target".into())
-                .spawn(move || target::serve_connection(conn::Sock::Unix(b), "local source", &ds, auth2, &serve))
+                .spawn(move || target::serve_connection(conn::Sock::Unix(b), "local source", &ds, &access, &serve))
                 .map_err(|e| MoveError::Net { peer: peer.clone(), source: e })?;
             Ok(Connected { sock: conn::Sock::Unix(a), peer, auth, local: Some(handle) })
         }

@@ -47,6 +47,20 @@ pub enum MoveError {
     /// A token file that holds no usable token.
     #[error("{0}")]
     BadToken(String),
+    /// An access file that does not parse (line 0: the file as a whole).
+    #[error("access file {} {}{what}", path.display(), if *line > 0 { format!("line {line}: ") } else { String::new() })]
+    AccessFile {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number; 0 for the whole file.
+        line: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// The token may not do this (its role or replica scope), or it was revoked. The
+    /// message names the token and the replica.
+    #[error("{0}")]
+    NotAllowed(String),
     /// A change list that cannot be read.
     #[error("reading change list {path}")]
     ChangeListUnreadable {
@@ -208,6 +222,7 @@ pub fn class_of_code(code: ErrorCode) -> ErrorClass {
         | ErrorCode::AuthFailed
         | ErrorCode::BadName
         | ErrorCode::BadRequest
+        | ErrorCode::NotAllowed
         | ErrorCode::NotFound => ErrorClass::Usage,
         ErrorCode::ReplicaBusy => ErrorClass::Busy,
         ErrorCode::Protocol
@@ -227,6 +242,8 @@ impl MoveError {
             MoveError::Usage(_)
             | MoveError::Token { .. }
             | MoveError::BadToken(_)
+            | MoveError::AccessFile { .. }
+            | MoveError::NotAllowed(_)
             | MoveError::ChangeList { .. }
             | MoveError::ChangeListUnreadable { .. }
             | MoveError::BadName(_) => Usage,
@@ -265,7 +282,9 @@ impl MoveError {
             | MoveError::ChangeList { .. }
             | MoveError::ChangeListUnreadable { .. }
             | MoveError::Token { .. }
+            | MoveError::AccessFile { .. }
             | MoveError::BadToken(_) => ErrorCode::BadRequest,
+            MoveError::NotAllowed(_) => ErrorCode::NotAllowed,
             MoveError::BadName(_) => ErrorCode::BadName,
             MoveError::Wire { source, .. } => source.code(),
             MoveError::Protocol { .. } => ErrorCode::Protocol,
@@ -353,6 +372,7 @@ mod tests {
         assert_eq!(remote(ErrorCode::AuthFailed).class(), ErrorClass::Usage);
         assert_eq!(remote(ErrorCode::ReplicaBusy).class(), ErrorClass::Busy);
         assert_eq!(remote(ErrorCode::BadRequest).class(), ErrorClass::Usage);
+        assert_eq!(remote(ErrorCode::NotAllowed).class(), ErrorClass::Usage);
         assert_eq!(remote(ErrorCode::Io).class(), ErrorClass::Failed);
         assert_eq!(remote(ErrorCode::Protocol).class(), ErrorClass::Failed);
         // A peer that breaks the protocol here is a failure, not a usage error.

@@ -5,7 +5,8 @@
 //! - [`target`]: the target session (session thread, verify workers, writer,
 //!   one sending thread per connection) that
 //!   verifies every chunk and writes it into a datastore.
-//! - [`conn`]: sockets, the wire session, handshake; [`auth`]: tokens.
+//! - [`conn`]: sockets, the wire session, handshake; [`auth`]: tokens;
+//!   [`access`]: scoped tokens (the access file), roles, revocation.
 //! - [`disk`]: source disks (files, block devices, NBD exports).
 //! - [`map_cache`]: the source's cache of target digest maps.
 //! - [`stats`]: per-disk counters and per-stage latency histograms.
@@ -24,6 +25,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod auth;
 pub mod conn;
 pub mod connect;

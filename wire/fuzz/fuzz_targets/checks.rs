@@ -12,7 +12,7 @@ use ferry_wire::*;
 pub struct MixAuth(pub [u8; 32]);
 
 impl Authenticator for MixAuth {
-    fn proof(&self, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
+    fn proof(&self, _key: usize, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
         let label: u8 = match role {
             Role::Client => 0xC1,
             Role::Server => 0x5E,

@@ -25,6 +25,30 @@ pub struct Progress {
     pub bytes_done: u64,
 }
 
+/// Target: something the operator of the source should know (optional frame).
+///
+/// A [`NoticeLevel::Warning`] says the result is not exactly what was asked
+/// (e.g. retention kept more points than the source asked for, and why): the
+/// source finishes with a warning. Sent with `FLAG_OPTIONAL`: a peer that
+/// predates it skips it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// How much it matters.
+    pub level: NoticeLevel,
+    /// Message for the operator (at most `MAX_MESSAGE_LEN` bytes).
+    pub message: String,
+}
+
+/// The level of a [`Notice`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum NoticeLevel {
+    /// For information; the result is as asked.
+    Info = 0,
+    /// The result differs from what was asked (the source exits with a warning).
+    Warning = 1,
+}
+
 /// Typed error; the sender closes the session after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorFrame {
@@ -60,6 +84,8 @@ pub enum ErrorCode {
     NotFound = 10,
     /// An internal error of the peer.
     Internal = 11,
+    /// The token is not allowed to do this (its role or its replica scope), or it was revoked.
+    NotAllowed = 12,
     /// A code this version does not know (kept verbatim).
     Unknown(u16),
 }
@@ -79,6 +105,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => 9,
             ErrorCode::NotFound => 10,
             ErrorCode::Internal => 11,
+            ErrorCode::NotAllowed => 12,
             ErrorCode::Unknown(v) => v,
         }
     }
@@ -97,6 +124,7 @@ impl ErrorCode {
             9 => ErrorCode::BadRequest,
             10 => ErrorCode::NotFound,
             11 => ErrorCode::Internal,
+            12 => ErrorCode::NotAllowed,
             other => ErrorCode::Unknown(other),
         }
     }
@@ -116,6 +144,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::BadRequest => "bad request",
             ErrorCode::NotFound => "not found",
             ErrorCode::Internal => "internal error",
+            ErrorCode::NotAllowed => "not allowed",
             ErrorCode::Unknown(v) => return write!(f, "error code {v}"),
         };
         f.write_str(s)

@@ -56,6 +56,14 @@ impl Frame {
             }
             t::PROGRESS => Frame::Progress(Progress { disk: r.u32("disk")?, bytes_done: r.u64("bytes_done")? }),
             t::KEEPALIVE => Frame::Keepalive,
+            t::NOTICE => Frame::Notice(Notice {
+                level: match r.u8("level")? {
+                    0 => NoticeLevel::Info,
+                    1 => NoticeLevel::Warning,
+                    v => return Err(WireError::InvalidValue { frame: "Notice", field: "level", value: v.into() }),
+                },
+                message: r.string("message", MAX_MESSAGE_LEN)?,
+            }),
             t::ERROR => Frame::Error(ErrorFrame {
                 code: ErrorCode::from_u16(r.u16("code")?),
                 message: r.string("message", MAX_MESSAGE_LEN)?,

@@ -126,6 +126,10 @@ impl Frame {
                 b.put_u64_le(p.bytes_done);
             }
             Frame::Keepalive | Frame::Close | Frame::Unknown { .. } => {}
+            Frame::Notice(n) => {
+                b.put_u8(n.level as u8);
+                put_str(b, &n.message);
+            }
             Frame::Error(e) => {
                 b.put_u16_le(e.code.to_u16());
                 put_str(b, &e.message);

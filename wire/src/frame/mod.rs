@@ -36,7 +36,7 @@ mod header;
 mod reader;
 mod replica;
 
-pub use control::{Commit, Committed, ErrorCode, ErrorFrame, Progress};
+pub use control::{Commit, Committed, ErrorCode, ErrorFrame, Notice, NoticeLevel, Progress};
 pub use data::{Checkpoint, ChunkRun, Codec, Data, DataHead, Flush, Intent, ZeroRun, DATA_FIXED_LEN};
 pub use deframer::{decode_one, Deframer, Split};
 pub use digest_map::{DigestMapEnd, DigestMapPart, DigestMapRequest};
@@ -136,6 +136,8 @@ pub mod frame_type {
     pub const PROGRESS: u8 = 0x50;
     /// Keepalive: optional liveness.
     pub const KEEPALIVE: u8 = 0x51;
+    /// Notice: a message for the source's operator, optional (added to v1 after its first release).
+    pub const NOTICE: u8 = 0x52;
     /// Error: typed error, then close.
     pub const ERROR: u8 = 0x7E;
     /// Close: orderly end of the session.
@@ -185,6 +187,8 @@ pub enum Frame {
     Progress(Progress),
     /// Liveness, optional (0x51).
     Keepalive,
+    /// A message for the source's operator, optional (0x52).
+    Notice(Notice),
     /// Typed error; the sender closes (0x7E).
     Error(ErrorFrame),
     /// Orderly end of the session (0x7F).
@@ -220,6 +224,7 @@ impl Frame {
             Frame::Committed(_) => "Committed",
             Frame::Progress(_) => "Progress",
             Frame::Keepalive => "Keepalive",
+            Frame::Notice(_) => "Notice",
             Frame::Error(_) => "Error",
             Frame::Close => "Close",
             Frame::Unknown { .. } => "Unknown",
@@ -250,16 +255,19 @@ impl Frame {
             Frame::Committed(_) => COMMITTED,
             Frame::Progress(_) => PROGRESS,
             Frame::Keepalive => KEEPALIVE,
+            Frame::Notice(_) => NOTICE,
             Frame::Error(_) => ERROR,
             Frame::Close => CLOSE,
             Frame::Unknown { frame_type } => *frame_type,
         }
     }
 
-    /// Flags this frame is sent with: Progress, Keepalive and Intent are optional.
+    /// Flags this frame is sent with: Progress, Keepalive, Intent and Notice are optional.
     pub fn flags(&self) -> u8 {
         match self {
-            Frame::Progress(_) | Frame::Keepalive | Frame::Intent(_) | Frame::Unknown { .. } => FLAG_OPTIONAL,
+            Frame::Progress(_) | Frame::Keepalive | Frame::Intent(_) | Frame::Notice(_) | Frame::Unknown { .. } => {
+                FLAG_OPTIONAL
+            }
             _ => 0,
         }
     }
@@ -289,6 +297,7 @@ pub fn type_name(ty: u8) -> &'static str {
         COMMITTED => "Committed",
         PROGRESS => "Progress",
         KEEPALIVE => "Keepalive",
+        NOTICE => "Notice",
         ERROR => "Error",
         CLOSE => "Close",
         _ => "Unknown",

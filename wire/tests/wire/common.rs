@@ -125,6 +125,10 @@ pub fn arb_frame() -> impl Strategy<Value = Frame> {
         Just(Frame::Keepalive),
         (error_code(), name(200)).prop_map(|(c, m)| Frame::Error(ErrorFrame { code: c, message: m })),
         Just(Frame::Close),
+        (any::<bool>(), name(200)).prop_map(|(w, m)| Frame::Notice(Notice {
+            level: if w { NoticeLevel::Warning } else { NoticeLevel::Info },
+            message: m
+        })),
         unknown_type().prop_map(|t| Frame::Unknown { frame_type: t }),
     ]
 }
@@ -248,6 +252,13 @@ pub fn known_frames() -> Vec<(&'static str, Frame)> {
             Frame::Intent(Intent {
                 disk: 1,
                 runs: vec![ChunkRun { first_chunk: 3, count: 2 }, ChunkRun { first_chunk: 7, count: 1000 }],
+            }),
+        ),
+        (
+            "Notice",
+            Frame::Notice(Notice {
+                level: NoticeLevel::Warning,
+                message: "kept 3 restore points: --keep-min 3".into(),
             }),
         ),
     ]

@@ -41,6 +41,57 @@ fn wrong_token_fails_at_the_server_and_reveals_nothing() {
     assert_eq!(c.poll_event(), Ok(None));
 }
 
+/// A server holding several keys (an access file of tokens): `MixAuth` keyed by key index.
+struct Keys(Vec<[u8; 32]>);
+
+impl Authenticator for Keys {
+    fn key_count(&self) -> usize {
+        self.0.len()
+    }
+    fn proof(&self, key: usize, role: Role, c: &[u8; 32], s: &[u8; 32]) -> [u8; 32] {
+        MixAuth(self.0[key]).proof(0, role, c, s)
+    }
+}
+
+#[test]
+fn a_server_with_several_keys_finds_the_clients_key_and_proves_that_one() {
+    let keys = vec![[0x01; 32], [0x02; 32], TOKEN, [0x04; 32]];
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)));
+    let mut s = Session::server(local("target", 0x22), Arc::new(Keys(keys.clone())));
+    assert_eq!(deliver(&mut c, &mut s), Ok(None));
+    assert_eq!(deliver(&mut s, &mut c), Ok(None));
+    match deliver(&mut c, &mut s) {
+        Ok(Some(Event::Authenticated(p))) => assert_eq!(p.key, 2, "the index of the client's key"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.peer().unwrap().key, 2);
+    // The client checks the server's proof: made with the key it holds.
+    assert!(matches!(deliver(&mut s, &mut c), Ok(Some(Event::Authenticated(_)))));
+    assert_eq!(c.peer().unwrap().key, 0);
+
+    // A key the server does not hold: refused, whatever the others are.
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth([0x09; 32])));
+    let mut s = Session::server(local("target", 0x22), Arc::new(Keys(keys)));
+    deliver(&mut c, &mut s).unwrap();
+    deliver(&mut s, &mut c).unwrap();
+    assert_eq!(deliver(&mut c, &mut s), Err(WireError::AuthFailed));
+    // A server with no key at all authenticates no one.
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)));
+    let mut s = Session::server(local("target", 0x22), Arc::new(Keys(vec![])));
+    deliver(&mut c, &mut s).unwrap();
+    deliver(&mut s, &mut c).unwrap();
+    assert_eq!(deliver(&mut c, &mut s), Err(WireError::AuthFailed));
+}
+
+#[test]
+fn a_notice_goes_from_the_server_only() {
+    let (mut c, mut s) = drive(2);
+    let notice = Frame::Notice(Notice { level: NoticeLevel::Warning, message: "kept 3 points".into() });
+    s.send(&notice).unwrap();
+    assert_eq!(pump(&mut s, &mut c), vec![Event::Frame(notice.clone())]);
+    assert!(matches!(c.send(&notice), Err(WireError::IllegalFrame { frame: "Notice", .. })));
+}
+
 #[test]
 fn server_that_cannot_prove_the_token_is_refused_by_the_client() {
     let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)));

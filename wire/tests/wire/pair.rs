@@ -208,7 +208,7 @@ impl Pair {
 }
 
 fn peer(name: &str) -> PeerInfo {
-    PeerInfo { name: name.into(), software: "ferry-test".into(), version: 1, features: FEATURES_V1 }
+    PeerInfo { name: name.into(), software: "ferry-test".into(), version: 1, features: FEATURES_V1, key: 0 }
 }
 
 fn expected_server_events(resume_from: u64) -> Vec<Event> {

@@ -117,6 +117,14 @@ pub(super) fn run_job(
     conn.shutdown();
     let _ = receiver.join();
     let ((stats, backend, compress_auto), point_id, point_time_ns) = outcome?;
+    // What the target's policy did beyond what was asked (retention it kept, and why).
+    for n in conn.take_notices() {
+        let message = format!("target: {}", n.message);
+        obs.event(&match n.level {
+            ferry_wire::NoticeLevel::Warning => JobEvent::Warning(message),
+            ferry_wire::NoticeLevel::Info => JobEvent::Notice(message),
+        });
+    }
     commit_map_caches(&mut disks, cfg, obs);
     Ok(JobReport {
         disks: disks.into_iter().map(|d| d.counters).collect(),

@@ -59,6 +59,7 @@
 mod digest_map;
 mod open_disk;
 mod plan_session;
+mod policy;
 mod sender;
 mod session;
 mod verify;
@@ -68,11 +69,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
-use ferry_wire::Authenticator;
 use serde::Serialize;
 
+use crate::access::{Access, Revoke};
 use crate::conn::{server_handshake, Sock};
 use crate::error::{MoveError, Result};
+use ferry_datastore::points::Protection;
 use ferry_datastore::store::Datastore;
 use ferry_io::BackendChoice;
 
@@ -88,6 +90,9 @@ pub struct ServeConfig {
     pub queue_depth: Option<usize>,
     /// Verify workers.
     pub workers: usize,
+    /// What remote clients' retention requests cannot drop (`--keep-min`, `--immutable`);
+    /// none for an in-process target (its datastore is the caller's own).
+    pub protection: Protection,
 }
 
 impl Default for ServeConfig {
@@ -96,6 +101,7 @@ impl Default for ServeConfig {
             backend: BackendChoice::Auto,
             queue_depth: None,
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8),
+            protection: Protection::default(),
         }
     }
 }
@@ -123,6 +129,8 @@ pub struct SessionReport {
     pub peer: String,
     /// Peer's name from the handshake.
     pub peer_name: String,
+    /// Name of the token the peer authenticated with (its access-file line).
+    pub token: Option<String>,
     /// Replica written.
     pub replica: Option<String>,
     /// Restore point made, if the session committed.
@@ -173,11 +181,12 @@ pub trait ServeObserver: Send + Sync {
 }
 
 /// Serve `ds` on `listener`: each connection gets a session on a thread of its
-/// own, until the listener fails for good (it never returns otherwise).
+/// own, until the listener fails for good (it never returns otherwise). Sources
+/// authenticate with a token of `access`, which decides what each may do.
 pub fn serve(
     listener: std::net::TcpListener,
     ds: Datastore,
-    auth: Arc<dyn Authenticator>,
+    access: Arc<Access>,
     cfg: ServeConfig,
     obs: Arc<dyn ServeObserver>,
 ) -> Result<()> {
@@ -191,9 +200,9 @@ pub fn serve(
         };
         let _ = stream.set_nodelay(true);
         let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_else(|_| "unknown".into());
-        let (ds, auth, cfg, session_obs) = (ds.clone(), auth.clone(), cfg.clone(), obs.clone());
+        let (ds, access, cfg, session_obs) = (ds.clone(), access.clone(), cfg.clone(), obs.clone());
         let spawned = std::thread::Builder::new().name("ferry-session".into()).spawn(move || {
-            let report = serve_connection(Sock::Tcp(stream), &peer, &ds, auth, &cfg);
+            let report = serve_connection(Sock::Tcp(stream), &peer, &ds, &access, &cfg);
             session_obs.session_done(&report);
         });
         if let Err(e) = spawned {
@@ -204,16 +213,25 @@ pub fn serve(
 }
 
 /// Serve one connection to its end. Never panics on bad input; the report says how it ended.
+///
+/// The peer authenticates with a token of the list `access` holds now, and the session
+/// runs under that token's grant (role, replicas) and is registered with `access`: a reload
+/// that revokes the token ends it (a `NotAllowed` error to the source, then the socket is
+/// shut down, as for a writer failure).
 pub fn serve_connection(
     sock: Sock,
     peer: &str,
     ds: &Datastore,
-    auth: Arc<dyn Authenticator>,
+    access: &Arc<Access>,
     cfg: &ServeConfig,
 ) -> SessionReport {
     let start = Instant::now();
     let mut report = SessionReport { peer: peer.to_string(), ..Default::default() };
-    let (conn, mut rx, info) = match server_handshake(sock, peer, auth) {
+    // A handle that shuts the socket down without the connection's lock (a revocation
+    // while the sending thread is blocked on a peer that does not read).
+    let killer = sock.try_clone().ok();
+    let list = access.snapshot();
+    let (conn, mut rx, info) = match server_handshake(sock, peer, list.clone()) {
         Ok(x) => x,
         Err(e) => {
             report.error = Some(e.detail());
@@ -222,6 +240,8 @@ pub fn serve_connection(
         }
     };
     report.peer_name = info.name.clone();
+    let grant = list.grant(info.key).cloned().expect("the key the peer proved is one of the list's");
+    report.token = Some(grant.name.clone());
     // From here on only the sending thread writes to the socket.
     conn.defer_answers();
     let (events, outgoing) = bounded(OUTGOING_MAX);
@@ -233,17 +253,33 @@ pub fn serve_connection(
             .spawn(move || run_sender(conn, outgoing, failed))
             .expect("spawn sending thread")
     };
+    let revoke: Revoke = {
+        let (events, failed) = (events.clone(), failed.clone());
+        Box::new(move |why: &str| {
+            failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(MoveError::NotAllowed(why.to_string()));
+            if events.try_send(Outgoing::Revoked(why.to_string())).is_err() {
+                if let Some(k) = &killer {
+                    k.shutdown();
+                }
+            }
+        })
+    };
+    let registration = access.register(&grant, peer, revoke);
     let mut t = TargetSession {
         conn: conn.clone(),
         ds,
         cfg,
+        grant,
         holder: format!("{} from {peer}", info.name),
         events,
         failed: failed.clone(),
         inner: None,
         plan: None,
     };
-    let mut result = t.run(&mut rx, &mut report);
+    let mut result = match &registration {
+        Ok(_) => t.run(&mut rx, &mut report),
+        Err(e) => Err(MoveError::NotAllowed(e.to_string())),
+    };
     if let Err(e) = &result {
         let _ = t.events.send(Outgoing::Error(e.code(), e.detail()));
         report.error = Some(e.detail());
@@ -257,7 +293,9 @@ pub fn serve_connection(
         inner.fill_counters(&mut report);
         report.stages = inner.finish().summary();
     }
-    // Every producer is gone once the session is: the sending thread sends what is left.
+    // Every producer is gone once the session is (the registration's revoke holds one):
+    // the sending thread sends what is left.
+    drop(registration);
     drop(t);
     let _ = sender.join();
     // The writer's error is the cause; what the session thread saw next ("session closed",

@@ -27,6 +27,7 @@ impl TargetSession<'_> {
     /// OpenReplica with the plan-only flag: the replica as it stands (or none yet).
     pub(super) fn open_plan_replica(&mut self, o: &OpenReplica, report: &mut SessionReport) -> Result<()> {
         datastore::validate_name("replica", &o.replica)?;
+        super::policy::check_open(&self.grant, &o.replica, false)?;
         let replica = match self.ds.replica(&o.replica) {
             Ok(r) => Some(r),
             Err(StoreError::NotFound(_)) => None, // a new replica

@@ -45,6 +45,9 @@ pub(super) enum Outgoing {
     },
     /// The session ends with an error: tell the peer (best effort).
     Error(ErrorCode, String),
+    /// The session's token was revoked (the typed error is recorded for the session first):
+    /// a NotAllowed Error frame, then the socket shut down, as for a writer failure.
+    Revoked(String),
 }
 
 /// Send every event until all the producers are gone. A frame that could not be sent is
@@ -82,6 +85,11 @@ pub(super) fn run_sender(conn: Arc<Conn>, events: Receiver<Outgoing>, failed: Ar
             }
             Outgoing::WriterFailed { code, message } => {
                 conn.send_error(code, &message);
+                conn.shutdown();
+                broken = true;
+            }
+            Outgoing::Revoked(message) => {
+                conn.send_error(ErrorCode::NotAllowed, &message);
                 conn.shutdown();
                 broken = true;
             }

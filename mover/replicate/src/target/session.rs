@@ -12,15 +12,18 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{bounded, Sender};
 use ferry_wire::{
-    Committed, DataHead, DigestMapRequest, Event, Flush, Frame, Intent, OpenReplica, ReplicaOpened, ZeroRun,
+    Committed, DataHead, DigestMapRequest, Event, Flush, Frame, Intent, Notice, NoticeLevel, OpenReplica,
+    ReplicaOpened, ZeroRun,
 };
 
 use super::digest_map::{rebuild_unknown, send_digest_map};
 use super::plan_session::PlanSession;
+use super::policy::{check_open, decide_retain, prune_notice};
 use super::sender::Outgoing;
 use super::verify::verify_worker;
 use super::writer::{WDisk, Writer, WriterMsg};
 use super::{ServeConfig, SessionReport};
+use crate::access::Grant;
 use crate::conn::{Conn, Received, Rx};
 use crate::error::{MoveError, Result};
 use crate::stats::{Stage, StageStats};
@@ -36,6 +39,8 @@ pub(super) struct TargetSession<'a> {
     pub(super) conn: Arc<Conn>,
     pub(super) ds: &'a Datastore,
     pub(super) cfg: &'a ServeConfig,
+    /// The token the source authenticated with: what it may do.
+    pub(super) grant: Grant,
     /// Who holds the replica lock (for a second writer's error).
     pub(super) holder: String,
     /// To the sending thread.
@@ -60,6 +65,8 @@ pub(super) struct Active {
     pub(super) dispatched: u64,
     pub(super) latest_point: Option<RestorePoint>,
     pub(super) resumed: bool,
+    /// The retention the source asked for (0: none): a prune that keeps more warns it.
+    pub(super) retain_asked: u32,
     /// Digest maps rebuilt on this thread.
     pub(super) stats: StageStats,
 }
@@ -237,7 +244,24 @@ impl TargetSession<'_> {
     /// OpenReplica (not plan only): lock the replica, finish an interrupted rollback, start
     /// or resume the session (session.json), answer ReplicaOpened.
     fn open_replica(&mut self, o: &OpenReplica, report: &mut SessionReport) -> Result<()> {
-        let replica = self.ds.lock_replica(&o.replica, &self.holder, 0, o.retain)?;
+        datastore::validate_name("replica", &o.replica)?;
+        check_open(&self.grant, &o.replica, true)?;
+        // Whether the replica is new decides whether a small retention lowers it (a second
+        // session creating it at the same moment could only make this one's request look new).
+        let existed = self.ds.replica_dir(&o.replica)?.join("replica.json").exists();
+        let mut replica = self.ds.lock_replica(&o.replica, &self.holder, 0, 0)?;
+        let current = existed.then_some(replica.settings.retain);
+        let (retain, warning) = decide_retain(
+            &o.replica,
+            &self.grant,
+            o.retain,
+            current,
+            replica.settings.retain,
+            self.cfg.protection.keep_min,
+        );
+        if retain != replica.settings.retain {
+            replica.set_retain(retain)?;
+        }
         // A rollback interrupted by a crash is finished before anything else.
         points::finish_pending(&replica)?;
         let catalog = replica.catalog()?;
@@ -273,6 +297,9 @@ impl TargetSession<'_> {
             chunk_size: replica.settings.chunk_size,
             pending_point_time_ns,
         }))?;
+        if let Some(message) = warning {
+            self.send(Frame::Notice(Notice { level: NoticeLevel::Warning, message }))?;
+        }
         self.inner = Some(Active {
             replica: Arc::new(replica),
             state,
@@ -282,6 +309,7 @@ impl TargetSession<'_> {
             dispatched: 0,
             latest_point: latest,
             resumed,
+            retain_asked: o.retain,
             stats: StageStats::default(),
         });
         Ok(())
@@ -386,13 +414,18 @@ impl TargetSession<'_> {
         // The catalog write is the commit point; session.json goes after it.
         a.replica.write_catalog(&catalog)?;
         a.replica.clear_session()?;
-        match points::prune(&a.replica, a.replica.settings.retain) {
+        let retain = a.replica.settings.retain;
+        let protection = self.cfg.protection;
+        match points::prune_protected(&a.replica, retain, protection, now_ns()) {
+            Ok(pruned) => {
+                if let Some(n) = prune_notice(&a.replica.name, retain, a.retain_asked != 0, &protection, &pruned) {
+                    self.send(Frame::Notice(n))?;
+                }
+            }
             // An export or verify reads the points: retention waits for the next commit
             // (or `ferry points prune`) rather than delete what it reads.
             Err(StoreError::Busy { .. }) => {}
-            other => {
-                other?;
-            }
+            Err(e) => return Err(e.into()),
         }
         report.point_id = Some(point.id);
         self.send(Frame::Committed(Committed { point_id: point.id, point_time_ns: point.point_time_ns }))?;
