@@ -57,6 +57,7 @@
 //! fdatasync rounds run while the data is still on its way.
 
 mod digest_map;
+mod listen;
 mod open_disk;
 mod plan_session;
 mod sender;
@@ -68,14 +69,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
-use ferry_wire::Authenticator;
+use ferry_wire::{Authenticator, PeerInfo};
 use serde::Serialize;
 
-use crate::conn::{server_handshake, Sock};
-use crate::error::{MoveError, Result};
+use crate::conn::{server_handshake, Conn, Rx, Sock};
+use crate::error::MoveError;
 use ferry_datastore::store::Datastore;
 use ferry_io::BackendChoice;
 
+pub use listen::{serve, Limits, MAX_SESSION_CHUNKS};
 use sender::{run_sender, Outgoing, OUTGOING_MAX};
 use session::TargetSession;
 
@@ -88,6 +90,8 @@ pub struct ServeConfig {
     pub queue_depth: Option<usize>,
     /// Verify workers.
     pub workers: usize,
+    /// What one peer, or many, may take of the server (listen.rs).
+    pub limits: Limits,
 }
 
 impl Default for ServeConfig {
@@ -96,6 +100,7 @@ impl Default for ServeConfig {
             backend: BackendChoice::Auto,
             queue_depth: None,
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8),
+            limits: Limits::default(),
         }
     }
 }
@@ -168,37 +173,6 @@ pub trait ServeObserver: Send + Sync {
     fn accept_failed(&self, error: &std::io::Error);
 }
 
-/// Serve `ds` on `listener`: each connection gets a session on a thread of its
-/// own, until the listener fails for good (it never returns otherwise).
-pub fn serve(
-    listener: std::net::TcpListener,
-    ds: Datastore,
-    auth: Arc<dyn Authenticator>,
-    cfg: ServeConfig,
-    obs: Arc<dyn ServeObserver>,
-) -> Result<()> {
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                obs.accept_failed(&e);
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_else(|_| "unknown".into());
-        let (ds, auth, cfg, session_obs) = (ds.clone(), auth.clone(), cfg.clone(), obs.clone());
-        let spawned = std::thread::Builder::new().name("ferry-session".into()).spawn(move || {
-            let report = serve_connection(Sock::Tcp(stream), &peer, &ds, auth, &cfg);
-            session_obs.session_done(&report);
-        });
-        if let Err(e) = spawned {
-            obs.accept_failed(&e);
-        }
-    }
-    Ok(())
-}
-
 /// Serve one connection to its end. Never panics on bad input; the report says how it ended.
 pub fn serve_connection(
     sock: Sock,
@@ -209,14 +183,27 @@ pub fn serve_connection(
 ) -> SessionReport {
     let start = Instant::now();
     let mut report = SessionReport { peer: peer.to_string(), ..Default::default() };
-    let (conn, mut rx, info) = match server_handshake(sock, peer, auth) {
-        Ok(x) => x,
+    match server_handshake(sock, peer, auth) {
+        Ok((conn, mut rx, info)) => run_session(conn, &mut rx, &info, ds, cfg, start, report),
         Err(e) => {
             report.error = Some(e.detail());
             report.failure = Some(e);
-            return report;
+            report
         }
-    };
+    }
+}
+
+/// Run the session of an authenticated connection to its end.
+fn run_session(
+    conn: Arc<Conn>,
+    rx: &mut Rx,
+    info: &PeerInfo,
+    ds: &Datastore,
+    cfg: &ServeConfig,
+    start: Instant,
+    mut report: SessionReport,
+) -> SessionReport {
+    let peer = report.peer.clone();
     report.peer_name = info.name.clone();
     // From here on only the sending thread writes to the socket.
     conn.defer_answers();
@@ -238,8 +225,9 @@ pub fn serve_connection(
         failed: failed.clone(),
         inner: None,
         plan: None,
+        chunks_opened: 0,
     };
-    let mut result = t.run(&mut rx, &mut report);
+    let mut result = t.run(rx, &mut report);
     if let Err(e) = &result {
         let _ = t.events.send(Outgoing::Error(e.code(), e.detail()));
         report.error = Some(e.detail());

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{bounded, Sender};
 use ferry_wire::{
-    Committed, DataHead, DigestMapRequest, Event, Flush, Frame, Intent, OpenReplica, ReplicaOpened, ZeroRun,
+    Committed, DataHead, DigestMapRequest, Event, Flush, Frame, Intent, OpenDisk, OpenReplica, ReplicaOpened, ZeroRun,
 };
 
 use super::digest_map::{rebuild_unknown, send_digest_map};
@@ -42,6 +42,9 @@ pub(super) struct TargetSession<'a> {
     pub(super) failed: Arc<Mutex<Option<MoveError>>>,
     pub(super) inner: Option<Active>,
     pub(super) plan: Option<PlanSession>,
+    /// Chunks of the disks opened in this replica session so far (bounded by
+    /// [`super::MAX_SESSION_CHUNKS`]: each holds a digest map entry in memory).
+    pub(super) chunks_opened: u64,
 }
 
 /// A replica opened in a session, with its pipeline.
@@ -157,9 +160,15 @@ impl TargetSession<'_> {
     /// One frame, validated by the wire session; false when the session ends (Close).
     fn dispatch(&mut self, frame: Frame, report: &mut SessionReport) -> Result<bool> {
         match frame {
-            Frame::OpenReplica(o) if o.flags & OpenReplica::PLAN_ONLY != 0 => self.open_plan_replica(&o, report)?,
+            Frame::OpenReplica(o) if o.flags & OpenReplica::PLAN_ONLY != 0 => {
+                self.chunks_opened = 0;
+                self.open_plan_replica(&o, report)?
+            }
             Frame::OpenDisk(o) if self.plan.is_some() => self.plan_open_disk(&o)?,
-            Frame::OpenReplica(o) => self.open_replica(&o, report)?,
+            Frame::OpenReplica(o) => {
+                self.chunks_opened = 0;
+                self.open_replica(&o, report)?
+            }
             Frame::OpenDisk(o) => self.open_disk(&o, report)?,
             Frame::DigestMapRequest(r) if self.plan.is_some() => self.plan_digest_map(&r, report)?,
             Frame::DigestMapRequest(r) => self.digest_map(&r, report)?,
@@ -174,6 +183,32 @@ impl TargetSession<'_> {
             other => return Err(self.protocol(format!("unexpected {} frame from the source", other.name()))),
         }
         Ok(true)
+    }
+
+    /// Before anything is created, resized or allocated for a disk a source opens: its size
+    /// within `--max-disk-size`, and the chunks of the session's disks within
+    /// [`super::MAX_SESSION_CHUNKS`] (a digest map entry each). Counts the disk in.
+    pub(super) fn admit_disk(&mut self, o: &OpenDisk) -> Result<()> {
+        let max = self.cfg.limits.max_disk_size;
+        if o.size > max {
+            return Err(MoveError::Usage(format!(
+                "disk {:?} is {} bytes, more than this server takes (ferry serve --max-disk-size {max})",
+                o.name, o.size
+            )));
+        }
+        let chunks = o.size.div_ceil(u64::from(o.chunk_size.max(1)));
+        let total = self.chunks_opened.saturating_add(chunks);
+        if total > super::MAX_SESSION_CHUNKS {
+            return Err(MoveError::Usage(format!(
+                "disk {:?} has {chunks} chunks of {} bytes; with the other disks of this session that is {total}, \
+                 more than a session may hold ({}): use a larger --chunk-size",
+                o.name,
+                o.chunk_size,
+                super::MAX_SESSION_CHUNKS
+            )));
+        }
+        self.chunks_opened = total;
+        Ok(())
     }
 
     /// Queue a frame for the sending thread.
@@ -374,15 +409,17 @@ impl TargetSession<'_> {
         a.replica.clear_session()?;
         points::prune(&a.replica, a.replica.settings.retain)?;
         report.point_id = Some(point.id);
-        self.send(Frame::Committed(Committed { point_id: point.id, point_time_ns: point.point_time_ns }))?;
+        // The pipeline stops and the replica's lock goes before the source hears Committed: a
+        // run that starts as soon as this one ends finds the replica free.
         if let Some(inner) = self.inner.take() {
             inner.fill_counters(report);
             report.stages = inner.finish().summary();
-            if let Some(e) = self.failure() {
-                return Err(e);
-            }
         }
-        Ok(())
+        self.send(Frame::Committed(Committed { point_id: point.id, point_time_ns: point.point_time_ns }))?;
+        match self.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 
