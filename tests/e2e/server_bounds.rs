@@ -537,3 +537,50 @@ fn a_stopped_source_releases_the_replica_within_the_idle_timeout_and_the_next_ru
     run(["points", "verify", "--target", s(&ds), "--replica", "vm"]).expect_code(0);
     assert_replica_equals(&ds, "vm", "d", &img);
 }
+
+#[test]
+fn a_source_busy_reading_with_nothing_to_send_keeps_its_session_past_the_idle_timeout() {
+    if std::process::Command::new("nbdkit").arg("--version").output().is_err() {
+        eprintln!("skipped: nbdkit is not installed (Debian package nbdkit)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    write_image(&img, 2 * MIB, 58, &[Fill::Random]);
+    let ds = dir.path().join("ds");
+    let token = new_token(dir.path(), "token");
+    let server = Server::start(&ds, &token, &["--idle-timeout", "10s"]);
+    let source = format!("d={}", s(&img));
+    run(replicate_args(&server.url, &token, "vm", &source).into_iter().chain(["--retry-for", "0"])).expect_code(0);
+
+    // The same bytes through an export whose every read takes 12 s: a digest run reads and
+    // hashes for 12 s with nothing to send, longer than the target's idle timeout.
+    let sock = dir.path().join("nbd.sock");
+    let mut nbdkit = std::process::Command::new("nbdkit")
+        .args(["--foreground", "--exit-with-parent", "--readonly", "--unix"])
+        .arg(&sock)
+        .args(["--filter=delay", "file", s(&img), "rdelay=12"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()), "nbdkit did not start");
+    let uri = format!("d=nbd+unix:///?socket={}", s(&sock));
+    let started = Instant::now();
+    let r = run(replicate_args(&server.url, &token, "vm", &uri).into_iter().chain([
+        "--retry-for",
+        "0",
+        "--mode",
+        "digest",
+    ]));
+    let took = started.elapsed();
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+    r.expect_code(0);
+    assert!(took > Duration::from_secs(12), "the run was quiet for longer than the idle timeout ({took:?})");
+    assert_eq!(r.summary()["totals"]["chunks_sent"], 0);
+    let done = server.sessions(2);
+    assert_eq!(done.len(), 2);
+    assert!(done.iter().all(|v| v["error"].is_null()), "{done:?}");
+    assert_replica_equals(&ds, "vm", "d", &img);
+}
