@@ -335,6 +335,19 @@ fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_
     Ok(())
 }
 
+/// Sets the accept queue of the listening socket `fd` to `backlog` connections
+/// (`listen` again on a socket that listens already only changes its backlog;
+/// the kernel caps it at `net.core.somaxconn`). A burst of connections beyond
+/// the queue has its SYNs dropped and retried a second later.
+pub fn set_listen_backlog(fd: impl AsFd, backlog: u32) -> io::Result<()> {
+    let backlog = backlog.min(libc::c_int::MAX as u32) as libc::c_int;
+    // SAFETY: listen on a descriptor we borrow, with an integer argument.
+    if unsafe { libc::listen(fd.as_fd().as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One descriptor for [`poll_readable`]: what to wait for, and what happened.
 #[derive(Debug, Clone, Copy)]
 pub struct PollEntry {

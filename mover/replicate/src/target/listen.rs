@@ -156,6 +156,9 @@ const DRAIN_TIME: Duration = Duration::from_secs(2);
 /// Refused connections drained at once at most; more are closed at once.
 const DRAINING_MAX: usize = 64;
 
+/// Connections the kernel queues for the accept loop.
+const LISTEN_BACKLOG: u32 = 1024;
+
 /// Everything the connection threads share.
 struct Shared {
     ds: Datastore,
@@ -178,6 +181,9 @@ pub fn serve(
     cfg.limits.check()?;
     let net = |source| MoveError::Net { peer: "listener".into(), source };
     listener.set_nonblocking(true).map_err(net)?;
+    // A burst of sources (the top of the hour) waits in the kernel's queue rather than
+    // having its SYNs dropped and retried a second later.
+    ferry_io::sys::set_listen_backlog(&listener, LISTEN_BACKLOG).map_err(net)?;
     let limits = cfg.limits.clone();
     let shared = Arc::new(Shared { ds, auth, cfg, obs: obs.clone(), sessions: Arc::new(AtomicUsize::new(0)) });
     let open = Arc::new(AtomicUsize::new(0));
