@@ -128,10 +128,15 @@ impl RawClient {
         }
     }
 
+    /// Open disk `disk` of `size` bytes: the server's answer.
+    fn open_disk(&mut self, disk: u32, name: &str, size: u64, chunk_size: u32) -> Result<Event, ferry_wire::WireError> {
+        self.send(Frame::OpenDisk(OpenDisk { disk, name: name.into(), size, chunk_size, mode: Mode::Full }));
+        self.next_event()
+    }
+
     /// Open a disk of `size` bytes; the server's refusal.
     fn open_disk_refused(&mut self, name: &str, size: u64, chunk_size: u32) -> (ErrorCode, String) {
-        self.send(Frame::OpenDisk(OpenDisk { disk: 0, name: name.into(), size, chunk_size, mode: Mode::Full }));
-        match self.next_event() {
+        match self.open_disk(0, name, size, chunk_size) {
             Err(ferry_wire::WireError::Remote { code, message }) => (code, message),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -434,6 +439,21 @@ fn an_open_disk_of_2_62_bytes_is_refused_and_plan_sessions_change_nothing() {
             1u64 << 26
         )
     );
+    drop(c);
+    // And at most 1024 disks in one session, whatever their size.
+    let mut c = RawClient::connect(&addr, &token);
+    c.open_replica("vm", OpenReplica::PLAN_ONLY);
+    for i in 0..1024 {
+        let r = c.open_disk(i, &format!("z{i}"), 0, 65536);
+        assert!(matches!(r, Ok(Event::Frame(Frame::ResumeInfo(_)))), "disk {i}: {r:?}");
+    }
+    match c.open_disk(1024, "z1024", 0, 65536) {
+        Err(ferry_wire::WireError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::BadRequest);
+            assert_eq!(message, "disk \"z1024\": a replica session may open 1024 disks at most");
+        }
+        other => panic!("the 1025th disk: {other:?}"),
+    }
     drop(c);
     assert_eq!(tree_snapshot(&ds), before, "refused sessions changed the datastore");
 

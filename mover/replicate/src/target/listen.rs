@@ -70,6 +70,10 @@ pub struct Limits {
 /// at 2 GiB (64 Mi chunks: 4 TiB of disks with 64 KiB chunks, 256 TiB with 4 MiB ones).
 pub const MAX_SESSION_CHUNKS: u64 = 1 << 26;
 
+/// Disks one replica session may open: a VM has a few dozen at most; each opened disk
+/// holds an image file, an entry in session.json (rewritten as disks open) and some memory.
+pub const MAX_SESSION_DISKS: u32 = 1024;
+
 impl Default for Limits {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);

@@ -77,7 +77,7 @@ use crate::error::MoveError;
 use ferry_datastore::store::Datastore;
 use ferry_io::BackendChoice;
 
-pub use listen::{serve, Limits, MAX_SESSION_CHUNKS};
+pub use listen::{serve, Limits, MAX_SESSION_CHUNKS, MAX_SESSION_DISKS};
 use sender::{run_sender, Outgoing, OUTGOING_MAX};
 use session::TargetSession;
 
@@ -225,7 +225,7 @@ fn run_session(
         failed: failed.clone(),
         inner: None,
         plan: None,
-        chunks_opened: 0,
+        opened: (0, 0),
     };
     let mut result = t.run(rx, &mut report);
     if let Err(e) = &result {

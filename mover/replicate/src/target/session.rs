@@ -42,9 +42,10 @@ pub(super) struct TargetSession<'a> {
     pub(super) failed: Arc<Mutex<Option<MoveError>>>,
     pub(super) inner: Option<Active>,
     pub(super) plan: Option<PlanSession>,
-    /// Chunks of the disks opened in this replica session so far (bounded by
-    /// [`super::MAX_SESSION_CHUNKS`]: each holds a digest map entry in memory).
-    pub(super) chunks_opened: u64,
+    /// Disks and chunks of the disks opened in this replica session so far (bounded by
+    /// [`super::MAX_SESSION_DISKS`] and [`super::MAX_SESSION_CHUNKS`]: each disk holds an
+    /// image, an entry in session.json and a digest map of an entry per chunk).
+    pub(super) opened: (u32, u64),
 }
 
 /// A replica opened in a session, with its pipeline.
@@ -161,12 +162,12 @@ impl TargetSession<'_> {
     fn dispatch(&mut self, frame: Frame, report: &mut SessionReport) -> Result<bool> {
         match frame {
             Frame::OpenReplica(o) if o.flags & OpenReplica::PLAN_ONLY != 0 => {
-                self.chunks_opened = 0;
+                self.opened = (0, 0);
                 self.open_plan_replica(&o, report)?
             }
             Frame::OpenDisk(o) if self.plan.is_some() => self.plan_open_disk(&o)?,
             Frame::OpenReplica(o) => {
-                self.chunks_opened = 0;
+                self.opened = (0, 0);
                 self.open_replica(&o, report)?
             }
             Frame::OpenDisk(o) => self.open_disk(&o, report)?,
@@ -186,9 +187,17 @@ impl TargetSession<'_> {
     }
 
     /// Before anything is created, resized or allocated for a disk a source opens: its size
-    /// within `--max-disk-size`, and the chunks of the session's disks within
-    /// [`super::MAX_SESSION_CHUNKS`] (a digest map entry each). Counts the disk in.
+    /// within `--max-disk-size`, the session's disks within [`super::MAX_SESSION_DISKS`] and
+    /// their chunks within [`super::MAX_SESSION_CHUNKS`] (a digest map entry each). Counts
+    /// the disk in.
     pub(super) fn admit_disk(&mut self, o: &OpenDisk) -> Result<()> {
+        if self.opened.0 >= super::MAX_SESSION_DISKS {
+            return Err(MoveError::Usage(format!(
+                "disk {:?}: a replica session may open {} disks at most",
+                o.name,
+                super::MAX_SESSION_DISKS
+            )));
+        }
         let max = self.cfg.limits.max_disk_size;
         if o.size > max {
             return Err(MoveError::Usage(format!(
@@ -197,7 +206,7 @@ impl TargetSession<'_> {
             )));
         }
         let chunks = o.size.div_ceil(u64::from(o.chunk_size.max(1)));
-        let total = self.chunks_opened.saturating_add(chunks);
+        let total = self.opened.1.saturating_add(chunks);
         if total > super::MAX_SESSION_CHUNKS {
             return Err(MoveError::Usage(format!(
                 "disk {:?} has {chunks} chunks of {} bytes; with the other disks of this session that is {total}, \
@@ -207,7 +216,7 @@ impl TargetSession<'_> {
                 super::MAX_SESSION_CHUNKS
             )));
         }
-        self.chunks_opened = total;
+        self.opened = (self.opened.0 + 1, total);
         Ok(())
     }
 
