@@ -604,3 +604,29 @@ fn a_source_busy_reading_with_nothing_to_send_keeps_its_session_past_the_idle_ti
     assert!(done.iter().all(|v| v["error"].is_null()), "{done:?}");
     assert_replica_equals(&ds, "vm", "d", &img);
 }
+
+#[test]
+fn serve_refuses_limits_it_cannot_work_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = new_token(dir.path(), "token");
+    let ds = dir.path().join("ds");
+    let serve = |extra: &[&str]| {
+        let args = ["serve", "--listen", "127.0.0.1:0", "--datastore", s(&ds), "--token-file", s(&token)];
+        run(args.iter().copied().chain(extra.iter().copied()))
+    };
+    let r = serve(&["--idle-timeout", "5s"]);
+    r.expect_code(2);
+    assert!(
+        r.stderr.contains("--idle-timeout must be at least 10 s: sources send a keepalive every 5 s while busy"),
+        "{}",
+        r.stderr
+    );
+    let r = serve(&["--max-connections", "4", "--max-sessions", "8"]);
+    r.expect_code(2);
+    assert!(
+        r.stderr.contains("--max-sessions 8 is more than --max-connections 4: every session is a connection"),
+        "{}",
+        r.stderr
+    );
+    serve(&["--max-disk-size", "1X"]).expect_code(2);
+}
