@@ -628,7 +628,7 @@ fn second_writer_to_a_replica_is_refused() {
     let holder = Datastore::open_or_create(&ds).unwrap().lock_replica("vm1", "test holder", 65536, 0).unwrap();
     let busy = "replica \"vm1\" is in use by another session (locked by test holder); try again when it has finished";
     for target in [p(&ds), server.url.clone()] {
-        let r = replicate(&target, "vm1", &[p(&img)], &["--token-file", &p(&token)]);
+        let r = replicate(&target, "vm1", &[p(&img)], &["--token-file", &p(&token), "--retry-for", "0"]);
         // Exit 4: busy, try later (not 1, "failed", or 2, "fix the configuration").
         r.expect_code(4);
         assert!(r.stderr.contains(busy), "{target}: {}", r.stderr);

@@ -57,7 +57,9 @@ fn a_second_writer_to_a_busy_replica_exits_4_locally_and_remotely() {
     let ds = dir.path().join("ds");
     run(["replicate", "--source", s(&img), "--target", s(&ds), "--replica", "vm"]).expect_code(0);
     let _lock = hold_lock(&ds, "vm");
-    let r = run(["replicate", "--json", "--source", s(&img), "--target", s(&ds), "--replica", "vm"]);
+    // --retry-for 0: with time to retry, a run waits for a busy replica instead.
+    let r =
+        run(["replicate", "--json", "--source", s(&img), "--target", s(&ds), "--replica", "vm", "--retry-for", "0"]);
     r.expect_code(4);
     assert!(r.stderr.contains("is in use by another session"), "{}", r.stderr);
     assert_eq!(r.summary()["status"], "failed");

@@ -12,3 +12,4 @@ mod nbd_target;
 mod plan;
 mod points;
 mod power;
+mod server_bounds;

@@ -104,6 +104,25 @@ struct ServeArgs {
     /// NDJSON events on stdout (one `session_done` per session).
     #[arg(long)]
     json: bool,
+    /// Connections open at once, in their handshake or in a session; more are refused with a
+    /// busy error (default 4096).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Authenticated sessions at once; more are refused with a busy error (default: 8 per core,
+    /// at least 8, at most 64).
+    #[arg(long)]
+    max_sessions: Option<usize>,
+    /// The whole handshake must be over this long after a connection is accepted.
+    #[arg(long, default_value = "10s")]
+    handshake_timeout: String,
+    /// A session that receives nothing from its source for this long ends and releases its
+    /// replica (at least 10s; sources send a keepalive every 5 s while busy).
+    #[arg(long, default_value = "60s")]
+    idle_timeout: String,
+    /// The largest disk a source may open (K, M, G or T), checked before anything is created,
+    /// resized or allocated for it.
+    #[arg(long, default_value = "64T")]
+    max_disk_size: String,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -434,7 +453,8 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(usage(format!("bad size unit in {s:?} (use K, M or G)"))),
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(usage(format!("bad size unit in {s:?} (use K, M, G or T)"))),
     };
     n.checked_mul(mult).ok_or_else(|| usage(format!("size {s:?} too large")))
 }
@@ -483,6 +503,23 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             .name("ferry-sighup".into())
             .spawn(move || reload_on_sighup(&access, json))
             .context("starting the SIGHUP thread")?;
+    }
+    let limits = &mut cfg.limits;
+    limits.max_connections = a.max_connections.unwrap_or(limits.max_connections);
+    limits.max_sessions = a.max_sessions.unwrap_or(limits.max_sessions);
+    limits.handshake_timeout = parse_duration(&a.handshake_timeout)?;
+    limits.idle_timeout = parse_duration(&a.idle_timeout)?;
+    limits.max_disk_size = parse_size(&a.max_disk_size)?;
+    limits.check()?;
+    // Every connection is a descriptor, a session a few more (its image, undo file, digest map).
+    let want = limits.max_connections as u64 + 64 * limits.max_sessions as u64 + 64;
+    let have = ferry_io::process::raise_open_files_limit(want).context("raising the open-file limit")?;
+    if have < want {
+        eprintln!(
+            "ferry serve: warning: the open-file limit is {have}, --max-connections {} and --max-sessions {} \
+             need about {want}: raise it (ulimit -n) or lower them",
+            limits.max_connections, limits.max_sessions
+        );
     }
     let listener = std::net::TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     let local = listener.local_addr()?;

@@ -541,7 +541,17 @@ impl Session {
                         what: "digest map part out of order",
                     });
                 }
-                d.map_next = Some(next + p.count() as u64);
+                // Never more digests than the disk has chunks: a receiver may size its map by the
+                // disk, and a peer must not make it grow past that.
+                let end = next + p.count() as u64;
+                if end > d.chunk_count {
+                    return Err(WireError::Chunk {
+                        disk: p.disk,
+                        chunk: p.first_chunk,
+                        what: "digest map part beyond the end of the disk",
+                    });
+                }
+                d.map_next = Some(end);
                 Ok(())
             }
             Frame::DigestMapEnd(e) if !from_client && self.state == State::ReplicaOpen => {

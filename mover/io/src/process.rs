@@ -1,8 +1,8 @@
 //! The process system calls of the workspace, each behind a safe function:
 //! whether a child has exited (without reaping it), signals to a process or a
 //! process group, waiting for a child with its resource usage, the effective
-//! user and group, entering a network namespace, and taking a signal
-//! synchronously (`ferry serve` reloads its access file on SIGHUP).
+//! user and group, entering a network namespace, the open-file limit, and
+//! taking a signal synchronously (`ferry serve` reloads its access file on SIGHUP).
 //!
 //! Like [`crate::sys`], each function is a thin wrapper: it adds no policy,
 //! returns the OS error as an `io::Error`, and says in its `// SAFETY:` note
@@ -24,6 +24,10 @@ pub enum Signal {
     Kill,
     /// `SIGHUP`: by convention, asks a daemon to reload its configuration.
     Hup,
+    /// `SIGSTOP`: stops the process where it is (it cannot catch it).
+    Stop,
+    /// `SIGCONT`: lets a stopped process go on.
+    Cont,
 }
 
 impl Signal {
@@ -32,6 +36,8 @@ impl Signal {
             Signal::Term => libc::SIGTERM,
             Signal::Kill => libc::SIGKILL,
             Signal::Hup => libc::SIGHUP,
+            Signal::Stop => libc::SIGSTOP,
+            Signal::Cont => libc::SIGCONT,
         }
     }
 
@@ -186,6 +192,27 @@ pub fn enter_network_namespace(ns: &File) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to `want`,
+/// or to the hard limit when that is lower; never lowers it. Returns the soft
+/// limit in force afterwards.
+pub fn raise_open_files_limit(want: u64) -> io::Result<u64> {
+    // SAFETY: rlimit is plain old data; all-zero is a valid value.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes one rlimit into a value we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let target = (want as libc::rlim_t).min(lim.rlim_max);
+    if target > lim.rlim_cur {
+        lim.rlim_cur = target;
+        // SAFETY: setrlimit reads one valid rlimit; a soft limit at most the hard one.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur as u64)
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! each behind a safe function: page-cache advice, hole and data ranges of sparse
 //! files, block-device sizes, hole punching, file locks, vectored socket
 //! reads into a receive buffer, the host name, page residency, and the socket
-//! helpers of a relay (waiting for readability, pipes, splice).
+//! helpers of a relay (waiting for readability, pipes, splice) and of a server
+//! (TCP keepalive and user timeout, `poll` over many sockets).
 //!
 //! Each function is a thin wrapper: it adds no policy, returns the OS error
 //! as an `io::Error`, and says in its `// SAFETY:` note why the call is sound.
@@ -311,6 +312,82 @@ pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
             return Err(e);
         }
     }
+}
+
+/// Turns TCP keepalive on for the socket `fd`: after `idle` without traffic the
+/// kernel probes the peer every `interval`, and after `count` unanswered probes
+/// the connection fails (a blocked read or write returns ETIMEDOUT). Also sets
+/// `TCP_USER_TIMEOUT` to `idle + interval * count`: data sent and not
+/// acknowledged for that long fails the connection too (a peer that vanished
+/// while this end was writing). Durations are rounded down to seconds (at least 1).
+pub fn set_tcp_keepalive(fd: impl AsFd, idle: Duration, interval: Duration, count: u32) -> io::Result<()> {
+    let fd = fd.as_fd().as_raw_fd();
+    let secs = |d: Duration| d.as_secs().clamp(1, i32::MAX as u64) as libc::c_int;
+    let user_ms = (idle + interval * count).as_millis().min(u32::MAX as u128) as libc::c_uint;
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(idle))?;
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(interval))?;
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count.clamp(1, 127) as libc::c_int)?;
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_ms as libc::c_int)
+}
+
+fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt reads one c_int from a valid pointer, of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the accept queue of the listening socket `fd` to `backlog` connections
+/// (`listen` again on a socket that listens already only changes its backlog;
+/// the kernel caps it at `net.core.somaxconn`). A burst of connections beyond
+/// the queue has its SYNs dropped and retried a second later.
+pub fn set_listen_backlog(fd: impl AsFd, backlog: u32) -> io::Result<()> {
+    let backlog = backlog.min(libc::c_int::MAX as u32) as libc::c_int;
+    // SAFETY: listen on a descriptor we borrow, with an integer argument.
+    if unsafe { libc::listen(fd.as_fd().as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One descriptor for [`poll_readable`]: what to wait for, and what happened.
+#[derive(Debug, Clone, Copy)]
+pub struct PollEntry {
+    /// The descriptor (borrowed: the caller keeps it open during the call).
+    pub fd: RawFd,
+    /// Set by [`poll_readable`]: readable, hung up, or in error (a read will not block).
+    pub ready: bool,
+}
+
+/// Waits until at least one of `entries` is readable (or hung up, or in error),
+/// at most `timeout` (rounded down to milliseconds). One `poll`; marks each
+/// entry's `ready` and returns how many are. 0 when the time ran out or the
+/// wait was interrupted.
+pub fn poll_readable(entries: &mut [PollEntry], timeout: Duration) -> io::Result<usize> {
+    let mut fds: Vec<libc::pollfd> =
+        entries.iter().map(|e| libc::pollfd { fd: e.fd, events: libc::POLLIN, revents: 0 }).collect();
+    let ms = timeout.as_millis().min(libc::c_int::MAX as u128) as libc::c_int;
+    // SAFETY: `fds` is a live array of `fds.len()` pollfds owned here, for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
+    }
+    for (e, p) in entries.iter_mut().zip(&fds) {
+        e.ready = p.revents != 0;
+    }
+    Ok(n as usize)
 }
 
 #[cfg(test)]

@@ -10,18 +10,29 @@
 //! instead ([`Rx::next_received`]): straight from the socket into the buffer
 //! the chunk is verified and written from, memory that is reused rather than
 //! fresh for every megabyte received.
+//!
+//! Bounds before authentication (wire/PROTOCOL.md, "Limits"): until the peer
+//! has proved it holds the token, a frame body may be at most
+//! [`MAX_HANDSHAKE_BODY_LEN`] (8 KiB; the receiver refuses a larger announced
+//! length as soon as the header is in), a read asks for 4 KiB at most, and
+//! the whole handshake must be over by a deadline: every read waits only for
+//! what is left of it, so a peer that dribbles a byte at a time cannot stretch
+//! it. After authentication a server's reads wait at most its idle timeout
+//! ([`Rx::set_idle_timeout`]); a source sends a Keepalive whenever it has been
+//! quiet for a while ([`Conn::keepalive_if_quiet`]), so a busy source (hashing
+//! a long unchanged stretch) never looks idle.
 
 use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ferry_wire::{
     Authenticator, Data, DataHead, Deframer, ErrorCode, ErrorFrame, Event, Frame, LocalInfo, Notice, PeerInfo, Session,
-    Split, WireError,
+    Split, WireError, MAX_BODY_LEN, MAX_HANDSHAKE_BODY_LEN,
 };
 
 use crate::error::{MoveError, Result};
@@ -69,6 +80,18 @@ impl Sock {
         }
     }
 
+    /// TCP keepalive for a session's socket (nothing for a Unix socket): see
+    /// [`TCP_KEEPALIVE_IDLE`]. A peer that vanished (host down, cable cut) fails
+    /// the connection within a minute even while this end only waits or writes.
+    pub fn set_keepalive(&self) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => {
+                ferry_io::sys::set_tcp_keepalive(s, TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_INTERVAL, TCP_KEEPALIVE_PROBES)
+            }
+            Sock::Unix(_) => Ok(()),
+        }
+    }
+
     fn fd(&self) -> RawFd {
         match self {
             Sock::Tcp(s) => s.as_raw_fd(),
@@ -99,6 +122,8 @@ struct Tx {
     sock: Sock,
     head: BytesMut,
     bytes_sent: u64,
+    /// When this end last wrote to the socket (for [`Conn::keepalive_if_quiet`]).
+    last_send: Instant,
     /// Answers the session queues while validating received frames wait for
     /// [`Conn::flush_answers`] (a target's receiving thread never writes).
     defer_answers: bool,
@@ -109,6 +134,7 @@ impl Tx {
     fn flush_queued(&mut self) -> io::Result<()> {
         if let Some(b) = self.session.take_transmit() {
             self.bytes_sent += b.len() as u64;
+            self.last_send = Instant::now();
             self.sock.write_all_vectored(&mut [IoSlice::new(&b)])?;
         }
         Ok(())
@@ -134,6 +160,10 @@ pub struct Rx {
     sock: Sock,
     deframer: Deframer,
     peer: String,
+    /// Until the peer is authenticated: when the handshake must be over, and how long it was given.
+    deadline: Option<(Instant, Duration)>,
+    /// After it: how long a read may wait for the peer ([`Rx::set_idle_timeout`]).
+    idle: Option<Duration>,
     /// Bytes received so far.
     pub bytes_received: u64,
 }
@@ -146,6 +176,24 @@ impl std::fmt::Debug for Rx {
 
 /// How much to read at once.
 const READ_SIZE: usize = 1 << 20;
+
+/// How much to read at once before the peer is authenticated: an unauthenticated
+/// connection holds a few KiB of buffer (its frames are at most 8 KiB), not a megabyte.
+const HANDSHAKE_READ_SIZE: usize = 4096;
+
+/// TCP keepalive of a session's socket ([`Sock::set_keepalive`]): the first probe
+/// after 30 s without traffic, then every 10 s; 3 unanswered probes (or data
+/// unacknowledged for 30 + 3·10 = 60 s, `TCP_USER_TIMEOUT`) fail the connection.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// See [`TCP_KEEPALIVE_IDLE`].
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// See [`TCP_KEEPALIVE_IDLE`].
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
+
+/// A source that has written nothing for this long sends a Keepalive frame
+/// ([`Conn::keepalive_if_quiet`]): a target's idle timeout must be longer (its
+/// smallest allowed value is twice this).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How much to read at once into the receive buffer while data payloads go to
 /// pool buffers: after a payload, the next frame's head and a little of its
@@ -203,6 +251,18 @@ impl Rx {
     /// Read up to `size` more bytes (or what the deframer reserved) into the receive buffer;
     /// false when the peer closed the connection cleanly between frames.
     fn read_more(&mut self, size: usize) -> Result<bool> {
+        let size = match self.deadline {
+            Some((by, limit)) => {
+                // The whole handshake has a deadline: each read waits only for what is left of it.
+                let left = by.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(self.handshake_timeout(limit));
+                }
+                self.sock.set_read_timeout(Some(left)).map_err(|e| self.net(e))?;
+                size.min(HANDSHAKE_READ_SIZE)
+            }
+            None => size,
+        };
         let n = ferry_io::sys::readv_into(self.sock.fd(), &mut [], self.deframer.buffer_mut(), size)
             .map_err(|e| self.net(e))?;
         self.bytes_received += n as u64;
@@ -251,8 +311,37 @@ impl Rx {
         Ok(buf)
     }
 
+    /// A read error; a read that timed out says which limit it ran into.
     fn net(&self, source: io::Error) -> MoveError {
+        if source.kind() == io::ErrorKind::WouldBlock {
+            if let Some((_, limit)) = self.deadline {
+                return self.handshake_timeout(limit);
+            }
+            if let Some(idle) = self.idle {
+                return MoveError::Net {
+                    peer: self.peer.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "nothing received for {}: the peer stalled or vanished (idle timeout; \
+                             `ferry serve --idle-timeout`)",
+                            human_duration(idle)
+                        ),
+                    ),
+                };
+            }
+        }
         MoveError::Net { peer: self.peer.clone(), source }
+    }
+
+    fn handshake_timeout(&self, limit: Duration) -> MoveError {
+        MoveError::Net {
+            peer: self.peer.clone(),
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the handshake did not finish within {}", human_duration(limit)),
+            ),
+        }
     }
 
     fn eof_in_frame(&self) -> MoveError {
@@ -266,10 +355,34 @@ impl Rx {
     pub fn set_timeout(&self, d: Option<Duration>) {
         let _ = self.sock.set_read_timeout(d);
     }
+
+    /// From now on a read that waits `idle` for the peer fails (a target's idle timeout:
+    /// a stalled or vanished source releases its replica within that time).
+    pub fn set_idle_timeout(&mut self, idle: Duration) {
+        self.idle = Some(idle);
+        let _ = self.sock.set_read_timeout(Some(idle));
+    }
+
+    /// The peer proved itself: frames may be as large as the protocol allows, reads block
+    /// as long as they need (unless [`Rx::set_idle_timeout`] says otherwise).
+    fn authenticated(&mut self) {
+        self.deadline = None;
+        self.deframer.set_max_body_len(MAX_BODY_LEN);
+        let _ = self.sock.set_read_timeout(None);
+    }
+}
+
+/// 90 s, 2 min, 1.5 s: a duration for messages.
+fn human_duration(d: Duration) -> String {
+    match d.as_millis() {
+        ms if ms % 60_000 == 0 && ms > 0 => format!("{} min", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{} s", ms / 1000),
+        ms => format!("{:.1} s", ms as f64 / 1000.0),
+    }
 }
 
 impl Conn {
-    fn new(peer: String, session: Session, sock: Sock) -> Result<(Arc<Conn>, Rx)> {
+    fn new(peer: String, session: Session, sock: Sock, deadline: (Instant, Duration)) -> Result<(Arc<Conn>, Rx)> {
         let rsock = sock.try_clone().map_err(|source| MoveError::Net { peer: peer.clone(), source })?;
         let conn = Arc::new(Conn {
             peer: peer.clone(),
@@ -278,11 +391,15 @@ impl Conn {
                 sock,
                 head: BytesMut::with_capacity(256),
                 bytes_sent: 0,
+                last_send: Instant::now(),
                 defer_answers: false,
             }),
             notices: Mutex::new(Vec::new()),
         });
-        Ok((conn, Rx { sock: rsock, deframer: Deframer::new(), peer, bytes_received: 0 }))
+        // Until the peer is authenticated its frames are small (PROTOCOL.md, "Limits").
+        let mut deframer = Deframer::new();
+        deframer.set_max_body_len(MAX_HANDSHAKE_BODY_LEN);
+        Ok((conn, Rx { sock: rsock, deframer, peer, deadline: Some(deadline), idle: None, bytes_received: 0 }))
     }
 
     fn lock(&self) -> MutexGuard<'_, Tx> {
@@ -327,6 +444,7 @@ impl Conn {
         tx.head.clear();
         data.encode_head(&mut tx.head);
         let n = (tx.head.len() + data.payload.len()) as u64;
+        tx.last_send = Instant::now();
         tx.sock
             .write_all_vectored(&mut [IoSlice::new(&tx.head), IoSlice::new(&data.payload)])
             .map_err(|e| MoveError::Net { peer: self.peer.clone(), source: e })?;
@@ -401,13 +519,30 @@ impl Conn {
         self.lock().sock.shutdown();
     }
 
+    /// Send a Keepalive frame when nothing was written for `quiet` (a source that is busy
+    /// but has nothing to send, so that the target's idle timeout does not end the session).
+    /// Does nothing while another thread is writing (it holds the sending half) or once the
+    /// session is closed.
+    pub fn keepalive_if_quiet(&self, quiet: Duration) -> Result<()> {
+        let mut tx = match self.tx.try_lock() {
+            Ok(tx) => tx,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        };
+        if tx.last_send.elapsed() < quiet || tx.session.is_closed() || tx.session.peer().is_none() {
+            return Ok(());
+        }
+        tx.session.send(&Frame::Keepalive).map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })?;
+        tx.flush_queued().map_err(|e| self.net_err(e))
+    }
+
     /// Set the write timeout: a peer that stops reading fails the send instead of hanging.
     pub fn set_write_timeout(&self, d: Option<Duration>) {
         let _ = self.lock().sock.set_write_timeout(d);
     }
 }
 
-/// Time allowed for the handshake.
+/// Time a source allows the whole handshake (from connecting to AuthOk).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Local identity for the handshake: host name, software version, a fresh nonce.
@@ -421,7 +556,6 @@ pub fn local_info() -> LocalInfo {
 }
 
 fn handshake(conn: &Arc<Conn>, rx: &mut Rx, side: &'static str) -> Result<PeerInfo> {
-    rx.set_timeout(Some(HANDSHAKE_TIMEOUT));
     {
         let mut tx = conn.lock();
         tx.flush_queued().map_err(|e| conn.net_err(e))?;
@@ -430,17 +564,17 @@ fn handshake(conn: &Arc<Conn>, rx: &mut Rx, side: &'static str) -> Result<PeerIn
         let frame = match rx.next_frame() {
             Ok(Some(f)) => f,
             Ok(None) => return Err(MoveError::PeerGone { peer: conn.peer.clone(), side }),
-            Err(MoveError::Net { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
-                return Err(MoveError::Net {
-                    peer: conn.peer.clone(),
-                    source: io::Error::new(io::ErrorKind::TimedOut, "no answer to the handshake within 30 s"),
-                })
+            Err(e) => {
+                // A frame the receiver refused (too large, bad header): the peer learns why.
+                if let MoveError::Wire { source, .. } = &e {
+                    conn.send_error(source.code(), &source.to_string());
+                }
+                return Err(e);
             }
-            Err(e) => return Err(e),
         };
         match conn.handle(frame)? {
             Some(Event::Authenticated(peer)) => {
-                rx.set_timeout(None);
+                rx.authenticated();
                 return Ok(peer);
             }
             Some(Event::Frame(f)) => {
@@ -461,15 +595,28 @@ fn handshake(conn: &Arc<Conn>, rx: &mut Rx, side: &'static str) -> Result<PeerIn
 /// Connect as the client (source): handshake and authentication.
 pub fn client_handshake(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
     let session = Session::client(local_info(), auth);
-    let (conn, mut rx) = Conn::new(peer.to_string(), session, sock)?;
+    let deadline = (Instant::now() + HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT);
+    let (conn, mut rx) = Conn::new(peer.to_string(), session, sock, deadline)?;
     let info = handshake(&conn, &mut rx, "target")?;
     Ok((conn, rx, info))
 }
 
-/// Accept as the server (target): handshake and authentication.
+/// Accept as the server (target): handshake and authentication, within [`HANDSHAKE_TIMEOUT`].
 pub fn server_handshake(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
+    server_handshake_within(sock, peer, auth, Instant::now(), HANDSHAKE_TIMEOUT)
+}
+
+/// Accept as the server: the whole handshake must be over `limit` after `since` (when the
+/// connection was accepted), however the peer spreads its bytes.
+pub fn server_handshake_within(
+    sock: Sock,
+    peer: &str,
+    auth: Arc<dyn Authenticator>,
+    since: Instant,
+    limit: Duration,
+) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
     let session = Session::server(local_info(), auth);
-    let (conn, mut rx) = Conn::new(peer.to_string(), session, sock)?;
+    let (conn, mut rx) = Conn::new(peer.to_string(), session, sock, (since + limit, limit))?;
     let info = handshake(&conn, &mut rx, "source")?;
     Ok((conn, rx, info))
 }

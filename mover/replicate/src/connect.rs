@@ -141,12 +141,25 @@ impl Target {
 
     /// Run `cfg`, reconnecting with backoff (1 s doubling to 60 s) on
     /// transient failures until `retry_for` has passed; each new session
-    /// resumes where the last one stopped. Each retry is announced as a notice.
+    /// resumes where the last one stopped. A replica (or server) busy with
+    /// another session is waited for the same way: its holder may be a stalled
+    /// source that the target lets go after its idle timeout. Each retry is
+    /// announced as a notice.
     pub fn run_with_retry(&self, cfg: &ReplicateConfig, obs: &dyn Observer, retry_for: Duration) -> Result<JobReport> {
         let deadline = Instant::now() + retry_for;
         let mut delay = Duration::from_secs(1);
         loop {
             match self.run(cfg, obs) {
+                Err(e) if e.is_busy() && Instant::now() + delay < deadline => {
+                    obs.event(&JobEvent::Notice(format!(
+                        "{}; trying again in {} s (giving up after --retry-for {})",
+                        e.detail(),
+                        delay.as_secs(),
+                        format_duration(retry_for)
+                    )));
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
                 Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
                     obs.event(&JobEvent::Notice(format!(
                         "{}; reconnecting in {} s (the session resumes where it stopped; giving up after --retry-for {})",

@@ -341,6 +341,17 @@ impl MoveError {
         matches!(self, MoveError::Net { .. } | MoveError::PeerGone { .. })
     }
 
+    /// True when the replica (or the server) is busy with another session: trying again
+    /// later may get in (exit 4 when the time to retry has run out).
+    pub fn is_busy(&self) -> bool {
+        self.class() == ErrorClass::Busy
+    }
+
+    /// True for a read that waited for its socket's read timeout and got nothing.
+    pub fn is_read_timeout(&self) -> bool {
+        matches!(self, MoveError::Net { source, .. } if source.kind() == io::ErrorKind::WouldBlock)
+    }
+
     /// Shorthand for a file error.
     pub fn file(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> MoveError {
         MoveError::File { what, path: path.into(), source }

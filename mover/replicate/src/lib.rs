@@ -4,7 +4,9 @@
 //!   disks, finds what changed and sends it.
 //! - [`target`]: the target session (session thread, verify workers, writer,
 //!   one sending thread per connection) that
-//!   verifies every chunk and writes it into a datastore.
+//!   verifies every chunk and writes it into a datastore; [`target::serve`] is
+//!   `ferry serve`'s accept loop within [`target::Limits`] (connections,
+//!   sessions, handshake deadline, idle timeout, disk size: target/listen.rs).
 //! - [`conn`]: sockets, the wire session, handshake; [`auth`]: tokens;
 //!   [`access`]: scoped tokens (the access file), roles, revocation.
 //! - [`disk`]: source disks (files, block devices, NBD exports).

@@ -432,6 +432,12 @@ fn illegal_transitions_are_typed() {
         |first| Frame::DigestMapPart(DigestMapPart { disk: 0, first_chunk: first, digests: Bytes::from(vec![0; 64]) });
     s.send(&part(0)).unwrap();
     assert!(matches!(s.send(&part(1)), Err(WireError::Chunk { what: "digest map part out of order", .. })));
+    // The disk has 5 chunks: 2 sent, 4 more would pass its end.
+    let long = Frame::DigestMapPart(DigestMapPart { disk: 0, first_chunk: 2, digests: Bytes::from(vec![0; 128]) });
+    assert!(matches!(
+        s.send(&long),
+        Err(WireError::Chunk { chunk: 2, what: "digest map part beyond the end of the disk", .. })
+    ));
     let end = |n, hit| Frame::DigestMapEnd(DigestMapEnd { disk: 0, chunk_count: n, map_hash: [0; 32], cache_hit: hit });
     assert!(matches!(s.send(&end(5, false)), Err(WireError::Chunk { what: "digest map ended early or late", .. })));
     assert!(matches!(s.send(&end(2, true)), Err(WireError::Chunk { what: "digest map cache hit after parts", .. })));

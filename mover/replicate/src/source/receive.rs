@@ -7,7 +7,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use ferry_wire::{Event, Frame};
 
-use crate::conn::{Conn, Rx};
+use crate::conn::{Conn, Rx, KEEPALIVE_INTERVAL};
 use crate::error::MoveError;
 
 pub(super) enum RxMsg {
@@ -15,9 +15,18 @@ pub(super) enum RxMsg {
     Failed(MoveError),
 }
 
+/// Reads until Committed or a failure. While it waits it also keeps the session alive: a
+/// source busy hashing chunks that all match the target's sends nothing for long stretches,
+/// so every [`KEEPALIVE_INTERVAL`] of quiet it sends a Keepalive frame (the target ends a
+/// session it hears nothing from for its idle timeout).
 pub(super) fn receive_loop(conn: &Conn, rx: &mut Rx, out: &Sender<RxMsg>) {
+    rx.set_timeout(Some(KEEPALIVE_INTERVAL));
     loop {
         let msg = match rx.next_frame() {
+            Err(e) if e.is_read_timeout() => match conn.keepalive_if_quiet(KEEPALIVE_INTERVAL) {
+                Ok(()) => continue,
+                Err(e) => RxMsg::Failed(e.peer_gone_if_reset("target")),
+            },
             Ok(None) => RxMsg::Failed(MoveError::PeerGone { peer: conn.peer().into(), side: "target" }),
             Err(e) => RxMsg::Failed(e.peer_gone_if_reset("target")),
             Ok(Some(f)) => match conn.handle(f) {

@@ -57,6 +57,7 @@
 //! fdatasync rounds run while the data is still on its way.
 
 mod digest_map;
+mod listen;
 mod open_disk;
 mod plan_session;
 mod policy;
@@ -69,15 +70,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
+use ferry_wire::PeerInfo;
 use serde::Serialize;
 
-use crate::access::{Access, Revoke};
-use crate::conn::{server_handshake, Sock};
-use crate::error::{MoveError, Result};
+use crate::access::{Access, AccessList, Revoke};
+use crate::conn::{server_handshake, Conn, Rx, Sock};
+use crate::error::MoveError;
 use ferry_datastore::points::Protection;
 use ferry_datastore::store::Datastore;
 use ferry_io::BackendChoice;
 
+pub use listen::{serve, Limits, MAX_SESSION_CHUNKS, MAX_SESSION_DISKS};
 use sender::{run_sender, Outgoing, OUTGOING_MAX};
 use session::TargetSession;
 
@@ -93,6 +96,8 @@ pub struct ServeConfig {
     /// What remote clients' retention requests cannot drop (`--keep-min`, `--immutable`);
     /// none for an in-process target (its datastore is the caller's own).
     pub protection: Protection,
+    /// What one peer, or many, may take of the server (listen.rs).
+    pub limits: Limits,
 }
 
 impl Default for ServeConfig {
@@ -102,6 +107,7 @@ impl Default for ServeConfig {
             queue_depth: None,
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8),
             protection: Protection::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -180,38 +186,6 @@ pub trait ServeObserver: Send + Sync {
     fn accept_failed(&self, error: &std::io::Error);
 }
 
-/// Serve `ds` on `listener`: each connection gets a session on a thread of its
-/// own, until the listener fails for good (it never returns otherwise). Sources
-/// authenticate with a token of `access`, which decides what each may do.
-pub fn serve(
-    listener: std::net::TcpListener,
-    ds: Datastore,
-    access: Arc<Access>,
-    cfg: ServeConfig,
-    obs: Arc<dyn ServeObserver>,
-) -> Result<()> {
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                obs.accept_failed(&e);
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_else(|_| "unknown".into());
-        let (ds, access, cfg, session_obs) = (ds.clone(), access.clone(), cfg.clone(), obs.clone());
-        let spawned = std::thread::Builder::new().name("ferry-session".into()).spawn(move || {
-            let report = serve_connection(Sock::Tcp(stream), &peer, &ds, &access, &cfg);
-            session_obs.session_done(&report);
-        });
-        if let Err(e) = spawned {
-            obs.accept_failed(&e);
-        }
-    }
-    Ok(())
-}
-
 /// Serve one connection to its end. Never panics on bad input; the report says how it ended.
 ///
 /// The peer authenticates with a token of the list `access` holds now, and the session
@@ -226,21 +200,50 @@ pub fn serve_connection(
     cfg: &ServeConfig,
 ) -> SessionReport {
     let start = Instant::now();
-    let mut report = SessionReport { peer: peer.to_string(), ..Default::default() };
+    let report = SessionReport { peer: peer.to_string(), ..Default::default() };
     // A handle that shuts the socket down without the connection's lock (a revocation
     // while the sending thread is blocked on a peer that does not read).
     let killer = sock.try_clone().ok();
     let list = access.snapshot();
-    let (conn, mut rx, info) = match server_handshake(sock, peer, list.clone()) {
-        Ok(x) => x,
-        Err(e) => {
-            report.error = Some(e.detail());
-            report.failure = Some(e);
-            return report;
+    match server_handshake(sock, peer, list.clone()) {
+        Ok((conn, mut rx, info)) => {
+            let who = Authenticated { access, list: &list, killer };
+            run_session(conn, &mut rx, &info, who, ds, cfg, start, report)
         }
-    };
+        Err(e) => failed_handshake(report, e),
+    }
+}
+
+/// A report for a connection whose handshake failed.
+fn failed_handshake(mut report: SessionReport, e: MoveError) -> SessionReport {
+    report.error = Some(e.detail());
+    report.failure = Some(e);
+    report
+}
+
+/// Who a peer proved to be: the access list it authenticated against, and a handle that
+/// ends its connection when its token is revoked.
+struct Authenticated<'a> {
+    access: &'a Arc<Access>,
+    list: &'a Arc<AccessList>,
+    killer: Option<Sock>,
+}
+
+/// Run the session of an authenticated connection to its end.
+#[allow(clippy::too_many_arguments)]
+fn run_session(
+    conn: Arc<Conn>,
+    rx: &mut Rx,
+    info: &PeerInfo,
+    who: Authenticated<'_>,
+    ds: &Datastore,
+    cfg: &ServeConfig,
+    start: Instant,
+    mut report: SessionReport,
+) -> SessionReport {
+    let peer = report.peer.clone();
     report.peer_name = info.name.clone();
-    let grant = list.grant(info.key).cloned().expect("the key the peer proved is one of the list's");
+    let grant = who.list.grant(info.key).cloned().expect("the key the peer proved is one of the list's");
     report.token = Some(grant.name.clone());
     // From here on only the sending thread writes to the socket.
     conn.defer_answers();
@@ -254,7 +257,7 @@ pub fn serve_connection(
             .expect("spawn sending thread")
     };
     let revoke: Revoke = {
-        let (events, failed) = (events.clone(), failed.clone());
+        let (events, failed, killer) = (events.clone(), failed.clone(), who.killer);
         Box::new(move |why: &str| {
             failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(MoveError::NotAllowed(why.to_string()));
             if events.try_send(Outgoing::Revoked(why.to_string())).is_err() {
@@ -264,7 +267,7 @@ pub fn serve_connection(
             }
         })
     };
-    let registration = access.register(&grant, peer, revoke);
+    let registration = who.access.register(&grant, &peer, revoke);
     let mut t = TargetSession {
         conn: conn.clone(),
         ds,
@@ -275,9 +278,10 @@ pub fn serve_connection(
         failed: failed.clone(),
         inner: None,
         plan: None,
+        opened: (0, 0),
     };
     let mut result = match &registration {
-        Ok(_) => t.run(&mut rx, &mut report),
+        Ok(_) => t.run(rx, &mut report),
         Err(e) => Err(MoveError::NotAllowed(e.to_string())),
     };
     if let Err(e) = &result {

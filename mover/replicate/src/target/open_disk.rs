@@ -62,6 +62,7 @@ impl TargetSession<'_> {
     /// answer with ResumeInfo.
     pub(super) fn open_disk(&mut self, o: &OpenDisk, report: &mut SessionReport) -> Result<()> {
         datastore::validate_name("disk", &o.name)?;
+        self.admit_disk(o)?;
         let cfg = self.cfg.clone();
         let (events, failed) = (self.events.clone(), self.failed.clone());
         let peer = self.peer().to_string();

@@ -52,6 +52,7 @@ impl TargetSession<'_> {
     /// OpenDisk in a plan-only session: what the target holds, nothing created or resized.
     pub(super) fn plan_open_disk(&mut self, o: &OpenDisk) -> Result<()> {
         datastore::validate_name("disk", &o.name)?;
+        self.admit_disk(o)?;
         let plan = self.plan.as_mut().expect("plan session");
         let (image, existing, nbd) = match &plan.replica {
             Some(r) => {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{bounded, Sender};
 use ferry_wire::{
-    Committed, DataHead, DigestMapRequest, Event, Flush, Frame, Intent, Notice, NoticeLevel, OpenReplica,
+    Committed, DataHead, DigestMapRequest, Event, Flush, Frame, Intent, Notice, NoticeLevel, OpenDisk, OpenReplica,
     ReplicaOpened, ZeroRun,
 };
 
@@ -50,6 +50,10 @@ pub(super) struct TargetSession<'a> {
     pub(super) failed: Arc<Mutex<Option<MoveError>>>,
     pub(super) inner: Option<Active>,
     pub(super) plan: Option<PlanSession>,
+    /// Disks and chunks of the disks opened in this replica session so far (bounded by
+    /// [`super::MAX_SESSION_DISKS`] and [`super::MAX_SESSION_CHUNKS`]: each disk holds an
+    /// image, an entry in session.json and a digest map of an entry per chunk).
+    pub(super) opened: (u32, u64),
 }
 
 /// A replica opened in a session, with its pipeline.
@@ -170,9 +174,15 @@ impl TargetSession<'_> {
     /// One frame, validated by the wire session; false when the session ends (Close).
     fn dispatch(&mut self, frame: Frame, report: &mut SessionReport) -> Result<bool> {
         match frame {
-            Frame::OpenReplica(o) if o.flags & OpenReplica::PLAN_ONLY != 0 => self.open_plan_replica(&o, report)?,
+            Frame::OpenReplica(o) if o.flags & OpenReplica::PLAN_ONLY != 0 => {
+                self.opened = (0, 0);
+                self.open_plan_replica(&o, report)?
+            }
             Frame::OpenDisk(o) if self.plan.is_some() => self.plan_open_disk(&o)?,
-            Frame::OpenReplica(o) => self.open_replica(&o, report)?,
+            Frame::OpenReplica(o) => {
+                self.opened = (0, 0);
+                self.open_replica(&o, report)?
+            }
             Frame::OpenDisk(o) => self.open_disk(&o, report)?,
             Frame::DigestMapRequest(r) if self.plan.is_some() => self.plan_digest_map(&r, report)?,
             Frame::DigestMapRequest(r) => self.digest_map(&r, report)?,
@@ -187,6 +197,40 @@ impl TargetSession<'_> {
             other => return Err(self.protocol(format!("unexpected {} frame from the source", other.name()))),
         }
         Ok(true)
+    }
+
+    /// Before anything is created, resized or allocated for a disk a source opens: its size
+    /// within `--max-disk-size`, the session's disks within [`super::MAX_SESSION_DISKS`] and
+    /// their chunks within [`super::MAX_SESSION_CHUNKS`] (a digest map entry each). Counts
+    /// the disk in.
+    pub(super) fn admit_disk(&mut self, o: &OpenDisk) -> Result<()> {
+        if self.opened.0 >= super::MAX_SESSION_DISKS {
+            return Err(MoveError::Usage(format!(
+                "disk {:?}: a replica session may open {} disks at most",
+                o.name,
+                super::MAX_SESSION_DISKS
+            )));
+        }
+        let max = self.cfg.limits.max_disk_size;
+        if o.size > max {
+            return Err(MoveError::Usage(format!(
+                "disk {:?} is {} bytes, more than this server takes (ferry serve --max-disk-size {max})",
+                o.name, o.size
+            )));
+        }
+        let chunks = o.size.div_ceil(u64::from(o.chunk_size.max(1)));
+        let total = self.opened.1.saturating_add(chunks);
+        if total > super::MAX_SESSION_CHUNKS {
+            return Err(MoveError::Usage(format!(
+                "disk {:?} has {chunks} chunks of {} bytes; with the other disks of this session that is {total}, \
+                 more than a session may hold ({}): use a larger --chunk-size",
+                o.name,
+                o.chunk_size,
+                super::MAX_SESSION_CHUNKS
+            )));
+        }
+        self.opened = (self.opened.0 + 1, total);
+        Ok(())
     }
 
     /// Queue a frame for the sending thread.
@@ -428,15 +472,17 @@ impl TargetSession<'_> {
             Err(e) => return Err(e.into()),
         }
         report.point_id = Some(point.id);
-        self.send(Frame::Committed(Committed { point_id: point.id, point_time_ns: point.point_time_ns }))?;
+        // The pipeline stops and the replica's lock goes before the source hears Committed: a
+        // run that starts as soon as this one ends finds the replica free.
         if let Some(inner) = self.inner.take() {
             inner.fill_counters(report);
             report.stages = inner.finish().summary();
-            if let Some(e) = self.failure() {
-                return Err(e);
-            }
         }
-        Ok(())
+        self.send(Frame::Committed(Committed { point_id: point.id, point_time_ns: point.point_time_ns }))?;
+        match self.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 
