@@ -852,7 +852,14 @@ fn a_resumed_session_that_leaves_out_a_disk_it_had_begun_to_change_is_refused() 
     // An interrupted session that had begun with disk b.
     {
         let r = Datastore::open(&ds).unwrap().lock_replica("vm1", "test", 0, 0).unwrap();
-        let entry = SessionDisk { size: MIB, previous_size: MIB, next_chunk: 4, chunks_changed: 4, bytes_changed: 4 };
+        let entry = SessionDisk {
+            size: MIB,
+            previous_size: MIB,
+            next_chunk: 4,
+            chunks_changed: 4,
+            bytes_changed: 4,
+            undo_durable: None,
+        };
         r.write_session(&SessionState {
             version: DATASTORE_VERSION,
             session_id: "11".repeat(16),

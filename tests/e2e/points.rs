@@ -716,3 +716,38 @@ fn a_pending_rollback_is_finished_before_a_rollback_further_back_or_to_a_point_i
     assert!(r.stderr.contains("has no restore point 3 (points: 1, 2)"), "{}", r.stderr);
     f.assert_exact(&ds, &[1, 2], "the pending rollback finished");
 }
+
+#[test]
+fn damage_before_the_last_checkpoint_of_an_interrupted_session_is_not_cut_as_a_torn_tail() {
+    let f = Fixture::new(seed() + 8);
+    let base = interrupted(&f, seed() + 8);
+    let session: Value = serde_json::from_slice(&std::fs::read(base.join("vm/session.json")).unwrap()).unwrap();
+    let durable = session["disks"]["d0"]["undo_durable"]["records"].as_u64().expect("a durable extent");
+    assert!(durable >= 2, "{session}");
+    let (n0, n1) = (f.root.join("new-d0.img"), f.root.join("new-d1.img"));
+    for how in ["a damaged record", "cut at a record boundary"] {
+        let ds = f.root.join("damaged");
+        let _ = std::fs::remove_dir_all(&ds);
+        copy_dir(&base, &ds);
+        let undo = ds.join("vm/undo/4/d0.undo");
+        let ends = record_ends(&undo);
+        if how == "a damaged record" {
+            let mut b = std::fs::read(&undo).unwrap();
+            b[ends[0] as usize + 20] ^= 1;
+            std::fs::write(&undo, b).unwrap();
+        } else {
+            std::fs::OpenOptions::new().write(true).open(&undo).unwrap().set_len(ends[0]).unwrap();
+        }
+        let want = format!("undo/4/d0.undo is damaged: record 1 (at offset {})", ends[0]);
+        // The resume refuses it, naming the file and the record; the file is not cut.
+        let len = std::fs::metadata(&undo).unwrap().len();
+        let r = run(replicate_args(&ds, &[("d0", &n0), ("d1", &n1)], &[]));
+        assert_eq!(r.code, 1, "{how}: {}", r.stderr);
+        assert!(r.stderr.contains(&want), "{how}: {}", r.stderr);
+        assert_eq!(std::fs::metadata(&undo).unwrap().len(), len, "{how}: the file was cut");
+        // So does the rollback of the interrupted session.
+        let r = run(["points", "rollback", "--incomplete", "--yes", "--target", &p(&ds), "--replica", "vm"]);
+        assert_eq!(r.code, 1, "{how}: {}", r.stderr);
+        assert!(r.stderr.contains(&want), "{how}: {}", r.stderr);
+    }
+}

@@ -752,6 +752,10 @@ fn finish_incomplete(r: &Replica, session: &SessionState) -> Result<()> {
                     true => Some(UndoReader::open(&path, Tail::MayBeTorn)?),
                     false => None,
                 };
+                // (A missing file: this rollback applied it and removed it before it was killed.)
+                if let Some(u) = &u {
+                    u.check_durable(session.disks.get(&d.name).and_then(|s| s.undo_durable))?;
+                }
                 apply_undo(r, u.as_ref(), &d.name, d.size, cur)?;
             }
             for name in added.iter().filter(|n| !latest.disks.iter().any(|d| &d.name == *n)) {

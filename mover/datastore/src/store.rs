@@ -209,6 +209,11 @@ pub struct SessionDisk {
     pub chunks_changed: u64,
     /// Bytes written so far.
     pub bytes_changed: u64,
+    /// The latest point's undo file of this disk as far as it was durable at the last
+    /// checkpoint: a record before its end that does not check out is damage, not a torn
+    /// tail (the file is not cut there). Absent before the first checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo_durable: Option<UndoExtent>,
 }
 
 /// A session in progress: written at every checkpoint, removed at commit.

@@ -77,6 +77,8 @@ pub struct UndoWriter {
     uncached: u64,
     /// Records found in the file when it was opened.
     found: u64,
+    /// End of the records known durable (found when opened, or covered by a finished fdatasync).
+    durable_end: u64,
     /// Chunks already saved (their first old contents are kept; later writes need no record).
     pub saved: HashMap<u64, RecordLoc>,
     /// Records appended by this writer: chunk -> index among them (`appended` before it),
@@ -88,6 +90,20 @@ impl UndoWriter {
     /// Open (or create) the undo file of `disk` for `point`; an existing file
     /// is scanned, its torn tail cut off, and its records remembered.
     pub fn open(replica_dir: &Path, point: u64, disk: &str, chunk_size: u32, disk_size: u64) -> Result<UndoWriter> {
+        UndoWriter::open_checked(replica_dir, point, disk, chunk_size, disk_size, None)
+    }
+
+    /// [`UndoWriter::open`] of the file of an interrupted session, `durable` as its last
+    /// checkpoint recorded it: the file must hold at least that much intact (else the error
+    /// names the file and the record), and only what follows may be cut as a torn tail.
+    pub fn open_checked(
+        replica_dir: &Path,
+        point: u64,
+        disk: &str,
+        chunk_size: u32,
+        disk_size: u64,
+        durable: Option<UndoExtent>,
+    ) -> Result<UndoWriter> {
         let path = undo_path(replica_dir, point, disk);
         let dir = path.parent().expect("undo dir");
         crate::store::create_dir_durable(dir)?;
@@ -101,6 +117,7 @@ impl UndoWriter {
         let len = file.metadata().map_err(|e| StoreError::file("inspecting", &path, e))?.len();
         let (saved, end, found) = if len >= HEADER_LEN {
             let r = UndoReader::open(&path, Tail::MayBeTorn)?;
+            r.check_durable(durable)?;
             if r.chunk_size != chunk_size {
                 return Err(StoreError::Damaged(format!(
                     "{} was made with chunk size {}, not {chunk_size}",
@@ -139,6 +156,7 @@ impl UndoWriter {
             synced: 0,
             uncached: end & !(PAGE - 1),
             found,
+            durable_end: end,
             saved,
             index_of: HashMap::new(),
         })
@@ -236,6 +254,11 @@ impl UndoWriter {
         UndoExtent { bytes: self.end, records: self.found + self.appended }
     }
 
+    /// The part of the file known durable: for the session state at a checkpoint.
+    pub fn durable_extent(&self) -> UndoExtent {
+        UndoExtent { bytes: self.durable_end, records: self.found + self.synced }
+    }
+
     /// True when some appended record is not known to be durable yet.
     pub fn needs_sync(&self) -> bool {
         self.synced < self.appended
@@ -263,6 +286,7 @@ impl UndoWriter {
     /// the host takes back (virtio-balloon free page reporting) costs a host fault per page.
     pub fn synced_upto(&mut self, upto: u64, end: u64) {
         self.synced = self.synced.max(upto);
+        self.durable_end = self.durable_end.max(end);
         if end > self.uncached {
             // Advice only: an error (there is none for a regular file) would change nothing that matters.
             let advice = ferry_io::sys::Advice::DontNeed;
@@ -448,6 +472,25 @@ impl UndoReader {
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The latest point's file, read with [`Tail::MayBeTorn`], against what a checkpoint
+    /// recorded durable: a torn tail may only begin after it.
+    pub fn check_durable(&self, durable: Option<UndoExtent>) -> Result<()> {
+        match durable {
+            Some(d) if self.valid_end < d.bytes || self.count < d.records => Err(StoreError::Damaged(format!(
+                "undo file {} is damaged: record {} (at offset {}) does not check out or is missing, but the \
+                 session's last checkpoint made {} records ({} bytes) durable; restore point {} cannot be \
+                 rebuilt exactly",
+                self.path.display(),
+                self.count,
+                self.valid_end,
+                d.records,
+                d.bytes,
+                self.point
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Read a record's old contents into `buf` (`loc.len` bytes; zeros for a zero record).

@@ -86,6 +86,7 @@ impl TargetSession<'_> {
             next_chunk: 0,
             chunks_changed: 0,
             bytes_changed: 0,
+            undo_durable: None,
         });
         a.state.disks.insert(o.name.clone(), entry.clone());
         a.replica.write_session(&a.state)?;
@@ -161,7 +162,8 @@ fn check_chunk_size(a: &Active, o: &OpenDisk) -> Result<()> {
 /// and the undo writer, when the latest point has this disk.
 fn protect_point(a: &Active, o: &OpenDisk, image: &ReplicaImage, st: &Standing) -> Result<Option<(u64, UndoWriter)>> {
     let Some((point_id, psize)) = st.point_disk else { return Ok(None) };
-    let mut u = UndoWriter::open(&a.replica.dir, point_id, &o.name, o.chunk_size, psize)?;
+    let durable = st.resume.as_ref().and_then(|r| r.undo_durable);
+    let mut u = UndoWriter::open_checked(&a.replica.dir, point_id, &o.name, o.chunk_size, psize, durable)?;
     if o.size < st.existing {
         // Chunks a shrink cuts off (and the new partial last chunk) keep their old contents.
         let cs = u64::from(o.chunk_size);

@@ -49,6 +49,7 @@ impl Writer {
     fn checkpoint(&mut self, disk: u32, next_chunk: u64) -> Result<()> {
         if let Some(d) = self.disks.get_mut(&disk) {
             d.entry.next_chunk = next_chunk;
+            d.entry.undo_durable = d.undo.as_ref().map(|u| u.durable_extent());
             self.state.disks.insert(d.name.clone(), d.entry.clone());
         }
         if matches!(self.barriers.front(), Some(WriterMsg::Commit { .. })) {

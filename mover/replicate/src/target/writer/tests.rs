@@ -100,7 +100,14 @@ impl Rig {
             }
         }
         let undo = UndoWriter::open(&replica.dir, 1, "d0", CS, size).unwrap();
-        let entry = SessionDisk { size, previous_size: size, next_chunk: 0, chunks_changed: 0, bytes_changed: 0 };
+        let entry = SessionDisk {
+            size,
+            previous_size: size,
+            next_chunk: 0,
+            chunks_changed: 0,
+            bytes_changed: 0,
+            undo_durable: None,
+        };
         let mut state = SessionState {
             version: DATASTORE_VERSION,
             session_id: "00".repeat(16),
@@ -306,8 +313,14 @@ fn a_checkpoint_keeps_the_session_entries_of_disks_opened_after_the_first() {
     let image = ReplicaImage::open_rw(&rig.replica, "d1").unwrap();
     image.resize(0, size, false).unwrap();
     let zeros = ZeroDigests::new(CS);
-    let entry =
-        SessionDisk { size, previous_size: 2 * u64::from(CS), next_chunk: 0, chunks_changed: 0, bytes_changed: 0 };
+    let entry = SessionDisk {
+        size,
+        previous_size: 2 * u64::from(CS),
+        next_chunk: 0,
+        chunks_changed: 0,
+        bytes_changed: 0,
+        undo_durable: None,
+    };
     // As the session thread records it when it opens the disk.
     let mut state = rig.replica.session().unwrap().expect("session.json");
     state.disks.insert("d1".into(), entry.clone());
