@@ -17,8 +17,8 @@ fn deliver(from: &mut Session, to: &mut Session) -> Result<Option<Event>, WireEr
 
 #[test]
 fn wrong_token_fails_at_the_server_and_reveals_nothing() {
-    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth([0x43; 32])));
-    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)));
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth([0x43; 32])), [0; 32]);
+    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)), [0; 32]);
     assert_eq!(deliver(&mut c, &mut s), Ok(None)); // Hello -> Welcome
     assert_eq!(deliver(&mut s, &mut c), Ok(None)); // Welcome -> AuthProof
     assert_eq!(s.peer(), None, "the peer's claims are not trusted before its proof");
@@ -42,10 +42,27 @@ fn wrong_token_fails_at_the_server_and_reveals_nothing() {
 }
 
 #[test]
+fn a_proof_made_for_another_channel_fails_at_the_server() {
+    // A relay between two TLS sessions: the client's proof covers its channel's binding,
+    // the server checks it against its own.
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)), [1; 32]);
+    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)), [2; 32]);
+    assert_eq!(deliver(&mut c, &mut s), Ok(None));
+    assert_eq!(deliver(&mut s, &mut c), Ok(None));
+    assert_eq!(deliver(&mut c, &mut s), Err(WireError::AuthFailed));
+    // The same binding on both ends authenticates.
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)), [2; 32]);
+    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)), [2; 32]);
+    assert_eq!(deliver(&mut c, &mut s), Ok(None));
+    assert_eq!(deliver(&mut s, &mut c), Ok(None));
+    assert!(matches!(deliver(&mut c, &mut s), Ok(Some(Event::Authenticated(_)))));
+}
+
+#[test]
 fn server_that_cannot_prove_the_token_is_refused_by_the_client() {
-    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)));
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)), [0; 32]);
     // A server that accepts any proof but does not hold the token: forge its frames by hand.
-    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)));
+    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)), [0; 32]);
     deliver(&mut c, &mut s).unwrap();
     deliver(&mut s, &mut c).unwrap();
     let _ = c.take_transmit();
@@ -435,9 +452,12 @@ fn error_codes_round_trip() {
 #[test]
 fn features_must_be_negotiated_before_use() {
     // A client that offers no features: neither zstd data nor digest maps may flow.
-    let mut c =
-        Session::client(LocalInfo { features: 0, ..local("source", 0x11) }, std::sync::Arc::new(MixAuth(TOKEN)));
-    let mut s = Session::server(local("target", 0x22), std::sync::Arc::new(MixAuth(TOKEN)));
+    let mut c = Session::client(
+        LocalInfo { features: 0, ..local("source", 0x11) },
+        std::sync::Arc::new(MixAuth(TOKEN)),
+        [0; 32],
+    );
+    let mut s = Session::server(local("target", 0x22), std::sync::Arc::new(MixAuth(TOKEN)), [0; 32]);
     for _ in 0..2 {
         pump(&mut c, &mut s);
         pump(&mut s, &mut c);
