@@ -9,3 +9,4 @@ mod map_cache;
 mod nbd;
 mod nbd_target;
 mod plan;
+mod tls;

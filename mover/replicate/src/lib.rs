@@ -5,7 +5,8 @@
 //! - [`target`]: the target session (session thread, verify workers, writer,
 //!   one sending thread per connection) that
 //!   verifies every chunk and writes it into a datastore.
-//! - [`conn`]: sockets, the wire session, handshake; [`auth`]: tokens.
+//! - [`conn`]: sockets, the wire session, handshake; [`auth`]: tokens;
+//!   [`tls`]: the server's identity, the source's pins, the TLS handshake.
 //! - [`disk`]: source disks (files, block devices, NBD exports).
 //! - [`map_cache`]: the source's cache of target digest maps.
 //! - [`stats`]: per-disk counters and per-stage latency histograms.
@@ -33,6 +34,7 @@ pub mod map_cache;
 pub mod source;
 pub mod stats;
 pub mod target;
+pub mod tls;
 
 pub use connect::{Target, TargetSpec};
 pub use error::{MoveError, Result};

@@ -71,8 +71,9 @@ use crossbeam_channel::bounded;
 use ferry_wire::Authenticator;
 use serde::Serialize;
 
-use crate::conn::{server_handshake, Sock};
+use crate::conn::{server_handshake, Link, Sock};
 use crate::error::{MoveError, Result};
+use crate::tls::{FirstBytes, ServerTransport};
 use ferry_datastore::store::Datastore;
 use ferry_io::BackendChoice;
 
@@ -169,11 +170,13 @@ pub trait ServeObserver: Send + Sync {
 }
 
 /// Serve `ds` on `listener`: each connection gets a session on a thread of its
-/// own, until the listener fails for good (it never returns otherwise).
+/// own (its TLS handshake included, with `transport` TLS), until the listener
+/// fails for good (it never returns otherwise).
 pub fn serve(
     listener: std::net::TcpListener,
     ds: Datastore,
     auth: Arc<dyn Authenticator>,
+    transport: ServerTransport,
     cfg: ServeConfig,
     obs: Arc<dyn ServeObserver>,
 ) -> Result<()> {
@@ -188,8 +191,17 @@ pub fn serve(
         let _ = stream.set_nodelay(true);
         let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_else(|_| "unknown".into());
         let (ds, auth, cfg, session_obs) = (ds.clone(), auth.clone(), cfg.clone(), obs.clone());
+        let transport = transport.clone();
         let spawned = std::thread::Builder::new().name("ferry-session".into()).spawn(move || {
-            let report = serve_connection(Sock::Tcp(stream), &peer, &ds, auth, &cfg);
+            let report = match secure(stream, &peer, &transport) {
+                Ok(link) => serve_connection(link, &peer, &ds, auth, &cfg),
+                Err(e) => SessionReport {
+                    peer: peer.clone(),
+                    error: Some(e.detail()),
+                    failure: Some(e),
+                    ..Default::default()
+                },
+            };
             session_obs.session_done(&report);
         });
         if let Err(e) = spawned {
@@ -199,9 +211,35 @@ pub fn serve(
     Ok(())
 }
 
+/// The transport of an accepted connection: the TLS handshake, or none with
+/// `--insecure-plaintext`. A source that speaks the other kind is told so in a
+/// plaintext Error frame (`tls::plaintext_refusal`) and refused.
+fn secure(mut stream: std::net::TcpStream, peer: &str, transport: &ServerTransport) -> Result<Link> {
+    let first = crate::tls::peek_first_bytes(&stream);
+    let tls = matches!(transport, ServerTransport::Tls(_));
+    if (tls && first == FirstBytes::Plaintext) || (!tls && first == FirstBytes::Tls) {
+        use std::io::Write;
+        let (frame, message) = crate::tls::plaintext_refusal(tls);
+        let _ = stream.set_write_timeout(Some(crate::conn::HANDSHAKE_TIMEOUT));
+        let _ = stream.write_all(&frame);
+        // Let the refusal arrive before the close (unread bytes would reset the connection).
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        let _ = std::io::copy(&mut std::io::Read::take(&mut stream, 1 << 16), &mut std::io::sink());
+        return Err(MoveError::Usage(format!("refused {peer}: {message}")));
+    }
+    match transport {
+        ServerTransport::Tls(cfg) => {
+            let established = crate::tls::accept(&mut stream, peer, cfg)?;
+            Ok(Link::tls(stream, established))
+        }
+        ServerTransport::Plaintext => Ok(Link::plain(Sock::Tcp(stream))),
+    }
+}
+
 /// Serve one connection to its end. Never panics on bad input; the report says how it ended.
 pub fn serve_connection(
-    sock: Sock,
+    sock: Link,
     peer: &str,
     ds: &Datastore,
     auth: Arc<dyn Authenticator>,
