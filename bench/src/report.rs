@@ -37,6 +37,12 @@ pub struct Run {
     pub cpu_user_s: f64,
     /// System CPU seconds, likewise.
     pub cpu_sys_s: f64,
+    /// Networked tools: CPU seconds (user + system) of the sender's process tree (the source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_sender_s: Option<f64>,
+    /// Networked tools: CPU seconds of the receiver's process tree (the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_receiver_s: Option<f64>,
     /// Largest resident set of any one process of the tool, bytes.
     pub peak_rss_bytes: u64,
     /// TCP payload bytes through the counting proxy, both directions (null for local tools).
@@ -460,6 +466,8 @@ mod tests {
             wall_s: wall,
             cpu_user_s: 0.5,
             cpu_sys_s: 0.25,
+            cpu_sender_s: None,
+            cpu_receiver_s: None,
             peak_rss_bytes: 10 << 20,
             wire_bytes: wire,
             dev_read_bytes: None,

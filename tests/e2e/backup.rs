@@ -419,7 +419,8 @@ fn interrupted_session(remote: bool) {
     let server = remote.then(|| Server::start(&ds, &token, &[]));
     let target = server.as_ref().map_or_else(|| ds.clone(), |s| PathBuf::from(&s.url));
     let token_arg = s(&token);
-    let extra: &[&str] = if remote { &["--token-file", &token_arg] } else { &[] };
+    let fp = server.as_ref().map_or(String::new(), |s| s.fingerprint.clone());
+    let extra: &[&str] = if remote { &["--token-file", &token_arg, "--fingerprint", &fp] } else { &[] };
     let from_backup = |repos: &[&Path]| from_backup(repos, "web1", &target, "web1-dr", extra);
     let sun = Point { repo: &r1, vm: "web1", id: "sun", time: SUN, parent: None }.create(None, &[(&[0, 1], 1)]);
     from_backup(&[&r1]).expect_code(0);
@@ -469,7 +470,7 @@ fn remote_target() {
     let (repo, remote) = (tmp.path().join("repo"), tmp.path().join("remote"));
     let token = new_token(tmp.path(), "token");
     let server = Server::start(&remote, &token, &[]);
-    let extra = ["--token-file", &s(&token)];
+    let extra = ["--token-file", &s(&token), "--fingerprint", &server.fingerprint];
     let target = PathBuf::from(&server.url);
     let sun = Point { repo: &repo, vm: "web1", id: "sun", time: SUN, parent: None }.create(None, &[(&[0, 1], 1)]);
     from_backup(&[&repo], "web1", &target, "web1", &extra).expect_code(0);

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use ferry_datastore::Datastore;
 use ferry_io::BufPool;
-use ferry_replicate::conn::{client_handshake, server_handshake, Conn, Received, Rx, Sock};
+use ferry_replicate::conn::{client_handshake, server_handshake, Conn, Link, Received, Rx, Sock};
+use ferry_replicate::tls::ClientTrust;
 use ferry_replicate::MoveError;
 use ferry_tests::*;
 use ferry_wire::{
@@ -84,7 +85,7 @@ fn full_replication_local_and_remote_is_byte_identical() {
     let out = ferry()
         .args(["replicate", "--json", "--replica", "vm1", "--source"])
         .arg(format!("d0={}", img.display()))
-        .args(["--target", &server.url, "--token-file"])
+        .args(["--target", &server.url, "--fingerprint", &server.fingerprint, "--token-file"])
         .arg(&token)
         .output()
         .unwrap();
@@ -214,7 +215,8 @@ fn totals_are_exact_for_mixed_regions_local_and_remote() {
     let server = Server::start(&remote, &token, &[]);
     let local = dir.path().join("local-ds");
     for target in [p(&local), server.url.clone()] {
-        let r = replicate(&target, "vm1", &[named("d0", &img)], &["--chunk-size", "64K", "--token-file", &p(&token)]);
+        let opts = ["--chunk-size", "64K", "--token-file", &p(&token), "--fingerprint", &server.fingerprint];
+        let r = replicate(&target, "vm1", &[named("d0", &img)], &opts);
         r.expect_code(0);
         let s = r.summary();
         assert_eq!(s["status"], "ok");
@@ -262,7 +264,8 @@ fn several_disks_in_one_replica_are_each_identical() {
     let token = new_token(dir.path(), "token");
     let ds = dir.path().join("ds");
     let server = Server::start(&ds, &token, &[]);
-    let r = replicate(&server.url, "vm1", &sources, &["--token-file", &p(&token)]);
+    let r =
+        replicate(&server.url, "vm1", &sources, &["--token-file", &p(&token), "--fingerprint", &server.fingerprint]);
     r.expect_code(0);
     let s = r.summary();
     assert_eq!(s["disks"].as_array().unwrap().len(), 3);
@@ -304,7 +307,8 @@ fn both_io_backends_on_source_and_target() {
         // A server on the backend.
         let remote = dir.path().join(format!("remote-{flag}"));
         let server = Server::start(&remote, &token, &["--io-backend", flag]);
-        let r = replicate(&server.url, "vm1", &[named("d", &img)], &["--io-backend", flag, "--token-file", &p(&token)]);
+        let opts = ["--io-backend", flag, "--token-file", &p(&token), "--fingerprint", &server.fingerprint];
+        let r = replicate(&server.url, "vm1", &[named("d", &img)], &opts);
         r.expect_code(0);
         assert_eq!(r.summary()["backend"], name);
         let sessions = server.sessions(1);
@@ -327,10 +331,12 @@ fn next_frame(conn: &Conn, rx: &mut Rx) -> Result<Frame, MoveError> {
 /// A raw client session: authenticated, replica `replica` open.
 fn raw_session(server: &Server, token: &Path, replica: &str) -> (Arc<Conn>, Rx, Result<Frame, MoveError>) {
     let addr = server.url.strip_prefix("ferry://").unwrap().to_string();
-    let stream = std::net::TcpStream::connect(&addr).unwrap();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    let trust = ClientTrust { fingerprint: Some(server.fingerprint.parse().unwrap()), ..ClientTrust::default() };
+    let tls = ferry_replicate::tls::connect(&mut stream, &addr, &trust).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let auth = Arc::new(ferry_replicate::auth::TokenAuth::from_file(token).unwrap());
-    let (conn, mut rx, _) = client_handshake(Sock::Tcp(stream), &addr, auth).unwrap();
+    let (conn, mut rx, _) = client_handshake(Link::tls(stream, tls), &addr, auth).unwrap();
     conn.send(&Frame::OpenReplica(OpenReplica {
         replica: replica.into(),
         point_time_ns: 1_700_000_000_000_000_000,
@@ -480,7 +486,8 @@ fn wrong_token_is_refused_and_creates_nothing() {
     let wrong = new_token(dir.path(), "wrong");
     let ds = dir.path().join("ds");
     let server = Server::start(&ds, &right, &[]);
-    let r = replicate(&server.url, "vm1", &[p(&img)], &["--token-file", &p(&wrong)]);
+    let r =
+        replicate(&server.url, "vm1", &[p(&img)], &["--token-file", &p(&wrong), "--fingerprint", &server.fingerprint]);
     // Exit 2: a retry with the same token will not help.
     r.expect_code(2);
     let addr = server.url.strip_prefix("ferry://").unwrap();
@@ -528,7 +535,7 @@ fn kill_target_mid_run() -> (Option<i32>, String, Value, String) {
             "--source",
             &p(&img),
         ])
-        .args(["--target", &server.url, "--token-file", &p(&token)])
+        .args(["--target", &server.url, "--token-file", &p(&token), "--fingerprint", &server.fingerprint])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -628,7 +635,12 @@ fn second_writer_to_a_replica_is_refused() {
     let holder = Datastore::open_or_create(&ds).unwrap().lock_replica("vm1", "test holder", 65536, 0).unwrap();
     let busy = "replica \"vm1\" is in use by another session (locked by test holder); try again when it has finished";
     for target in [p(&ds), server.url.clone()] {
-        let r = replicate(&target, "vm1", &[p(&img)], &["--token-file", &p(&token), "--retry-for", "0"]);
+        let r = replicate(
+            &target,
+            "vm1",
+            &[p(&img)],
+            &["--token-file", &p(&token), "--fingerprint", &server.fingerprint, "--retry-for", "0"],
+        );
         // Exit 4: busy, try later (not 1, "failed", or 2, "fix the configuration").
         r.expect_code(4);
         assert!(r.stderr.contains(busy), "{target}: {}", r.stderr);
@@ -641,7 +653,8 @@ fn second_writer_to_a_replica_is_refused() {
     let r = replicate(&p(&ds), "vm1", &[p(&img)], &[]);
     r.expect_code(0);
     assert_eq!(r.summary()["point_id"], 1);
-    let r = replicate(&server.url, "vm1", &[p(&img)], &["--token-file", &p(&token)]);
+    let r =
+        replicate(&server.url, "vm1", &[p(&img)], &["--token-file", &p(&token), "--fingerprint", &server.fingerprint]);
     r.expect_code(0);
     assert_eq!(r.summary()["point_id"], 2);
     assert_replica_equals(&ds, "vm1", "d.img", &img);

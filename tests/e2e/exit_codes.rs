@@ -35,9 +35,9 @@ fn a_bad_flag_or_bad_setting_exits_2() {
 }
 
 /// One attempt (no retries) to replicate `img` to the remote `url`.
-fn replicate_once(url: &str, token: &Path, img: &Path) -> Run {
+fn replicate_once(url: &str, token: &Path, img: &Path, extra: &[&str]) -> Run {
     let args = ["replicate", "--source", s(img), "--target", url, "--token-file", s(token), "--replica", "vm"];
-    run(args.into_iter().chain(["--retry-for", "0"]))
+    run(args.into_iter().chain(["--retry-for", "0"]).chain(extra.iter().copied()))
 }
 
 /// Hold the replica's lock as a running session does.
@@ -66,7 +66,7 @@ fn a_second_writer_to_a_busy_replica_exits_4_locally_and_remotely() {
     // Through a server: the target's ReplicaBusy code is the same class at the source.
     let token = new_token(dir.path(), "token");
     let server = Server::start(&ds, &token, &[]);
-    let r = replicate_once(&server.url, &token, &img);
+    let r = replicate_once(&server.url, &token, &img, &server.pin());
     r.expect_code(4);
     assert!(r.stderr.contains("in use by another session"), "{}", r.stderr);
     // Local maintenance on a busy replica too.
@@ -150,16 +150,22 @@ fn a_target_that_breaks_the_protocol_exits_1() {
     let img = dir.path().join("d.img");
     write_image(&img, MIB, 4, &[Fill::Text]);
     let token = new_token(dir.path(), "token");
-    // Not a ferry server: it answers the handshake with garbage.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("ferry://{}", listener.local_addr().unwrap());
-    let garbage = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
-        let _ = c.write_all(&[0x5a; 512]);
-        std::thread::sleep(Duration::from_millis(500));
-    });
-    let r = replicate_once(&url, &token, &img);
-    garbage.join().unwrap();
-    r.expect_code(1);
-    assert!(r.stderr.contains("not a ferry stream"), "{}", r.stderr);
+    // Not a ferry server: it answers the handshake with garbage; in plaintext the ferry
+    // deframer refuses it, over TLS (the default) the TLS handshake does.
+    for (extra, expected) in [
+        (&["--insecure-plaintext"][..], "not a ferry stream"),
+        (&["--fingerprint", &format!("sha256:{}", "ab".repeat(32))][..], "TLS session with"),
+    ] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ferry://{}", listener.local_addr().unwrap());
+        let garbage = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let _ = c.write_all(&[0x5a; 512]);
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let r = replicate_once(&url, &token, &img, extra);
+        garbage.join().unwrap();
+        r.expect_code(1);
+        assert!(r.stderr.contains(expected), "{}", r.stderr);
+    }
 }

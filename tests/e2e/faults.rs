@@ -291,13 +291,13 @@ fn kill_at_random_moments(victim: Victim, incremental: Option<&str>, cases: usiz
         }
         ds
     };
-    let args_for = |url: &str, slow: bool| -> Vec<String> {
+    let args_for = |url: &str, fingerprint: &str, slow: bool| -> Vec<String> {
         let mut extra: Vec<&str> = KILL_OPTS.to_vec();
         extra.extend(&mode);
         if slow {
             extra.extend(SLOW_SOURCE);
         }
-        extra.extend(["--token-file", &tok]);
+        extra.extend(["--token-file", &tok, "--fingerprint", fingerprint]);
         replicate_args(url, "vm1", &src, &extra)
     };
 
@@ -329,7 +329,7 @@ fn kill_at_random_moments(victim: Victim, incremental: Option<&str>, cases: usiz
         eprintln!("{ctx}");
         let ds = fresh_ds(&format!("case-{case}"));
         let mut server = Server::start(&ds, &token, &[]);
-        let mut child = spawn(&args_for(&server.url, slow));
+        let mut child = spawn(&args_for(&server.url, &server.fingerprint, slow));
         if at > 0 {
             wait_for_checkpoint(&ds.join("vm1/session.json"), at, &mut child);
         }
@@ -381,7 +381,7 @@ fn kill_at_random_moments(victim: Victim, incremental: Option<&str>, cases: usiz
             server = Server::start(&ds, &token, &[]);
         }
         if resume {
-            let r = run_unbusy(&args_for(&server.url, slow));
+            let r = run_unbusy(&args_for(&server.url, &server.fingerprint, slow));
             assert_eq!(r.code, 0, "{ctx}: resumed run\n{}", r.stderr);
             if interrupted {
                 assert_eq!(r.summary()["resumed"], true, "{ctx}");
@@ -469,11 +469,23 @@ fn connection_cut_mid_frame_fails_then_resumes_identical() {
     let src = dir.path().join("src.img");
     write_image(&src, 4 * MIB + 999, 31, &[Fill::Random, Fill::Text, Fill::Random, Fill::Zero]);
     let ds = dir.path().join("ds");
-    let server = Server::start(&ds, &token, &[]);
+    // Plaintext on both ends: the test reads the cut stream's ferry frames (over TLS a cut
+    // falls inside a record; tls.rs's tests cut and tamper TLS streams).
+    let server = Server::start(&ds, &token, &["--insecure-plaintext"]);
     // 2 MiB + 12345 lands inside a 64 KiB data frame's payload (checked below).
     let cut = 2 * MIB + 12345;
     let proxy = Proxy::start(&server.url, vec![cut]);
-    let opts = ["--retry-for", "0", "--checkpoint-every", "256K", "--compress", "none", "--token-file", &tok];
+    let opts = [
+        "--retry-for",
+        "0",
+        "--checkpoint-every",
+        "256K",
+        "--compress",
+        "none",
+        "--token-file",
+        &tok,
+        "--insecure-plaintext",
+    ];
     let r = replicate(&proxy.url(), "vm1", &src, &opts);
     r.expect_code(1);
     assert!(r.stderr.starts_with("ferry: error: "), "{}", r.stderr);
@@ -500,7 +512,7 @@ fn connection_cut_mid_frame_fails_then_resumes_identical() {
 
     // With --retry-for, one command rides over the cut by reconnecting.
     let ds2 = dir.path().join("ds2");
-    let server2 = Server::start(&ds2, &token, &[]);
+    let server2 = Server::start(&ds2, &token, &["--insecure-plaintext"]);
     let proxy2 = Proxy::start(&server2.url, vec![cut]);
     let mut opts2 = opts;
     opts2[1] = "60s";
@@ -549,11 +561,28 @@ fn full_target_file_system_fails_clearly_and_leaves_the_last_point() {
     let server = Server::start(&ds, &token, &[]);
     let v1 = dir.path().join("v1.img");
     write_image(&v1, 2 * MIB, 41, &[Fill::Random]);
-    replicate(&server.url, "vm1", &v1, &["--retry-for", "0", "--token-file", &tok]).expect_code(0);
+    replicate(
+        &server.url,
+        "vm1",
+        &v1,
+        &["--retry-for", "0", "--token-file", &tok, "--fingerprint", &server.fingerprint],
+    )
+    .expect_code(0);
     // v2: the first 2 MiB changed and 8 MiB more: 10 MiB of image and 2 MiB of undo do not fit in 6 MiB.
     let v2 = dir.path().join("v2.img");
     write_image(&v2, 10 * MIB, 42, &[Fill::Random]);
-    let opts = ["--retry-for", "0", "--checkpoint-every", "256K", "--compress", "none", "--token-file", &tok];
+    let opts = [
+        "--retry-for",
+        "0",
+        "--checkpoint-every",
+        "256K",
+        "--compress",
+        "none",
+        "--token-file",
+        &tok,
+        "--fingerprint",
+        &server.fingerprint,
+    ];
     let r = replicate(&server.url, "vm1", &v2, &opts);
     r.expect_code(1);
     assert!(r.stderr.contains("No space left on device (os error 28)"), "{}", r.stderr);
@@ -590,9 +619,20 @@ fn resume_after_a_cut_at_half_sends_at_most_55_percent() {
     let tok = p(&token);
     let src = dir.path().join("src.img");
     write_image(&src, 16 * MIB, 51, &[Fill::Random]);
-    let opts = ["--retry-for", "0", "--checkpoint-every", "256K", "--compress", "none", "--token-file", &tok];
     let ds = dir.path().join("ds");
     let server = Server::start(&ds, &token, &[]);
+    let opts = [
+        "--retry-for",
+        "0",
+        "--checkpoint-every",
+        "256K",
+        "--compress",
+        "none",
+        "--token-file",
+        &tok,
+        "--fingerprint",
+        &server.fingerprint,
+    ];
     let full = replicate(&server.url, "whole", &src, &opts);
     full.expect_code(0);
     let full_sent = u(&full.summary()["totals"]["bytes_sent"]);
@@ -684,7 +724,8 @@ fn failback_sends_only_the_chunks_changed_after_failover() {
     write_image(&disk_a, 6 * MIB + 512, 71, &[Fill::Random, Fill::Text, Fill::Zero]);
     let ds_b = dir.path().join("site-b");
     let server_b = Server::start(&ds_b, &token, &[]);
-    replicate(&server_b.url, "vmA", &disk_a, &["--token-file", &tok]).expect_code(0);
+    replicate(&server_b.url, "vmA", &disk_a, &["--token-file", &tok, "--fingerprint", &server_b.fingerprint])
+        .expect_code(0);
     // Site A keeps a replica of its own disk (what failback writes back into).
     let ds_a = dir.path().join("site-a");
     replicate(&p(&ds_a), "vmA", &disk_a, &[]).expect_code(0);

@@ -335,8 +335,13 @@ fn cbt_incrementals_through_ferry_serve_send_exactly_the_changed_chunks() {
     let token = new_token(dir.path(), "token");
     let server = Server::start(&ds, &token, &[]);
     let formats = [Format::Nbdinfo, Format::VmwareGovcPaged];
-    let counts =
-        one_and_ten_percent(dir.path(), (&server.url, &ds), ("cbt", false), formats, &["--token-file", &p(&token)]);
+    let counts = one_and_ten_percent(
+        dir.path(),
+        (&server.url, &ds),
+        ("cbt", false),
+        formats,
+        &["--token-file", &p(&token), "--fingerprint", &server.fingerprint],
+    );
     // The server wrote exactly those chunks, session by session.
     let written: Vec<u64> = server.sessions(3).iter().map(|s| u(&s["chunks_written"])).collect();
     assert_eq!(written, counts);
@@ -360,7 +365,7 @@ fn digest_incrementals_through_ferry_serve_send_exactly_the_changed_chunks() {
         (&server.url, &ds),
         ("digest", false),
         [Format::Extents; 2],
-        &["--token-file", &p(&token)],
+        &["--token-file", &p(&token), "--fingerprint", &server.fingerprint],
     );
     let written: Vec<u64> = server.sessions(3).iter().map(|s| u(&s["chunks_written"])).collect();
     assert_eq!(written, counts);
@@ -467,7 +472,7 @@ fn seed_with_5_percent_differences_sends_exactly_the_differences() {
     let differ = place_seed(&img, &ds, 41);
     let token = new_token(dir.path(), "token");
     let server = Server::start(&ds, &token, &[]);
-    let r = replicate(&server.url, &src, &["--token-file", &p(&token)]);
+    let r = replicate(&server.url, &src, &["--token-file", &p(&token), "--fingerprint", &server.fingerprint]);
     assert_sent_exactly(&ok_summary(&r), "digest", &differ, SIZE);
     assert!(messages(&r, "notice").iter().all(|m| !m.contains("is new to the replica")), "{}", r.stdout);
     assert_eq!(u(&server.sessions(1)[0]["chunks_written"]), 51);
@@ -559,7 +564,7 @@ fn cbt_chunks_listed_but_unchanged_are_sent_not_written_and_the_older_point_stay
     let img = dir.path().join("d0.img");
     write_image(&img, SIZE, 7, &[Fill::Random]);
     let src = [named("d0", &img)];
-    replicate(&server.url, &src, &["--token-file", &p(&token)]).expect_code(0);
+    replicate(&server.url, &src, &["--token-file", &p(&token), "--fingerprint", &server.fingerprint]).expect_code(0);
     let before = snapshot(&img, "point-1.img");
     let changed = mutate_blocks(&img, CS, 10, 90);
     // Listed: the 10 changed chunks and 40 unchanged ones.
@@ -568,7 +573,11 @@ fn cbt_chunks_listed_but_unchanged_are_sent_not_written_and_the_older_point_stay
     listed.sort_unstable();
     assert_eq!(listed.len(), 50);
     let list = write_list(dir.path(), "cbt.json", Format::Extents, &listed, SIZE);
-    let r = replicate(&server.url, &src, &["--token-file", &p(&token), "--cbt", &p(&list)]);
+    let r = replicate(
+        &server.url,
+        &src,
+        &["--token-file", &p(&token), "--fingerprint", &server.fingerprint, "--cbt", &p(&list)],
+    );
     assert_sent_exactly(&ok_summary(&r), "cbt", &listed, SIZE);
     let written: Vec<u64> = server.sessions(2).iter().map(|s| u(&s["chunks_written"])).collect();
     assert_eq!(written, vec![CHUNKS, changed.len() as u64]);
@@ -610,14 +619,22 @@ fn disks_added_to_an_existing_replica_are_copied_in_full_beside_the_incrementals
         path
     };
     let d0 = image("d0", 16 * MIB, 6, &[Fill::Random]);
-    let r = replicate(&server.url, &[named("d0", &d0)], &["--token-file", &tok]);
+    let r = replicate(
+        &server.url,
+        &[named("d0", &d0)],
+        &["--token-file", &tok, "--fingerprint", &server.fingerprint, "--fingerprint", &server.fingerprint],
+    );
     r.expect_code(0);
     let new_disk = |name: &str| format!("disk {name:?} is new to the replica: copying it in full");
 
     // d1 added, --mode digest for both: d0 sends its 5 changes, d1 is new and copied in full.
     let d1 = image("d1", 4 * MIB + 777, 7, &[Fill::Random]);
     let changed0 = mutate_blocks(&d0, CS, 5, 60);
-    let r = replicate(&server.url, &[named("d0", &d0), named("d1", &d1)], &["--token-file", &tok, "--mode", "digest"]);
+    let r = replicate(
+        &server.url,
+        &[named("d0", &d0), named("d1", &d1)],
+        &["--token-file", &tok, "--fingerprint", &server.fingerprint, "--mode", "digest"],
+    );
     let s = ok_summary(&r);
     assert_sent_exactly(&s, "digest", &changed0, 16 * MIB);
     assert_eq!(messages(&r, "notice"), [new_disk("d1")]);
@@ -640,7 +657,18 @@ fn disks_added_to_an_existing_replica_are_copied_in_full_beside_the_incrementals
     let r = replicate(
         &server.url,
         &sources,
-        &["--token-file", &tok, "--cbt", &lists[0], "--cbt", &lists[1], "--cbt", &lists[2]],
+        &[
+            "--token-file",
+            &tok,
+            "--fingerprint",
+            &server.fingerprint,
+            "--cbt",
+            &lists[0],
+            "--cbt",
+            &lists[1],
+            "--cbt",
+            &lists[2],
+        ],
     );
     let s = ok_summary(&r);
     assert_sent_exactly(&s, "cbt", &changed0, 16 * MIB);
@@ -677,7 +705,12 @@ fn bad_change_lists_are_refused_with_exit_2_naming_file_and_entry_and_change_not
     let targets = [(p(&ds), ds.clone()), (server.url.clone(), remote.clone())];
     for seed in [70, 71] {
         for (target, _) in &targets {
-            replicate(target, &src, &["--token-file", &tok]).expect_code(0);
+            replicate(
+                target,
+                &src,
+                &["--token-file", &tok, "--fingerprint", &server.fingerprint, "--fingerprint", &server.fingerprint],
+            )
+            .expect_code(0);
         }
         mutate_blocks(&img, CS, 3, seed);
     }
@@ -758,7 +791,11 @@ fn bad_change_lists_are_refused_with_exit_2_naming_file_and_entry_and_change_not
         std::fs::write(&list, content).unwrap();
         let error = format!("disk \"d0\": {}: {msg}", list.display());
         for (target, _) in &targets {
-            let r = replicate(target, &src, &["--token-file", &tok, "--cbt", &p(&list)]);
+            let r = replicate(
+                target,
+                &src,
+                &["--token-file", &tok, "--fingerprint", &server.fingerprint, "--cbt", &p(&list)],
+            );
             let what = format!("{name} to {target}");
             check(&what, &r, &error);
             let s = r.summary();
@@ -775,13 +812,21 @@ fn bad_change_lists_are_refused_with_exit_2_naming_file_and_entry_and_change_not
     let missing = dir.path().join("missing.json");
     let error = format!("reading change list {}: No such file or directory (os error 2)", missing.display());
     for (target, _) in &targets {
-        let r = replicate(target, &src, &["--token-file", &tok, "--cbt", &p(&missing)]);
+        let r = replicate(
+            target,
+            &src,
+            &["--token-file", &tok, "--fingerprint", &server.fingerprint, "--cbt", &p(&missing)],
+        );
         check(&format!("missing list to {target}"), &r, &error);
     }
 
     // Nothing was left half done: the next run is the next point and moves the 3 changes.
     for (target, store) in &targets {
-        let s = ok_summary(&replicate(target, &src, &["--token-file", &tok]));
+        let s = ok_summary(&replicate(
+            target,
+            &src,
+            &["--token-file", &tok, "--fingerprint", &server.fingerprint, "--fingerprint", &server.fingerprint],
+        ));
         assert_eq!(s["point_id"], 3, "{target}");
         assert_eq!(u(&disk_of(&s, "d0")["chunks_sent"]), 3, "{target}");
         assert_replica_equals(store, "vm1", "d0", &img);

@@ -13,3 +13,4 @@ mod plan;
 mod points;
 mod power;
 mod server_bounds;
+mod tls;

@@ -94,7 +94,7 @@ fn digest_runs_hit_the_cache_after_digest_cbt_full_and_resize_runs() {
     let mut runs = 0;
     let mut go = |extra: &[&str]| {
         runs += 1;
-        let mut a = vec!["--token-file", tok];
+        let mut a = vec!["--token-file", tok, "--fingerprint", &server.fingerprint];
         a.extend_from_slice(extra);
         let s = replicate(&server.url, &img, &a);
         assert_replica_equals(&ds, "vm1", "d0.img", &img);

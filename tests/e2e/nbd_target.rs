@@ -110,7 +110,7 @@ fn qcow2_behind_qemu_nbd_full_incremental_zero_runs_points_and_verify() {
     let srv = QemuNbd::start(&qcow2, &sock, &[]);
     let token = new_token(dir.path(), "token");
     let server = Server::start(&ds, &token, &[]);
-    let r = replicate(&server.url, &src, &["--token-file", s(&token)]);
+    let r = replicate(&server.url, &src, &["--token-file", s(&token), "--fingerprint", &server.fingerprint]);
     r.expect_code(0);
     let d = disk0(&r);
     assert_eq!(d["mode"], "digest", "{d}");

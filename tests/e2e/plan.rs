@@ -70,12 +70,17 @@ fn plan_predicts_the_run_exactly_and_changes_nothing() {
     // The same over TCP against a server.
     let token = new_token(dir.path(), "token");
     let server = Server::start(&ds, &token, &[]);
-    let p_remote = plan_json(&server.url, &img, &["--token-file", token.to_str().unwrap()]);
+    let p_remote =
+        plan_json(&server.url, &img, &["--token-file", token.to_str().unwrap(), "--fingerprint", &server.fingerprint]);
     assert_eq!(tree(&ds), before, "remote plan changed the datastore");
     for k in ["chunks_sent", "chunks_zero", "chunks_unchanged", "bytes_data", "bytes_sent"] {
         assert_eq!(p_remote["totals"][k], p["totals"][k], "{k}");
     }
-    let r = replicate_json(&server.url, &img, &["--token-file", token.to_str().unwrap()]);
+    let r = replicate_json(
+        &server.url,
+        &img,
+        &["--token-file", token.to_str().unwrap(), "--fingerprint", &server.fingerprint],
+    );
     for k in ["chunks_sent", "chunks_zero", "bytes_data", "bytes_sent"] {
         assert_eq!(p["totals"][k], r["totals"][k], "{k}");
     }

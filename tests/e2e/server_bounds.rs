@@ -78,8 +78,10 @@ impl RawClient {
     fn connect(addr: &str, token: &Path) -> RawClient {
         let auth = Arc::new(TokenAuth::from_file(token).expect("token"));
         let local = LocalInfo { name: "raw".into(), software: "test".into(), nonce: [9; 32], features: FEATURES_V1 };
-        let mut c =
-            RawClient { sock: TcpStream::connect(addr).expect("connect"), session: Session::client(local, auth) };
+        let mut c = RawClient {
+            sock: TcpStream::connect(addr).expect("connect"),
+            session: Session::client(local, auth, [0; 32]),
+        };
         c.sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         c.flush();
         match c.next_event() {
@@ -168,7 +170,20 @@ fn tree_snapshot(root: &Path) -> Vec<(PathBuf, u64, u32, String)> {
 }
 
 fn replicate_args<'a>(url: &'a str, token: &'a Path, replica: &'a str, source: &'a str) -> Vec<&'a str> {
-    vec!["replicate", "--json", "--source", source, "--target", url, "--token-file", s(token), "--replica", replica]
+    // These servers speak plaintext: the abuse below is raw bytes (TLS is tests/e2e/tls.rs').
+    vec![
+        "replicate",
+        "--json",
+        "--insecure-plaintext",
+        "--source",
+        source,
+        "--target",
+        url,
+        "--token-file",
+        s(token),
+        "--replica",
+        replica,
+    ]
 }
 
 #[test]
@@ -182,7 +197,7 @@ fn two_thousand_idle_and_two_hundred_dribbling_connections_do_not_stop_a_replica
     write_image(&img, 32 * MIB, 51, &[Fill::Text, Fill::Random, Fill::Zero]);
     let ds = dir.path().join("ds");
     let token = new_token(dir.path(), "token");
-    let server = Server::start(&ds, &token, &["--handshake-timeout", "15s"]);
+    let server = Server::start(&ds, &token, &["--insecure-plaintext", "--handshake-timeout", "15s"]);
     let addr = addr_of(&server);
     let pid = server.pid();
     let (base_threads, base_rss) = threads_and_rss(pid);
@@ -273,7 +288,7 @@ fn two_thousand_idle_and_two_hundred_dribbling_connections_do_not_stop_a_replica
 fn a_frame_over_8_kib_before_authentication_is_refused_at_its_header() {
     let dir = tempfile::tempdir().unwrap();
     let token = new_token(dir.path(), "token");
-    let server = Server::start(&dir.path().join("ds"), &token, &[]);
+    let server = Server::start(&dir.path().join("ds"), &token, &["--insecure-plaintext"]);
     let mut c = TcpStream::connect(addr_of(&server)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     // A Hello announcing 8 KiB + 1 of body: refused as soon as the header is in (no body sent).
@@ -327,7 +342,7 @@ fn connections_and_sessions_over_the_limits_get_a_busy_error_and_retries_wait() 
     write_image(&img, 4 * MIB, 53, &[Fill::Text, Fill::Random]);
     let ds = dir.path().join("ds");
     let token = new_token(dir.path(), "token");
-    let server = Server::start(&ds, &token, &["--max-connections", "3", "--max-sessions", "1"]);
+    let server = Server::start(&ds, &token, &["--insecure-plaintext", "--max-connections", "3", "--max-sessions", "1"]);
     let addr = addr_of(&server);
     let once = |r: &str| run(replicate_args(&server.url, &token, r, s(&img)).into_iter().chain(["--retry-for", "0"]));
 
@@ -398,7 +413,7 @@ fn an_open_disk_of_2_62_bytes_is_refused_and_plan_sessions_change_nothing() {
     write_image(&img, 4 * MIB, 54, &[Fill::Text, Fill::Random]);
     let ds = dir.path().join("ds");
     let token = new_token(dir.path(), "token");
-    let server = Server::start(&ds, &token, &[]);
+    let server = Server::start(&ds, &token, &["--insecure-plaintext"]);
     let addr = addr_of(&server);
     let once = |r: &str, src: &str| {
         run(replicate_args(&server.url, &token, r, src).into_iter().chain(["--retry-for", "0"])).expect_code(0);
@@ -471,7 +486,17 @@ fn an_open_disk_of_2_62_bytes_is_refused_and_plan_sessions_change_nothing() {
         ("vm2", format!("d={}", s(&img)), "auto"),
     ];
     for (replica, source, mode) in &plans {
-        let args = ["plan", "--json", "--source", source, "--target", &server.url, "--token-file", s(&token)];
+        let args = [
+            "plan",
+            "--json",
+            "--insecure-plaintext",
+            "--source",
+            source,
+            "--target",
+            &server.url,
+            "--token-file",
+            s(&token),
+        ];
         run(args.into_iter().chain(["--replica", replica, "--mode", mode])).expect_code(0);
         assert_eq!(tree_snapshot(&ds), before, "plan {replica} {source} --mode {mode} changed the datastore");
     }
@@ -508,7 +533,7 @@ fn a_stopped_source_releases_the_replica_within_the_idle_timeout_and_the_next_ru
     write_image(&img, 256 * MIB, 57, &[Fill::Random]);
     let ds = dir.path().join("ds");
     let token = new_token(dir.path(), "token");
-    let server = Server::start(&ds, &token, &["--idle-timeout", "10s"]);
+    let server = Server::start(&ds, &token, &["--insecure-plaintext", "--idle-timeout", "10s"]);
     let source = format!("d={}", s(&img));
     let args = replicate_args(&server.url, &token, "vm", &source);
 
@@ -569,7 +594,7 @@ fn a_source_busy_reading_with_nothing_to_send_keeps_its_session_past_the_idle_ti
     write_image(&img, 2 * MIB, 58, &[Fill::Random]);
     let ds = dir.path().join("ds");
     let token = new_token(dir.path(), "token");
-    let server = Server::start(&ds, &token, &["--idle-timeout", "10s"]);
+    let server = Server::start(&ds, &token, &["--insecure-plaintext", "--idle-timeout", "10s"]);
     let source = format!("d={}", s(&img));
     run(replicate_args(&server.url, &token, "vm", &source).into_iter().chain(["--retry-for", "0"])).expect_code(0);
 

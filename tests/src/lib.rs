@@ -39,6 +39,8 @@ pub fn ferry_bin() -> &'static Path {
 pub fn ferry() -> Command {
     let mut c = Command::new(ferry_bin());
     c.env("XDG_CACHE_HOME", ferry_bin().with_file_name("e2e-xdg-cache"));
+    // The known-targets file (TLS pins) is not the user's either; tests pin with --fingerprint.
+    c.env("XDG_CONFIG_HOME", ferry_bin().with_file_name("e2e-xdg-config"));
     c
 }
 
@@ -316,6 +318,9 @@ pub struct Server {
     child: Child,
     /// `ferry://127.0.0.1:PORT`.
     pub url: String,
+    /// The fingerprint of its TLS certificate (`sha256:HEX`, from the `listening`
+    /// event); empty with `--insecure-plaintext`.
+    pub fingerprint: String,
     events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
 
@@ -346,6 +351,12 @@ impl Server {
         out.read_line(&mut line).expect("read listening line");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("bad first line {line:?}"));
         let addr = v["address"].as_str().expect("address").to_string();
+        let fingerprint = v["fingerprint"].as_str().unwrap_or("").to_string();
+        assert_eq!(
+            fingerprint.is_empty(),
+            extra.contains(&"--insecure-plaintext"),
+            "a fingerprint exactly when TLS is on: {line}"
+        );
         let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = events.clone();
         std::thread::spawn(move || {
@@ -356,7 +367,12 @@ impl Server {
                 }
             }
         });
-        Server { child, url: format!("ferry://{addr}"), events }
+        Server { child, url: format!("ferry://{addr}"), fingerprint, events }
+    }
+
+    /// The flags that pin this server: `["--fingerprint", "sha256:.."]`.
+    pub fn pin(&self) -> [&str; 2] {
+        ["--fingerprint", &self.fingerprint]
     }
 
     /// The server's process id.
@@ -431,12 +447,32 @@ pub struct Proxy {
 struct ProxyState {
     connections: std::sync::atomic::AtomicUsize,
     cut_streams: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// Every byte forwarded, both ways, in the order forwarded (with `record`).
+    recorded: std::sync::Mutex<Vec<u8>>,
     stop: std::sync::atomic::AtomicBool,
+}
+
+/// What a [`Proxy`] does to the bytes it relays besides copying them.
+#[derive(Debug, Clone, Default)]
+pub struct Tamper {
+    /// Cut the i-th connection after `cuts[i]` bytes from the client (see [`Proxy`]).
+    pub cuts: Vec<u64>,
+    /// Flip the lowest bit of the client's byte at this offset (every connection).
+    pub flip_to_server: Option<u64>,
+    /// Flip the lowest bit of the server's byte at this offset (every connection).
+    pub flip_to_client: Option<u64>,
+    /// Keep every byte forwarded either way (see [`Proxy::recorded`]).
+    pub record: bool,
 }
 
 impl Proxy {
     /// Start a proxy to `upstream` (`HOST:PORT` or `ferry://HOST:PORT`).
     pub fn start(upstream: &str, cuts: Vec<u64>) -> Proxy {
+        Proxy::start_with(upstream, Tamper { cuts, ..Tamper::default() })
+    }
+
+    /// Start a proxy to `upstream` that does `tamper` to what it relays.
+    pub fn start_with(upstream: &str, tamper: Tamper) -> Proxy {
         use std::sync::atomic::Ordering;
         let upstream = upstream.strip_prefix("ferry://").unwrap_or(upstream).to_string();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
@@ -451,9 +487,9 @@ impl Proxy {
                 let Ok(client) = client else { continue };
                 let i = st.connections.fetch_add(1, Ordering::SeqCst);
                 let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
-                let cut = cuts.get(i).copied();
-                let st = st.clone();
-                std::thread::spawn(move || proxy_connection(client, server, cut, &st));
+                let cut = tamper.cuts.get(i).copied();
+                let (st, tamper) = (st.clone(), tamper.clone());
+                std::thread::spawn(move || proxy_connection(client, server, cut, &tamper, &st));
             }
         });
         Proxy { addr, state }
@@ -473,6 +509,11 @@ impl Proxy {
     pub fn cut_streams(&self) -> Vec<Vec<u8>> {
         self.state.cut_streams.lock().unwrap().clone()
     }
+
+    /// Every byte forwarded so far, both ways (with [`Tamper::record`]).
+    pub fn recorded(&self) -> Vec<u8> {
+        self.state.recorded.lock().unwrap().clone()
+    }
 }
 
 impl Drop for Proxy {
@@ -482,7 +523,23 @@ impl Drop for Proxy {
     }
 }
 
-fn proxy_connection(client: std::net::TcpStream, server: std::net::TcpStream, cut: Option<u64>, st: &ProxyState) {
+/// Flip the lowest bit of the stream's byte at offset `at` if it is in `buf`, which
+/// holds the stream's bytes from offset `pos` on.
+fn flip_in(buf: &mut [u8], pos: u64, at: Option<u64>) {
+    if let Some(at) = at {
+        if at >= pos && at < pos + buf.len() as u64 {
+            buf[(at - pos) as usize] ^= 1;
+        }
+    }
+}
+
+fn proxy_connection(
+    client: std::net::TcpStream,
+    server: std::net::TcpStream,
+    cut: Option<u64>,
+    tamper: &Tamper,
+    st: &std::sync::Arc<ProxyState>,
+) {
     use std::net::Shutdown;
     let (Ok(mut c_read), Ok(mut s_write)) = (client.try_clone(), server.try_clone()) else { return };
     let (Ok(mut s_read), Ok(mut c_write)) = (server.try_clone(), client.try_clone()) else { return };
@@ -490,14 +547,21 @@ fn proxy_connection(client: std::net::TcpStream, server: std::net::TcpStream, cu
     // closes: closing a socket with unread bytes would reset the connection, and a reset makes
     // the server's kernel drop what it received but the server had not read yet. A cut cable
     // does not do that: what reached the server is read by the server.
+    let (down_tamper, down_st) = (tamper.clone(), st.clone());
     let down = std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 << 10];
         let mut client_gone = false;
+        let mut pos = 0u64;
         loop {
             let n = match s_read.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            flip_in(&mut buf[..n], pos, down_tamper.flip_to_client);
+            pos += n as u64;
+            if down_tamper.record {
+                down_st.recorded.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
             if !client_gone && c_write.write_all(&buf[..n]).is_err() {
                 client_gone = true;
             }
@@ -516,6 +580,10 @@ fn proxy_connection(client: std::net::TcpStream, server: std::net::TcpStream, cu
             Some(limit) => (n as u64).min(limit - forwarded) as usize,
             None => n,
         };
+        flip_in(&mut buf[..take], forwarded, tamper.flip_to_server);
+        if tamper.record {
+            st.recorded.lock().unwrap().extend_from_slice(&buf[..take]);
+        }
         if s_write.write_all(&buf[..take]).is_err() {
             break;
         }

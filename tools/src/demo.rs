@@ -2,7 +2,8 @@
 //!
 //! Makes a sample disk that looks like a real one (zero regions, text-like,
 //! incompressible and file-system-like data), serves a temporary datastore on
-//! loopback TCP (the real server code, token authentication included),
+//! loopback TCP (the real server code, TLS with a pinned self-signed
+//! certificate and token authentication included),
 //! replicates the disk in full and then incrementally after changing 1% of
 //! it, verifies the replica byte for byte after each run, prints figures and
 //! removes everything it made.
@@ -14,10 +15,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use ferry_datastore::Datastore;
 use ferry_replicate::source::{DiskSpec, JobReport, Quiet, ReplicateConfig};
 use ferry_replicate::target::ServeConfig;
+use ferry_replicate::tls::{ClientTrust, ServerIdentity, ServerTransport};
+use ferry_replicate::{Target, TargetSpec};
 
 use crate::report::{human_bytes, totals};
 
@@ -43,20 +46,12 @@ fn change_one_percent(path: &Path, size: u64) -> anyhow::Result<u64> {
     Ok(n)
 }
 
-fn run_once(
-    addr: &str,
-    auth: &Arc<dyn ferry_wire::Authenticator>,
-    disk: &Path,
-    label: &str,
-) -> anyhow::Result<JobReport> {
-    let sock = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    let _ = sock.set_nodelay(true);
+fn run_once(target: &Target, disk: &Path, label: &str) -> anyhow::Result<JobReport> {
     let spec = DiskSpec { name: "sample".into(), path: disk.to_path_buf(), mode: None, cbt: None };
     let cfg = ReplicateConfig::new("demo", vec![spec]);
     eprint!("{label} ... ");
     let _ = std::io::stderr().flush();
-    let rep =
-        ferry_replicate::source::replicate(ferry_replicate::conn::Sock::Tcp(sock), addr, auth.clone(), &cfg, &Quiet)?;
+    let rep = target.run(&cfg, &Quiet)?;
     eprintln!("done in {:.2} s", rep.duration_s);
     Ok(rep)
 }
@@ -87,22 +82,40 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         t.elapsed().as_secs_f64()
     );
 
-    // The real server code on loopback TCP, with token authentication.
+    // The real server code on loopback TCP, with TLS (its own identity, pinned by the
+    // source) and token authentication, as `ferry serve` and `ferry replicate` run them.
     let ds = Datastore::open_or_create(&store)?;
-    let token = ferry_replicate::auth::TokenAuth::ephemeral();
-    let access = AccessList::single_admin("demo", &token);
-    let auth: Arc<dyn ferry_wire::Authenticator> = Arc::new(token);
+    let token = dir.join("token");
+    let _ = std::fs::remove_file(&token);
+    ferry_replicate::auth::write_new_token(&token)?;
+    let access = AccessList::single_admin("demo", &ferry_replicate::auth::TokenAuth::from_file(&token)?);
+    let identity = ServerIdentity::load_or_create(&store.join(ferry_replicate::tls::DEFAULT_TLS_DIR))?;
+    let transport = ServerTransport::Tls(identity.server_config()?);
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     {
         let (access, ds) = (Arc::new(Access::fixed(access)), ds.clone());
         // The library's accept loop, as `ferry serve` runs it; it ends with the process.
         std::thread::spawn(move || {
-            ferry_replicate::target::serve(listener, ds, access, ServeConfig::default(), Arc::new(QuietServer))
+            ferry_replicate::target::serve(
+                listener,
+                ds,
+                access,
+                transport,
+                ServeConfig::default(),
+                Arc::new(QuietServer),
+            )
         });
     }
+    eprintln!("serving the datastore on {addr} over TLS 1.3, certificate fingerprint {}", identity.fingerprint());
+    let target = Target {
+        spec: TargetSpec::Remote(addr.clone()),
+        token: Some(token.clone()),
+        trust: ClientTrust { fingerprint: Some(identity.fingerprint()), ..ClientTrust::default() },
+        serve: ServeConfig::default(),
+    };
 
-    let full = run_once(&addr, &auth, &disk, "full replication over TCP")?;
+    let full = run_once(&target, &disk, "full replication over TCP and TLS")?;
     let out = dir.join("export.img");
     // The demo exports twice to its own file.
     let force = ferry_datastore::points::ExportOptions { force: true };
@@ -114,7 +127,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let changed = change_one_percent(&disk, size)?;
     eprintln!("changed {changed} blocks of 64 KiB (1%) in the source");
-    let incr = run_once(&addr, &auth, &disk, "incremental replication (digest comparison)")?;
+    let incr = run_once(&target, &disk, "incremental replication (digest comparison)")?;
     ferry_datastore::points::export_point(&ds, "demo", "sample", None, &out, force)?;
     if !ferry_bench::mutate::files_identical(&disk, &out)? {
         bail!("the replica differs from the source disk after the incremental run: this is a bug, please report it");
@@ -130,6 +143,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     } else if a.dir.is_some() {
         let _ = std::fs::remove_file(&disk);
         let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(&token);
         let _ = std::fs::remove_dir_all(&store);
     }
     Ok(ExitCode::SUCCESS)

@@ -33,6 +33,7 @@ use ferry_io::ErrorClass;
 use ferry_replicate::access::{Access, AccessRole, AccessSource, Grant};
 use ferry_replicate::source::{ChangeSource, CompressPolicy, DiskSpec, ReplicateConfig};
 use ferry_replicate::target::ServeConfig;
+use ferry_replicate::tls::{ClientTrust, ServerTransport};
 use ferry_replicate::{MoveError, Target, TargetSpec};
 use ferry_wire::Mode;
 
@@ -60,6 +61,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PointsCmd,
     },
+    /// Print the TLS fingerprint of a `ferry serve` identity (without starting a server),
+    /// for the sources to pin with --fingerprint.
+    Fingerprint(FingerprintArgs),
     /// Authentication tokens.
     Token {
         #[command(subcommand)]
@@ -99,6 +103,14 @@ struct ServeArgs {
     /// (by the time this server completed it), e.g. 7d, 24h; 0: no such period.
     #[arg(long, value_name = "DURATION", default_value = "0")]
     immutable: String,
+    /// Directory of the server's TLS key and self-signed certificate, made on the first
+    /// start (mode 0700, files 0600). Default: DATASTORE/.tls.
+    #[arg(long, value_name = "DIR", conflicts_with = "insecure_plaintext")]
+    tls_dir: Option<PathBuf>,
+    /// No TLS: sessions travel in plaintext (anyone on the path reads and can change every
+    /// byte). Only for benchmarks on a trusted link; the sources must say it too.
+    #[arg(long)]
+    insecure_plaintext: bool,
     #[command(flatten)]
     io: IoArgs,
     /// NDJSON events on stdout (one `session_done` per session).
@@ -166,6 +178,8 @@ struct ReplicateArgs {
     /// Token file for a remote target.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    trust: TrustArgs,
     /// How changes are found: auto (cbt with --cbt, digest when the target has the disk, else full),
     /// full, cbt, digest, seed (the target holds a copy placed there: only differences move).
     #[arg(long, default_value = "auto")]
@@ -214,6 +228,34 @@ struct ReplicateArgs {
     /// NDJSON events on stdout, ending with one `summary` event.
     #[arg(long)]
     json: bool,
+}
+
+/// How a remote target's TLS certificate is trusted.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct TrustArgs {
+    /// The remote target's TLS certificate fingerprint (sha256:HEX, as `ferry fingerprint` or
+    /// the server's startup line prints it): only that certificate is accepted.
+    #[arg(long, value_name = "sha256:HEX", conflicts_with = "insecure_plaintext")]
+    fingerprint: Option<String>,
+    /// Trust a remote target that has no pin yet and store its fingerprint in the known-targets
+    /// file ($XDG_CONFIG_HOME/ferry/known-targets, else ~/.config/ferry/known-targets). A pin
+    /// already there is never replaced.
+    #[arg(long, conflicts_with = "insecure_plaintext")]
+    trust_new: bool,
+    /// No TLS (the target must run with --insecure-plaintext too): only for benchmarks on a
+    /// trusted link.
+    #[arg(long)]
+    insecure_plaintext: bool,
+}
+
+#[derive(Debug, Args)]
+struct FingerprintArgs {
+    /// The server's TLS directory (as given to `serve --tls-dir`).
+    #[arg(long, value_name = "DIR", required_unless_present = "datastore", conflicts_with = "datastore")]
+    tls_dir: Option<PathBuf>,
+    /// The datastore of a `serve` without --tls-dir (its identity is in DATASTORE/.tls).
+    #[arg(long, value_name = "DIR")]
+    datastore: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -406,6 +448,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Replicate(a) => replicate(*a),
         Cmd::Plan(a) => plan(*a),
         Cmd::Points { cmd } => points(cmd),
+        Cmd::Fingerprint(a) => {
+            let dir = match (a.tls_dir, a.datastore) {
+                (Some(d), _) => d,
+                (None, Some(ds)) => ds.join(ferry_replicate::tls::DEFAULT_TLS_DIR),
+                (None, None) => return Err(usage("give --tls-dir DIR or --datastore DIR")),
+            };
+            println!("{}", ferry_replicate::tls::ServerIdentity::load(&dir)?.fingerprint());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Token { cmd: TokenCmd::New { out, grant } } => {
             let (name, role) = grant_of(&grant, &out)?;
             // The line's fields are checked before the token is written: a bad name leaves no file.
@@ -521,16 +572,31 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             limits.max_connections, limits.max_sessions
         );
     }
+    let (transport, fingerprint) = if a.insecure_plaintext {
+        (ServerTransport::Plaintext, None)
+    } else {
+        let dir = a.tls_dir.clone().unwrap_or_else(|| a.datastore.join(ferry_replicate::tls::DEFAULT_TLS_DIR));
+        let id = ferry_replicate::tls::ServerIdentity::load_or_create(&dir)?;
+        (ServerTransport::Tls(id.server_config()?), Some(id.fingerprint().to_string()))
+    };
     let listener = std::net::TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     let local = listener.local_addr()?;
     if a.json {
-        report::print_json(
-            &serde_json::json!({"event": "listening", "address": local.to_string(), "datastore": a.datastore}),
-        );
-    } else {
-        eprintln!("ferry serve: listening on {local}, datastore {}", a.datastore.display());
+        report::print_json(&serde_json::json!({"event": "listening", "address": local.to_string(),
+            "datastore": a.datastore, "fingerprint": fingerprint}));
     }
-    ferry_replicate::target::serve(listener, ds, access, cfg, Arc::new(report::ServeLog { json: a.json }))?;
+    match &fingerprint {
+        Some(fp) => eprintln!(
+            "ferry serve: listening on {local}, datastore {}, TLS fingerprint {fp} (sources pin it with --fingerprint {fp})",
+            a.datastore.display()
+        ),
+        None => eprintln!(
+            "ferry serve: listening on {local}, datastore {}, INSECURE PLAINTEXT: no TLS, anyone on the path reads and can change the data",
+            a.datastore.display()
+        ),
+    }
+    let obs = Arc::new(report::ServeLog { json: a.json });
+    ferry_replicate::target::serve(listener, ds, access, transport, cfg, obs)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -695,7 +761,26 @@ fn job_observer(json: bool) -> Box<dyn report::JobObserver> {
 
 /// The target of `replicate` or `plan`.
 fn target(a: &ReplicateArgs) -> anyhow::Result<Target> {
-    Ok(Target { spec: TargetSpec::parse(&a.target)?, token: a.token_file.clone(), serve: serve_config(&a.io)? })
+    Ok(Target {
+        spec: TargetSpec::parse(&a.target)?,
+        token: a.token_file.clone(),
+        trust: client_trust(&a.trust)?,
+        serve: serve_config(&a.io)?,
+    })
+}
+
+/// How the source trusts a remote target: the flags validated.
+fn client_trust(t: &TrustArgs) -> anyhow::Result<ClientTrust> {
+    let fingerprint = match &t.fingerprint {
+        Some(f) => Some(f.parse::<ferry_replicate::tls::Fingerprint>()?),
+        None => None,
+    };
+    Ok(ClientTrust {
+        insecure_plaintext: t.insecure_plaintext,
+        fingerprint,
+        known_targets: ferry_replicate::tls::KnownTargets::default_path(),
+        trust_new: t.trust_new,
+    })
 }
 
 fn plan(a: ReplicateArgs) -> anyhow::Result<ExitCode> {

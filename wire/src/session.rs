@@ -31,8 +31,11 @@ pub enum Role {
 /// Computes authentication proofs from one or more keys.
 ///
 /// The wire crate computes no MACs itself: the caller supplies this (ferry
-/// uses a keyed BLAKE3 over a label and both nonces). `role` tells whose proof
-/// is asked for, so the client's proof can never be replayed as the server's.
+/// uses a keyed BLAKE3 over a label, the channel binding and both nonces).
+/// `role` tells whose proof is asked for, so the client's proof can never be
+/// replayed as the server's. `binding` is the channel binding the session was
+/// made with (a TLS exporter value; zeros where there is no TLS), so a proof
+/// relayed into another TLS session does not check out there.
 ///
 /// A client holds one key (its token). A server may accept several (one per
 /// token in its access file): it finds which key made the client's proof by
@@ -46,8 +49,15 @@ pub trait Authenticator: Send + Sync {
         1
     }
 
-    /// The proof that `role` holds key `key` (`0..key_count()`), for this pair of nonces.
-    fn proof(&self, key: usize, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32];
+    /// The proof that `role` holds key `key` (`0..key_count()`), for this channel and pair of nonces.
+    fn proof(
+        &self,
+        key: usize,
+        role: Role,
+        binding: &[u8; 32],
+        client_nonce: &[u8; 32],
+        server_nonce: &[u8; 32],
+    ) -> [u8; 32];
 }
 
 /// What one end says about itself in the handshake.
@@ -167,6 +177,8 @@ pub struct Session {
     role: Role,
     state: State,
     auth: Arc<dyn Authenticator>,
+    /// The channel binding both proofs cover.
+    binding: [u8; 32],
     local: LocalInfo,
     peer_nonce: [u8; 32],
     peer: Option<PeerInfo>,
@@ -186,9 +198,10 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// A client session; Hello is queued at once.
-    pub fn client(local: LocalInfo, auth: Arc<dyn Authenticator>) -> Session {
-        let mut s = Session::new(Role::Client, State::AwaitWelcome, local, auth);
+    /// A client session; Hello is queued at once. `binding`: the channel
+    /// binding both proofs cover (the TLS exporter value; zeros without TLS).
+    pub fn client(local: LocalInfo, auth: Arc<dyn Authenticator>, binding: [u8; 32]) -> Session {
+        let mut s = Session::new(Role::Client, State::AwaitWelcome, local, auth, binding);
         let hello = Frame::Hello(Hello {
             version_min: VERSION_MIN,
             version_max: VERSION_MAX,
@@ -201,18 +214,19 @@ impl Session {
         s
     }
 
-    /// A server session, waiting for Hello.
-    pub fn server(local: LocalInfo, auth: Arc<dyn Authenticator>) -> Session {
-        Session::new(Role::Server, State::AwaitHello, local, auth)
+    /// A server session, waiting for Hello; `binding` as for [`Session::client`].
+    pub fn server(local: LocalInfo, auth: Arc<dyn Authenticator>, binding: [u8; 32]) -> Session {
+        Session::new(Role::Server, State::AwaitHello, local, auth, binding)
     }
 
-    fn new(role: Role, state: State, local: LocalInfo, auth: Arc<dyn Authenticator>) -> Session {
+    fn new(role: Role, state: State, local: LocalInfo, auth: Arc<dyn Authenticator>, binding: [u8; 32]) -> Session {
         let mut deframer = Deframer::new();
         deframer.set_max_body_len(MAX_HANDSHAKE_BODY_LEN);
         Session {
             role,
             state,
             auth,
+            binding,
             local,
             peer_nonce: [0; 32],
             peer: None,
@@ -393,7 +407,7 @@ impl Session {
                     features: w.features & self.local.features,
                     key: 0,
                 });
-                let proof = self.auth.proof(0, Role::Client, &self.local.nonce, &w.nonce);
+                let proof = self.auth.proof(0, Role::Client, &self.binding, &self.local.nonce, &w.nonce);
                 Frame::AuthProof(AuthProof { proof }).encode(&mut self.out);
                 self.state = State::AwaitAuthOk;
                 Ok(None)
@@ -404,7 +418,8 @@ impl Session {
                 // most one matches.
                 let mut matched = None;
                 for key in 0..self.auth.key_count() {
-                    let expected = self.auth.proof(key, Role::Client, &self.peer_nonce, &self.local.nonce);
+                    let expected =
+                        self.auth.proof(key, Role::Client, &self.binding, &self.peer_nonce, &self.local.nonce);
                     if constant_time_eq(&expected, &p.proof) {
                         matched = Some(key);
                     }
@@ -415,7 +430,7 @@ impl Session {
                 if let Some(peer) = &mut self.peer {
                     peer.key = key;
                 }
-                let proof = self.auth.proof(key, Role::Server, &self.peer_nonce, &self.local.nonce);
+                let proof = self.auth.proof(key, Role::Server, &self.binding, &self.peer_nonce, &self.local.nonce);
                 Frame::AuthOk(AuthOk { proof }).encode(&mut self.out);
                 self.state = State::Ready;
                 self.authenticated = true;
@@ -423,7 +438,7 @@ impl Session {
                 Ok(self.peer.clone().map(Event::Authenticated))
             }
             (Frame::AuthOk(a), Role::Client, State::AwaitAuthOk) => {
-                let expected = self.auth.proof(0, Role::Server, &self.local.nonce, &self.peer_nonce);
+                let expected = self.auth.proof(0, Role::Server, &self.binding, &self.local.nonce, &self.peer_nonce);
                 if !constant_time_eq(&expected, &a.proof) {
                     return Err(WireError::ServerAuthFailed);
                 }

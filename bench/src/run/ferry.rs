@@ -17,12 +17,37 @@ use crate::measure::{free_port, sh_quote, shq, wait_listening, Tree};
 use crate::mutate;
 use crate::report::{Run, StageLatency};
 
-pub(super) fn ferry_replicate_cmd(env: &Env, sc: &Scenario, port: u16, mode: &str, with_cbt: bool) -> String {
+/// How a ferry run's session travels: TLS (ferry's default) or `--insecure-plaintext`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Transport {
+    Tls,
+    Plaintext,
+}
+
+/// The flags of `replicate` for `transport`: the bench server's pin, or plaintext. None for
+/// a ferry binary without TLS.
+fn transport_flags(env: &Env, transport: Transport) -> String {
+    match (&env.tls, transport) {
+        (None, _) => String::new(),
+        (Some(_), Transport::Plaintext) => " --insecure-plaintext".into(),
+        (Some((_, fp)), Transport::Tls) => format!(" --fingerprint {fp}"),
+    }
+}
+
+pub(super) fn ferry_replicate_cmd(
+    env: &Env,
+    sc: &Scenario,
+    port: u16,
+    mode: &str,
+    with_cbt: bool,
+    transport: Transport,
+) -> String {
     let mut c = format!("exec {} replicate", shq(&env.ferry));
     for (name, p) in &sc.sources {
         c += &format!(" --source {}", sh_quote(&format!("{name}={}", p.display())));
     }
     c += &format!(" --target ferry://127.0.0.1:{port} --replica bench --token-file {}", shq(&env.token));
+    c += &transport_flags(env, transport);
     // Full is the default; leaving it out also works with a ferry that has no --mode yet.
     if mode != "full" {
         c += &format!(" --mode {mode}");
@@ -47,20 +72,56 @@ pub(super) fn ferry_replicate_cmd(env: &Env, sc: &Scenario, port: u16, mode: &st
     c + " --json"
 }
 
-pub(super) fn ferry_serve_cmd(env: &Env, host: &str, port: u16, ds: &Path) -> String {
+pub(super) fn ferry_serve_cmd(env: &Env, host: &str, port: u16, ds: &Path, transport: Transport) -> String {
+    let tls = match (&env.tls, transport) {
+        (None, _) => String::new(),
+        (Some(_), Transport::Plaintext) => " --insecure-plaintext".into(),
+        // One identity for every run, made once (`tls_identity`), so the sources can pin it.
+        (Some((dir, _)), Transport::Tls) => format!(" --tls-dir {}", shq(dir)),
+    };
     format!(
-        "exec {} serve --listen {host}:{port} --datastore {} --token-file {} --json",
+        "exec {} serve --listen {host}:{port} --datastore {} --token-file {}{tls} --json",
         shq(&env.ferry),
         shq(ds),
         shq(&env.token)
     )
 }
 
+/// Makes the bench server's TLS identity in `dir` (a `ferry serve` started once, untimed)
+/// and returns its fingerprint; None for a ferry binary without TLS.
+pub(super) fn tls_identity(ferry: &Path, token: &Path, work: &Path) -> Result<Option<(PathBuf, String)>> {
+    let help = Command::new(ferry).args(["serve", "--help"]).output().context("running ferry serve --help")?;
+    if !String::from_utf8_lossy(&help.stdout).contains("--tls-dir") {
+        return Ok(None);
+    }
+    let dir = work.join("tls");
+    let ds = work.join("tls-init-ds");
+    let port = free_port()?;
+    let err = work.join("tls-init.err");
+    let cmd = format!(
+        "exec {} serve --listen 127.0.0.1:{port} --datastore {} --token-file {} --tls-dir {}",
+        shq(ferry),
+        shq(&ds),
+        shq(token),
+        shq(&dir)
+    );
+    let rx = Tree::spawn(&cmd, None, &err)?;
+    wait_listening(rx.pid(), &[port], Duration::from_secs(20))
+        .with_context(|| format!("ferry serve making the TLS identity: {}", tail(&err)))?;
+    rx.stop(Duration::from_secs(10))?;
+    let _ = std::fs::remove_dir_all(&ds);
+    let o = Command::new(ferry).args(["fingerprint", "--tls-dir"]).arg(&dir).output()?;
+    if !o.status.success() {
+        bail!("ferry fingerprint failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(Some((dir, String::from_utf8_lossy(&o.stdout).trim().to_string())))
+}
+
 /// Has `ferry serve` create an empty datastore in `ds` (untimed).
 fn ferry_init_datastore(env: &Env, dir: &Path, ds: &Path) -> Result<()> {
     let port = free_port()?;
     let err = dir.join("init.err");
-    let rx = Tree::spawn(&ferry_serve_cmd(env, "127.0.0.1", port, ds), None, &err)?;
+    let rx = Tree::spawn(&ferry_serve_cmd(env, "127.0.0.1", port, ds, Transport::Tls), None, &err)?;
     wait_listening(rx.pid(), &[port], Duration::from_secs(20))
         .with_context(|| format!("ferry serve creating a datastore: {}", tail(&err)))?;
     rx.stop(Duration::from_secs(10))?;
@@ -81,10 +142,11 @@ fn ferry_seed_datastore(env: &Env, dir: &Path, ds: &Path, sc: &Scenario) -> Resu
     let port = free_port()?;
     let setup = dir.join("setup");
     std::fs::create_dir_all(&setup)?;
-    let rx = Tree::spawn(&ferry_serve_cmd(env, "127.0.0.1", port, ds), None, &setup.join("serve.err"))?;
+    let rx = Tree::spawn(&ferry_serve_cmd(env, "127.0.0.1", port, ds, Transport::Tls), None, &setup.join("serve.err"))?;
     wait_listening(rx.pid(), &[port], Duration::from_secs(20))
         .with_context(|| format!("ferry serve for setup: {}", tail(&setup.join("serve.err"))))?;
-    let tx = Tree::spawn(&ferry_replicate_cmd(env, &prev, port, "full", false), None, &setup.join("rep.err"))?;
+    let cmd = ferry_replicate_cmd(env, &prev, port, "full", false, Transport::Tls);
+    let tx = Tree::spawn(&cmd, None, &setup.join("rep.err"))?;
     let (st, _, _) = tx.wait()?;
     rx.stop(Duration::from_secs(10))?;
     if !st.success() {
@@ -115,11 +177,11 @@ fn json_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-pub(super) fn run_ferry(env: &Env, net: &Net, sc: &Scenario, dir: &Path) -> Result<Run> {
+pub(super) fn run_ferry(env: &Env, net: &Net, sc: &Scenario, dir: &Path, transport: Transport) -> Result<Run> {
     let ds = dir.join("datastore");
     std::fs::create_dir_all(&ds)?;
     let mode = match sc.kind {
-        Kind::Full | Kind::Multi | Kind::Wan => "full",
+        Kind::Full | Kind::Multi | Kind::Wan | Kind::Transport => "full",
         Kind::Cbt => "cbt",
         Kind::Digest => "digest",
         Kind::Seed => "seed",
@@ -146,8 +208,8 @@ pub(super) fn run_ferry(env: &Env, net: &Net, sc: &Scenario, dir: &Path) -> Resu
         &sc.sources,
         1,
         true,
-        &|b| ferry_serve_cmd(env, &host, b[0], &ds),
-        &|f| ferry_replicate_cmd(env, sc, f[0], mode, sc.kind == Kind::Cbt),
+        &|b| ferry_serve_cmd(env, &host, b[0], &ds, transport),
+        &|f| ferry_replicate_cmd(env, sc, f[0], mode, sc.kind == Kind::Cbt, transport),
         Some(&session_done),
     )?;
     let events = json_lines(&dir.join("sender.out"));

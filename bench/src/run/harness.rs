@@ -20,6 +20,8 @@ use crate::report::{self, Run};
 pub(super) struct Measured {
     pub(super) wall_s: f64,
     pub(super) usage: TreeUsage,
+    /// CPU seconds (user + system) of the sender's and of the receiver's process tree.
+    pub(super) sides: Option<(f64, f64)>,
     pub(super) wire: Option<u64>,
     /// Bytes read from block devices meanwhile.
     pub(super) dev_read: Option<u64>,
@@ -189,8 +191,10 @@ pub(super) fn measure_net(
     let error = (!ok).then(|| {
         format!("sender {tx_status}: {}; receiver: {}", tail(&dir.join("sender.err")), tail(&dir.join("receiver.err")))
     });
+    let sides = Some((tx_usage.user_s + tx_usage.sys_s, rx_usage.user_s + rx_usage.sys_s));
     Ok(Measured {
         wall_s: wall.as_secs_f64(),
+        sides,
         usage: tx_usage.combine(rx_usage),
         wire: Some(wire),
         dev_read,
@@ -206,7 +210,7 @@ pub(super) fn measure_local(env: &Env, dir: &Path, sources: &[(String, PathBuf)]
     let (st, wall, usage) = t.wait()?;
     let dev_read = dev_read_since(read0);
     let error = (!st.success()).then(|| format!("{st}: {}", tail(&dir.join("sender.err"))));
-    Ok(Measured { wall_s: wall.as_secs_f64(), usage, wire: None, dev_read, ok: st.success(), error })
+    Ok(Measured { wall_s: wall.as_secs_f64(), usage, sides: None, wire: None, dev_read, ok: st.success(), error })
 }
 
 pub(super) fn base_run(m: &Measured) -> Run {
@@ -214,6 +218,8 @@ pub(super) fn base_run(m: &Measured) -> Run {
         wall_s: report::round6(m.wall_s),
         cpu_user_s: report::round6(m.usage.user_s),
         cpu_sys_s: report::round6(m.usage.sys_s),
+        cpu_sender_s: m.sides.map(|s| report::round6(s.0)),
+        cpu_receiver_s: m.sides.map(|s| report::round6(s.1)),
         peak_rss_bytes: m.usage.max_rss_bytes,
         wire_bytes: m.wire,
         dev_read_bytes: m.dev_read,
@@ -251,6 +257,8 @@ pub(super) fn failed_run(error: String) -> Run {
         wall_s: 0.0,
         cpu_user_s: 0.0,
         cpu_sys_s: 0.0,
+        cpu_sender_s: None,
+        cpu_receiver_s: None,
         peak_rss_bytes: 0,
         wire_bytes: None,
         dev_read_bytes: None,

@@ -36,7 +36,7 @@ mod harness;
 mod peers;
 mod scenarios;
 
-use ferry::{ferry_path, ferry_replicate_cmd, ferry_serve_cmd, run_ferry};
+use ferry::{ferry_path, ferry_replicate_cmd, ferry_serve_cmd, run_ferry, tls_identity, Transport};
 use harness::{failed_run, RSS_FLOOR};
 use peers::{missing_tools, run_peer};
 use scenarios::{build, wanted, Kind, Scenario};
@@ -127,6 +127,8 @@ struct Env {
     map_cache_flag: bool,
     ferry: PathBuf,
     token: PathBuf,
+    /// The bench server's TLS directory and fingerprint (None: a ferry without TLS).
+    tls: Option<(PathBuf, String)>,
     runs: u32,
     drop_caches: bool,
     compress: Option<String>,
@@ -190,11 +192,13 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let help = Command::new(&ferry).args(["replicate", "--help"]).output();
     let ferry_modes = help.as_ref().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--mode"));
     let map_cache_flag = help.as_ref().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--no-map-cache"));
+    let tls = if token_error.is_none() { tls_identity(&ferry, &token, work.path())? } else { None };
     let env = Env {
         ferry_modes,
         map_cache_flag,
         ferry: ferry.clone(),
         token,
+        tls,
         runs,
         drop_caches: a.drop_caches,
         compress: a.compress.clone(),
@@ -326,10 +330,11 @@ fn run_scenario(
             std::fs::create_dir_all(&dir)?;
             let outcome = if let (Some(err), "ferry") = (token_error, tool) {
                 Err(anyhow::anyhow!("{err}"))
-            } else if tool == "ferry" {
-                run_ferry(env, &net, sc, &dir).map(|run| {
-                    let cmd = ferry_replicate_cmd(env, sc, 0, "MODE", sc.kind == Kind::Cbt);
-                    (run, cmd, Some(ferry_serve_cmd(env, net.host, 0, Path::new("DATASTORE"))))
+            } else if tool == "ferry" || tool == "ferry-plaintext" {
+                let t = if tool == "ferry" { Transport::Tls } else { Transport::Plaintext };
+                run_ferry(env, &net, sc, &dir, t).map(|run| {
+                    let cmd = ferry_replicate_cmd(env, sc, 0, "MODE", sc.kind == Kind::Cbt, t);
+                    (run, cmd, Some(ferry_serve_cmd(env, net.host, 0, Path::new("DATASTORE"), t)))
                 })
             } else {
                 run_peer(env, &net, sc, tool, &dir)

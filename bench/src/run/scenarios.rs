@@ -22,6 +22,9 @@ pub(super) enum Kind {
     Seed,
     Multi,
     Wan,
+    /// A full copy to `ferry serve` over TLS (`ferry`) against `--insecure-plaintext`
+    /// on both ends (`ferry-plaintext`), alternating in the same run.
+    Transport,
 }
 
 #[derive(Debug)]
@@ -49,6 +52,7 @@ impl Scenario {
             Kind::Cbt | Kind::Digest | Kind::Seed => &["ferry", "rsync", "bdsync"],
             Kind::Multi => &["ferry", "rsync", "zstd-nc"],
             Kind::Wan => &["ferry", "rsync", "zstd-nc", "nc"],
+            Kind::Transport => &["ferry", "ferry-plaintext"],
         }
     }
 }
@@ -171,6 +175,17 @@ fn family_scenarios(a: &RunArgs, dir: &Path, fam: &str, base: &Path, ext4_files:
             cbt: cbt.into_iter().collect(),
             changed_bytes: changed,
         };
+    if wanted(&a.scenarios, &format!("tls/{fam}")) && fam == "synth" {
+        scenarios.push(one(
+            "tls",
+            Kind::Transport,
+            base.to_path_buf(),
+            None,
+            None,
+            None,
+            format!("Full copy of the {fam} image to ferry serve over TLS 1.3 (ferry, the default) and with --insecure-plaintext on both ends (ferry-plaintext), alternating."),
+        ));
+    }
     if wanted(&a.scenarios, &format!("full/{fam}")) {
         scenarios.push(one(
             "full",

@@ -999,7 +999,13 @@ mod tests {
                 disks: vec![],
             })
             .collect();
-        r.write_catalog(&Catalog { version: DATASTORE_VERSION, next_id: ages.len() as u64 + 1, points }).unwrap();
+        r.write_catalog(&Catalog {
+            version: DATASTORE_VERSION,
+            next_id: ages.len() as u64 + 1,
+            points,
+            checksum: None,
+        })
+        .unwrap();
         r
     }
 

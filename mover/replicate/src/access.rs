@@ -236,8 +236,15 @@ impl Authenticator for AccessList {
         self.grants.len()
     }
 
-    fn proof(&self, key: usize, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
-        proof(&self.grants[key].key, role, client_nonce, server_nonce)
+    fn proof(
+        &self,
+        key: usize,
+        role: Role,
+        binding: &[u8; 32],
+        client_nonce: &[u8; 32],
+        server_nonce: &[u8; 32],
+    ) -> [u8; 32] {
+        proof(&self.grants[key].key, role, binding, client_nonce, server_nonce)
     }
 }
 

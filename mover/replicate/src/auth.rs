@@ -4,8 +4,9 @@
 //! writes 64 hex characters; surrounding whitespace is ignored). The token
 //! never crosses the wire: each side proves it holds it with
 //! `BLAKE3-keyed(key = derive_key("ferry v1 auth token", token),
-//! label || client_nonce || server_nonce)`, label "ferry-v1 client" or
-//! "ferry-v1 server" (see wire/PROTOCOL.md).
+//! label || binding || client_nonce || server_nonce)`, label "ferry-v1 client"
+//! or "ferry-v1 server", binding the TLS session's exporter value (zeros
+//! without TLS; see wire/PROTOCOL.md section 4).
 //!
 //! A token file, like an ssh private key, must be the owner's alone: one
 //! that group or others may read (or write) is refused, naming the file and
@@ -81,18 +82,32 @@ impl TokenAuth {
 }
 
 impl Authenticator for TokenAuth {
-    fn proof(&self, _key: usize, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
-        proof(&self.key, role, client_nonce, server_nonce)
+    fn proof(
+        &self,
+        _key: usize,
+        role: Role,
+        binding: &[u8; 32],
+        client_nonce: &[u8; 32],
+        server_nonce: &[u8; 32],
+    ) -> [u8; 32] {
+        proof(&self.key, role, binding, client_nonce, server_nonce)
     }
 }
 
 /// The v1 proof of `role` keyed by the verifier `key` (wire/PROTOCOL.md, section 4).
-pub(crate) fn proof(key: &[u8; 32], role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
+pub(crate) fn proof(
+    key: &[u8; 32],
+    role: Role,
+    binding: &[u8; 32],
+    client_nonce: &[u8; 32],
+    server_nonce: &[u8; 32],
+) -> [u8; 32] {
     let mut h = blake3::Hasher::new_keyed(key);
     h.update(match role {
         Role::Client => b"ferry-v1 client",
         Role::Server => b"ferry-v1 server",
     });
+    h.update(binding);
     h.update(client_nonce);
     h.update(server_nonce);
     *h.finalize().as_bytes()
@@ -143,14 +158,19 @@ mod tests {
     fn proofs_differ_by_role_token_and_nonce() {
         let a = TokenAuth::new(b"0123456789abcdef0123");
         let b = TokenAuth::new(b"0123456789abcdef0124");
-        let (c, s) = ([1u8; 32], [2u8; 32]);
-        assert_ne!(a.proof(0, Role::Client, &c, &s), a.proof(0, Role::Server, &c, &s));
-        assert_ne!(a.proof(0, Role::Client, &c, &s), b.proof(0, Role::Client, &c, &s));
-        assert_ne!(a.proof(0, Role::Client, &c, &s), a.proof(0, Role::Client, &s, &c));
-        assert_eq!(a.proof(0, Role::Client, &c, &s), a.proof(0, Role::Client, &c, &s));
+        let (c, s, z) = ([1u8; 32], [2u8; 32], [0u8; 32]);
+        assert_ne!(a.proof(0, Role::Client, &z, &c, &s), a.proof(0, Role::Server, &z, &c, &s));
+        assert_ne!(a.proof(0, Role::Client, &z, &c, &s), b.proof(0, Role::Client, &z, &c, &s));
+        assert_ne!(a.proof(0, Role::Client, &z, &c, &s), a.proof(0, Role::Client, &z, &s, &c));
+        assert_ne!(
+            a.proof(0, Role::Client, &z, &c, &s),
+            a.proof(0, Role::Client, &[9; 32], &c, &s),
+            "bound to the channel"
+        );
+        assert_eq!(a.proof(0, Role::Client, &z, &c, &s), a.proof(0, Role::Client, &z, &c, &s));
         // The verifier key proves what the token proves.
         let v = TokenAuth::from_verifier_key(a.verifier_key());
-        assert_eq!(v.proof(0, Role::Client, &c, &s), a.proof(0, Role::Client, &c, &s));
+        assert_eq!(v.proof(0, Role::Client, &z, &c, &s), a.proof(0, Role::Client, &z, &c, &s));
     }
 
     #[test]
@@ -169,8 +189,8 @@ mod tests {
         fs::set_permissions(&q, fs::Permissions::from_mode(0o600)).unwrap();
         let (c, s) = ([3u8; 32], [4u8; 32]);
         assert_eq!(
-            TokenAuth::from_file(&p).unwrap().proof(0, Role::Client, &c, &s),
-            TokenAuth::from_file(&q).unwrap().proof(0, Role::Client, &c, &s)
+            TokenAuth::from_file(&p).unwrap().proof(0, Role::Client, &[0; 32], &c, &s),
+            TokenAuth::from_file(&q).unwrap().proof(0, Role::Client, &[0; 32], &c, &s)
         );
         fs::write(&q, "\n").unwrap();
         assert!(TokenAuth::from_file(&q).unwrap_err().to_string().contains("ferry token new"));

@@ -21,6 +21,25 @@
 //! ([`Rx::set_idle_timeout`]); a source sends a Keepalive whenever it has been
 //! quiet for a while ([`Conn::keepalive_if_quiet`]), so a busy source (hashing
 //! a long unchanged stretch) never looks idle.
+//!
+//! TLS. A remote session's bytes go through a rustls connection ([`Link`]
+//! carries it from the TLS handshake in `tls.rs`). Both halves share it behind
+//! its own mutex, held only around the state machine, never across a blocking
+//! socket read or write: the sending half encrypts a frame into its own
+//! buffer under the lock (rustls' writer, then `write_tls` into a `Vec`) and
+//! writes that buffer to the socket after releasing it; the receiving half
+//! reads ciphertext from the socket into its own buffer without the lock, then
+//! takes it to hand the bytes to rustls (`read_tls`, `process_new_packets`)
+//! and copy the plaintext out. So the data path keeps its shape (one thread
+//! reads, the sending side holds [`Conn`]'s mutex) and a reader blocked on the
+//! socket never stalls a sender. What rustls queues while receiving (an alert
+//! after a record that fails its integrity check) goes out with the next
+//! write of the sending half. Under TLS a data payload is copied out of
+//! rustls' plaintext buffer into its pool buffer (the kernel's copy is now
+//! rustls'); without TLS (`--insecure-plaintext`, in-process local targets)
+//! it is read from the socket straight into the pool buffer as before.
+//! Byte counts ([`Conn::bytes_sent`], [`Rx::bytes_received`]) are socket
+//! bytes: TLS records included.
 
 use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
@@ -29,14 +48,58 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use ferry_wire::{
     Authenticator, Data, DataHead, Deframer, ErrorCode, ErrorFrame, Event, Frame, LocalInfo, Notice, PeerInfo, Session,
     Split, WireError, MAX_BODY_LEN, MAX_HANDSHAKE_BODY_LEN,
 };
 
 use crate::error::{MoveError, Result};
+use crate::tls::Established;
 use ferry_io::{BufPool, PoolBuf};
+
+/// A rustls connection shared by the two halves of a [`Conn`].
+type SharedTls = Arc<Mutex<rustls::Connection>>;
+
+fn lock_tls(t: &SharedTls) -> MutexGuard<'_, rustls::Connection> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A connected socket and, for a remote session, the TLS session over it.
+#[derive(Debug)]
+pub struct Link {
+    sock: Sock,
+    tls: Option<Established>,
+}
+
+impl Link {
+    /// The socket (TLS records travel on it under TLS).
+    pub fn sock(&self) -> &Sock {
+        &self.sock
+    }
+
+    /// A socket whose bytes travel as they are (in-process local targets,
+    /// `--insecure-plaintext`); the token proofs are bound to zeros.
+    pub fn plain(sock: Sock) -> Link {
+        Link { sock, tls: None }
+    }
+
+    /// A TCP socket with a TLS session established over it.
+    pub fn tls(sock: TcpStream, tls: Established) -> Link {
+        Link { sock: Sock::Tcp(sock), tls: Some(tls) }
+    }
+
+    /// True when the session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+impl From<Sock> for Link {
+    fn from(sock: Sock) -> Link {
+        Link::plain(sock)
+    }
+}
 
 /// A connected stream socket: TCP or Unix.
 #[derive(Debug)]
@@ -127,17 +190,71 @@ struct Tx {
     /// Answers the session queues while validating received frames wait for
     /// [`Conn::flush_answers`] (a target's receiving thread never writes).
     defer_answers: bool,
+    /// The TLS session, and the records of the frame being sent.
+    tls: Option<(SharedTls, Vec<u8>)>,
 }
+
+/// Records of at most this much stay allocated between frames (a 4 MiB frame's
+/// buffer is given back).
+const TLS_OUT_KEEP: usize = 1 << 20;
 
 impl Tx {
     /// Write whatever the session queued (handshake answers, errors).
     fn flush_queued(&mut self) -> io::Result<()> {
         if let Some(b) = self.session.take_transmit() {
-            self.bytes_sent += b.len() as u64;
-            self.last_send = Instant::now();
-            self.sock.write_all_vectored(&mut [IoSlice::new(&b)])?;
+            self.write_all(&mut [IoSlice::new(&b)])?;
         }
         Ok(())
+    }
+
+    /// Write `bufs` in full: as they are, or as TLS records (encrypted under the
+    /// TLS lock into `out`, written after it is released). Counts socket bytes.
+    fn write_all(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        self.last_send = Instant::now();
+        let Some((tls, out)) = &mut self.tls else {
+            self.bytes_sent += bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+            return self.sock.write_all_vectored(bufs);
+        };
+        out.clear();
+        let encrypted = {
+            let mut c = lock_tls(tls);
+            let mut w = c.writer();
+            let mut left: &mut [IoSlice<'_>] = bufs;
+            let mut r = Ok(());
+            while !left.is_empty() {
+                match w.write_vectored(left) {
+                    Ok(0) => {
+                        r = Err(io::Error::new(io::ErrorKind::WriteZero, "TLS connection took no data"));
+                        break;
+                    }
+                    Ok(n) => IoSlice::advance_slices(&mut left, n),
+                    // The connection failed (a record did not decrypt): what rustls
+                    // queued (its alert) still goes out below, then the error.
+                    Err(e) => {
+                        r = Err(e);
+                        break;
+                    }
+                }
+            }
+            while c.wants_write() {
+                c.write_tls(out)?;
+            }
+            r
+        };
+        self.bytes_sent += out.len() as u64;
+        let r = self.sock.write_all_vectored(&mut [IoSlice::new(out)]);
+        if out.capacity() > TLS_OUT_KEEP {
+            *out = Vec::new();
+        }
+        encrypted.and(r)
+    }
+
+    /// Send what rustls has queued on its own (an alert after a failed record), best effort.
+    fn flush_tls(&mut self) {
+        if self.tls.is_some() {
+            let _ = self.sock.set_write_timeout(Some(Duration::from_secs(2)));
+            let _ = self.write_all(&mut []);
+        }
     }
 }
 
@@ -166,7 +283,36 @@ pub struct Rx {
     idle: Option<Duration>,
     /// Bytes received so far.
     pub bytes_received: u64,
+    /// The TLS session, and ciphertext read from the socket that rustls has not taken yet.
+    tls: Option<(SharedTls, BytesMut)>,
 }
+
+/// Where plaintext out of rustls goes.
+enum Plain<'a> {
+    /// Appended to a receive buffer, at most this many bytes.
+    Append(&'a mut BytesMut, usize),
+    /// Into a slice (a data payload's pool buffer).
+    Into(&'a mut [u8]),
+}
+
+impl Plain<'_> {
+    fn room(&self, got: usize) -> usize {
+        match self {
+            Plain::Append(_, max) => max - got,
+            Plain::Into(dst) => dst.len() - got,
+        }
+    }
+
+    fn put(&mut self, got: usize, b: &[u8]) {
+        match self {
+            Plain::Append(buf, _) => buf.extend_from_slice(b),
+            Plain::Into(dst) => dst[got..got + b.len()].copy_from_slice(b),
+        }
+    }
+}
+
+/// Ciphertext read from the socket at once (TLS).
+const TLS_READ_SIZE: usize = 256 << 10;
 
 impl std::fmt::Debug for Rx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -263,9 +409,17 @@ impl Rx {
             }
             None => size,
         };
-        let n = ferry_io::sys::readv_into(self.sock.fd(), &mut [], self.deframer.buffer_mut(), size)
-            .map_err(|e| self.net(e))?;
-        self.bytes_received += n as u64;
+        let n = if self.tls.is_some() {
+            let mut buf = std::mem::take(self.deframer.buffer_mut());
+            let r = self.read_tls(Plain::Append(&mut buf, size));
+            *self.deframer.buffer_mut() = buf;
+            r?
+        } else {
+            let n = ferry_io::sys::readv_into(self.sock.fd(), &mut [], self.deframer.buffer_mut(), size)
+                .map_err(|e| self.net(e))?;
+            self.bytes_received += n as u64;
+            n
+        };
         if n == 0 {
             if self.deframer.buffered() == 0 {
                 return Ok(false);
@@ -294,6 +448,16 @@ impl Rx {
         let mut buf = pool.get();
         let dst = &mut buf.spare_mut()[..len];
         let mut filled = self.deframer.take_payload(dst);
+        if self.tls.is_some() {
+            while filled < len {
+                let n = self.read_tls(Plain::Into(&mut dst[filled..]))?;
+                if n == 0 {
+                    return Err(self.eof_in_frame());
+                }
+                filled += n;
+                self.deframer.payload_received(n);
+            }
+        }
         while filled < len {
             let mut next = std::mem::take(self.deframer.buffer_mut());
             let read = ferry_io::sys::readv_into(self.sock.fd(), &mut dst[filled..], &mut next, SPLIT_READ_SIZE);
@@ -344,6 +508,66 @@ impl Rx {
         }
     }
 
+    /// Plaintext of the TLS session into `dst`: what rustls holds already, then
+    /// records from the ciphertext buffer, reading the socket (without the TLS
+    /// lock) only when neither gave anything. Returns the bytes given, 0 at the
+    /// end of the stream.
+    fn read_tls(&mut self, mut dst: Plain<'_>) -> Result<usize> {
+        let Some((tls, cipher)) = &mut self.tls else { unreachable!("read_tls without TLS") };
+        let peer = &self.peer;
+        let mut got = 0;
+        loop {
+            {
+                let mut c = lock_tls(tls);
+                loop {
+                    // Plaintext rustls holds, as much as fits.
+                    let mut ended = false;
+                    while dst.room(got) > 0 {
+                        let mut r = c.reader();
+                        match io::BufRead::fill_buf(&mut r) {
+                            Ok([]) => {
+                                ended = true; // close_notify
+                                break;
+                            }
+                            Ok(b) => {
+                                let k = b.len().min(dst.room(got));
+                                dst.put(got, &b[..k]);
+                                io::BufRead::consume(&mut r, k);
+                                got += k;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(MoveError::Net { peer: peer.clone(), source: e }),
+                        }
+                    }
+                    if ended || dst.room(got) == 0 || cipher.is_empty() {
+                        break;
+                    }
+                    // More records from what was read.
+                    let n =
+                        c.read_tls(&mut &cipher[..]).map_err(|source| MoveError::Net { peer: peer.clone(), source })?;
+                    cipher.advance(n);
+                    if let Err(source) = c.process_new_packets() {
+                        return Err(MoveError::Tls { peer: peer.clone(), source });
+                    }
+                }
+            }
+            if got > 0 {
+                return Ok(got);
+            }
+            // Before authentication reads stay small (see `read_more`).
+            let size = if self.deadline.is_some() { HANDSHAKE_READ_SIZE } else { TLS_READ_SIZE };
+            let n = match ferry_io::sys::readv_into(self.sock.fd(), &mut [], cipher, size) {
+                Ok(n) => n,
+                // As for a plaintext read: a timeout is the handshake deadline or the idle timeout.
+                Err(e) => return Err(self.net(e)),
+            };
+            self.bytes_received += n as u64;
+            if n == 0 {
+                return Ok(0);
+            }
+        }
+    }
+
     fn eof_in_frame(&self) -> MoveError {
         MoveError::Net {
             peer: self.peer.clone(),
@@ -382,8 +606,19 @@ fn human_duration(d: Duration) -> String {
 }
 
 impl Conn {
-    fn new(peer: String, session: Session, sock: Sock, deadline: (Instant, Duration)) -> Result<(Arc<Conn>, Rx)> {
+    fn new(
+        peer: String,
+        session: Session,
+        sock: Sock,
+        tls: Option<rustls::Connection>,
+        deadline: (Instant, Duration),
+    ) -> Result<(Arc<Conn>, Rx)> {
         let rsock = sock.try_clone().map_err(|source| MoveError::Net { peer: peer.clone(), source })?;
+        let tls = tls.map(|mut c| {
+            // Every frame is drained at once after it is encrypted: no limit needed.
+            c.set_buffer_limit(None);
+            Arc::new(Mutex::new(c))
+        });
         let conn = Arc::new(Conn {
             peer: peer.clone(),
             tx: Mutex::new(Tx {
@@ -393,13 +628,15 @@ impl Conn {
                 bytes_sent: 0,
                 last_send: Instant::now(),
                 defer_answers: false,
+                tls: tls.clone().map(|t| (t, Vec::new())),
             }),
             notices: Mutex::new(Vec::new()),
         });
         // Until the peer is authenticated its frames are small (PROTOCOL.md, "Limits").
         let mut deframer = Deframer::new();
         deframer.set_max_body_len(MAX_HANDSHAKE_BODY_LEN);
-        Ok((conn, Rx { sock: rsock, deframer, peer, deadline: Some(deadline), idle: None, bytes_received: 0 }))
+        let tls = tls.map(|t| (t, BytesMut::new()));
+        Ok((conn, Rx { sock: rsock, deframer, peer, deadline: Some(deadline), idle: None, bytes_received: 0, tls }))
     }
 
     fn lock(&self) -> MutexGuard<'_, Tx> {
@@ -443,13 +680,13 @@ impl Conn {
         let tx = &mut *tx;
         tx.head.clear();
         data.encode_head(&mut tx.head);
-        let n = (tx.head.len() + data.payload.len()) as u64;
+        let before = tx.bytes_sent;
         tx.last_send = Instant::now();
-        tx.sock
-            .write_all_vectored(&mut [IoSlice::new(&tx.head), IoSlice::new(&data.payload)])
-            .map_err(|e| MoveError::Net { peer: self.peer.clone(), source: e })?;
-        tx.bytes_sent += n;
-        Ok(n)
+        let head = std::mem::take(&mut tx.head);
+        let r = tx.write_all(&mut [IoSlice::new(&head), IoSlice::new(&data.payload)]);
+        tx.head = head;
+        r.map_err(|e| MoveError::Net { peer: self.peer.clone(), source: e })?;
+        Ok(tx.bytes_sent - before)
     }
 
     /// Validate a received frame against the session; answers the session
@@ -514,9 +751,13 @@ impl Conn {
         self.lock().flush_queued().map_err(|e| self.net_err(e))
     }
 
-    /// Shut the socket down: wakes the receiver.
+    /// Shut the socket down: wakes the receiver. Under TLS, an alert rustls
+    /// queued (a record that failed its integrity check) is sent first, so the
+    /// peer learns why.
     pub fn shutdown(&self) {
-        self.lock().sock.shutdown();
+        let mut tx = self.lock();
+        tx.flush_tls();
+        tx.sock.shutdown();
     }
 
     /// Send a Keepalive frame when nothing was written for `quiet` (a source that is busy
@@ -592,31 +833,44 @@ fn handshake(conn: &Arc<Conn>, rx: &mut Rx, side: &'static str) -> Result<PeerIn
     }
 }
 
-/// Connect as the client (source): handshake and authentication.
-pub fn client_handshake(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
-    let session = Session::client(local_info(), auth);
+/// Connect as the client (source): handshake and authentication within
+/// [`HANDSHAKE_TIMEOUT`], over TLS when `link` has a TLS session (the proofs are bound to it).
+pub fn client_handshake(
+    link: impl Into<Link>,
+    peer: &str,
+    auth: Arc<dyn Authenticator>,
+) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
+    let Link { sock, tls } = link.into();
+    let (tls, binding) = tls.map_or((None, [0; 32]), |t| (Some(t.conn), t.binding));
+    let session = Session::client(local_info(), auth, binding);
     let deadline = (Instant::now() + HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT);
-    let (conn, mut rx) = Conn::new(peer.to_string(), session, sock, deadline)?;
+    let (conn, mut rx) = Conn::new(peer.to_string(), session, sock, tls, deadline)?;
     let info = handshake(&conn, &mut rx, "target")?;
     Ok((conn, rx, info))
 }
 
-/// Accept as the server (target): handshake and authentication, within [`HANDSHAKE_TIMEOUT`].
-pub fn server_handshake(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
-    server_handshake_within(sock, peer, auth, Instant::now(), HANDSHAKE_TIMEOUT)
+/// Accept as the server (target): handshake and authentication, as for [`client_handshake`].
+pub fn server_handshake(
+    link: impl Into<Link>,
+    peer: &str,
+    auth: Arc<dyn Authenticator>,
+) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
+    server_handshake_within(link, peer, auth, Instant::now(), HANDSHAKE_TIMEOUT)
 }
 
 /// Accept as the server: the whole handshake must be over `limit` after `since` (when the
 /// connection was accepted), however the peer spreads its bytes.
 pub fn server_handshake_within(
-    sock: Sock,
+    link: impl Into<Link>,
     peer: &str,
     auth: Arc<dyn Authenticator>,
     since: Instant,
     limit: Duration,
 ) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
-    let session = Session::server(local_info(), auth);
-    let (conn, mut rx) = Conn::new(peer.to_string(), session, sock, (since + limit, limit))?;
+    let Link { sock, tls } = link.into();
+    let (tls, binding) = tls.map_or((None, [0; 32]), |t| (Some(t.conn), t.binding));
+    let session = Session::server(local_info(), auth, binding);
+    let (conn, mut rx) = Conn::new(peer.to_string(), session, sock, tls, (since + limit, limit))?;
     let info = handshake(&conn, &mut rx, "source")?;
     Ok((conn, rx, info))
 }

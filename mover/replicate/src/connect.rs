@@ -1,7 +1,8 @@
 //! Reaching a target and running jobs against it: a `ferry serve` over TCP, or
 //! a datastore directory served in-process over a socketpair with the same
 //! protocol code; one attempt, or attempts that reconnect and resume until
-//! `--retry-for` runs out.
+//! `--retry-for` runs out. A remote target is reached over TLS 1.3 and trusted
+//! by its pinned certificate fingerprint (`tls.rs`), unless `--insecure-plaintext`.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use crate::access::{Access, AccessList};
 use crate::error::{MoveError, Result};
 use crate::source::{JobEvent, JobReport, Observer, ReplicaInfo, ReplicateConfig};
 use crate::target::{ServeConfig, SessionReport};
+use crate::tls::ClientTrust;
 use crate::{auth, conn, source, target};
 
 /// Where a job sends its data.
@@ -45,8 +47,8 @@ impl TargetSpec {
 
 /// A connection to a target, and for a local target the thread serving it.
 pub(crate) struct Connected {
-    /// The socket.
-    pub(crate) sock: conn::Sock,
+    /// The socket, and its TLS session for a remote target.
+    pub(crate) sock: conn::Link,
     /// Peer description for messages.
     pub(crate) peer: String,
     /// The authenticator both ends use.
@@ -61,12 +63,14 @@ impl std::fmt::Debug for Connected {
     }
 }
 
-/// Connect to a target: TCP for a remote one (authenticated with `token`),
-/// an in-process target over a socketpair for a local one.
-/// With `create` false (plans), a local datastore is never created.
+/// Connect to a target: TCP and TLS for a remote one (its certificate checked
+/// against `trust`; authenticated with `token`), an in-process target over a
+/// socketpair for a local one. With `create` false (plans), a local datastore
+/// is never created.
 pub(crate) fn connect(
     spec: &TargetSpec,
     token: Option<&std::path::Path>,
+    trust: &ClientTrust,
     serve: &target::ServeConfig,
     create: bool,
 ) -> Result<Connected> {
@@ -81,9 +85,15 @@ pub(crate) fn connect(
             let mut last = None;
             for a in addrs {
                 match TcpStream::connect_timeout(&a, std::time::Duration::from_secs(10)) {
-                    Ok(s) => {
+                    Ok(mut s) => {
                         let _ = s.set_nodelay(true);
-                        return Ok(Connected { sock: conn::Sock::Tcp(s), peer: addr.clone(), auth, local: None });
+                        let sock = if trust.insecure_plaintext {
+                            conn::Link::plain(conn::Sock::Tcp(s))
+                        } else {
+                            let tls = crate::tls::connect(&mut s, addr, trust)?;
+                            conn::Link::tls(s, tls)
+                        };
+                        return Ok(Connected { sock, peer: addr.clone(), auth, local: None });
                     }
                     Err(e) => last = Some(e),
                 }
@@ -111,9 +121,11 @@ pub(crate) fn connect(
             let peer = format!("local datastore {}", dir.display());
             let handle = std::thread::Builder::new()
                 .name("ferry-local-target".into())
-                .spawn(move || target::serve_connection(conn::Sock::Unix(b), "local source", &ds, &access, &serve))
+                .spawn(move || {
+                    target::serve_connection(conn::Sock::Unix(b).into(), "local source", &ds, &access, &serve)
+                })
                 .map_err(|e| MoveError::Net { peer: peer.clone(), source: e })?;
-            Ok(Connected { sock: conn::Sock::Unix(a), peer, auth, local: Some(handle) })
+            Ok(Connected { sock: conn::Sock::Unix(a).into(), peer, auth, local: Some(handle) })
         }
     }
 }
@@ -125,6 +137,8 @@ pub struct Target {
     pub spec: TargetSpec,
     /// Token file for a remote target.
     pub token: Option<PathBuf>,
+    /// How a remote target's TLS certificate is trusted (or `--insecure-plaintext`).
+    pub trust: ClientTrust,
     /// Settings of an in-process target (local datastores).
     pub serve: ServeConfig,
 }
@@ -133,7 +147,7 @@ impl Target {
     /// One attempt at `cfg`: connect, run the job, and for a local target
     /// join the in-process session. A plan never creates a local datastore.
     pub fn run(&self, cfg: &ReplicateConfig, obs: &dyn Observer) -> Result<JobReport> {
-        let c = connect(&self.spec, self.token.as_deref(), &self.serve, !cfg.plan_only)?;
+        let c = connect(&self.spec, self.token.as_deref(), &self.trust, &self.serve, !cfg.plan_only)?;
         let r = source::replicate(c.sock, &c.peer, c.auth, cfg, obs);
         let local = c.local.and_then(|h| h.join().ok());
         r.map_err(|e| prefer_local(e, local))
@@ -178,7 +192,7 @@ impl Target {
     /// What the target says about `replica`, through a plan-only session
     /// (nothing is created or changed there).
     pub fn replica_info(&self, replica: &str) -> Result<ReplicaInfo> {
-        let c = connect(&self.spec, self.token.as_deref(), &self.serve, false)?;
+        let c = connect(&self.spec, self.token.as_deref(), &self.trust, &self.serve, false)?;
         let r = source::replica_info(c.sock, &c.peer, c.auth, replica);
         let local = c.local.and_then(|h| h.join().ok());
         r.map_err(|e| prefer_local(e, local))

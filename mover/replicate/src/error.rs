@@ -207,12 +207,67 @@ pub enum MoveError {
         /// What the decoder said.
         detail: String,
     },
+    /// TLS failed: the handshake, or a record that did not decrypt (its
+    /// integrity check failed: the stream was altered on the way).
+    #[error("TLS session with {peer}: {}", tls_what(source))]
+    Tls {
+        /// Peer address.
+        peer: String,
+        /// What rustls said.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The target presented a certificate that nothing pins.
+    #[error(
+        "target {target} presented the TLS certificate {presented}, which is not pinned: nothing was sent. \
+         Check it against `ferry fingerprint` on the target host, then run again with --fingerprint {presented}{}",
+        match file { Some(f) => format!(" (or with --trust-new to store it in {})", f.display()), None => String::new() }
+    )]
+    UnknownTarget {
+        /// HOST:PORT.
+        target: String,
+        /// Its fingerprint.
+        presented: String,
+        /// The known-targets file that has no line for it.
+        file: Option<PathBuf>,
+    },
+    /// The target presented another certificate than the pinned one.
+    #[error(
+        "target {target} presented the TLS certificate {presented}, but {pinned_by} pins {expected}: nothing was sent. \
+         If the target's identity changed on purpose, pin the new one (check it with `ferry fingerprint` on the target host)"
+    )]
+    FingerprintMismatch {
+        /// HOST:PORT.
+        target: String,
+        /// The pinned fingerprint.
+        expected: String,
+        /// What it presented.
+        presented: String,
+        /// Where the pin comes from (--fingerprint, the known-targets file).
+        pinned_by: String,
+    },
     /// A replica or disk name that could escape the datastore.
     #[error("{0}")]
     BadName(String),
     /// Something of our own went wrong (a thread panicked, a stage stopped).
     #[error("{0}")]
     Internal(String),
+}
+
+/// What a TLS error means for the user; a record that failed its integrity
+/// check (either end) says so plainly.
+fn tls_what(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::DecryptError => {
+            "a record failed its integrity check (the stream was altered or corrupted on the way); nothing of it was used"
+                .into()
+        }
+        rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac) => {
+            "the peer found a record that failed its integrity check (the stream was altered or corrupted on the way)"
+                .into()
+        }
+        _ => "failed".into(),
+    }
 }
 
 /// The class of an error a peer reported with `code`.
@@ -246,6 +301,8 @@ impl MoveError {
             | MoveError::NotAllowed(_)
             | MoveError::ChangeList { .. }
             | MoveError::ChangeListUnreadable { .. }
+            | MoveError::UnknownTarget { .. }
+            | MoveError::FingerprintMismatch { .. }
             | MoveError::BadName(_) => Usage,
             MoveError::OpenSource { source, .. } => match source.kind() {
                 io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput => Usage,
@@ -269,6 +326,7 @@ impl MoveError {
             | MoveError::PeerGone { .. }
             | MoveError::DigestMismatch { .. }
             | MoveError::Decompress { .. }
+            | MoveError::Tls { .. }
             | MoveError::Internal(_) => Failed,
         }
     }
@@ -283,6 +341,8 @@ impl MoveError {
             | MoveError::ChangeListUnreadable { .. }
             | MoveError::Token { .. }
             | MoveError::AccessFile { .. }
+            | MoveError::UnknownTarget { .. }
+            | MoveError::FingerprintMismatch { .. }
             | MoveError::BadToken(_) => ErrorCode::BadRequest,
             MoveError::NotAllowed(_) => ErrorCode::NotAllowed,
             MoveError::BadName(_) => ErrorCode::BadName,
@@ -304,6 +364,7 @@ impl MoveError {
             | MoveError::Resized { .. }
             | MoveError::Nbd { .. }
             | MoveError::Backend { .. } => ErrorCode::Io,
+            MoveError::Tls { .. } => ErrorCode::Protocol,
             MoveError::Net { .. } | MoveError::PeerGone { .. } | MoveError::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -9,6 +9,7 @@
 //!   sessions, handshake deadline, idle timeout, disk size: target/listen.rs).
 //! - [`conn`]: sockets, the wire session, handshake; [`auth`]: tokens;
 //!   [`access`]: scoped tokens (the access file), roles, revocation.
+//!   [`tls`]: the server's identity, the source's pins, the TLS handshake.
 //! - [`disk`]: source disks (files, block devices, NBD exports).
 //! - [`map_cache`]: the source's cache of target digest maps.
 //! - [`stats`]: per-disk counters and per-stage latency histograms.
@@ -37,6 +38,7 @@ pub mod map_cache;
 pub mod source;
 pub mod stats;
 pub mod target;
+pub mod tls;
 
 pub use connect::{Target, TargetSpec};
 pub use error::{MoveError, Result};

@@ -12,7 +12,14 @@ use ferry_wire::*;
 pub struct MixAuth(pub [u8; 32]);
 
 impl Authenticator for MixAuth {
-    fn proof(&self, _key: usize, role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
+    fn proof(
+        &self,
+        _key: usize,
+        role: Role,
+        binding: &[u8; 32],
+        client_nonce: &[u8; 32],
+        server_nonce: &[u8; 32],
+    ) -> [u8; 32] {
         let label: u8 = match role {
             Role::Client => 0xC1,
             Role::Server => 0x5E,
@@ -20,7 +27,11 @@ impl Authenticator for MixAuth {
         let mut out = [0u8; 32];
         let mut acc: u8 = label;
         for i in 0..32 {
-            acc = acc.rotate_left(3) ^ self.0[i] ^ client_nonce[i].wrapping_mul(3) ^ server_nonce[(i + 7) % 32];
+            acc = acc.rotate_left(3)
+                ^ self.0[i]
+                ^ client_nonce[i].wrapping_mul(3)
+                ^ server_nonce[(i + 7) % 32]
+                ^ binding[i];
             out[i] = acc.wrapping_add(i as u8);
         }
         out
@@ -42,8 +53,8 @@ pub fn local(name: &str, nonce: u8) -> LocalInfo {
 /// A fresh client and server with fixed nonces and the shared token.
 pub fn pair() -> (Session, Session) {
     (
-        Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN))),
-        Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN))),
+        Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)), [0; 32]),
+        Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)), [0; 32]),
     )
 }
 

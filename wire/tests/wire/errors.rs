@@ -17,8 +17,8 @@ fn deliver(from: &mut Session, to: &mut Session) -> Result<Option<Event>, WireEr
 
 #[test]
 fn wrong_token_fails_at_the_server_and_reveals_nothing() {
-    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth([0x43; 32])));
-    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)));
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth([0x43; 32])), [0; 32]);
+    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)), [0; 32]);
     assert_eq!(deliver(&mut c, &mut s), Ok(None)); // Hello -> Welcome
     assert_eq!(deliver(&mut s, &mut c), Ok(None)); // Welcome -> AuthProof
     assert_eq!(s.peer(), None, "the peer's claims are not trusted before its proof");
@@ -48,16 +48,16 @@ impl Authenticator for Keys {
     fn key_count(&self) -> usize {
         self.0.len()
     }
-    fn proof(&self, key: usize, role: Role, c: &[u8; 32], s: &[u8; 32]) -> [u8; 32] {
-        MixAuth(self.0[key]).proof(0, role, c, s)
+    fn proof(&self, key: usize, role: Role, b: &[u8; 32], c: &[u8; 32], s: &[u8; 32]) -> [u8; 32] {
+        MixAuth(self.0[key]).proof(0, role, b, c, s)
     }
 }
 
 #[test]
 fn a_server_with_several_keys_finds_the_clients_key_and_proves_that_one() {
     let keys = vec![[0x01; 32], [0x02; 32], TOKEN, [0x04; 32]];
-    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)));
-    let mut s = Session::server(local("target", 0x22), Arc::new(Keys(keys.clone())));
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)), [0; 32]);
+    let mut s = Session::server(local("target", 0x22), Arc::new(Keys(keys.clone())), [0; 32]);
     assert_eq!(deliver(&mut c, &mut s), Ok(None));
     assert_eq!(deliver(&mut s, &mut c), Ok(None));
     match deliver(&mut c, &mut s) {
@@ -70,14 +70,14 @@ fn a_server_with_several_keys_finds_the_clients_key_and_proves_that_one() {
     assert_eq!(c.peer().unwrap().key, 0);
 
     // A key the server does not hold: refused, whatever the others are.
-    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth([0x09; 32])));
-    let mut s = Session::server(local("target", 0x22), Arc::new(Keys(keys)));
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth([0x09; 32])), [0; 32]);
+    let mut s = Session::server(local("target", 0x22), Arc::new(Keys(keys)), [0; 32]);
     deliver(&mut c, &mut s).unwrap();
     deliver(&mut s, &mut c).unwrap();
     assert_eq!(deliver(&mut c, &mut s), Err(WireError::AuthFailed));
     // A server with no key at all authenticates no one.
-    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)));
-    let mut s = Session::server(local("target", 0x22), Arc::new(Keys(vec![])));
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)), [0; 32]);
+    let mut s = Session::server(local("target", 0x22), Arc::new(Keys(vec![])), [0; 32]);
     deliver(&mut c, &mut s).unwrap();
     deliver(&mut s, &mut c).unwrap();
     assert_eq!(deliver(&mut c, &mut s), Err(WireError::AuthFailed));
@@ -93,10 +93,27 @@ fn a_notice_goes_from_the_server_only() {
 }
 
 #[test]
+fn a_proof_made_for_another_channel_fails_at_the_server() {
+    // A relay between two TLS sessions: the client's proof covers its channel's binding,
+    // the server checks it against its own.
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)), [1; 32]);
+    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)), [2; 32]);
+    assert_eq!(deliver(&mut c, &mut s), Ok(None));
+    assert_eq!(deliver(&mut s, &mut c), Ok(None));
+    assert_eq!(deliver(&mut c, &mut s), Err(WireError::AuthFailed));
+    // The same binding on both ends authenticates.
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)), [2; 32]);
+    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)), [2; 32]);
+    assert_eq!(deliver(&mut c, &mut s), Ok(None));
+    assert_eq!(deliver(&mut s, &mut c), Ok(None));
+    assert!(matches!(deliver(&mut c, &mut s), Ok(Some(Event::Authenticated(_)))));
+}
+
+#[test]
 fn server_that_cannot_prove_the_token_is_refused_by_the_client() {
-    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)));
+    let mut c = Session::client(local("source", 0x11), Arc::new(MixAuth(TOKEN)), [0; 32]);
     // A server that accepts any proof but does not hold the token: forge its frames by hand.
-    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)));
+    let mut s = Session::server(local("target", 0x22), Arc::new(MixAuth(TOKEN)), [0; 32]);
     deliver(&mut c, &mut s).unwrap();
     deliver(&mut s, &mut c).unwrap();
     let _ = c.take_transmit();
@@ -492,9 +509,12 @@ fn error_codes_round_trip() {
 #[test]
 fn features_must_be_negotiated_before_use() {
     // A client that offers no features: neither zstd data nor digest maps may flow.
-    let mut c =
-        Session::client(LocalInfo { features: 0, ..local("source", 0x11) }, std::sync::Arc::new(MixAuth(TOKEN)));
-    let mut s = Session::server(local("target", 0x22), std::sync::Arc::new(MixAuth(TOKEN)));
+    let mut c = Session::client(
+        LocalInfo { features: 0, ..local("source", 0x11) },
+        std::sync::Arc::new(MixAuth(TOKEN)),
+        [0; 32],
+    );
+    let mut s = Session::server(local("target", 0x22), std::sync::Arc::new(MixAuth(TOKEN)), [0; 32]);
     for _ in 0..2 {
         pump(&mut c, &mut s);
         pump(&mut s, &mut c);

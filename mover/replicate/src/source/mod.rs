@@ -50,7 +50,7 @@ use ferry_nbd::is_nbd_uri;
 use ferry_planner::{parse_cbt, ChangeMap, PlanError};
 use ferry_wire::{Authenticator, Frame, Mode, OpenReplica};
 
-use crate::conn::{client_handshake, Sock};
+use crate::conn::{client_handshake, Link};
 use crate::disk::SourceDisk;
 use crate::error::{MoveError, Result};
 use crate::map_cache::MapCache;
@@ -246,7 +246,7 @@ pub struct CompressChoice {
 
 /// Run a replication over an established socket to a target.
 pub fn replicate(
-    sock: Sock,
+    sock: Link,
     peer: &str,
     auth: Arc<dyn Authenticator>,
     cfg: &ReplicateConfig,
@@ -343,7 +343,7 @@ pub struct ReplicaInfo {
 }
 
 /// Ask a target about `replica` through a plan-only session (side-effect free).
-pub fn replica_info(sock: Sock, peer: &str, auth: Arc<dyn Authenticator>, replica: &str) -> Result<ReplicaInfo> {
+pub fn replica_info(sock: Link, peer: &str, auth: Arc<dyn Authenticator>, replica: &str) -> Result<ReplicaInfo> {
     let (conn, mut rx, _peer_info) = client_handshake(sock, peer, auth)?;
     conn.set_write_timeout(Some(Duration::from_secs(120)));
     let result = (|| {

@@ -45,8 +45,10 @@ use ferry_wire::{ErrorCode, ErrorFrame, Frame};
 
 use super::{run_session, Authenticated, ServeConfig, ServeObserver, SessionReport};
 use crate::access::Access;
+use crate::conn::Link;
 use crate::conn::{self, server_handshake_within, Sock, KEEPALIVE_INTERVAL};
 use crate::error::{MoveError, Result};
+use crate::tls::{FirstBytes, ServerTransport};
 use ferry_datastore::store::Datastore;
 
 /// What one peer, or many, may take of a server. The defaults suit a small
@@ -168,6 +170,7 @@ const LISTEN_BACKLOG: u32 = 1024;
 struct Shared {
     ds: Datastore,
     access: Arc<Access>,
+    transport: ServerTransport,
     cfg: ServeConfig,
     obs: Arc<dyn ServeObserver>,
     sessions: Arc<AtomicUsize>,
@@ -180,6 +183,7 @@ pub fn serve(
     listener: TcpListener,
     ds: Datastore,
     access: Arc<Access>,
+    transport: ServerTransport,
     cfg: ServeConfig,
     obs: Arc<dyn ServeObserver>,
 ) -> Result<()> {
@@ -190,7 +194,8 @@ pub fn serve(
     // having its SYNs dropped and retried a second later.
     ferry_io::sys::set_listen_backlog(&listener, LISTEN_BACKLOG).map_err(net)?;
     let limits = cfg.limits.clone();
-    let shared = Arc::new(Shared { ds, access, cfg, obs: obs.clone(), sessions: Arc::new(AtomicUsize::new(0)) });
+    let shared =
+        Arc::new(Shared { ds, access, transport, cfg, obs: obs.clone(), sessions: Arc::new(AtomicUsize::new(0)) });
     let open = Arc::new(AtomicUsize::new(0));
     let mut parked: Vec<Parked> = Vec::new();
     let mut draining: Vec<Draining> = Vec::new();
@@ -331,10 +336,18 @@ fn serve_tcp(stream: TcpStream, peer: &str, accepted: Instant, sh: &Shared) -> S
     let start = Instant::now();
     let limits = &sh.cfg.limits;
     let mut report = SessionReport { peer: peer.to_string(), ..Default::default() };
-    let killer = stream.try_clone().ok().map(Sock::Tcp);
+    let link = match secure(stream, peer, &sh.transport, accepted + limits.handshake_timeout) {
+        Ok(link) => link,
+        Err(e) => {
+            report.error = Some(e.detail());
+            report.failure = Some(e);
+            return report;
+        }
+    };
+    let killer = link.sock().try_clone().ok();
     let list = sh.access.snapshot();
     let (conn, mut rx, info) =
-        match server_handshake_within(Sock::Tcp(stream), peer, list.clone(), accepted, limits.handshake_timeout) {
+        match server_handshake_within(link, peer, list.clone(), accepted, limits.handshake_timeout) {
             Ok(x) => x,
             Err(e) => {
                 report.error = Some(e.detail());
@@ -362,4 +375,29 @@ fn serve_tcp(stream: TcpStream, peer: &str, accepted: Instant, sh: &Shared) -> S
     rx.set_idle_timeout(limits.idle_timeout);
     let who = Authenticated { access: &sh.access, list: &list, killer };
     run_session(conn, &mut rx, &info, who, &sh.ds, &sh.cfg, start, report)
+}
+
+/// The transport of an accepted connection: the TLS handshake (over by `deadline`), or
+/// none with `--insecure-plaintext`. A source that speaks the other kind is told so in a
+/// plaintext Error frame (`tls::plaintext_refusal`) and refused.
+fn secure(mut stream: TcpStream, peer: &str, transport: &ServerTransport, deadline: Instant) -> Result<Link> {
+    let first = crate::tls::peek_first_bytes(&stream);
+    let tls = matches!(transport, ServerTransport::Tls(_));
+    if (tls && first == FirstBytes::Plaintext) || (!tls && first == FirstBytes::Tls) {
+        let (frame, message) = crate::tls::plaintext_refusal(tls);
+        let _ = stream.set_write_timeout(Some(conn::HANDSHAKE_TIMEOUT));
+        let _ = stream.write_all(&frame);
+        // Let the refusal arrive before the close (unread bytes would reset the connection).
+        let _ = stream.shutdown(Shutdown::Write);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = std::io::copy(&mut Read::take(&mut stream, 1 << 16), &mut std::io::sink());
+        return Err(MoveError::Usage(format!("refused {peer}: {message}")));
+    }
+    match transport {
+        ServerTransport::Tls(cfg) => {
+            let established = crate::tls::accept(&mut stream, peer, cfg, deadline)?;
+            Ok(Link::tls(stream, established))
+        }
+        ServerTransport::Plaintext => Ok(Link::plain(Sock::Tcp(stream))),
+    }
 }

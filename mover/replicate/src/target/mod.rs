@@ -74,7 +74,7 @@ use ferry_wire::PeerInfo;
 use serde::Serialize;
 
 use crate::access::{Access, AccessList, Revoke};
-use crate::conn::{server_handshake, Conn, Rx, Sock};
+use crate::conn::{server_handshake, Conn, Link, Rx, Sock};
 use crate::error::MoveError;
 use ferry_datastore::points::Protection;
 use ferry_datastore::store::Datastore;
@@ -193,7 +193,7 @@ pub trait ServeObserver: Send + Sync {
 /// that revokes the token ends it (a `NotAllowed` error to the source, then the socket is
 /// shut down, as for a writer failure).
 pub fn serve_connection(
-    sock: Sock,
+    link: Link,
     peer: &str,
     ds: &Datastore,
     access: &Arc<Access>,
@@ -203,9 +203,9 @@ pub fn serve_connection(
     let report = SessionReport { peer: peer.to_string(), ..Default::default() };
     // A handle that shuts the socket down without the connection's lock (a revocation
     // while the sending thread is blocked on a peer that does not read).
-    let killer = sock.try_clone().ok();
+    let killer = link.sock().try_clone().ok();
     let list = access.snapshot();
-    match server_handshake(sock, peer, list.clone()) {
+    match server_handshake(link, peer, list.clone()) {
         Ok((conn, mut rx, info)) => {
             let who = Authenticated { access, list: &list, killer };
             run_session(conn, &mut rx, &info, who, ds, cfg, start, report)
