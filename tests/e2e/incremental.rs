@@ -619,11 +619,7 @@ fn disks_added_to_an_existing_replica_are_copied_in_full_beside_the_incrementals
         path
     };
     let d0 = image("d0", 16 * MIB, 6, &[Fill::Random]);
-    let r = replicate(
-        &server.url,
-        &[named("d0", &d0)],
-        &["--token-file", &tok, "--fingerprint", &server.fingerprint, "--fingerprint", &server.fingerprint],
-    );
+    let r = replicate(&server.url, &[named("d0", &d0)], &["--token-file", &tok, "--fingerprint", &server.fingerprint]);
     r.expect_code(0);
     let new_disk = |name: &str| format!("disk {name:?} is new to the replica: copying it in full");
 
@@ -705,12 +701,7 @@ fn bad_change_lists_are_refused_with_exit_2_naming_file_and_entry_and_change_not
     let targets = [(p(&ds), ds.clone()), (server.url.clone(), remote.clone())];
     for seed in [70, 71] {
         for (target, _) in &targets {
-            replicate(
-                target,
-                &src,
-                &["--token-file", &tok, "--fingerprint", &server.fingerprint, "--fingerprint", &server.fingerprint],
-            )
-            .expect_code(0);
+            replicate(target, &src, &["--token-file", &tok, "--fingerprint", &server.fingerprint]).expect_code(0);
         }
         mutate_blocks(&img, CS, 3, seed);
     }
@@ -822,11 +813,7 @@ fn bad_change_lists_are_refused_with_exit_2_naming_file_and_entry_and_change_not
 
     // Nothing was left half done: the next run is the next point and moves the 3 changes.
     for (target, store) in &targets {
-        let s = ok_summary(&replicate(
-            target,
-            &src,
-            &["--token-file", &tok, "--fingerprint", &server.fingerprint, "--fingerprint", &server.fingerprint],
-        ));
+        let s = ok_summary(&replicate(target, &src, &["--token-file", &tok, "--fingerprint", &server.fingerprint]));
         assert_eq!(s["point_id"], 3, "{target}");
         assert_eq!(u(&disk_of(&s, "d0")["chunks_sent"]), 3, "{target}");
         assert_replica_equals(store, "vm1", "d0", &img);

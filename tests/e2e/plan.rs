@@ -70,6 +70,8 @@ fn plan_predicts_the_run_exactly_and_changes_nothing() {
     // The same over TCP against a server.
     let token = new_token(dir.path(), "token");
     let server = Server::start(&ds, &token, &[]);
+    // The server's first start made its TLS identity (DATASTORE/.tls); the plan must change nothing more.
+    let before = tree(&ds);
     let p_remote =
         plan_json(&server.url, &img, &["--token-file", token.to_str().unwrap(), "--fingerprint", &server.fingerprint]);
     assert_eq!(tree(&ds), before, "remote plan changed the datastore");

@@ -200,11 +200,13 @@ const TLS_OUT_KEEP: usize = 1 << 20;
 
 impl Tx {
     /// Write whatever the session queued (handshake answers, errors).
-    fn flush_queued(&mut self) -> io::Result<()> {
+    /// Returns the frame bytes written (TLS records not counted).
+    fn flush_queued(&mut self) -> io::Result<u64> {
         if let Some(b) = self.session.take_transmit() {
             self.write_all(&mut [IoSlice::new(&b)])?;
+            return Ok(b.len() as u64);
         }
-        Ok(())
+        Ok(0)
     }
 
     /// Write `bufs` in full: as they are, or as TLS records (encrypted under the
@@ -658,20 +660,18 @@ impl Conn {
         MoveError::Net { peer: self.peer.clone(), source }
     }
 
-    /// Validate and send a frame; returns the bytes written.
+    /// Validate and send a frame; returns the frame's bytes (without TLS record overhead).
     pub fn send(&self, frame: &Frame) -> Result<u64> {
         if let Frame::Data(d) = frame {
             return self.send_data(d);
         }
         let mut tx = self.lock();
         tx.session.send(frame).map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })?;
-        let before = tx.bytes_sent;
-        tx.flush_queued().map_err(|e| self.net_err(e))?;
-        Ok(tx.bytes_sent - before)
+        tx.flush_queued().map_err(|e| self.net_err(e))
     }
 
     /// Validate and send a data frame: header and payload in one vectored
-    /// write, the payload never copied. Returns the bytes written.
+    /// write, the payload never copied (without TLS). Returns the frame's bytes.
     pub fn send_data(&self, data: &Data) -> Result<u64> {
         let frame = Frame::Data(data.clone()); // clones the Bytes handle, not the payload
         let mut tx = self.lock();
@@ -680,13 +680,12 @@ impl Conn {
         let tx = &mut *tx;
         tx.head.clear();
         data.encode_head(&mut tx.head);
-        let before = tx.bytes_sent;
-        tx.last_send = Instant::now();
         let head = std::mem::take(&mut tx.head);
+        let n = (head.len() + data.payload.len()) as u64;
         let r = tx.write_all(&mut [IoSlice::new(&head), IoSlice::new(&data.payload)]);
         tx.head = head;
         r.map_err(|e| MoveError::Net { peer: self.peer.clone(), source: e })?;
-        Ok(tx.bytes_sent - before)
+        Ok(n)
     }
 
     /// Validate a received frame against the session; answers the session
@@ -748,7 +747,7 @@ impl Conn {
 
     /// Write the answers the session queued (see [`Conn::defer_answers`]).
     pub fn flush_answers(&self) -> Result<()> {
-        self.lock().flush_queued().map_err(|e| self.net_err(e))
+        self.lock().flush_queued().map(|_| ()).map_err(|e| self.net_err(e))
     }
 
     /// Shut the socket down: wakes the receiver. Under TLS, an alert rustls
