@@ -32,7 +32,7 @@
 //! during `points rollback --incomplete`, half the time the user runs the
 //! replicate instead of the rollback again. Issue 17 says that resumes a
 //! session whose rollback was half done (no intent record), and this finds
-//! it: a point that is not what the source was, within 41, 37 and 135 cuts
+//! it: a point that is not what the source was, within 21, 23 and 16 cuts
 //! for seeds 1, 2 and 3. Turn it on by default once rollbacks have intent records.
 //!
 //! The harness is shown to fail: with FERRY_TEST_SKIP_FSYNC=undo (ferry-datastore
