@@ -2,5 +2,6 @@
 
 mod algebra;
 mod cbt;
+mod corpus;
 mod digest_map;
 mod plan;
