@@ -773,7 +773,7 @@ impl Conn {
             return Ok(());
         }
         tx.session.send(&Frame::Keepalive).map_err(|source| MoveError::Wire { peer: self.peer.clone(), source })?;
-        tx.flush_queued().map_err(|e| self.net_err(e))
+        tx.flush_queued().map(|_| ()).map_err(|e| self.net_err(e))
     }
 
     /// Set the write timeout: a peer that stops reading fails the send instead of hanging.
