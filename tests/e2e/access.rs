@@ -20,6 +20,7 @@ fn replicate(server: &Server, token: &Path, replica: &str, image: &Path, extra: 
     let mut args = vec!["replicate", "--json", "--retry-for", "0", "--target", &server.url, "--replica", replica];
     let (tok, src) = (s(token), format!("d0={}", s(image)));
     args.extend(["--token-file", &tok, "--source", &src]);
+    args.extend(server.client_args());
     args.extend(extra);
     run(args)
 }
@@ -99,7 +100,8 @@ fn a_read_token_plans_but_cannot_replicate() {
     );
     let r = run(["plan", "--json", "--target", &server.url, "--token-file", &s(&reader), "--replica", "vm1"]
         .into_iter()
-        .chain(["--source", &format!("d0={}", s(&changed))]));
+        .chain(["--source", &format!("d0={}", s(&changed))])
+        .chain(server.client_args()));
     r.expect_code(0);
     // Nothing changed at the target: the same catalog, the first image.
     assert_eq!(std::fs::read(ds.join("vm1/catalog.json")).unwrap(), catalog);
@@ -107,7 +109,8 @@ fn a_read_token_plans_but_cannot_replicate() {
     // Its scope binds plans too.
     let r = run(["plan", "--target", &server.url, "--token-file", &s(&reader), "--replica", "db1"]
         .into_iter()
-        .chain(["--source", &format!("d0={}", s(&changed))]));
+        .chain(["--source", &format!("d0={}", s(&changed))])
+        .chain(server.client_args()));
     r.expect_code(2);
     assert!(r.stderr.contains("may not open replica \"db1\""), "{}", r.stderr);
 }
@@ -217,7 +220,8 @@ fn sighup_after_removing_a_line_ends_its_running_session_and_refuses_the_next() 
     let (stays, stays_line) = new_scoped_token(dir.path(), "staying", "replicate", "*");
     let access = dir.path().join("access");
     write_access(&access, &[&gone_line, &stays_line]);
-    let server = Server::start_access(&ds, &access, &[]);
+    // The raw client below speaks plaintext (TLS is tests/e2e/tls.rs'): so does this server.
+    let server = Server::start_access(&ds, &access, &["--insecure-plaintext"]);
     let img = image(dir.path(), 30);
     replicate(&server, &gone, "vm1", &img, &[]).expect_code(0);
 
@@ -329,8 +333,9 @@ fn datastore_files_have_no_group_or_other_bits() {
         }
         checked += 1;
     }
-    // ds, marker, vm1, lock, replica.json, catalog.json, disks/, d0.img, d0.digests, undo/, undo/1/, d0.undo
-    assert_eq!(checked, 12);
+    // ds, marker, .tls/, key.pem, cert.pem, vm1, lock, points.lock, replica.json, catalog.json, disks/,
+    // d0.img, d0.digests, undo/, undo/1/, d0.undo
+    assert_eq!(checked, 16);
 }
 
 #[test]

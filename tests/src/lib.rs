@@ -375,6 +375,16 @@ impl Server {
         ["--fingerprint", &self.fingerprint]
     }
 
+    /// What a source needs to reach this server: its pin, or `--insecure-plaintext` for a
+    /// server started with it.
+    pub fn client_args(&self) -> Vec<&str> {
+        if self.fingerprint.is_empty() {
+            vec!["--insecure-plaintext"]
+        } else {
+            vec!["--fingerprint", &self.fingerprint]
+        }
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -570,7 +570,7 @@ impl Replica {
 
     fn points_lock(&self, exclusive: bool, what: &str) -> Result<PointsLock> {
         let path = self.dir.join("points.lock");
-        let file = match OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path) {
+        let file = match private_file().read(true).write(true).create(true).truncate(false).open(&path) {
             Ok(f) => f,
             // A datastore on a read-only file system: nothing can change points there.
             Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => match File::open(&path) {
