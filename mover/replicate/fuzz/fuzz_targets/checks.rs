@@ -27,13 +27,18 @@ use ferry_wire::{Deframer, Frame};
 pub fn server_receive(input: &[u8]) -> (Vec<u8>, Option<String>) {
     let dir = tempfile::Builder::new().prefix("ferry-fuzz-").tempdir_in(scratch()).expect("scratch dir");
     let ds = Datastore::open_or_create(dir.path()).expect("datastore");
-    let auth = Arc::new(TokenAuth::new(b"ferry fuzz token, 32 characters!"));
+    let token = TokenAuth::new(b"ferry fuzz token, 32 characters!");
+    let access = Arc::new(Access::fixed(AccessList::single_admin("fuzz", &token)));
+    let auth = Arc::new(token);
     let (client, server) = UnixStream::pair().expect("socketpair");
-    let cfg = ServeConfig { workers: 1, ..ServeConfig::default() };
+    let mut cfg = ServeConfig { workers: 1, ..ServeConfig::default() };
+    // Disks the peer may claim stay small: a fuzzer's 64 TiB disk would spend its time on a
+    // digest map of zeros (within the limits, as for `ferry serve`, but slow).
+    cfg.limits.max_disk_size = 1 << 30;
     let server_ds = ds.clone();
-    let server_auth = auth.clone();
-    let target =
-        std::thread::spawn(move || serve_connection(Sock::Unix(server), "fuzz peer", &server_ds, server_auth, &cfg));
+    let target = std::thread::spawn(move || {
+        serve_connection(Sock::Unix(server).into(), "fuzz peer", &server_ds, &access, &cfg)
+    });
     let raw = client.try_clone().expect("clone");
     let (_conn, _rx, _peer) = client_handshake(Sock::Unix(client), "fuzz target", auth).expect("handshake");
     // The answers are read by a thread of their own: the server may answer before it has read
