@@ -457,6 +457,8 @@ impl TargetSession<'_> {
         catalog.points.push(point.clone());
         // The catalog write is the commit point; session.json goes after it.
         a.replica.write_catalog(&catalog)?;
+        // A kill point for tests (FERRY_TEST_STOP_AFTER): committed, session.json still there.
+        points::test_step("session: catalog written");
         a.replica.clear_session()?;
         let retain = a.replica.settings.retain;
         let protection = self.cfg.protection;

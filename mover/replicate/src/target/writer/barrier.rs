@@ -94,6 +94,20 @@ impl Writer {
                 break;
             }
         }
+        // The undo files are frozen from here on, and the catalog records their extents: every
+        // record must be durable first. Records saved ahead of their data (reads finished by
+        // stop_saving_ahead, chunks the source found unchanged) protect no overwritten chunk, so
+        // no round had to sync them; a power cut after the catalog would lose them.
+        if result.is_ok() {
+            for d in self.disks.values_mut() {
+                if let Some(u) = &mut d.undo {
+                    if let Err(e) = u.sync() {
+                        result = Err(e.into());
+                        break;
+                    }
+                }
+            }
+        }
         self.stats.record(Stage::Sync, t.elapsed());
         result?;
         let mut disks: Vec<PointDisk> = self
@@ -108,7 +122,8 @@ impl Writer {
             })
             .collect();
         disks.sort_by(|a, b| a.name.cmp(&b.name));
-        let undo = self.disks.values().filter_map(|d| Some((d.name.clone(), d.undo.as_ref()?.extent()))).collect();
+        let undo =
+            self.disks.values().filter_map(|d| Some((d.name.clone(), d.undo.as_ref()?.durable_extent()))).collect();
         Ok((disks, undo))
     }
 

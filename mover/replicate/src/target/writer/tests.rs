@@ -16,7 +16,7 @@ use crate::target::sender::Outgoing;
 use crate::target::session::Counters;
 use ferry_datastore::digests::{self, DigestMap, ZeroDigests};
 use ferry_datastore::image::ReplicaImage;
-use ferry_datastore::store::{Datastore, Replica, SessionDisk, SessionState, DATASTORE_VERSION};
+use ferry_datastore::store::{Datastore, Replica, SessionDisk, SessionState, UndoExtent, DATASTORE_VERSION};
 use ferry_datastore::undo::{undo_path, Tail, UndoReader, UndoWriter};
 use ferry_io::backend::PortableBackend;
 use ferry_io::{BufPool, IoBackend, IoCompletion, IoKind, IoRequest};
@@ -352,4 +352,29 @@ fn a_checkpoint_keeps_the_session_entries_of_disks_opened_after_the_first() {
     let d1 = state.disks.get("d1").expect("d1 is still in session.json");
     assert_eq!((d1.size, d1.previous_size), (size, 2 * u64::from(CS)));
     rig.stop();
+}
+
+/// Regression: chunks announced by an Intent have their old contents saved ahead of their
+/// data; at the Commit the reads in flight completed and their records were appended, but
+/// nothing synced them before the commit reported the undo file's extent (the catalog records
+/// it as the frozen file): only a round after the reply did, and a power cut between the
+/// catalog and that round left the file shorter than recorded. Every record the commit
+/// reports is durable when it answers: no undo fdatasync is left for after it.
+#[test]
+fn the_commit_makes_records_saved_ahead_durable_before_it_answers() {
+    let rig = Rig::new(true);
+    rig.to_writer.send(WriterMsg::Intent { disk: 0, runs: vec![(0, CHUNKS)] }).unwrap();
+    // No data comes: the chunks turned out unchanged.
+    let reply = rig.commit(0);
+    let (_, undo) = reply.recv_timeout(Duration::from_secs(20)).expect("a reply").expect("committed");
+    let file = UndoReader::open(&undo_path(&rig.replica.dir, 1, "d0"), Tail::MayBeTorn).unwrap();
+    assert!(!file.records.is_empty(), "some old contents were saved ahead");
+    let extent = UndoExtent { bytes: file.valid_end, records: file.count };
+    assert_eq!(undo, vec![("d0".to_string(), extent)], "the extent reported is the file's");
+    // The session ends (Stop): a round started now would have come after the catalog.
+    let undo_fd = rig.undo_fd;
+    let log = rig.stop();
+    let last_read = log.iter().rposition(|o| o.done && o.kind == IoKind::Read).expect("old contents read");
+    let late_sync = log[last_read..].iter().any(|o| !o.done && o.kind == IoKind::Sync && o.fd == undo_fd);
+    assert!(!late_sync, "an undo fdatasync came after the commit reported its records: {log:?}");
 }
