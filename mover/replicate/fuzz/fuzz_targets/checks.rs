@@ -36,9 +36,8 @@ pub fn server_receive(input: &[u8]) -> (Vec<u8>, Option<String>) {
     // digest map of zeros (within the limits, as for `ferry serve`, but slow).
     cfg.limits.max_disk_size = 1 << 30;
     let server_ds = ds.clone();
-    let target = std::thread::spawn(move || {
-        serve_connection(Sock::Unix(server).into(), "fuzz peer", &server_ds, &access, &cfg)
-    });
+    let target =
+        std::thread::spawn(move || serve_connection(Sock::Unix(server).into(), "fuzz peer", &server_ds, &access, &cfg));
     let raw = client.try_clone().expect("clone");
     let (_conn, _rx, _peer) = client_handshake(Sock::Unix(client), "fuzz target", auth).expect("handshake");
     // The answers are read by a thread of their own: the server may answer before it has read
