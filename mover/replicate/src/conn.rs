@@ -22,22 +22,21 @@
 //! quiet for a while ([`Conn::keepalive_if_quiet`]), so a busy source (hashing
 //! a long unchanged stretch) never looks idle.
 //!
-//! TLS. A remote session's bytes go through a rustls connection ([`Link`]
-//! carries it from the TLS handshake in `tls.rs`). Both halves share it behind
-//! its own mutex, held only around the state machine, never across a blocking
-//! socket read or write: the sending half encrypts a frame into its own
-//! buffer under the lock (rustls' writer, then `write_tls` into a `Vec`) and
-//! writes that buffer to the socket after releasing it; the receiving half
-//! reads ciphertext from the socket into its own buffer without the lock, then
-//! takes it to hand the bytes to rustls (`read_tls`, `process_new_packets`)
-//! and copy the plaintext out. So the data path keeps its shape (one thread
-//! reads, the sending side holds [`Conn`]'s mutex) and a reader blocked on the
-//! socket never stalls a sender. What rustls queues while receiving (an alert
-//! after a record that fails its integrity check) goes out with the next
-//! write of the sending half. Under TLS a data payload is copied out of
-//! rustls' plaintext buffer into its pool buffer (the kernel's copy is now
-//! rustls'); without TLS (`--insecure-plaintext`, in-process local targets)
-//! it is read from the socket straight into the pool buffer as before.
+//! TLS. A remote session's bytes travel as TLS 1.3 records ([`Link`] carries
+//! them from the handshake in `tls.rs`). rustls runs the handshake; then each
+//! half owns its direction (`records.rs`): the sending half seals a frame into
+//! its own buffer, 256 KiB of plaintext at a time (a copy into the buffer, AES-GCM
+//! in place), and writes it; the receiving half reads ciphertext into its own
+//! buffer, decrypts each record in place there and copies the plaintext once
+//! into where it goes (the receive buffer of the deframer, or a data payload's
+//! pool buffer), while it is still in cache. No lock is shared per frame or
+//! record, so the data path keeps its shape (one thread reads, the sending
+//! side holds [`Conn`]'s mutex) and a reader blocked on the socket never stalls
+//! a sender. What the receiving half wants sent (an alert after a record that
+//! fails its integrity check, a key update the peer requested) goes out with
+//! the next write of the sending half, or at [`Conn::shutdown`]. Without TLS
+//! (`--insecure-plaintext`, in-process local targets) a payload is read from
+//! the socket straight into the pool buffer.
 //! Byte counts ([`Conn::bytes_sent`], [`Rx::bytes_received`]) are socket
 //! bytes: TLS records included.
 
@@ -48,22 +47,16 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use ferry_wire::{
     Authenticator, Data, DataHead, Deframer, ErrorCode, ErrorFrame, Event, Frame, LocalInfo, Notice, PeerInfo, Session,
     Split, WireError, MAX_BODY_LEN, MAX_HANDSHAKE_BODY_LEN,
 };
 
 use crate::error::{MoveError, Result};
+use crate::records::{Cursor, Opened, Opener, Sealer, MAX_PLAIN, OVERHEAD};
 use crate::tls::Established;
 use ferry_io::{BufPool, PoolBuf};
-
-/// A rustls connection shared by the two halves of a [`Conn`].
-type SharedTls = Arc<Mutex<rustls::Connection>>;
-
-fn lock_tls(t: &SharedTls) -> MutexGuard<'_, rustls::Connection> {
-    t.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A connected socket and, for a remote session, the TLS session over it.
 #[derive(Debug)]
@@ -190,13 +183,13 @@ struct Tx {
     /// Answers the session queues while validating received frames wait for
     /// [`Conn::flush_answers`] (a target's receiving thread never writes).
     defer_answers: bool,
-    /// The TLS session, and the records of the frame being sent.
-    tls: Option<(SharedTls, Vec<u8>)>,
+    /// The sending direction of the TLS session, and the records being sent.
+    tls: Option<(Sealer, Vec<u8>)>,
 }
 
-/// Records of at most this much stay allocated between frames (a 4 MiB frame's
-/// buffer is given back).
-const TLS_OUT_KEEP: usize = 1 << 20;
+/// Plaintext sealed into records before they are written (16 records): small
+/// enough that the records are still in cache when the kernel copies them.
+const TLS_WRITE_CHUNK: usize = 16 * MAX_PLAIN;
 
 impl Tx {
     /// Write whatever the session queued (handshake answers, errors).
@@ -209,53 +202,41 @@ impl Tx {
         Ok(0)
     }
 
-    /// Write `bufs` in full: as they are, or as TLS records (encrypted under the
-    /// TLS lock into `out`, written after it is released). Counts socket bytes.
+    /// Write `bufs` in full: as they are, or as TLS records (sealed into `out`
+    /// 256 KiB of plaintext at a time, each piece written before the next is
+    /// sealed). Counts socket bytes.
     fn write_all(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         self.last_send = Instant::now();
-        let Some((tls, out)) = &mut self.tls else {
+        let Some((seal, out)) = &mut self.tls else {
             self.bytes_sent += bufs.iter().map(|b| b.len() as u64).sum::<u64>();
             return self.sock.write_all_vectored(bufs);
         };
-        out.clear();
-        let encrypted = {
-            let mut c = lock_tls(tls);
-            let mut w = c.writer();
-            let mut left: &mut [IoSlice<'_>] = bufs;
-            let mut r = Ok(());
-            while !left.is_empty() {
-                match w.write_vectored(left) {
-                    Ok(0) => {
-                        r = Err(io::Error::new(io::ErrorKind::WriteZero, "TLS connection took no data"));
-                        break;
-                    }
-                    Ok(n) => IoSlice::advance_slices(&mut left, n),
-                    // The connection failed (a record did not decrypt): what rustls
-                    // queued (its alert) still goes out below, then the error.
-                    Err(e) => {
-                        r = Err(e);
-                        break;
-                    }
-                }
+        let mut cur = Cursor::default();
+        loop {
+            out.clear();
+            // The connection failed (a record from the peer did not decrypt): the
+            // alert the sealer put in `out` still goes out, then the error.
+            let sealed = seal.seal(bufs, &mut cur, TLS_WRITE_CHUNK, out);
+            self.bytes_sent += out.len() as u64;
+            self.sock.write_all_vectored(&mut [IoSlice::new(out)])?;
+            match sealed {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
             }
-            while c.wants_write() {
-                c.write_tls(out)?;
-            }
-            r
-        };
-        self.bytes_sent += out.len() as u64;
-        let r = self.sock.write_all_vectored(&mut [IoSlice::new(out)]);
-        if out.capacity() > TLS_OUT_KEEP {
-            *out = Vec::new();
         }
-        encrypted.and(r)
     }
 
-    /// Send what rustls has queued on its own (an alert after a failed record), best effort.
+    /// Send what the receiving half asked for (an alert after a failed record), best effort.
     fn flush_tls(&mut self) {
-        if self.tls.is_some() {
-            let _ = self.sock.set_write_timeout(Some(Duration::from_secs(2)));
-            let _ = self.write_all(&mut []);
+        if let Some((seal, out)) = &mut self.tls {
+            out.clear();
+            let _ = seal.flush(out);
+            if !out.is_empty() {
+                let _ = self.sock.set_write_timeout(Some(Duration::from_secs(2)));
+                self.bytes_sent += out.len() as u64;
+                let _ = self.sock.write_all_vectored(&mut [IoSlice::new(out)]);
+            }
         }
     }
 }
@@ -285,8 +266,9 @@ pub struct Rx {
     idle: Option<Duration>,
     /// Bytes received so far.
     pub bytes_received: u64,
-    /// The TLS session, and ciphertext read from the socket that rustls has not taken yet.
-    tls: Option<(SharedTls, BytesMut)>,
+    /// The receiving direction of the TLS session, and the records read from the
+    /// socket (the one being taken decrypted in place).
+    tls: Option<(Opener, BytesMut)>,
 }
 
 /// Where plaintext out of rustls goes.
@@ -510,55 +492,43 @@ impl Rx {
         }
     }
 
-    /// Plaintext of the TLS session into `dst`: what rustls holds already, then
-    /// records from the ciphertext buffer, reading the socket (without the TLS
-    /// lock) only when neither gave anything. Returns the bytes given, 0 at the
-    /// end of the stream.
+    /// Plaintext of the TLS session into `dst`: what is left of the record
+    /// opened last, then the next records in the buffer (each decrypted in
+    /// place, its plaintext copied out while it is still in cache), reading the
+    /// socket only when neither gave anything. Returns the bytes given, 0 at
+    /// the end of the stream.
     fn read_tls(&mut self, mut dst: Plain<'_>) -> Result<usize> {
-        let Some((tls, cipher)) = &mut self.tls else { unreachable!("read_tls without TLS") };
+        let Some((open, cipher)) = &mut self.tls else { unreachable!("read_tls without TLS") };
         let peer = &self.peer;
         let mut got = 0;
         loop {
-            {
-                let mut c = lock_tls(tls);
-                loop {
-                    // Plaintext rustls holds, as much as fits.
-                    let mut ended = false;
-                    while dst.room(got) > 0 {
-                        let mut r = c.reader();
-                        match io::BufRead::fill_buf(&mut r) {
-                            Ok([]) => {
-                                ended = true; // close_notify
-                                break;
-                            }
-                            Ok(b) => {
-                                let k = b.len().min(dst.room(got));
-                                dst.put(got, &b[..k]);
-                                io::BufRead::consume(&mut r, k);
-                                got += k;
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(MoveError::Net { peer: peer.clone(), source: e }),
-                        }
-                    }
-                    if ended || dst.room(got) == 0 || cipher.is_empty() {
+            let mut need = 0;
+            while dst.room(got) > 0 {
+                let p = open.plaintext(cipher);
+                if !p.is_empty() {
+                    let k = p.len().min(dst.room(got));
+                    dst.put(got, &p[..k]);
+                    open.consume(cipher, k);
+                    got += k;
+                    continue;
+                }
+                match open.open(cipher) {
+                    Ok(Opened::Data) => {}
+                    Ok(Opened::NeedMore(n)) => {
+                        need = n;
                         break;
                     }
-                    // More records from what was read.
-                    let n =
-                        c.read_tls(&mut &cipher[..]).map_err(|source| MoveError::Net { peer: peer.clone(), source })?;
-                    cipher.advance(n);
-                    if let Err(source) = c.process_new_packets() {
-                        return Err(MoveError::Tls { peer: peer.clone(), source });
-                    }
+                    Ok(Opened::Closed) => return Ok(got),
+                    Err(source) => return Err(MoveError::Tls { peer: peer.clone(), source }),
                 }
             }
             if got > 0 {
                 return Ok(got);
             }
-            // Before authentication reads stay small (see `read_more`).
+            // Before authentication reads stay small (see `read_more`), but a
+            // record that has begun is read whole.
             let size = if self.deadline.is_some() { HANDSHAKE_READ_SIZE } else { TLS_READ_SIZE };
-            let n = match ferry_io::sys::readv_into(self.sock.fd(), &mut [], cipher, size) {
+            let n = match ferry_io::sys::readv_into(self.sock.fd(), &mut [], cipher, size.max(need)) {
                 Ok(n) => n,
                 // As for a plaintext read: a timeout is the handshake deadline or the idle timeout.
                 Err(e) => return Err(self.net(e)),
@@ -612,15 +582,14 @@ impl Conn {
         peer: String,
         session: Session,
         sock: Sock,
-        tls: Option<rustls::Connection>,
+        tls: Option<Established>,
         deadline: (Instant, Duration),
     ) -> Result<(Arc<Conn>, Rx)> {
         let rsock = sock.try_clone().map_err(|source| MoveError::Net { peer: peer.clone(), source })?;
-        let tls = tls.map(|mut c| {
-            // Every frame is drained at once after it is encrypted: no limit needed.
-            c.set_buffer_limit(None);
-            Arc::new(Mutex::new(c))
-        });
+        let (seal, open) = match tls {
+            Some(t) => (Some(t.records.sealer), Some((t.records.opener, BytesMut::from(&t.leftover[..])))),
+            None => (None, None),
+        };
         let conn = Arc::new(Conn {
             peer: peer.clone(),
             tx: Mutex::new(Tx {
@@ -630,15 +599,17 @@ impl Conn {
                 bytes_sent: 0,
                 last_send: Instant::now(),
                 defer_answers: false,
-                tls: tls.clone().map(|t| (t, Vec::new())),
+                tls: seal.map(|s| (s, Vec::with_capacity(TLS_WRITE_CHUNK + TLS_WRITE_CHUNK / MAX_PLAIN * OVERHEAD))),
             }),
             notices: Mutex::new(Vec::new()),
         });
         // Until the peer is authenticated its frames are small (PROTOCOL.md, "Limits").
         let mut deframer = Deframer::new();
         deframer.set_max_body_len(MAX_HANDSHAKE_BODY_LEN);
-        let tls = tls.map(|t| (t, BytesMut::new()));
-        Ok((conn, Rx { sock: rsock, deframer, peer, deadline: Some(deadline), idle: None, bytes_received: 0, tls }))
+        Ok((
+            conn,
+            Rx { sock: rsock, deframer, peer, deadline: Some(deadline), idle: None, bytes_received: 0, tls: open },
+        ))
     }
 
     fn lock(&self) -> MutexGuard<'_, Tx> {
@@ -840,7 +811,7 @@ pub fn client_handshake(
     auth: Arc<dyn Authenticator>,
 ) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
     let Link { sock, tls } = link.into();
-    let (tls, binding) = tls.map_or((None, [0; 32]), |t| (Some(t.conn), t.binding));
+    let binding = tls.as_ref().map_or([0; 32], |t| t.binding);
     let session = Session::client(local_info(), auth, binding);
     let deadline = (Instant::now() + HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT);
     let (conn, mut rx) = Conn::new(peer.to_string(), session, sock, tls, deadline)?;
@@ -867,7 +838,7 @@ pub fn server_handshake_within(
     limit: Duration,
 ) -> Result<(Arc<Conn>, Rx, PeerInfo)> {
     let Link { sock, tls } = link.into();
-    let (tls, binding) = tls.map_or((None, [0; 32]), |t| (Some(t.conn), t.binding));
+    let binding = tls.as_ref().map_or([0; 32], |t| t.binding);
     let session = Session::server(local_info(), auth, binding);
     let (conn, mut rx) = Conn::new(peer.to_string(), session, sock, tls, (since + limit, limit))?;
     let info = handshake(&conn, &mut rx, "source")?;

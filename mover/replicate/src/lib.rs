@@ -35,6 +35,7 @@ pub mod connect;
 pub mod disk;
 pub mod error;
 pub mod map_cache;
+pub mod records;
 pub mod source;
 pub mod stats;
 pub mod target;

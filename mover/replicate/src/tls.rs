@@ -27,8 +27,13 @@
 //!   starts with 0x16, a ferry frame with `FE 52`) and answers with a ferry
 //!   Error frame in plaintext that says what to change ([`plaintext_refusal`]).
 //!
-//! The record layer itself runs in `conn.rs`, whose two halves share the
-//! rustls connection behind a mutex held only around the state machine.
+//! - **Record layer**: once the handshake is over, rustls hands the traffic
+//!   keys over (secret extraction, the interface it offers for kTLS; the
+//!   traffic secrets come from a key log of this connection alone, for key
+//!   updates) and ferry protects the records itself in its own buffers, with
+//!   fewer copies (`records.rs`; `conn.rs` runs it). [`handshake`] gives
+//!   rustls whole records and none past the handshake, so nothing of the
+//!   session is left inside rustls when it hands over.
 
 use std::fmt;
 use std::fs;
@@ -46,6 +51,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::error::{MoveError, Result};
+use crate::records::{Records, SecretLog, Side};
 
 /// The label of the TLS exporter whose output binds the token proofs to the
 /// TLS session (RFC 8446 section 7.5; 32 bytes, no context). Do not modify.
@@ -413,11 +419,14 @@ impl ServerCertVerifier for PinVerifier {
     }
 }
 
-/// The result of a TLS handshake: the connection, and the exporter value the
-/// token proofs are bound to.
+/// The result of a TLS handshake: the record protection of both directions
+/// (rustls' connection handed over, see `records.rs`), and the exporter value
+/// the token proofs are bound to.
 pub struct Established {
-    /// The rustls connection, handshake done.
-    pub conn: rustls::Connection,
+    /// Both directions' keys.
+    pub records: Records,
+    /// Bytes the handshake read past its end: the peer's first records.
+    pub leftover: Vec<u8>,
     /// [`EXPORTER_LABEL`]'s 32 bytes.
     pub binding: [u8; 32],
 }
@@ -459,6 +468,11 @@ pub fn connect(sock: &mut TcpStream, target: &str, trust: &ClientTrust) -> Resul
         .with_no_client_auth();
     cfg.resumption = rustls::client::Resumption::disabled();
     cfg.enable_sni = false;
+    // The record layer after the handshake is ferry's (records.rs): it takes
+    // the keys over, and the traffic secrets for key updates.
+    let log = Arc::new(SecretLog::default());
+    cfg.enable_secret_extraction = true;
+    cfg.key_log = log.clone();
     let host = target.rsplit_once(':').map(|(h, _)| h).unwrap_or(target).trim_matches(['[', ']']);
     let name =
         ServerName::try_from(host.to_string()).unwrap_or_else(|_| ServerName::try_from("ferry").expect("a valid name"));
@@ -475,11 +489,11 @@ pub fn connect(sock: &mut TcpStream, target: &str, trust: &ClientTrust) -> Resul
                 file: file.clone(),
             }),
             (Err(e), None) => Err(e),
-            (Ok(()), None) => Err(MoveError::Internal("TLS handshake finished without a certificate".into())),
+            (Ok(_), None) => Err(MoveError::Internal("TLS handshake finished without a certificate".into())),
         };
     }
-    match handshake(sock, &mut conn, target, true, Instant::now() + TLS_HANDSHAKE_TIMEOUT) {
-        Ok(()) => {}
+    let leftover = match handshake(sock, &mut conn, target, true, Instant::now() + TLS_HANDSHAKE_TIMEOUT) {
+        Ok(l) => l,
         Err(e) => {
             return Err(match (verifier.presented(), expected) {
                 (Some(p), Some(x)) if p != x => MoveError::FingerprintMismatch {
@@ -494,14 +508,12 @@ pub fn connect(sock: &mut TcpStream, target: &str, trust: &ClientTrust) -> Resul
                 _ => e,
             });
         }
-    }
+    };
     if let Pin::TrustNew(kt) = &pin {
         let fp = verifier.presented().ok_or_else(|| MoveError::Internal("no certificate presented".into()))?;
         kt.add(target, &fp)?;
     }
-    let conn = rustls::Connection::Client(conn);
-    let binding = export_binding(&conn)?;
-    Ok(Established { conn, binding })
+    established(rustls::Connection::Client(conn), Side::Client, &log, leftover)
 }
 
 /// The target's side: the TLS handshake of a source on `sock`.
@@ -513,12 +525,23 @@ pub fn accept(
     cfg: &Arc<rustls::ServerConfig>,
     deadline: Instant,
 ) -> Result<Established> {
+    // This connection's own configuration: its key log catches its secrets alone.
+    let log = Arc::new(SecretLog::default());
+    let mut cfg = (**cfg).clone();
+    cfg.enable_secret_extraction = true;
+    cfg.key_log = log.clone();
     let mut conn =
-        rustls::ServerConnection::new(cfg.clone()).map_err(|e| MoveError::Internal(format!("TLS server: {e}")))?;
-    handshake(sock, &mut conn, peer, false, deadline)?;
-    let conn = rustls::Connection::Server(conn);
+        rustls::ServerConnection::new(Arc::new(cfg)).map_err(|e| MoveError::Internal(format!("TLS server: {e}")))?;
+    let leftover = handshake(sock, &mut conn, peer, false, deadline)?;
+    established(rustls::Connection::Server(conn), Side::Server, &log, leftover)
+}
+
+/// The binding, then the record layer taken over from rustls.
+fn established(conn: rustls::Connection, side: Side, log: &SecretLog, leftover: Vec<u8>) -> Result<Established> {
     let binding = export_binding(&conn)?;
-    Ok(Established { conn, binding })
+    let records = Records::take_over(conn, side, log)
+        .map_err(|e| MoveError::Internal(format!("TLS: taking over the record layer: {e}")))?;
+    Ok(Established { records, leftover, binding })
 }
 
 fn export_binding(conn: &rustls::Connection) -> Result<[u8; 32]> {
@@ -531,19 +554,24 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = crate::conn::HANDSHAKE_TIMEOUT;
 
 /// Drive a TLS handshake on a blocking socket to its end. The client checks the
 /// first bytes it receives: a ferry frame there is a plaintext target's refusal.
+/// rustls is given whole records, one at a time, and none after the handshake
+/// is over: what the peer sent after it (its first application records) is
+/// returned, for the record layer that takes over (`records.rs`).
 fn handshake<S: rustls::SideData>(
     sock: &mut TcpStream,
     conn: &mut rustls::ConnectionCommon<S>,
     peer: &str,
     client: bool,
     deadline: Instant,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let net = |e: io::Error| MoveError::Net { peer: peer.to_string(), source: e };
     let timed_out = || net(io::Error::new(io::ErrorKind::TimedOut, "the TLS handshake did not finish in time"));
     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let _ = sock.set_read_timeout(Some(left));
     let _ = sock.set_write_timeout(Some(left));
-    let mut buf = vec![0u8; 16 << 10];
+    // Received bytes not given to rustls yet: at most one record beyond a read.
+    let mut buf: Vec<u8> = Vec::with_capacity(16 << 10);
+    let mut chunk = vec![0u8; 16 << 10];
     let mut first = true;
     loop {
         while conn.wants_write() {
@@ -552,6 +580,23 @@ fn handshake<S: rustls::SideData>(
         if !conn.is_handshaking() {
             break;
         }
+        // A whole record at the front: to rustls.
+        if buf.len() >= 5 {
+            let end = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
+            if buf.len() >= end {
+                let mut rd = &buf[..end];
+                while !rd.is_empty() {
+                    conn.read_tls(&mut rd).map_err(net)?;
+                    if let Err(e) = conn.process_new_packets() {
+                        // Tell the peer why (the alert rustls queued), then fail.
+                        let _ = conn.write_tls(sock);
+                        return Err(MoveError::Tls { peer: peer.to_string(), source: e });
+                    }
+                }
+                buf.drain(..end);
+                continue;
+            }
+        }
         // Each read and write waits only for what is left before the deadline.
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -559,7 +604,7 @@ fn handshake<S: rustls::SideData>(
         }
         let _ = sock.set_read_timeout(Some(left));
         let _ = sock.set_write_timeout(Some(left));
-        let n = match sock.read(&mut buf) {
+        let n = match sock.read(&mut chunk) {
             Ok(0) => {
                 return Err(MoveError::PeerGone {
                     peer: peer.to_string(),
@@ -573,23 +618,15 @@ fn handshake<S: rustls::SideData>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(net(e)),
         };
-        if client && first && buf[..n].starts_with(&[0xFE]) {
-            return Err(plaintext_answer(sock, &buf[..n], peer));
+        if client && first && chunk[..n].starts_with(&[0xFE]) {
+            return Err(plaintext_answer(sock, &chunk[..n], peer));
         }
         first = false;
-        let mut rd = &buf[..n];
-        while !rd.is_empty() {
-            conn.read_tls(&mut rd).map_err(net)?;
-            if let Err(e) = conn.process_new_packets() {
-                // Tell the peer why (the alert rustls queued), then fail.
-                let _ = conn.write_tls(sock);
-                return Err(MoveError::Tls { peer: peer.to_string(), source: e });
-            }
-        }
+        buf.extend_from_slice(&chunk[..n]);
     }
     let _ = sock.set_read_timeout(None);
     let _ = sock.set_write_timeout(None);
-    Ok(())
+    Ok(buf)
 }
 
 /// A TLS source met a plaintext target: it answered with a ferry frame (its
