@@ -304,6 +304,9 @@ pub fn markdown(r: &Results) -> String {
                 if t.identical { "yes" } else { "**NO**" }
             );
         }
+        if sc.id.starts_with("tls/") {
+            tls_pairs(&mut s, &rows);
+        }
         let _ = writeln!(s);
     }
     let staged: Vec<&ToolResult> = r.results.iter().filter(|t| t.stages.is_some()).collect();
@@ -455,6 +458,53 @@ pub fn svg(r: &Results) -> String {
 /// Formats a Unix time (seconds) as RFC 3339 UTC.
 pub fn rfc3339(unix: u64) -> String {
     ferry_planner::time::format_rfc3339(unix as i64 * 1_000_000_000)
+}
+
+/// The `tls` scenario (issue 16): its runs alternate, so each TLS run is
+/// compared with the plaintext run next to it (steadier than medians of each
+/// on a loaded machine), and CPU seconds per GiB of disk are given per side.
+fn tls_pairs(s: &mut String, rows: &[&ToolResult]) {
+    let (Some(tls), Some(plain)) =
+        (rows.iter().find(|t| t.tool == "ferry"), rows.iter().find(|t| t.tool == "ferry-plaintext"))
+    else {
+        return;
+    };
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    };
+    let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+    let pairs: Vec<(&Run, &Run)> = tls.runs.iter().zip(&plain.runs).filter(|(a, b)| a.ok && b.ok).collect();
+    let ratio: Vec<f64> = pairs.iter().map(|(a, b)| b.wall_s / a.wall_s).collect();
+    let _ = writeln!(
+        s,
+        "\nAlternating pairs, throughput TLS/plaintext: {} (median {:.2}x).",
+        list(&ratio),
+        median(ratio.clone())
+    );
+    let gib = tls.logical_bytes as f64 / (1u64 << 30) as f64;
+    for (side, f) in
+        [("source", (|r: &Run| r.cpu_sender_s) as fn(&Run) -> Option<f64>), ("target", |r: &Run| r.cpu_receiver_s)]
+    {
+        let per =
+            |t: &ToolResult| -> Vec<f64> { t.runs.iter().filter(|r| r.ok).filter_map(f).map(|c| c / gib).collect() };
+        let (a, b) = (per(tls), per(plain));
+        if a.is_empty() || b.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "CPU s per GiB of disk, {side}: TLS {} (median {:.2}), plaintext {} (median {:.2}).",
+            list(&a),
+            median(a.clone()),
+            list(&b),
+            median(b.clone())
+        );
+    }
 }
 
 #[cfg(test)]
