@@ -535,6 +535,16 @@ impl Rx {
             };
             self.bytes_received += n as u64;
             if n == 0 {
+                if !cipher.is_empty() {
+                    // A cut inside a record is never a clean end of the stream.
+                    return Err(MoveError::Net {
+                        peer: peer.clone(),
+                        source: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed in the middle of a TLS record",
+                        ),
+                    });
+                }
                 return Ok(0);
             }
         }
@@ -843,4 +853,59 @@ pub fn server_handshake_within(
     let (conn, mut rx) = Conn::new(peer.to_string(), session, sock, tls, (since + limit, limit))?;
     let info = handshake(&conn, &mut rx, "source")?;
     Ok((conn, rx, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::auth::TokenAuth;
+    use crate::tls::{self, ClientTrust, ServerIdentity};
+
+    /// A TLS stream cut inside a record is a network error, never a clean end.
+    #[test]
+    fn a_cut_inside_a_tls_record_is_an_error_not_an_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = ServerIdentity::load_or_create(dir.path()).unwrap();
+        let trust = ClientTrust { fingerprint: Some(id.fingerprint()), ..ClientTrust::default() };
+        let cfg = id.server_config().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        for cut in [true, false] {
+            let client = {
+                let addr = addr.clone();
+                let trust = trust.clone();
+                std::thread::spawn(move || {
+                    let mut sock = TcpStream::connect(&addr).unwrap();
+                    let mut est = tls::connect(&mut sock, &addr, &trust).unwrap();
+                    if cut {
+                        // One whole record, of which only the first half goes out.
+                        let mut out = Vec::new();
+                        let data = [7u8; 100];
+                        est.records.sealer.seal(&[IoSlice::new(&data)], &mut Cursor::default(), 100, &mut out).unwrap();
+                        sock.write_all(&out[..out.len() / 2]).unwrap();
+                    }
+                    sock.shutdown(Shutdown::Both).unwrap();
+                })
+            };
+            let (mut sock, _) = listener.accept().unwrap();
+            let est = tls::accept(&mut sock, "source", &cfg, Instant::now() + Duration::from_secs(10)).unwrap();
+            let auth = Arc::new(TokenAuth::new(b"token"));
+            let session = Session::server(local_info(), auth, est.binding);
+            let limit = Duration::from_secs(10);
+            let (_conn, mut rx) =
+                Conn::new("source".into(), session, Sock::Tcp(sock), Some(est), (Instant::now() + limit, limit))
+                    .unwrap();
+            client.join().unwrap();
+            match (cut, rx.next_frame()) {
+                (true, Err(MoveError::Net { source, .. })) => {
+                    assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof);
+                    assert_eq!(source.to_string(), "connection closed in the middle of a TLS record");
+                }
+                (false, Ok(None)) => {}
+                (cut, other) => panic!("cut inside a record: {cut}, got {other:?}"),
+            }
+        }
+    }
 }
