@@ -110,7 +110,7 @@ fn a_killed_stream_run_resumes_with_fresh_streams_and_ends_identical() {
     let out = cmd("zstd:3").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let s: Value = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).last().unwrap();
+    let s: Value = stdout.lines().rev().find_map(|l| serde_json::from_str(l).ok()).unwrap();
     assert_eq!(s["resumed"], true, "{s}");
     assert!(u(&s["disks"][0]["chunks_resumed"]) > 0, "{s}");
     check_levels(&s, 3);

@@ -167,6 +167,8 @@ impl<'a> Worker<'a> {
     }
 
     /// A read span: a failure for the span, else one answer per chunk.
+    // The error only hands back the answer the sender no longer takes; it is dropped at once.
+    #[allow(clippy::result_large_err)]
     fn span(&mut self, read: ReadSpan, tx: &Sender<Done>) -> SendResult {
         let ReadSpan { seq, disk, chunk, count, offset, expected, mut buf, result } = read;
         let name = &self.names[disk as usize];
