@@ -319,7 +319,7 @@ fn both_io_backends_on_source_and_target() {
 }
 
 /// Next frame from the target (the handshake is already done).
-fn next_frame(conn: &Conn, rx: &mut Rx) -> Result<Frame, MoveError> {
+pub(crate) fn next_frame(conn: &Conn, rx: &mut Rx) -> Result<Frame, MoveError> {
     loop {
         let f = rx.next_frame()?.ok_or_else(|| MoveError::PeerGone { peer: "target".into(), side: "target" })?;
         if let Some(Event::Frame(f)) = conn.handle(f)? {
@@ -350,7 +350,7 @@ fn raw_session(server: &Server, token: &Path, replica: &str) -> (Arc<Conn>, Rx, 
 }
 
 /// A raw client session with replica `vm1` open and a new disk `d0` of two chunks of `cs` bytes.
-fn raw_session_with_disk(server: &Server, token: &Path, cs: usize) -> (Arc<Conn>, Rx) {
+pub(crate) fn raw_session_with_disk(server: &Server, token: &Path, cs: usize) -> (Arc<Conn>, Rx) {
     let (conn, mut rx, reply) = raw_session(server, token, "vm1");
     assert!(matches!(reply, Ok(Frame::ReplicaOpened(_))), "{reply:?}");
     let size = 2 * cs as u64;
@@ -361,7 +361,7 @@ fn raw_session_with_disk(server: &Server, token: &Path, cs: usize) -> (Arc<Conn>
     (conn, rx)
 }
 
-fn remote_code(r: &Result<Frame, MoveError>) -> Option<ErrorCode> {
+pub(crate) fn remote_code(r: &Result<Frame, MoveError>) -> Option<ErrorCode> {
     match r {
         Err(MoveError::Wire { source: WireError::Remote { code, .. }, .. }) => Some(*code),
         _ => None,
@@ -369,7 +369,7 @@ fn remote_code(r: &Result<Frame, MoveError>) -> Option<ErrorCode> {
 }
 
 /// The error with its causes, as the CLI prints it.
-fn anyhow_like(e: &MoveError) -> String {
+pub(crate) fn anyhow_like(e: &MoveError) -> String {
     ferry_io::error_chain(e)
 }
 

@@ -14,3 +14,4 @@ mod points;
 mod power;
 mod server_bounds;
 mod tls;
+mod zstream;

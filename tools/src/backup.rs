@@ -111,6 +111,8 @@ pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
                 chunk_size: 0,
                 wire_bytes: 0,
                 compress_auto: None,
+                compress_levels: Vec::new(),
+                compress_stream: false,
             };
             Ok(obs.inner.finish_ok(base, &rep, Status::Warning))
         }

@@ -92,6 +92,8 @@ fn summary_json(cfg: &ReplicateConfig, rep: &JobReport, status: &str) -> Value {
         "resumed": rep.resumed,
         "wire_bytes": rep.wire_bytes,
         "compress_auto": rep.compress_auto,
+        "compress_stream": rep.compress_stream,
+        "levels": rep.compress_levels,
         "totals": totals(&rep.disks),
         "disks": rep.disks,
         "stages": stages_json(&rep.stages),
@@ -271,6 +273,9 @@ impl JobObserver for TextObserver {
             human_bytes(t.bytes_sent),
             if rep.resumed { " (resumed)" } else { "" },
         );
+        if let Some(line) = levels_line(rep) {
+            println!("{line}");
+        }
         exit_for_status(status)
     }
     fn finish_err(&self, _cfg: &ReplicateConfig, err: &anyhow::Error) -> ExitCode {
@@ -280,6 +285,24 @@ impl JobObserver for TextObserver {
         eprintln!("ferry: error: {err:#}");
         exit_for_error(err)
     }
+}
+
+/// `compressed (streams): zstd 3 1200 chunks 75.0 MiB -> 21.3 MiB, raw 40 chunks 2.5 MiB`:
+/// the data chunks at each level; None when nothing was compressed.
+fn levels_line(rep: &JobReport) -> Option<String> {
+    if rep.compress_levels.iter().all(|l| l.level == 0) {
+        return None;
+    }
+    let parts: Vec<String> = rep
+        .compress_levels
+        .iter()
+        .map(|l| match l.level {
+            0 => format!("raw {} chunks {}", l.chunks, human_bytes(l.bytes_in)),
+            n => format!("zstd {n} {} chunks {} -> {}", l.chunks, human_bytes(l.bytes_in), human_bytes(l.bytes_out)),
+        })
+        .collect();
+    let how = if rep.compress_stream { "streams" } else { "chunk by chunk" };
+    Some(format!("compressed ({how}): {}", parts.join(", ")))
 }
 
 /// The log of `ferry serve`: a line (or with `--json` an event) per session.

@@ -592,6 +592,13 @@ impl Session {
                 if data.codec == Codec::Zstd {
                     self.require_feature(FEATURE_ZSTD, frame.name(), "codec zstd (feature not negotiated)")?;
                 }
+                if data.codec == Codec::ZstdStream {
+                    self.require_feature(
+                        FEATURE_ZSTD_STREAM,
+                        frame.name(),
+                        "codec zstd-stream (feature not negotiated)",
+                    )?;
+                }
                 let d = self.disk(data.disk, true)?;
                 check_chunk(data.disk, d, data.chunk, 1)?;
                 if u64::from(data.logical_len) != d.logical_len(data.chunk) {
@@ -768,7 +775,10 @@ fn check_limits(frame: &Frame) -> Result<(), WireError> {
         }
         Frame::Data(d) => {
             too_long("payload", d.payload.len(), MAX_CHUNK_SIZE as usize)?;
-            if d.payload.is_empty() || (d.codec == Codec::None && d.payload.len() != d.logical_len as usize) {
+            if d.payload.is_empty()
+                || (d.codec == Codec::None && d.payload.len() != d.logical_len as usize)
+                || (d.codec == Codec::ZstdStream && d.payload.len() <= STREAM_HEADER_LEN)
+            {
                 return Err(WireError::InvalidValue {
                     frame: name,
                     field: "payload length",

@@ -220,6 +220,14 @@ pub(super) fn run_ferry(env: &Env, net: &Net, sc: &Scenario, dir: &Path, transpo
         parse_stages(s, "source_", &mut stages);
         run.ferry_status = s.get("status").and_then(|x| x.as_str()).map(String::from);
         run.ferry_totals = s.get("totals").cloned();
+        // The levels compression used and the bytes at each ride along with the totals.
+        if let Some(serde_json::Value::Object(t)) = &mut run.ferry_totals {
+            for key in ["levels", "compress_stream"] {
+                if let Some(v) = s.get(key) {
+                    t.insert(key.into(), v.clone());
+                }
+            }
+        }
     } else {
         run.ok = false;
         run.error.get_or_insert_with(|| format!("no summary event on stdout: {}", tail(&dir.join("sender.err"))));

@@ -13,6 +13,7 @@
 //! - [`disk`]: source disks (files, block devices, NBD exports).
 //! - [`map_cache`]: the source's cache of target digest maps.
 //! - [`stats`]: per-disk counters and per-stage latency histograms.
+//! - [`zstream`]: stream compression (zstd history across chunks, flushed per chunk).
 //!
 //! A chunk travels reader -> worker -> socket with one copy at most (the
 //! kernel's), and socket -> verify worker -> writer straight into a pool
@@ -40,6 +41,7 @@ pub mod source;
 pub mod stats;
 pub mod target;
 pub mod tls;
+pub mod zstream;
 
 pub use connect::{Target, TargetSpec};
 pub use error::{MoveError, Result};

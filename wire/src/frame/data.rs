@@ -14,6 +14,53 @@ pub enum Codec {
     None = 0,
     /// Payload is one zstd frame that decodes to the logical bytes.
     Zstd = 1,
+    /// Payload is a [`StreamHeader`] and then the bytes one zstd stream produced
+    /// for this chunk, flushed at its end: they decode to the logical bytes only
+    /// after every earlier chunk of the same stream (see `PROTOCOL.md`, "Stream
+    /// compression"). Needs [`FEATURE_ZSTD_STREAM`](super::FEATURE_ZSTD_STREAM).
+    ZstdStream = 2,
+}
+
+/// Length of a [`StreamHeader`]: the first bytes of a [`Codec::ZstdStream`] payload.
+///
+/// DO NOT MODIFY: protocol v1 (feature `FEATURE_ZSTD_STREAM`).
+pub const STREAM_HEADER_LEN: usize = 4 + 8;
+
+/// Where a [`Codec::ZstdStream`] chunk sits in its compression stream: the
+/// first [`STREAM_HEADER_LEN`] bytes of its payload, `stream` (`u32` LE) then
+/// `seq` (`u64` LE).
+///
+/// A sender numbers the chunks of each stream 0, 1, 2, ...; `seq` 0 starts a
+/// fresh zstd stream (the decoder drops its history). A receiver decodes a
+/// stream's chunks in `seq` order and refuses a gap or a reordering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamHeader {
+    /// The compression stream (one per source worker).
+    pub stream: u32,
+    /// The chunk's number in its stream; 0 restarts the stream.
+    pub seq: u64,
+}
+
+impl StreamHeader {
+    /// The header's bytes.
+    pub fn encode(&self) -> [u8; STREAM_HEADER_LEN] {
+        let mut b = [0u8; STREAM_HEADER_LEN];
+        b[..4].copy_from_slice(&self.stream.to_le_bytes());
+        b[4..].copy_from_slice(&self.seq.to_le_bytes());
+        b
+    }
+
+    /// The header at the start of a payload, and the zstd bytes after it; None
+    /// when the payload is not longer than a header.
+    pub fn split(payload: &[u8]) -> Option<(StreamHeader, &[u8])> {
+        if payload.len() <= STREAM_HEADER_LEN {
+            return None;
+        }
+        let (h, rest) = payload.split_at(STREAM_HEADER_LEN);
+        let stream = u32::from_le_bytes(h[..4].try_into().ok()?);
+        let seq = u64::from_le_bytes(h[4..].try_into().ok()?);
+        Some((StreamHeader { stream, seq }, rest))
+    }
 }
 
 /// One chunk of data.

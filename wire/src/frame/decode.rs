@@ -225,6 +225,9 @@ impl DataHead {
         if codec == Codec::None && payload_len != logical_len as usize {
             return Err(WireError::InvalidValue { frame: name, field: "payload length", value: payload_len as u64 });
         }
+        if codec == Codec::ZstdStream && payload_len <= STREAM_HEADER_LEN {
+            return Err(WireError::InvalidValue { frame: name, field: "payload length", value: payload_len as u64 });
+        }
         if payload_len == 0 {
             return Err(WireError::Truncated { frame: name, field: "payload" });
         }
@@ -275,6 +278,7 @@ impl Codec {
         match v {
             0 => Some(Codec::None),
             1 => Some(Codec::Zstd),
+            2 => Some(Codec::ZstdStream),
             _ => None,
         }
     }

@@ -37,7 +37,10 @@ mod reader;
 mod replica;
 
 pub use control::{Commit, Committed, ErrorCode, ErrorFrame, Notice, NoticeLevel, Progress};
-pub use data::{Checkpoint, ChunkRun, Codec, Data, DataHead, Flush, Intent, ZeroRun, DATA_FIXED_LEN};
+pub use data::{
+    Checkpoint, ChunkRun, Codec, Data, DataHead, Flush, Intent, StreamHeader, ZeroRun, DATA_FIXED_LEN,
+    STREAM_HEADER_LEN,
+};
 pub use deframer::{decode_one, Deframer, Split};
 pub use digest_map::{DigestMapEnd, DigestMapPart, DigestMapRequest};
 pub use handshake::{AuthOk, AuthProof, Hello, Welcome};
@@ -89,8 +92,11 @@ pub const FEATURE_ZSTD: u64 = 1 << 0;
 pub const FEATURE_DIGEST_MAP: u64 = 1 << 1;
 /// Feature bit: resume of interrupted sessions.
 pub const FEATURE_RESUME: u64 = 1 << 2;
-/// All features this version implements.
-pub const FEATURES_V1: u64 = FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME;
+/// Feature bit: Data frames with codec zstd-stream (compression history kept
+/// across the chunks of a stream, [`Codec::ZstdStream`]).
+pub const FEATURE_ZSTD_STREAM: u64 = 1 << 3;
+/// All features this version implements (offered in Hello / Welcome).
+pub const FEATURES_V1: u64 = FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME | FEATURE_ZSTD_STREAM;
 
 /// The frame type byte of each message.
 ///

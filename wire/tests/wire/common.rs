@@ -29,9 +29,18 @@ fn data() -> impl Strategy<Value = Data> {
     let raw = proptest::collection::vec(any::<u8>(), 1..3000).prop_map(|p| (Codec::None, p.len() as u32, p));
     let zstd =
         (proptest::collection::vec(any::<u8>(), 1..3000), 1u32..=MAX_CHUNK_SIZE).prop_map(|(p, l)| (Codec::Zstd, l, p));
-    (any::<u32>(), any::<u64>(), arr32(), prop_oneof![raw, zstd]).prop_map(|(disk, chunk, digest, (codec, l, p))| {
-        Data { disk, chunk, logical_len: l, codec, digest, payload: Bytes::from(p) }
-    })
+    let stream = (proptest::collection::vec(any::<u8>(), 13..3000), 1u32..=MAX_CHUNK_SIZE)
+        .prop_map(|(p, l)| (Codec::ZstdStream, l, p));
+    (any::<u32>(), any::<u64>(), arr32(), prop_oneof![raw, zstd, stream]).prop_map(
+        |(disk, chunk, digest, (codec, l, p))| Data {
+            disk,
+            chunk,
+            logical_len: l,
+            codec,
+            digest,
+            payload: Bytes::from(p),
+        },
+    )
 }
 
 /// A valid Intent: 1.. runs, each non-empty, strictly increasing and apart
@@ -144,7 +153,8 @@ pub fn known_frames() -> Vec<(&'static str, Frame)> {
             Frame::Hello(Hello {
                 version_min: 1,
                 version_max: 1,
-                features: FEATURES_V1,
+                // The three bits of the first v1 release: the vector pins the encoding.
+                features: FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME,
                 nonce: seq(0x00),
                 peer_name: "src".into(),
                 software: "ferry 0.1.0".into(),
@@ -235,6 +245,18 @@ pub fn known_frames() -> Vec<(&'static str, Frame)> {
                 codec: Codec::Zstd,
                 digest: seq(0x01),
                 payload: Bytes::from_static(&[0x28, 0xB5, 0x2F, 0xFD, 0x00, 0x00]),
+            }),
+        ),
+        (
+            "DataZstdStream",
+            Frame::Data(Data {
+                disk: 1,
+                chunk: 4,
+                logical_len: 65536,
+                codec: Codec::ZstdStream,
+                digest: seq(0x01),
+                // Stream 2, seq 7, then the zstd bytes of the chunk.
+                payload: Bytes::from_static(&[2, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0x28, 0xB5, 0x2F, 0xFD]),
             }),
         ),
         ("ZeroRun", Frame::ZeroRun(ZeroRun { disk: 1, first_chunk: 5, count: 1000 })),

@@ -562,9 +562,42 @@ fn features_must_be_negotiated_before_use() {
         payload: Bytes::from_static(b"z"),
     });
     assert!(matches!(c.send(&z), Err(WireError::InvalidValue { value: FEATURE_ZSTD, .. })));
+    let zs = Frame::Data(Data {
+        disk: 0,
+        chunk: 0,
+        logical_len: 1 << 16,
+        codec: Codec::ZstdStream,
+        digest: [0; 32],
+        payload: Bytes::from_static(b"stream header and zstd"),
+    });
+    assert!(matches!(c.send(&zs), Err(WireError::InvalidValue { value: FEATURE_ZSTD_STREAM, .. })));
     // And the server refuses them when received.
     s.receive(&z.to_bytes());
     assert!(matches!(s.poll_event(), Err(WireError::InvalidValue { value: FEATURE_ZSTD, .. })));
+}
+
+#[test]
+fn zstd_stream_payload_must_hold_more_than_its_header() {
+    for len in [1usize, STREAM_HEADER_LEN] {
+        let mut body = 0u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&MIN_CHUNK_SIZE.to_le_bytes());
+        body.push(Codec::ZstdStream as u8);
+        body.extend_from_slice(&[0; 32]);
+        body.resize(body.len() + len, 0);
+        assert!(
+            matches!(
+                decode_one(&raw_frame(frame_type::DATA, 0, &body)),
+                Err(WireError::InvalidValue { field: "payload length", value, .. }) if value == len as u64
+            ),
+            "payload of {len} bytes"
+        );
+    }
+    let h = StreamHeader { stream: 7, seq: 0x0102_0304_0506_0708 };
+    let mut payload = h.encode().to_vec();
+    assert_eq!(StreamHeader::split(&payload), None);
+    payload.push(0xAA);
+    assert_eq!(StreamHeader::split(&payload), Some((h, &[0xAA][..])));
 }
 
 /// Regression: a refused DigestMapEnd used to clear the request in flight, so

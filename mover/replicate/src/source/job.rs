@@ -18,6 +18,7 @@ use ferry_wire::chunk::default_chunk_size;
 use ferry_wire::{Commit, DigestMapRequest, Event, Frame, Mode, OpenDisk, OpenReplica, ReplicaOpened, ResumeInfo};
 
 use super::announce::Announcer;
+use super::compress::LevelBytes;
 use super::compress::{AutoCompress, AUTO_LEVELS};
 use super::read::{read_loop, ReadPlan, ReadSide, Work};
 use super::receive::{prefer_target_error, receive_loop, RxMsg};
@@ -29,6 +30,7 @@ use crate::disk::SourceDisk;
 use crate::error::{MoveError, Result};
 use crate::map_cache::MapCacheWriter;
 use crate::stats::{DiskCounters, MapSource, StageStats};
+use crate::zstream::MAX_STREAMS;
 
 /// Per-disk state of a running job.
 pub(super) struct JobDisk {
@@ -69,8 +71,15 @@ pub(super) fn unexpected(conn: &Conn, f: &Frame, wanted: &str) -> MoveError {
 /// A disk opened at the source, its spec and its change map.
 pub(super) type OpenedDisk<'a> = (SourceDisk, &'a DiskSpec, Option<ChangeMap>);
 
-/// What the pipeline gives: stage figures, the backend's name, what auto compression chose.
-type PipelineResult = (StageStats, String, Option<CompressChoice>);
+/// What the pipeline gives: stage figures, the backend's name, what compression did.
+type PipelineResult = (StageStats, String, Compressed);
+
+/// What compression did in a run: auto's choices, the bytes at each level, streams or not.
+struct Compressed {
+    auto: Option<CompressChoice>,
+    levels: Vec<LevelBytes>,
+    stream: bool,
+}
 
 pub(super) fn run_job(
     conn: &Arc<Conn>,
@@ -79,6 +88,7 @@ pub(super) fn run_job(
     cfg: &ReplicateConfig,
     obs: &dyn Observer,
     start: Instant,
+    stream: bool,
 ) -> Result<JobReport> {
     let (reply, chunk_size) = open_replica(conn, &mut rx, &opened, cfg, obs)?;
     // A replica without points gets every disk in full, whatever the change lists say.
@@ -109,14 +119,14 @@ pub(super) fn run_job(
             .expect("spawn receiver")
     };
 
-    let run = run_pipeline(conn, &mut disks, cfg, chunk_size, read_side, &rx_msgs, obs);
+    let run = run_pipeline(conn, &mut disks, cfg, chunk_size, read_side, &rx_msgs, obs, stream);
     let outcome = commit(conn, disks.len(), cfg, run, &rx_msgs);
     // A send that failed because the target closed the session or the
     // connection: the target's own Error frame, if the receiver got one, says why.
     let outcome = outcome.map_err(|e| if e.is_connection_error() { prefer_target_error(&rx_msgs, e) } else { e });
     conn.shutdown();
     let _ = receiver.join();
-    let ((stats, backend, compress_auto), point_id, point_time_ns) = outcome?;
+    let ((stats, backend, compressed), point_id, point_time_ns) = outcome?;
     // What the target's policy did beyond what was asked (retention it kept, and why).
     for n in conn.take_notices() {
         let message = format!("target: {}", n.message);
@@ -136,7 +146,9 @@ pub(super) fn run_job(
         resumed: reply.resumed,
         chunk_size,
         wire_bytes: conn.bytes_sent(),
-        compress_auto,
+        compress_auto: compressed.auto,
+        compress_levels: compressed.levels,
+        compress_stream: compressed.stream,
     })
 }
 
@@ -428,7 +440,9 @@ fn hash_chunks(sd: &SourceDisk, cs: u64, chunks: &[u64]) -> Result<Vec<Digest>> 
         .collect()
 }
 
-/// Run the reader, the workers and the sender over the planned disks.
+/// Run the reader, the workers and the sender over the planned disks; with
+/// compression streams (one per worker) when `stream`.
+#[allow(clippy::too_many_arguments)]
 fn run_pipeline(
     conn: &Arc<Conn>,
     disks: &mut [JobDisk],
@@ -437,7 +451,8 @@ fn run_pipeline(
     read_side: ReadSide,
     rx_msgs: &Receiver<RxMsg>,
     obs: &dyn Observer,
-) -> Result<(StageStats, String, Option<CompressChoice>)> {
+    stream: bool,
+) -> Result<PipelineResult> {
     let ReadSide { read_pool, out_pool, span, depth, workers, backend } = read_side;
     let (backend, warning) = backend.map_err(|source| MoveError::Backend { side: "source", opening: true, source })?;
     if let Some(w) = warning {
@@ -487,13 +502,16 @@ fn run_pipeline(
             r
         });
         let mut worker_handles = Vec::new();
-        for _ in 0..workers {
+        let stream = stream && cfg.compress != CompressPolicy::None;
+        for i in 0..workers {
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
             let (out_pool, digests, names) = (&out_pool, &digests, &names);
-            worker_handles.push(
-                s.spawn(move || work_loop(work_rx, done_tx, out_pool, digests, names, cfg.compress, chunk_size, auto)),
-            );
+            // Worker i compresses into stream i (at most MAX_STREAMS of them; workers <= 16).
+            let id = stream.then_some(i as u32).filter(|&i| i < MAX_STREAMS);
+            worker_handles.push(s.spawn(move || {
+                work_loop(work_rx, done_tx, out_pool, digests, names, cfg.compress, chunk_size, auto, id)
+            }));
         }
         drop(work_rx);
         drop(done_tx);
@@ -511,7 +529,7 @@ fn run_pipeline(
             }
         }
         let read = reader.join().unwrap_or_else(|_| Err(MoveError::Internal("the reader thread panicked".into())));
-        let (sender_stats, windows) = sent?;
+        let (sender_stats, windows, levels) = sent?;
         let read_stats = read?;
         stats.merge(&read_stats);
         stats.merge(&sender_stats);
@@ -520,6 +538,6 @@ fn run_pipeline(
             windows: windows.to_vec(),
             final_level: AUTO_LEVELS[auto.idx.load(Ordering::Relaxed)],
         });
-        Ok((stats, backend_name, chosen))
+        Ok((stats, backend_name, Compressed { auto: chosen, levels, stream }))
     })
 }

@@ -57,7 +57,7 @@ use crate::map_cache::MapCache;
 use crate::stats::{DiskCounters, StageSummary};
 use job::{expect_frame, run_job, unexpected};
 
-pub use compress::AUTO_LEVELS;
+pub use compress::{LevelBytes, AUTO_LEVELS};
 
 /// How chunks are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +231,10 @@ pub struct JobReport {
     pub wire_bytes: u64,
     /// What `--compress auto` chose (None for a fixed policy).
     pub compress_auto: Option<CompressChoice>,
+    /// Data chunks sent at each zstd level (0: raw), levels in increasing order.
+    pub compress_levels: Vec<LevelBytes>,
+    /// True when chunks were compressed in streams (codec zstd-stream).
+    pub compress_stream: bool,
 }
 
 /// What `--compress auto` chose during a run.
@@ -283,9 +287,10 @@ pub fn replicate(
         }
         opened.push((sd, d, cbt));
     }
-    let (conn, rx, _peer_info) = client_handshake(sock, peer, auth)?;
+    let (conn, rx, peer_info) = client_handshake(sock, peer, auth)?;
     conn.set_write_timeout(Some(Duration::from_secs(120)));
-    let result = run_job(&conn, rx, opened, cfg, obs, start);
+    let stream = peer_info.features & ferry_wire::FEATURE_ZSTD_STREAM != 0;
+    let result = run_job(&conn, rx, opened, cfg, obs, start, stream);
     if let Err(e) = &result {
         if !matches!(e, MoveError::Wire { source: ferry_wire::WireError::Remote { .. }, .. }) {
             conn.send_error(e.code(), &e.detail());

@@ -34,7 +34,11 @@ impl ReadSide {
     fn new(backend: BackendChoice, workers: usize, depth: usize, chunk_size: u32, span: u64) -> ReadSide {
         let (workers, depth) = (workers.max(1), depth.clamp(1, 256));
         let read_pool = BufPool::new(depth + workers * 3 + 8, (span * u64::from(chunk_size)) as usize);
-        let out_pool = BufPool::new(workers * 2 + 8, chunk_size as usize);
+        // One compressed buffer per chunk the read pool can hold: with fewer, chunks
+        // waiting to be sent (a slow link) emptied the pool and the workers sent
+        // compressible chunks raw (they never wait for it). Bounded: as many bytes
+        // as the read pool.
+        let out_pool = BufPool::new((depth + workers * 3 + 8) * span as usize, chunk_size as usize);
         let backend = open_backend(backend, &read_pool, depth);
         ReadSide { read_pool, out_pool, span, depth, workers, backend }
     }

@@ -12,7 +12,7 @@ use crossbeam_channel::Receiver;
 use ferry_planner::{Digest, ZeroDigests};
 use ferry_wire::{Codec, Data, Flush, Frame, ZeroRun};
 
-use super::compress::{AutoCompress, AutoController};
+use super::compress::{AutoCompress, AutoController, LevelBytes, LevelCounts, AUTO_LEVELS};
 use super::job::JobDisk;
 use super::receive::RxMsg;
 use super::work::{Done, Outcome};
@@ -35,7 +35,7 @@ pub(super) fn send_loop(
     obs: &dyn Observer,
     auto: &AutoCompress,
     workers: usize,
-) -> Result<(StageStats, [u64; 3])> {
+) -> Result<(StageStats, [u64; AUTO_LEVELS.len()], Vec<LevelBytes>)> {
     let n = disks.len();
     let mut sender = Sender {
         conn,
@@ -46,6 +46,7 @@ pub(super) fn send_loop(
         obs,
         auto,
         ctl: AutoController::new(workers),
+        levels: LevelCounts::default(),
         stats: StageStats::default(),
         zero_run: None,
         since_flush: vec![0; n],
@@ -63,7 +64,7 @@ pub(super) fn send_loop(
             sender.take(done)?;
         }
     }
-    Ok((sender.stats, sender.ctl.windows))
+    Ok((sender.stats, sender.ctl.windows, sender.levels.into_vec()))
 }
 
 /// The error the target reported, if the receiver got one.
@@ -88,6 +89,8 @@ struct Sender<'a> {
     obs: &'a dyn Observer,
     auto: &'a AutoCompress,
     ctl: AutoController,
+    /// Data chunks sent at each level, for the summary.
+    levels: LevelCounts,
     stats: StageStats,
     zero_run: Option<ZeroRun>,
     since_flush: Vec<u64>,
@@ -101,7 +104,7 @@ impl Sender<'_> {
     fn take(&mut self, done: Done) -> Result<()> {
         let (disk, chunk) = match done.outcome {
             Outcome::Failed(e) => return Err(e),
-            Outcome::Data(data) => self.data(&data, done.compressed)?,
+            Outcome::Data(data) => self.data(&data, done.compressed, done.level)?,
             Outcome::Zero { disk, chunk, len, skipped } => self.zero(disk, chunk, len, skipped)?,
             Outcome::Unchanged { disk, chunk, len, skipped } => self.unchanged(disk, chunk, len, skipped)?,
             Outcome::DiskEnd { disk } => return self.disk_end(disk),
@@ -121,19 +124,20 @@ impl Sender<'_> {
     }
 
     /// A chunk to send.
-    fn data(&mut self, data: &Data, compressed: (u64, u64)) -> Result<(u32, u64)> {
+    fn data(&mut self, data: &Data, compressed: (u64, u64), level: i32) -> Result<(u32, u64)> {
         self.flush_zero()?;
         let t = Instant::now();
         let n = emit_data(self.conn, self.cfg.plan_only, data)?;
         let took = t.elapsed();
         self.stats.record(Stage::Send, took);
         self.ctl.sent(n, took);
+        self.levels.add(level, u64::from(data.logical_len), data.payload.len() as u64);
         let c = &mut self.disks[data.disk as usize].counters;
         c.bytes_sent += n;
         c.chunks_sent += 1;
         c.bytes_read += u64::from(data.logical_len);
         c.bytes_data += u64::from(data.logical_len);
-        if data.codec == Codec::Zstd {
+        if data.codec != Codec::None {
             c.bytes_compressed_in += compressed.0;
             c.bytes_compressed_out += compressed.1;
         } else {

@@ -2,6 +2,15 @@
 //! with the target's digest and compression. A read span is split into its
 //! chunks here; each is answered on its own ([`Outcome`]), with the span's
 //! sequence numbers.
+//!
+//! With stream compression (the target negotiated `FEATURE_ZSTD_STREAM`),
+//! worker `i` owns compression stream `i` (`zstream.rs`): its chunks keep the
+//! history of the chunks it compressed before. The sender writes the chunks in
+//! sequence order and a worker takes spans in sequence order, so a stream's
+//! chunks reach the wire in the order they were compressed. A chunk that goes
+//! through the stream is always sent as the stream made it (the target's
+//! decoder needs it), unless it did not shrink at all: then it goes raw and
+//! the stream restarts.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -18,6 +27,7 @@ use super::read::{ReadSpan, Work};
 use super::CompressPolicy;
 use crate::error::MoveError;
 use crate::stats::{Stage, StageStats};
+use crate::zstream::StreamEncoder;
 
 /// What a worker found of one chunk.
 pub(super) enum Outcome {
@@ -47,6 +57,8 @@ pub(super) struct Done {
     pub(super) outcome: Outcome,
     /// Compressed in / out bytes (0, 0 when not compressed).
     pub(super) compressed: (u64, u64),
+    /// The zstd level of a data chunk's payload (0: raw).
+    pub(super) level: i32,
 }
 
 // One pipeline stage: its channels, shared pools and the job's settings.
@@ -60,15 +72,17 @@ pub(super) fn work_loop(
     policy: CompressPolicy,
     chunk_size: u32,
     auto: &AutoCompress,
+    stream: Option<u32>,
 ) -> StageStats {
     let mut worker = Worker::new(out_pool, digests, names, policy, chunk_size, auto);
+    worker.stream = stream.map(|id| StreamEncoder::new(id, worker.cur_level));
     for w in rx {
         let sent = match w {
             Work::DiskEnd { seq, disk } => {
-                tx.send(Done { seq, outcome: Outcome::DiskEnd { disk }, compressed: (0, 0) })
+                tx.send(Done { seq, outcome: Outcome::DiskEnd { disk }, compressed: (0, 0), level: 0 })
             }
             Work::Hole { seq, disk, chunk, len } => {
-                tx.send(Done { seq, outcome: worker.hole(disk, chunk, len), compressed: (0, 0) })
+                tx.send(Done { seq, outcome: worker.hole(disk, chunk, len), compressed: (0, 0), level: 0 })
             }
             Work::Chunk(span) => worker.span(span, &tx),
         };
@@ -91,7 +105,9 @@ struct Worker<'a> {
     stats: StageStats,
     zeros: ZeroDigests,
     cctx: zstd::bulk::Compressor<'static>,
-    /// The level `cctx` is set to (auto).
+    /// This worker's compression stream, when the target takes them.
+    stream: Option<StreamEncoder>,
+    /// The level chunks are compressed at (`cctx` is set to it).
     cur_level: i32,
     /// Chunks seen while auto is off (1 in 16 is compressed anyway).
     probe: u64,
@@ -128,7 +144,8 @@ impl<'a> Worker<'a> {
             stats: StageStats::default(),
             zeros: ZeroDigests::new(chunk_size),
             cctx,
-            cur_level: 1,
+            stream: None,
+            cur_level: level,
             probe: 0,
             skip: 0,
             backoff: 0,
@@ -150,6 +167,8 @@ impl<'a> Worker<'a> {
     }
 
     /// A read span: a failure for the span, else one answer per chunk.
+    // The error only hands back the answer the sender no longer takes; it is dropped at once.
+    #[allow(clippy::result_large_err)]
     fn span(&mut self, read: ReadSpan, tx: &Sender<Done>) -> SendResult {
         let ReadSpan { seq, disk, chunk, count, offset, expected, mut buf, result } = read;
         let name = &self.names[disk as usize];
@@ -160,7 +179,7 @@ impl<'a> Worker<'a> {
         };
         if let Some(e) = failed {
             // The sender stops at the first failed item: the span's later chunks never come.
-            return tx.send(Done { seq, outcome: Outcome::Failed(e), compressed: (0, 0) });
+            return tx.send(Done { seq, outcome: Outcome::Failed(e), compressed: (0, 0), level: 0 });
         }
         buf.set_len(expected);
         // One owner for the span: a raw payload is a slice of it, no copy.
@@ -168,15 +187,15 @@ impl<'a> Worker<'a> {
         let cs = self.chunk_size as usize;
         for i in 0..count {
             let at = i as usize * cs;
-            let (outcome, compressed) = self.chunk(disk, chunk + i, &span, at..(at + cs).min(expected));
-            tx.send(Done { seq: seq + i, outcome, compressed })?;
+            let (outcome, compressed, level) = self.chunk(disk, chunk + i, &span, at..(at + cs).min(expected));
+            tx.send(Done { seq: seq + i, outcome, compressed, level })?;
         }
         Ok(())
     }
 
     /// Chunk `chunk` of `disk`, the bytes `range` of `span`: zero, unchanged or data;
-    /// with the compressed in / out bytes.
-    fn chunk(&mut self, disk: u32, chunk: u64, span: &Bytes, range: Range<usize>) -> (Outcome, (u64, u64)) {
+    /// with the compressed in / out bytes and the level of its payload.
+    fn chunk(&mut self, disk: u32, chunk: u64, span: &Bytes, range: Range<usize>) -> (Outcome, (u64, u64), i32) {
         let buf = &span[range.clone()];
         let len = range.len();
         let t = Instant::now();
@@ -188,19 +207,19 @@ impl<'a> Worker<'a> {
             } else {
                 Outcome::Zero { disk, chunk, len: len as u64, skipped: false }
             };
-            return (outcome, (0, 0));
+            return (outcome, (0, 0), 0);
         }
         let digest = *blake3::hash(buf).as_bytes();
         self.stats.record(Stage::Hash, t.elapsed());
         if target.is_some_and(|d| *d == digest) {
-            return (Outcome::Unchanged { disk, chunk, len: len as u64, skipped: false }, (0, 0));
+            return (Outcome::Unchanged { disk, chunk, len: len as u64, skipped: false }, (0, 0), 0);
         }
         let compressed = if self.try_compress() { self.compress(buf) } else { None };
-        let (codec, payload, sizes) = match compressed {
-            Some((payload, n)) => (Codec::Zstd, payload, (len as u64, n)),
-            None => (Codec::None, span.slice(range), (0, 0)),
+        let (codec, payload, sizes, level) = match compressed {
+            Some((codec, payload, n)) => (codec, payload, (len as u64, n), self.cur_level),
+            None => (Codec::None, span.slice(range), (0, 0), 0),
         };
-        (Outcome::Data(Data { disk, chunk, logical_len: len as u32, codec, digest, payload }), sizes)
+        (Outcome::Data(Data { disk, chunk, logical_len: len as u32, codec, digest, payload }), sizes, level)
     }
 
     /// Whether to try compressing the next data chunk (and at which level, for auto).
@@ -215,7 +234,9 @@ impl<'a> Worker<'a> {
                 let want = if lvl == 0 { self.probe % 16 == 0 } else { true };
                 let lvl = lvl.max(1);
                 if want && lvl != self.cur_level {
-                    let _ = self.cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(lvl));
+                    if self.stream.is_none() {
+                        let _ = self.cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(lvl));
+                    }
                     self.cur_level = lvl;
                 }
                 if !want {
@@ -230,32 +251,36 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// `buf` compressed into a buffer of the compressed pool, and its length;
-    /// None when the pool is empty or it did not shrink by 1/8.
-    fn compress(&mut self, buf: &[u8]) -> Option<(Bytes, u64)> {
+    /// `buf` compressed into a buffer of the compressed pool: its codec, the
+    /// payload and its length; None when the pool is empty or it did not
+    /// shrink (by 1/8 for a chunk compressed alone, at all for a stream).
+    fn compress(&mut self, buf: &[u8]) -> Option<(Codec, Bytes, u64)> {
         let mut out = self.out_pool.try_get()?;
         let expected = buf.len();
         let t = Instant::now();
-        let cap = expected - expected / 8;
-        let r = self.cctx.compress_to_buffer(buf, &mut out.spare_mut()[..cap]);
+        let eighth = expected - expected / 8;
+        let (codec, r) = match &mut self.stream {
+            Some(s) => (Codec::ZstdStream, s.compress(self.cur_level, buf, &mut out.spare_mut()[..expected - 1])),
+            None => (Codec::Zstd, self.cctx.compress_to_buffer(buf, &mut out.spare_mut()[..eighth]).ok()),
+        };
         let took = t.elapsed();
         let auto = self.auto;
         auto.comp_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         auto.comp_in.fetch_add(expected as u64, Ordering::Relaxed);
-        auto.comp_out.fetch_add(r.as_ref().map_or(expected as u64, |&n| n as u64), Ordering::Relaxed);
-        self.stats.record(Stage::Compress, t.elapsed());
-        match r {
-            Ok(n) if n < cap => {
-                out.set_len(n);
-                self.backoff = 0;
-                Some((Bytes::from_owner(out), n as u64))
-            }
-            _ => {
-                // Did not shrink by 1/8: back off exponentially on incompressible runs.
-                self.backoff = (self.backoff * 2).clamp(1, 64);
-                self.skip = if self.policy == CompressPolicy::Auto { self.backoff } else { 0 };
-                None
-            }
+        auto.comp_out.fetch_add(r.map_or(expected as u64, |n| n as u64), Ordering::Relaxed);
+        self.stats.record(Stage::Compress, took);
+        if r.is_some_and(|n| n < eighth) {
+            self.backoff = 0;
+        } else {
+            // Did not shrink by 1/8: back off exponentially on incompressible runs,
+            // less far at the levels auto picks for slow links (the CPU has time).
+            let most = if self.cur_level <= 1 { 64 } else { 4 };
+            self.backoff = (self.backoff * 2).clamp(1, most);
+            self.skip = if self.policy == CompressPolicy::Auto { self.backoff } else { 0 };
         }
+        // A stream's output goes out whenever it fits: the target's decoder needs it.
+        let n = r?;
+        out.set_len(n);
+        Some((codec, Bytes::from_owner(out), n as u64))
     }
 }

@@ -20,7 +20,7 @@ use super::digest_map::{rebuild_unknown, send_digest_map};
 use super::plan_session::PlanSession;
 use super::policy::{check_open, decide_retain, prune_notice};
 use super::sender::Outgoing;
-use super::verify::verify_worker;
+use super::verify::{verify_worker, Item, Streams};
 use super::writer::{WDisk, Writer, WriterMsg};
 use super::{ServeConfig, SessionReport};
 use crate::access::Grant;
@@ -80,7 +80,9 @@ pub(super) struct Pipeline {
     /// The session's chunk buffers: payloads are received into them, verified, and written
     /// from them.
     pool: Arc<BufPool>,
-    to_workers: Option<Sender<(u64, DataHead, PoolBuf)>>,
+    to_workers: Option<Sender<Item>>,
+    /// The compression streams: order checked at admission, decoded in turn.
+    streams: Arc<Streams>,
     to_writer: Sender<WriterMsg>,
     workers: Vec<std::thread::JoinHandle<StageStats>>,
     writer: Option<std::thread::JoinHandle<StageStats>>,
@@ -399,7 +401,8 @@ impl TargetSession<'_> {
         let seq = a.dispatched;
         a.dispatched += 1;
         let p = a.pipeline()?;
-        if p.to_workers.as_ref().is_none_or(|w| w.send((seq, head, buf)).is_err()) {
+        let turn = p.streams.admit(&head, &buf)?;
+        if p.to_workers.as_ref().is_none_or(|w| w.send((seq, head, buf, turn)).is_err()) {
             return Err(self.writer_gone());
         }
         Ok(())
@@ -544,17 +547,18 @@ pub(super) fn start_pipeline(
     })?;
     let backend_name = backend.name();
     let (to_writer, writer_rx) = bounded::<WriterMsg>(depth + 2 * workers + 16);
-    let (to_workers, work_rx) = bounded::<(u64, DataHead, PoolBuf)>(workers * 2);
+    let (to_workers, work_rx) = bounded::<Item>(workers * 2);
+    let streams = Arc::new(Streams::default());
     let counters = Arc::new(Counters::default());
     let mut handles = Vec::new();
     for i in 0..workers {
         let rx = work_rx.clone();
         let tx = to_writer.clone();
-        let pool = pool.clone();
+        let (pool, streams) = (pool.clone(), streams.clone());
         handles.push(
             std::thread::Builder::new()
                 .name(format!("ferry-verify-{i}"))
-                .spawn(move || verify_worker(rx, tx, pool))
+                .spawn(move || verify_worker(rx, tx, pool, streams))
                 .expect("spawn verify worker"),
         );
     }
@@ -566,6 +570,7 @@ pub(super) fn start_pipeline(
     Ok(Pipeline {
         pool,
         to_workers: Some(to_workers),
+        streams,
         to_writer,
         workers: handles,
         writer: Some(writer),
