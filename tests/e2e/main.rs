@@ -13,5 +13,6 @@ mod plan;
 mod points;
 mod power;
 mod server_bounds;
+mod thin;
 mod tls;
 mod zstream;

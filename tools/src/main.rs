@@ -220,7 +220,8 @@ struct ReplicateArgs {
     /// Do not cache digest maps: download the target's map on every digest-mode run.
     #[arg(long, conflicts_with = "map_cache")]
     no_map_cache: bool,
-    /// Ask the target for a durable checkpoint after this much of each disk (default 256M; for tests).
+    /// Ask the target for a durable checkpoint after this much of each disk read (default 256M; also
+    /// every 10 s while a disk moves; for tests).
     #[arg(long, hide = true)]
     checkpoint_every: Option<String>,
     #[command(flatten)]

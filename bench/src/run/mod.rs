@@ -35,6 +35,7 @@ mod ferry;
 mod harness;
 mod peers;
 mod scenarios;
+mod thin;
 
 use ferry::{ferry_path, ferry_replicate_cmd, ferry_serve_cmd, run_ferry, tls_identity, Transport};
 use harness::{failed_run, RSS_FLOOR};
@@ -212,7 +213,18 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         let tools = scenario_tools(&a, &env, sc, token_error.is_some(), &mut skipped);
         results.extend(run_scenario(&env, sc, &tools, work.path(), token_error.as_deref())?);
     }
-    let ok = !results.is_empty() && results.iter().all(|r: &ToolResult| r.identical);
+    // Thin multi-terabyte disks (issue 20): ferry alone, its own table; not in --quick.
+    let thin_ok = if !quick && wanted(&a.scenarios, "thin") {
+        let rows = thin::run_thin(&env, work.path(), a.seed)?;
+        std::fs::write(a.out.join("thin.md"), thin::table(&rows))?;
+        std::fs::write(a.out.join("thin.json"), serde_json::to_vec_pretty(&rows)?)?;
+        Some(rows.iter().all(|r| r.ok))
+    } else {
+        None
+    };
+    let ok = (!results.is_empty() || thin_ok.is_some())
+        && results.iter().all(|r: &ToolResult| r.identical)
+        && thin_ok.unwrap_or(true);
     let doc = Results {
         schema: report::SCHEMA.into(),
         profile: profile.into(),

@@ -498,6 +498,9 @@ pub fn export_point(
     while first < chunks {
         let end = (first + per_batch).min(chunks);
         let mut from_image = Vec::new();
+        // Chunks of this batch that are holes in the output (zeros, never filled or
+        // scanned: a thin disk's export costs its data, not its size).
+        let mut hole = vec![false; (end - first) as usize];
         for c in first..end {
             let off = c * cs;
             let len = (size - off).min(cs) as usize;
@@ -508,7 +511,12 @@ pub fn export_point(
             }
             match &src {
                 Some(img) if !zero.contains(&c) && !in_hole(c) => img.read_padded(b, off, "exporting")?,
-                _ => b.fill(0),
+                // Zeros at the point whether or not a session overwrites the chunk now (its
+                // record would hold these zeros): no second look needed.
+                _ => {
+                    hole[(c - first) as usize] = true;
+                    continue;
+                }
             }
             from_image.push(c);
         }
@@ -522,6 +530,9 @@ pub fn export_point(
             }
         }
         for c in first..end {
+            if hole[(c - first) as usize] {
+                continue;
+            }
             let off = c * cs;
             let len = (size - off).min(cs) as usize;
             let at = ((c - first) * cs) as usize;

@@ -37,13 +37,16 @@ impl Announcer {
         (!runs.is_empty()).then_some(Intent { disk, runs })
     }
 
-    /// The sender passed one planned chunk of `disk`: the next window when it is due.
-    pub(super) fn passed(&mut self, disk: u32, ranges: &[Range<u64>]) -> Option<Intent> {
-        self.passed += 1;
-        if self.announced < self.passed + INTENT_WINDOW / 2 {
-            self.next_window(disk, ranges)
-        } else {
-            None
+    /// The sender passed `count` planned chunks of `disk`: the windows that are due.
+    pub(super) fn passed_many(&mut self, disk: u32, ranges: &[Range<u64>], count: u64) -> Vec<Intent> {
+        self.passed += count;
+        let mut due = Vec::new();
+        while self.announced < self.passed + INTENT_WINDOW / 2 {
+            match self.next_window(disk, ranges) {
+                Some(i) => due.push(i),
+                None => break,
+            }
         }
+        due
     }
 }

@@ -12,7 +12,7 @@ use ferry_io::IoBackend;
 use ferry_nbd::NbdBackend;
 use ferry_planner::{
     check_samples, expected_changes, plan_disk, read_span, ChangeMap, ChunkSet, Digest, DigestMap, DiskInputs,
-    PlanMode, TargetDisk,
+    PlanMode, TargetDisk, ZeroDigests,
 };
 use ferry_wire::chunk::default_chunk_size;
 use ferry_wire::{Commit, DigestMapRequest, Event, Frame, Mode, OpenDisk, OpenReplica, ReplicaOpened, ResumeInfo};
@@ -426,14 +426,20 @@ fn fetch_digests(
     Ok(FetchedMap { digests, source, wire_bytes })
 }
 
-/// The BLAKE3 digest of each of `chunks`, read one by one.
+/// The digests of `chunks` (sorted): read and hashed, except those inside a hole of the
+/// disk, which are zeros (on a thin disk most samples fall in holes: nothing to read).
 fn hash_chunks(sd: &SourceDisk, cs: u64, chunks: &[u64]) -> Result<Vec<Digest>> {
+    let holes = sd.hole_chunks(&ChunkSet::from_indices(chunks.iter().copied()), cs)?;
+    let zeros = ZeroDigests::new(cs as u32);
     let mut buf = vec![0u8; cs as usize];
     chunks
         .iter()
         .map(|&chunk| {
             let offset = chunk * cs;
             let len = (sd.size - offset).min(cs) as usize;
+            if holes.contains(chunk) {
+                return Ok(zeros.digest(len as u32));
+            }
             sd.read_at(offset, &mut buf[..len])?;
             Ok(*blake3::hash(&buf[..len]).as_bytes())
         })

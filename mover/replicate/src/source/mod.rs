@@ -138,7 +138,9 @@ pub struct ReplicateConfig {
     pub point_time_ns: i64,
     /// Read with O_DIRECT where the file allows it.
     pub direct_io: bool,
-    /// Ask the target for a durable checkpoint after this many bytes of disk.
+    /// Ask the target for a durable checkpoint after this many bytes of a disk read (holes
+    /// and chunks skipped unread do not count; a disk that moves also asks every
+    /// `send::CHECKPOINT_INTERVAL`).
     pub checkpoint_bytes: u64,
     /// Retention to set on the replica (0: keep).
     pub retain: u32,

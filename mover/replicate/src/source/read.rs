@@ -1,7 +1,10 @@
 //! The reader: reads each disk's planned chunks, a span of chunks per read,
 //! through the IO backend (files) or the disk's NBD connection, and hands
-//! them to the workers in sequence order. NBD holes are not read; a file's
-//! planned chunks are advised to the kernel ahead of the reads.
+//! them to the workers in sequence order. Holes (SEEK_HOLE of a file,
+//! `base:allocation` of an export) are not read and not walked: a run of
+//! planned chunks inside a hole goes on as one [`Work::Holes`] item, whatever
+//! its length, so a thin disk costs what its data costs. A file's planned
+//! chunks are advised to the kernel ahead of the reads.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -57,7 +60,7 @@ pub(super) struct ReadPlan {
     pub(super) fd: i32,
     pub(super) size: u64,
     pub(super) ranges: Vec<Range<u64>>,
-    /// Chunks not to read (NBD holes): they become zero chunks.
+    /// Chunks not to read (holes of the file or export): they become zero chunks.
     pub(super) holes: ChunkSet,
     /// NBD disks: their own backend (files share the reader's one) ...
     pub(super) nbd: Option<Box<dyn IoBackend>>,
@@ -144,8 +147,9 @@ impl RangeCursor {
 pub(super) enum Work {
     /// A span of chunks read with one operation.
     Chunk(ReadSpan),
-    /// A chunk the NBD server reported as unallocated zeros: not read.
-    Hole { seq: u64, disk: u32, chunk: u64, len: u64 },
+    /// Consecutive planned chunks inside a hole (zeros, not read), one item whatever
+    /// their number; the disk is `size` bytes (its last chunk may be short).
+    Holes { seq: u64, disk: u32, chunks: Range<u64>, size: u64 },
     /// A disk's last chunk was handed out.
     DiskEnd { seq: u64, disk: u32 },
 }
@@ -203,21 +207,18 @@ pub(super) fn read_loop(
                     return Ok(stats);
                 }
                 let offset = chunk * cs;
-                if plan.holes.contains(chunk) {
-                    let len = (plan.size - offset).min(cs);
-                    let hole = Work::Hole { seq, disk: plan.disk, chunk, len };
-                    if tx.send(hole).is_err() {
+                let (in_hole, run_end) = hole_run(&plan.holes, chunk, r.end);
+                if in_hole {
+                    let holes = Work::Holes { seq, disk: plan.disk, chunks: chunk..run_end, size: plan.size };
+                    if tx.send(holes).is_err() {
                         return Ok(stats);
                     }
                     seq += 1;
-                    chunk += 1;
+                    chunk = run_end;
                     continue;
                 }
                 // Up to `span` chunks of this range, stopping before a hole.
-                let mut count = 1;
-                while count < span && chunk + count < r.end && !plan.holes.contains(chunk + count) {
-                    count += 1;
-                }
+                let count = (run_end - chunk).min(span);
                 let expected = (plan.size.min((chunk + count) * cs) - offset) as usize;
                 prefetch.reading(plan, cs, count);
                 while backend.in_flight() >= backend.depth() {
@@ -261,6 +262,19 @@ pub(super) fn read_loop(
     Ok(stats)
 }
 
+/// Where chunk `chunk` stands against `holes`, up to `end`: whether it is in a hole,
+/// and where that hole (or the data before the next hole) ends. A binary search: the
+/// reader never walks a hole chunk by chunk.
+fn hole_run(holes: &ChunkSet, chunk: u64, end: u64) -> (bool, u64) {
+    let ranges = holes.ranges();
+    let k = ranges.partition_point(|h| h.end <= chunk);
+    match ranges.get(k) {
+        Some(h) if h.start <= chunk => (true, h.end.min(end)),
+        Some(h) => (false, h.start.min(end)),
+        None => (false, end),
+    }
+}
+
 /// An error of `plan`'s backend (NBD: the disk and URI named, exit 1).
 fn backend_error(plan: &ReadPlan, e: std::io::Error) -> MoveError {
     match &plan.nbd_uri {
@@ -289,5 +303,17 @@ mod tests {
         assert_eq!(c.take(&ranges, 2), Some(4..5));
         assert_eq!(c.take(&ranges, 8), Some(9..10));
         assert_eq!(c.take(&ranges, 8), None);
+    }
+
+    #[test]
+    fn hole_runs_are_found_by_range_not_walked() {
+        let holes = ChunkSet::from_ranges([2..5, 10..1_000_000_000]);
+        assert_eq!(hole_run(&holes, 0, 100), (false, 2));
+        assert_eq!(hole_run(&holes, 2, 100), (true, 5));
+        assert_eq!(hole_run(&holes, 3, 4), (true, 4), "cut at the planned range's end");
+        assert_eq!(hole_run(&holes, 5, 100), (false, 10));
+        assert_eq!(hole_run(&holes, 10, 1 << 40), (true, 1_000_000_000));
+        assert_eq!(hole_run(&holes, 1_000_000_000, 1 << 40), (false, 1 << 40));
+        assert_eq!(hole_run(&ChunkSet::new(), 7, 9), (false, 9));
     }
 }

@@ -1,15 +1,23 @@
 //! The sender (the job's own thread): takes the workers' answers, puts them
 //! back in sequence order, and writes the frames: Data, ZeroRun (consecutive
 //! zero chunks coalesced), Intent (a cbt disk's plan ahead of its data), Flush
-//! (every `checkpoint_bytes` of a disk, and at its end). It counts what it
-//! sends, reports progress, steers `--compress auto` and streams the digest
+//! (every `checkpoint_bytes` of a disk read, at least every
+//! [`CHECKPOINT_INTERVAL`] while a disk moves, and at its end). It counts what
+//! it sends, reports progress, steers `--compress auto` and streams the digest
 //! map the target will hold into the map cache.
+//!
+//! Holes come as runs ([`Outcome::Holes`]) and are handled as runs: compared
+//! with the target's map (a 32-byte comparison per chunk, no read, no hash),
+//! joined to a zero run or counted unchanged in one step. Checkpoints follow
+//! the bytes read, not the disk's size: a thin 2 TiB disk holding 40 MiB asks
+//! for a few, not 8192 (each one an fdatasync and a `session.json` replaced at
+//! the target).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use ferry_planner::{Digest, ZeroDigests};
+use ferry_planner::{zero_chunk_digest, Digest, ZeroDigests};
 use ferry_wire::{Codec, Data, Flush, Frame, ZeroRun};
 
 use super::compress::{AutoCompress, AutoController, LevelBytes, LevelCounts, AUTO_LEVELS};
@@ -50,6 +58,7 @@ pub(super) fn send_loop(
         stats: StageStats::default(),
         zero_run: None,
         since_flush: vec![0; n],
+        last_flush: vec![Instant::now(); n],
         done_bytes: vec![0; n],
         last_progress: Instant::now(),
         zeros: ZeroDigests::new(cs as u32),
@@ -93,7 +102,9 @@ struct Sender<'a> {
     levels: LevelCounts,
     stats: StageStats,
     zero_run: Option<ZeroRun>,
+    /// Bytes read of each disk since its last Flush, and when that Flush went.
     since_flush: Vec<u64>,
+    last_flush: Vec<Instant>,
     done_bytes: Vec<u64>,
     last_progress: Instant,
     zeros: ZeroDigests,
@@ -102,14 +113,54 @@ struct Sender<'a> {
 impl Sender<'_> {
     /// The next answer in sequence order.
     fn take(&mut self, done: Done) -> Result<()> {
-        let (disk, chunk) = match done.outcome {
-            Outcome::Failed(e) => return Err(e),
-            Outcome::Data(data) => self.data(&data, done.compressed, done.level)?,
-            Outcome::Zero { disk, chunk, len, skipped } => self.zero(disk, chunk, len, skipped)?,
-            Outcome::Unchanged { disk, chunk, len, skipped } => self.unchanged(disk, chunk, len, skipped)?,
-            Outcome::DiskEnd { disk } => return self.disk_end(disk),
+        match done.outcome {
+            Outcome::Failed(e) => Err(e),
+            Outcome::Data(data) => {
+                let (disk, chunk) = self.data(&data, done.compressed, done.level)?;
+                self.passed(disk, chunk..chunk + 1, u64::from(data.logical_len))
+            }
+            Outcome::Zero { disk, chunk, len } => {
+                self.zero(disk, chunk..chunk + 1, len, false)?;
+                self.passed(disk, chunk..chunk + 1, len)
+            }
+            Outcome::Unchanged { disk, chunk, len } => {
+                self.unchanged(disk, chunk..chunk + 1, len, false)?;
+                self.passed(disk, chunk..chunk + 1, len)
+            }
+            Outcome::Holes { disk, chunks, size } => self.holes(disk, chunks, size),
+            Outcome::DiskEnd { disk } => self.disk_end(disk),
+        }
+    }
+
+    /// Planned chunks inside a hole of a disk of `size` bytes: split into runs the
+    /// target holds as zeros (unchanged) and runs it does not (a zero run), each
+    /// handled in one step.
+    fn holes(&mut self, disk: u32, chunks: std::ops::Range<u64>, size: u64) -> Result<()> {
+        let (cs, base, full) = (self.cs, self.target_digests[disk as usize], self.zeros.full());
+        let len_of = |i: u64| (size - i * cs).min(cs);
+        // Whether the target's map says chunk `i` holds zeros (only a short last chunk
+        // needs its own zero digest).
+        let held = |i: u64| {
+            base.and_then(|b| b.get(i as usize))
+                .is_some_and(|d| *d == if len_of(i) == cs { full } else { zero_chunk_digest(len_of(i) as u32) })
         };
-        self.passed(disk, chunk)
+        let mut c = chunks.start;
+        while c < chunks.end {
+            let unchanged = held(c);
+            let mut end = c + 1;
+            while end < chunks.end && held(end) == unchanged {
+                end += 1;
+            }
+            let bytes = (end * cs).min(size) - c * cs;
+            if unchanged {
+                self.unchanged(disk, c..end, bytes, true)?;
+            } else {
+                self.zero(disk, c..end, bytes, true)?;
+            }
+            self.passed(disk, c..end, 0)?;
+            c = end;
+        }
+        Ok(())
     }
 
     /// Send the zero run being coalesced, if any.
@@ -148,35 +199,41 @@ impl Sender<'_> {
         Ok((data.disk, data.chunk))
     }
 
-    /// A zero chunk the target does not hold: joins the zero run.
-    fn zero(&mut self, disk: u32, chunk: u64, len: u64, skipped: bool) -> Result<(u32, u64)> {
+    /// Zero chunks the target does not hold (`len` bytes in all, `skipped`: a hole,
+    /// not read): they join the zero run.
+    fn zero(&mut self, disk: u32, chunks: std::ops::Range<u64>, len: u64, skipped: bool) -> Result<()> {
         let jd = &mut self.disks[disk as usize];
         let c = &mut jd.counters;
         count_read(c, len, skipped);
         c.bytes_zero += len;
-        c.chunks_zero += 1;
-        cache_chunk(&mut jd.cache, self.target_digests[disk as usize], chunk, Some(self.zeros.digest(len as u32)));
+        c.chunks_zero += chunks.end - chunks.start;
+        let base = self.target_digests[disk as usize];
+        for i in chunks.clone() {
+            let len = (jd.disk.size - i * self.cs).min(self.cs);
+            cache_chunk(&mut jd.cache, base, i, Some(self.zeros.digest(len as u32)));
+        }
+        let count = chunks.end - chunks.start;
         match &mut self.zero_run {
-            Some(z) if z.disk == disk && z.first_chunk + z.count == chunk => z.count += 1,
+            Some(z) if z.disk == disk && z.first_chunk + z.count == chunks.start => z.count += count,
             _ => {
                 self.flush_zero()?;
-                self.zero_run = Some(ZeroRun { disk, first_chunk: chunk, count: 1 });
+                self.zero_run = Some(ZeroRun { disk, first_chunk: chunks.start, count });
             }
         }
-        Ok((disk, chunk))
+        Ok(())
     }
 
-    /// A chunk the target already holds.
-    fn unchanged(&mut self, disk: u32, chunk: u64, len: u64, skipped: bool) -> Result<(u32, u64)> {
+    /// Chunks the target already holds (`len` bytes in all; `skipped`: a hole, not read).
+    fn unchanged(&mut self, disk: u32, chunks: std::ops::Range<u64>, len: u64, skipped: bool) -> Result<()> {
         self.flush_zero()?;
         let jd = &mut self.disks[disk as usize];
         let c = &mut jd.counters;
         count_read(c, len, skipped);
         c.bytes_unchanged += len;
-        c.chunks_unchanged += 1;
+        c.chunks_unchanged += chunks.end - chunks.start;
         // Unchanged: the target keeps the digest its map has.
-        cache_chunk(&mut jd.cache, self.target_digests[disk as usize], chunk, None);
-        Ok((disk, chunk))
+        cache_chunk(&mut jd.cache, self.target_digests[disk as usize], chunks.end - 1, None);
+        Ok(())
     }
 
     /// A disk's last chunk went: check its size, Flush it, report it done.
@@ -202,22 +259,28 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// The sender passed planned chunk `chunk` of `disk`: announce the next
-    /// window, Flush when a checkpoint is due, steer auto, report progress.
-    fn passed(&mut self, disk: u32, chunk: u64) -> Result<()> {
+    /// The sender passed the planned chunks `chunks` of `disk`, `read` bytes of them
+    /// read (holes are not): announce the next window, Flush when a checkpoint is due
+    /// (every `checkpoint_bytes` read, or [`CHECKPOINT_INTERVAL`] after the last one),
+    /// steer auto, report progress.
+    fn passed(&mut self, disk: u32, chunks: std::ops::Range<u64>, read: u64) -> Result<()> {
         let (cs, d) = (self.cs, disk as usize);
         let jd = &mut self.disks[d];
-        if let Some(intent) = jd.announcer.as_mut().and_then(|a| a.passed(disk, &jd.ranges)) {
-            jd.counters.bytes_sent += self.conn.send(&Frame::Intent(intent))?;
+        if let Some(a) = jd.announcer.as_mut() {
+            for intent in a.passed_many(disk, &jd.ranges, chunks.end - chunks.start) {
+                jd.counters.bytes_sent += self.conn.send(&Frame::Intent(intent))?;
+            }
         }
-        let len = (jd.disk.size - chunk * cs).min(cs);
-        self.since_flush[d] += len;
+        let len = (chunks.end * cs).min(jd.disk.size) - chunks.start * cs;
+        self.since_flush[d] += read;
         self.done_bytes[d] += len;
-        if self.since_flush[d] >= self.cfg.checkpoint_bytes {
+        if self.since_flush[d] >= self.cfg.checkpoint_bytes || self.last_flush[d].elapsed() >= CHECKPOINT_INTERVAL {
             self.flush_zero()?;
-            let n = emit(self.conn, self.cfg.plan_only, &Frame::Flush(Flush { disk, next_chunk: chunk + 1 }))?;
+            let flush = Frame::Flush(Flush { disk, next_chunk: chunks.end });
+            let n = emit(self.conn, self.cfg.plan_only, &flush)?;
             self.disks[d].counters.bytes_sent += n;
             self.since_flush[d] = 0;
+            self.last_flush[d] = Instant::now();
         }
         if self.cfg.compress == CompressPolicy::Auto {
             self.ctl.tick(self.auto);
@@ -234,6 +297,10 @@ impl Sender<'_> {
         Ok(())
     }
 }
+
+/// A disk that moves asks for a checkpoint at least this often, however little it reads:
+/// what an interrupted run redoes is bounded in time as well as in bytes.
+pub(super) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Stream the target's digest of every chunk up to `chunk` into a disk's
 /// cache file: chunks this run skipped keep the target's digest (`base`),

@@ -32,18 +32,21 @@ use crate::zstream::StreamEncoder;
 /// What a worker found of one chunk.
 pub(super) enum Outcome {
     Data(Data),
-    /// `skipped`: not read (an NBD hole).
     Zero {
         disk: u32,
         chunk: u64,
         len: u64,
-        skipped: bool,
     },
     Unchanged {
         disk: u32,
         chunk: u64,
         len: u64,
-        skipped: bool,
+    },
+    /// Planned chunks inside a hole, not read (the disk is `size` bytes).
+    Holes {
+        disk: u32,
+        chunks: Range<u64>,
+        size: u64,
     },
     DiskEnd {
         disk: u32,
@@ -81,8 +84,9 @@ pub(super) fn work_loop(
             Work::DiskEnd { seq, disk } => {
                 tx.send(Done { seq, outcome: Outcome::DiskEnd { disk }, compressed: (0, 0), level: 0 })
             }
-            Work::Hole { seq, disk, chunk, len } => {
-                tx.send(Done { seq, outcome: worker.hole(disk, chunk, len), compressed: (0, 0), level: 0 })
+            // The sender compares a hole run with the target's map, as a range.
+            Work::Holes { seq, disk, chunks, size } => {
+                tx.send(Done { seq, outcome: Outcome::Holes { disk, chunks, size }, compressed: (0, 0), level: 0 })
             }
             Work::Chunk(span) => worker.span(span, &tx),
         };
@@ -157,15 +161,6 @@ impl<'a> Worker<'a> {
         self.digests[disk as usize].as_ref().map(|m| &m[chunk as usize])
     }
 
-    /// A chunk not read (an NBD hole): unchanged if the target holds zeros there.
-    fn hole(&self, disk: u32, chunk: u64, len: u64) -> Outcome {
-        if self.target(disk, chunk).is_some_and(|d| *d == self.zeros.digest(len as u32)) {
-            Outcome::Unchanged { disk, chunk, len, skipped: true }
-        } else {
-            Outcome::Zero { disk, chunk, len, skipped: true }
-        }
-    }
-
     /// A read span: a failure for the span, else one answer per chunk.
     // The error only hands back the answer the sender no longer takes; it is dropped at once.
     #[allow(clippy::result_large_err)]
@@ -203,16 +198,16 @@ impl<'a> Worker<'a> {
         if is_zero(buf) {
             self.stats.record(Stage::Hash, t.elapsed());
             let outcome = if target.is_some_and(|d| *d == self.zeros.digest(len as u32)) {
-                Outcome::Unchanged { disk, chunk, len: len as u64, skipped: false }
+                Outcome::Unchanged { disk, chunk, len: len as u64 }
             } else {
-                Outcome::Zero { disk, chunk, len: len as u64, skipped: false }
+                Outcome::Zero { disk, chunk, len: len as u64 }
             };
             return (outcome, (0, 0), 0);
         }
         let digest = *blake3::hash(buf).as_bytes();
         self.stats.record(Stage::Hash, t.elapsed());
         if target.is_some_and(|d| *d == digest) {
-            return (Outcome::Unchanged { disk, chunk, len: len as u64, skipped: false }, (0, 0), 0);
+            return (Outcome::Unchanged { disk, chunk, len: len as u64 }, (0, 0), 0);
         }
         let compressed = if self.try_compress() { self.compress(buf) } else { None };
         let (codec, payload, sizes, level) = match compressed {
