@@ -13,4 +13,5 @@ mod plan;
 mod points;
 mod power;
 mod server_bounds;
+mod streams;
 mod tls;

@@ -111,6 +111,7 @@ pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
                 chunk_size: 0,
                 wire_bytes: 0,
                 compress_auto: None,
+                streams: 0,
             };
             Ok(obs.inner.finish_ok(base, &rep, Status::Warning))
         }

@@ -130,6 +130,11 @@ pub fn arb_frame() -> impl Strategy<Value = Frame> {
             message: m
         })),
         unknown_type().prop_map(|t| Frame::Unknown { frame_type: t }),
+        (1..=MAX_STREAMS).prop_map(|count| Frame::OpenStreams(OpenStreams { count })),
+        (arr32(), 1..=MAX_STREAMS).prop_map(|(ticket, count)| Frame::StreamTicket(StreamTicket { ticket, count })),
+        (arr32(), any::<u16>()).prop_map(|(ticket, stream)| Frame::Join(Join { ticket, stream })),
+        any::<u16>().prop_map(|stream| Frame::Joined(Joined { stream })),
+        any::<u64>().prop_map(|seq| Frame::Seq(Seq { seq })),
     ]
 }
 
@@ -144,7 +149,8 @@ pub fn known_frames() -> Vec<(&'static str, Frame)> {
             Frame::Hello(Hello {
                 version_min: 1,
                 version_max: 1,
-                features: FEATURES_V1,
+                // The features of the first release (FEATURES_V1 has grown since).
+                features: FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME,
                 nonce: seq(0x00),
                 peer_name: "src".into(),
                 software: "ferry 0.1.0".into(),
@@ -261,5 +267,11 @@ pub fn known_frames() -> Vec<(&'static str, Frame)> {
                 message: "kept 3 restore points: --keep-min 3".into(),
             }),
         ),
+        // Striped sessions (FEATURE_STREAMS).
+        ("OpenStreams", Frame::OpenStreams(OpenStreams { count: 4 })),
+        ("StreamTicket", Frame::StreamTicket(StreamTicket { ticket: seq(0x40), count: 4 })),
+        ("Join", Frame::Join(Join { ticket: seq(0x40), stream: 2 })),
+        ("Joined", Frame::Joined(Joined { stream: 2 })),
+        ("Seq", Frame::Seq(Seq { seq: 0x0102_0304_0506_0708 })),
     ]
 }
