@@ -13,6 +13,7 @@ mod plan;
 mod points;
 mod power;
 mod server_bounds;
+mod streams;
 mod thin;
 mod tls;
 mod zstream;

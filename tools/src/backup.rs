@@ -113,6 +113,7 @@ pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
                 compress_auto: None,
                 compress_levels: Vec::new(),
                 compress_stream: false,
+                streams: 0,
             };
             Ok(obs.inner.finish_ok(base, &rep, Status::Warning))
         }

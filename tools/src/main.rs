@@ -199,6 +199,11 @@ struct ReplicateArgs {
     /// Compression: auto, none, zstd:LEVEL.
     #[arg(long, default_value = "auto")]
     compress: String,
+    /// TCP connections to a remote target, one session striped over them: 1..16, or auto
+    /// (more than one only when the round trip is long enough that one connection's window
+    /// cannot fill the path; one on a LAN). A local target always takes one.
+    #[arg(long, default_value = "auto")]
+    streams: String,
     /// Point time of the restore point (RFC 3339); default: the start of the run.
     #[arg(long)]
     point_time: Option<String>,
@@ -675,6 +680,7 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
         cfg.chunk_size = Some(n);
     }
     cfg.compress = a.compress.parse::<CompressPolicy>().map_err(usage)?;
+    cfg.streams = ferry_replicate::source::Streams::parse(&a.streams).map_err(usage)?;
     cfg.backend = a.io.io_backend.parse().map_err(usage)?;
     cfg.queue_depth = a.io.queue_depth.unwrap_or(cfg.queue_depth).clamp(1, 256);
     if let Some(w) = a.io.workers {

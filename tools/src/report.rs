@@ -91,6 +91,7 @@ fn summary_json(cfg: &ReplicateConfig, rep: &JobReport, status: &str) -> Value {
         "chunk_size": rep.chunk_size,
         "resumed": rep.resumed,
         "wire_bytes": rep.wire_bytes,
+        "streams": rep.streams,
         "compress_auto": rep.compress_auto,
         "compress_stream": rep.compress_stream,
         "levels": rep.compress_levels,
@@ -260,7 +261,7 @@ impl JobObserver for TextObserver {
         let t = totals(&rep.disks);
         let rate = t.bytes_planned as f64 / rep.duration_s.max(1e-9) / (1u64 << 30) as f64;
         println!(
-            "replica {} point {} ({}) {}: {} planned in {:.2} s ({rate:.2} GiB/s), {} read, {} zero, {} unchanged, {} sent{}",
+            "replica {} point {} ({}) {}: {} planned in {:.2} s ({rate:.2} GiB/s), {} read, {} zero, {} unchanged, {} sent{}{}",
             cfg.replica,
             rep.point_id,
             format_rfc3339(rep.point_time_ns - rep.point_time_ns % 1_000_000_000),
@@ -272,6 +273,7 @@ impl JobObserver for TextObserver {
             human_bytes(t.bytes_unchanged),
             human_bytes(t.bytes_sent),
             if rep.resumed { " (resumed)" } else { "" },
+            if rep.streams > 1 { format!(" over {} streams", rep.streams) } else { String::new() },
         );
         if let Some(line) = levels_line(rep) {
             println!("{line}");

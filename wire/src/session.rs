@@ -117,6 +117,13 @@ pub enum State {
     ReplicaOpen,
     /// Commit sent or received, Committed not yet.
     Committing,
+    /// Join sent or received, Joined not yet (a further connection of a striped session).
+    Joining,
+    /// A further connection of a striped session: it carries the session's
+    /// sequenced frames, which the first connection's session validates
+    /// (PROTOCOL.md section 11); its own session takes only Keepalive,
+    /// Progress, Error and Close.
+    Joined,
     /// Closed (Close or Error sent or received).
     Closed,
 }
@@ -132,6 +139,8 @@ impl State {
             State::OpeningReplica => "OpeningReplica",
             State::ReplicaOpen => "ReplicaOpen",
             State::Committing => "Committing",
+            State::Joining => "Joining",
+            State::Joined => "Joined",
             State::Closed => "Closed",
         }
     }
@@ -187,6 +196,8 @@ pub struct Session {
     disks: HashMap<u32, DiskTrack>,
     /// The open replica session is plan only: no data, intent, flush or commit.
     plan_only: bool,
+    /// Streams asked for (OpenStreams) and granted (StreamTicket) in the open replica session.
+    streams: (u16, u16),
     deframer: Deframer,
     out: BytesMut,
 }
@@ -233,6 +244,7 @@ impl Session {
             authenticated: false,
             disks: HashMap::new(),
             plan_only: false,
+            streams: (0, 0),
             deframer,
             out: BytesMut::new(),
         }
@@ -492,6 +504,7 @@ impl Session {
             }
             Frame::OpenReplica(o) if from_client && self.state == State::Ready => {
                 self.plan_only = o.flags & OpenReplica::PLAN_ONLY != 0;
+                self.streams = (0, 0);
                 self.disks.clear();
                 self.state = State::OpeningReplica;
                 Ok(())
@@ -697,6 +710,40 @@ impl Session {
                 self.state = State::Committing;
                 Ok(())
             }
+            Frame::Join(_) if from_client && self.state == State::Ready => {
+                self.require_feature(FEATURE_STREAMS, frame.name(), "streams (feature not negotiated)")?;
+                self.state = State::Joining;
+                Ok(())
+            }
+            Frame::Joined(_) if !from_client && self.state == State::Joining => {
+                self.state = State::Joined;
+                Ok(())
+            }
+            Frame::OpenStreams(o) if from_client && self.state == State::ReplicaOpen && !self.plan_only => {
+                self.require_feature(FEATURE_STREAMS, frame.name(), "streams (feature not negotiated)")?;
+                if self.streams.0 != 0 {
+                    return Err(WireError::IllegalFrame {
+                        frame: frame.name(),
+                        direction: if dir == Dir::Send { "sent" } else { "received" },
+                        state: "ReplicaOpen (streams already open)",
+                    });
+                }
+                if o.count < 2 {
+                    return Err(WireError::InvalidValue { frame: frame.name(), field: "count", value: o.count.into() });
+                }
+                self.streams.0 = o.count;
+                Ok(())
+            }
+            Frame::StreamTicket(t) if !from_client && self.state == State::ReplicaOpen => {
+                if self.streams.0 == 0 || self.streams.1 != 0 {
+                    return Err(illegal(self.state));
+                }
+                if t.count > self.streams.0 {
+                    return Err(WireError::InvalidValue { frame: frame.name(), field: "count", value: t.count.into() });
+                }
+                self.streams.1 = t.count;
+                Ok(())
+            }
             Frame::Committed(_) if !from_client && self.state == State::Committing => {
                 self.disks.clear();
                 self.state = State::Ready;
@@ -747,6 +794,11 @@ fn check_limits(frame: &Frame) -> Result<(), WireError> {
     let bad_chunk_size = |c: u32| validate_chunk_size(c).is_err();
     match frame {
         Frame::OpenReplica(o) => too_long("replica", o.replica.len(), MAX_NAME_LEN),
+        Frame::OpenStreams(OpenStreams { count }) | Frame::StreamTicket(StreamTicket { count, .. })
+            if *count == 0 || *count > MAX_STREAMS =>
+        {
+            Err(WireError::InvalidValue { frame: name, field: "count", value: (*count).into() })
+        }
         Frame::ReplicaOpened(r) if r.chunk_size != 0 && bad_chunk_size(r.chunk_size) => {
             Err(WireError::InvalidValue { frame: name, field: "chunk_size", value: r.chunk_size.into() })
         }

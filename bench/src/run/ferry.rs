@@ -63,6 +63,9 @@ pub(super) fn ferry_replicate_cmd(
     if let Some(x) = &env.io_backend {
         c += &format!(" --io-backend {}", sh_quote(x));
     }
+    if let Some(x) = &env.streams {
+        c += &format!(" --streams {}", sh_quote(x));
+    }
     if env.map_cache_flag {
         // Deterministic and conservative: every digest-mode run downloads the target's digest
         // map (a scheduled job's next run would find it in its cache), and nothing is written

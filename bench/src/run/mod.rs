@@ -117,6 +117,9 @@ pub struct RunArgs {
     /// Passed to `ferry replicate --compress`.
     #[arg(long)]
     pub compress: Option<String>,
+    /// Passed to `ferry replicate --streams` (N or auto).
+    #[arg(long)]
+    pub streams: Option<String>,
     /// Passed to `ferry replicate --io-backend`.
     #[arg(long)]
     pub io_backend: Option<String>,
@@ -133,6 +136,7 @@ struct Env {
     runs: u32,
     drop_caches: bool,
     compress: Option<String>,
+    streams: Option<String>,
     io_backend: Option<String>,
     wan: Option<Wan>,
     wan_delay: Duration,
@@ -203,6 +207,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         runs,
         drop_caches: a.drop_caches,
         compress: a.compress.clone(),
+        streams: a.streams.clone(),
         io_backend: a.io_backend.clone(),
         wan,
         wan_delay: Duration::from_millis(a.wan_delay_ms),

@@ -331,6 +331,25 @@ pub fn set_tcp_keepalive(fd: impl AsFd, idle: Duration, interval: Duration, coun
     set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_ms as libc::c_int)
 }
 
+/// The kernel's smoothed round-trip time of the TCP connection `fd`
+/// (`TCP_INFO`'s `tcpi_rtt`): after a TLS handshake and ferry's own, a fair
+/// measure of the path's RTT, taken without sending anything.
+pub fn tcp_rtt(fd: impl AsFd) -> io::Result<Duration> {
+    let fd = fd.as_fd().as_raw_fd();
+    // SAFETY: tcp_info is plain old data (integers only): all zeros is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large and
+    // lives across the call; `len` is a valid pointer it updates.
+    let r = unsafe {
+        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Duration::from_micros(u64::from(info.tcpi_rtt)))
+}
+
 fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: setsockopt reads one c_int from a valid pointer, of the size given.
     let r = unsafe {

@@ -120,6 +120,14 @@ impl Sock {
         };
     }
 
+    /// Shut the reading direction down: wakes a blocked reader, writes still go out.
+    pub fn shutdown_read(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(Shutdown::Read),
+            Sock::Unix(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+
     /// Read timeout (None: block forever).
     pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         match self {
@@ -376,6 +384,37 @@ impl Rx {
                 return Ok(None);
             }
         }
+    }
+
+    /// As [`Rx::next_received`], but a data frame's head is not validated against a
+    /// session: for a stream of a striped session, whose frames the session validates
+    /// in sequence order once they are merged (`target/merge.rs`). Without a pool a
+    /// data frame is an error.
+    pub fn next_unvalidated(&mut self, pool: &BufPool) -> Result<Option<Received>> {
+        loop {
+            match self.deframer.next_split() {
+                Ok(Some(Split::Frame(f))) => return Ok(Some(Received::Frame(f))),
+                Ok(Some(Split::Data(head))) => {
+                    let buf = self.read_payload(&head, pool)?;
+                    return Ok(Some(Received::Data(head, buf)));
+                }
+                Ok(None) => {}
+                Err(source) => return Err(MoveError::Wire { peer: self.peer.clone(), source }),
+            }
+            if !self.read_more(SPLIT_READ_SIZE)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Another handle to the socket (to shut its reading down from another thread).
+    pub fn sock_clone(&self) -> io::Result<Sock> {
+        self.sock.try_clone()
+    }
+
+    /// The peer, for messages.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// Read up to `size` more bytes (or what the deframer reserved) into the receive buffer;
@@ -666,6 +705,40 @@ impl Conn {
         let r = tx.write_all(&mut [IoSlice::new(&head), IoSlice::new(&data.payload)]);
         tx.head = head;
         r.map_err(|e| MoveError::Net { peer: self.peer.clone(), source: e })?;
+        Ok(n)
+    }
+
+    /// Validate `frame` for sending on this connection's session and give its
+    /// bytes without writing them: a striped session's frames are validated by
+    /// its first connection's session, in sequence order, and written by
+    /// whichever connection carries them ([`Conn::write_sequenced`]). For a data
+    /// frame the bytes are its head (the payload is the caller's).
+    pub fn sequence(&self, frame: &Frame) -> Result<bytes::Bytes> {
+        let mut tx = self.lock();
+        let wire = |source| MoveError::Wire { peer: self.peer.clone(), source };
+        if let Frame::Data(d) = frame {
+            tx.session.prepare_send(frame).map_err(wire)?;
+            let mut head = BytesMut::with_capacity(ferry_wire::HEADER_LEN + ferry_wire::DATA_FIXED_LEN);
+            d.encode_head(&mut head);
+            return Ok(head.freeze());
+        }
+        tx.session.send(frame).map_err(wire)?;
+        Ok(tx.session.take_transmit().unwrap_or_default())
+    }
+
+    /// Write frame number `seq` of a striped session (its bytes from
+    /// [`Conn::sequence`] on the first connection, and a data frame's payload)
+    /// after a Seq frame, in one write under this connection's lock, so nothing
+    /// comes between them. Returns the bytes written (Seq included, TLS records not).
+    pub fn write_sequenced(&self, seq: u64, head: &[u8], payload: &[u8]) -> Result<u64> {
+        // Not checked against this connection's session: the first connection's validated
+        // the frame (and is closed once it validated the Close).
+        let mut tx = self.lock();
+        let mut s = BytesMut::with_capacity(ferry_wire::HEADER_LEN + ferry_wire::SEQ_BODY_LEN);
+        Frame::Seq(ferry_wire::Seq { seq }).encode(&mut s);
+        let n = (s.len() + head.len() + payload.len()) as u64;
+        tx.write_all(&mut [IoSlice::new(&s), IoSlice::new(head), IoSlice::new(payload)])
+            .map_err(|e| self.net_err(e))?;
         Ok(n)
     }
 

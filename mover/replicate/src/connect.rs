@@ -80,28 +80,8 @@ pub(crate) fn connect(
                 MoveError::Usage("a remote target needs --token-file (the same token the server uses)".into())
             })?;
             let auth: Arc<dyn Authenticator> = Arc::new(auth::TokenAuth::from_file(token)?);
-            let addrs: Vec<_> =
-                addr.to_socket_addrs().map_err(|e| MoveError::Net { peer: addr.clone(), source: e })?.collect();
-            let mut last = None;
-            for a in addrs {
-                match TcpStream::connect_timeout(&a, std::time::Duration::from_secs(10)) {
-                    Ok(mut s) => {
-                        let _ = s.set_nodelay(true);
-                        let sock = if trust.insecure_plaintext {
-                            conn::Link::plain(conn::Sock::Tcp(s))
-                        } else {
-                            let tls = crate::tls::connect(&mut s, addr, trust)?;
-                            conn::Link::tls(s, tls)
-                        };
-                        return Ok(Connected { sock, peer: addr.clone(), auth, local: None });
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(MoveError::Net {
-                peer: addr.clone(),
-                source: last.unwrap_or_else(|| std::io::Error::other("no address")),
-            })
+            let sock = open_link(addr, trust)?;
+            Ok(Connected { sock, peer: addr.clone(), auth, local: None })
         }
         TargetSpec::Local(dir) => {
             let ds = if create {
@@ -130,6 +110,42 @@ pub(crate) fn connect(
     }
 }
 
+/// A TCP connection to a remote target, under TLS unless `--insecure-plaintext`.
+fn open_link(addr: &str, trust: &ClientTrust) -> Result<conn::Link> {
+    let addrs: Vec<_> =
+        addr.to_socket_addrs().map_err(|e| MoveError::Net { peer: addr.to_string(), source: e })?.collect();
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, std::time::Duration::from_secs(10)) {
+            Ok(mut s) => {
+                let _ = s.set_nodelay(true);
+                if trust.insecure_plaintext {
+                    return Ok(conn::Link::plain(conn::Sock::Tcp(s)));
+                }
+                let tls = crate::tls::connect(&mut s, addr, trust)?;
+                return Ok(conn::Link::tls(s, tls));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(MoveError::Net { peer: addr.to_string(), source: last.unwrap_or_else(|| std::io::Error::other("no address")) })
+}
+
+/// Connections a job to a remote target uses: `--streams N`, or for `auto` the rule of
+/// [`source::auto_streams`] from the first connection's round-trip time (the kernel's
+/// smoothed RTT, measured over the TLS and ferry handshakes).
+fn stream_count(cfg: &ReplicateConfig, link: &conn::Link) -> u16 {
+    match cfg.streams {
+        source::Streams::Fixed(n) => n,
+        source::Streams::Auto => match link.sock() {
+            conn::Sock::Tcp(s) => {
+                ferry_io::sys::tcp_rtt(s).map(|rtt| source::auto_streams(rtt, source::kernel_window())).unwrap_or(1)
+            }
+            conn::Sock::Unix(_) => 1,
+        },
+    }
+}
+
 /// A target and how to reach it: what every job against it needs.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -148,7 +164,17 @@ impl Target {
     /// join the in-process session. A plan never creates a local datastore.
     pub fn run(&self, cfg: &ReplicateConfig, obs: &dyn Observer) -> Result<JobReport> {
         let c = connect(&self.spec, self.token.as_deref(), &self.trust, &self.serve, !cfg.plan_only)?;
-        let r = source::replicate(c.sock, &c.peer, c.auth, cfg, obs);
+        // Streams are for the network: a local target is one socketpair.
+        let r = match &self.spec {
+            TargetSpec::Remote(addr) if !cfg.plan_only => {
+                let count = stream_count(cfg, &c.sock);
+                let trust = self.trust.clone();
+                let addr = addr.clone();
+                let dial = move || open_link(&addr, &trust).map(|l| (l, addr.clone()));
+                source::replicate_striped(c.sock, &c.peer, c.auth, cfg, obs, Some((count, &dial as &source::Dial)))
+            }
+            _ => source::replicate(c.sock, &c.peer, c.auth, cfg, obs),
+        };
         let local = c.local.and_then(|h| h.join().ok());
         r.map_err(|e| prefer_local(e, local))
     }

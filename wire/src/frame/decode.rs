@@ -69,6 +69,14 @@ impl Frame {
                 message: r.string("message", MAX_MESSAGE_LEN)?,
             }),
             t::CLOSE => Frame::Close,
+            t::JOIN => Frame::Join(Join { ticket: r.array("ticket")?, stream: r.u16("stream")? }),
+            t::JOINED => Frame::Joined(Joined { stream: r.u16("stream")? }),
+            t::OPEN_STREAMS => Frame::OpenStreams(OpenStreams { count: stream_count("OpenStreams", r.u16("count")?)? }),
+            t::STREAM_TICKET => Frame::StreamTicket(StreamTicket {
+                ticket: r.array("ticket")?,
+                count: stream_count("StreamTicket", r.u16("count")?)?,
+            }),
+            t::SEQ => Frame::Seq(Seq { seq: r.u64("seq")? }),
             other => {
                 if flags & FLAG_OPTIONAL != 0 {
                     return Ok(Frame::Unknown { frame_type: other });
@@ -282,6 +290,14 @@ impl Codec {
             _ => None,
         }
     }
+}
+
+/// A count of connections: 1 ..= MAX_STREAMS.
+fn stream_count(frame: &'static str, n: u16) -> Result<u16, WireError> {
+    if n == 0 || n > MAX_STREAMS {
+        return Err(WireError::InvalidValue { frame, field: "count", value: n.into() });
+    }
+    Ok(n)
 }
 
 fn check_chunk_size(frame: &'static str, c: u32) -> Result<(), WireError> {

@@ -134,6 +134,17 @@ impl Frame {
                 b.put_u16_le(e.code.to_u16());
                 put_str(b, &e.message);
             }
+            Frame::Join(j) => {
+                b.put_slice(&j.ticket);
+                b.put_u16_le(j.stream);
+            }
+            Frame::Joined(j) => b.put_u16_le(j.stream),
+            Frame::OpenStreams(o) => b.put_u16_le(o.count),
+            Frame::StreamTicket(t) => {
+                b.put_slice(&t.ticket);
+                b.put_u16_le(t.count);
+            }
+            Frame::Seq(q) => b.put_u64_le(q.seq),
         }
     }
 }

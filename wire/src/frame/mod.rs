@@ -35,6 +35,7 @@ mod handshake;
 mod header;
 mod reader;
 mod replica;
+mod streams;
 
 pub use control::{Commit, Committed, ErrorCode, ErrorFrame, Notice, NoticeLevel, Progress};
 pub use data::{
@@ -46,6 +47,7 @@ pub use digest_map::{DigestMapEnd, DigestMapPart, DigestMapRequest};
 pub use handshake::{AuthOk, AuthProof, Hello, Welcome};
 pub use header::{decode_header, encode_header, header_check, Header};
 pub use replica::{Mode, OpenDisk, OpenReplica, ReplicaOpened, ResumeInfo};
+pub use streams::{Join, Joined, OpenStreams, Seq, StreamTicket, MAX_STREAMS, SEQ_BODY_LEN};
 
 // The chunk size limits and `Digest` live in `crate::chunk`, shared with the
 // planner and the mover; frames only carry them.
@@ -96,7 +98,12 @@ pub const FEATURE_RESUME: u64 = 1 << 2;
 /// across the chunks of a stream, [`Codec::ZstdStream`]).
 pub const FEATURE_ZSTD_STREAM: u64 = 1 << 3;
 /// All features this version implements (offered in Hello / Welcome).
-pub const FEATURES_V1: u64 = FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME | FEATURE_ZSTD_STREAM;
+/// Feature bit: a session striped over several connections (OpenStreams,
+/// StreamTicket, Join, Joined, Seq; PROTOCOL.md section 11).
+pub const FEATURE_STREAMS: u64 = 1 << 4;
+/// All features this version implements (offered in Hello / Welcome).
+pub const FEATURES_V1: u64 =
+    FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME | FEATURE_ZSTD_STREAM | FEATURE_STREAMS;
 
 /// The frame type byte of each message.
 ///
@@ -110,6 +117,10 @@ pub mod frame_type {
     pub const AUTH_PROOF: u8 = 0x03;
     /// AuthOk: server accepts and proves the token.
     pub const AUTH_OK: u8 = 0x04;
+    /// Join: a further connection joins a striped session (feature streams).
+    pub const JOIN: u8 = 0x05;
+    /// Joined: the connection joined the session.
+    pub const JOINED: u8 = 0x06;
     /// OpenReplica: open or resume a replica session.
     pub const OPEN_REPLICA: u8 = 0x10;
     /// ReplicaOpened: the replica is open and locked.
@@ -118,6 +129,10 @@ pub mod frame_type {
     pub const OPEN_DISK: u8 = 0x12;
     /// ResumeInfo: what the target holds of a disk, where to resume.
     pub const RESUME_INFO: u8 = 0x13;
+    /// OpenStreams: stripe the replica session over several connections.
+    pub const OPEN_STREAMS: u8 = 0x14;
+    /// StreamTicket: the ticket further connections join with.
+    pub const STREAM_TICKET: u8 = 0x15;
     /// DigestMapRequest: ask for a disk's digest map.
     pub const DIGEST_MAP_REQUEST: u8 = 0x20;
     /// DigestMapPart: a run of digests.
@@ -134,6 +149,8 @@ pub mod frame_type {
     pub const CHECKPOINT: u8 = 0x33;
     /// Intent: chunks the source is about to send (optional, advisory).
     pub const INTENT: u8 = 0x34;
+    /// Seq: the sequence number of the frame that follows (striped sessions).
+    pub const SEQ: u8 = 0x35;
     /// Commit: make the restore point.
     pub const COMMIT: u8 = 0x40;
     /// Committed: the restore point is durable.
@@ -199,6 +216,16 @@ pub enum Frame {
     Error(ErrorFrame),
     /// Orderly end of the session (0x7F).
     Close,
+    /// Join a striped session (0x05).
+    Join(Join),
+    /// Joined (0x06).
+    Joined(Joined),
+    /// Stripe the session over several connections (0x14).
+    OpenStreams(OpenStreams),
+    /// The join ticket (0x15).
+    StreamTicket(StreamTicket),
+    /// Sequence number of the next frame on this connection (0x35).
+    Seq(Seq),
     /// A frame of unknown type that carried FLAG_OPTIONAL: skipped by v1 peers.
     Unknown {
         /// Its type byte.
@@ -233,6 +260,11 @@ impl Frame {
             Frame::Notice(_) => "Notice",
             Frame::Error(_) => "Error",
             Frame::Close => "Close",
+            Frame::Join(_) => "Join",
+            Frame::Joined(_) => "Joined",
+            Frame::OpenStreams(_) => "OpenStreams",
+            Frame::StreamTicket(_) => "StreamTicket",
+            Frame::Seq(_) => "Seq",
             Frame::Unknown { .. } => "Unknown",
         }
     }
@@ -264,6 +296,11 @@ impl Frame {
             Frame::Notice(_) => NOTICE,
             Frame::Error(_) => ERROR,
             Frame::Close => CLOSE,
+            Frame::Join(_) => JOIN,
+            Frame::Joined(_) => JOINED,
+            Frame::OpenStreams(_) => OPEN_STREAMS,
+            Frame::StreamTicket(_) => STREAM_TICKET,
+            Frame::Seq(_) => SEQ,
             Frame::Unknown { frame_type } => *frame_type,
         }
     }
@@ -306,6 +343,11 @@ pub fn type_name(ty: u8) -> &'static str {
         NOTICE => "Notice",
         ERROR => "Error",
         CLOSE => "Close",
+        JOIN => "Join",
+        JOINED => "Joined",
+        OPEN_STREAMS => "OpenStreams",
+        STREAM_TICKET => "StreamTicket",
+        SEQ => "Seq",
         _ => "Unknown",
     }
 }

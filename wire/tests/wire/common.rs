@@ -139,6 +139,11 @@ pub fn arb_frame() -> impl Strategy<Value = Frame> {
             message: m
         })),
         unknown_type().prop_map(|t| Frame::Unknown { frame_type: t }),
+        (1..=MAX_STREAMS).prop_map(|count| Frame::OpenStreams(OpenStreams { count })),
+        (arr32(), 1..=MAX_STREAMS).prop_map(|(ticket, count)| Frame::StreamTicket(StreamTicket { ticket, count })),
+        (arr32(), any::<u16>()).prop_map(|(ticket, stream)| Frame::Join(Join { ticket, stream })),
+        any::<u16>().prop_map(|stream| Frame::Joined(Joined { stream })),
+        any::<u64>().prop_map(|seq| Frame::Seq(Seq { seq })),
     ]
 }
 
@@ -283,5 +288,11 @@ pub fn known_frames() -> Vec<(&'static str, Frame)> {
                 message: "kept 3 restore points: --keep-min 3".into(),
             }),
         ),
+        // Striped sessions (FEATURE_STREAMS).
+        ("OpenStreams", Frame::OpenStreams(OpenStreams { count: 4 })),
+        ("StreamTicket", Frame::StreamTicket(StreamTicket { ticket: seq(0x40), count: 4 })),
+        ("Join", Frame::Join(Join { ticket: seq(0x40), stream: 2 })),
+        ("Joined", Frame::Joined(Joined { stream: 2 })),
+        ("Seq", Frame::Seq(Seq { seq: 0x0102_0304_0506_0708 })),
     ]
 }

@@ -83,7 +83,7 @@ fn intent_at_the_run_limit_round_trips() {
 /// not know, carrying the Intent's flags and body.
 #[test]
 fn intent_is_skipped_by_a_peer_that_does_not_know_it() {
-    let unknown = 0x35;
+    let unknown = 0x36;
     assert_eq!(type_name(unknown), "Unknown");
     let b = intent(&[(1, 2)]).to_bytes();
     let mut as_unknown = encode_header(unknown, b[3], (b.len() - HEADER_LEN) as u32).to_vec();

@@ -15,7 +15,9 @@ use ferry_planner::{
     PlanMode, TargetDisk, ZeroDigests,
 };
 use ferry_wire::chunk::default_chunk_size;
-use ferry_wire::{Commit, DigestMapRequest, Event, Frame, Mode, OpenDisk, OpenReplica, ReplicaOpened, ResumeInfo};
+use ferry_wire::{
+    Authenticator, Commit, DigestMapRequest, Event, Frame, Mode, OpenDisk, OpenReplica, ReplicaOpened, ResumeInfo,
+};
 
 use super::announce::Announcer;
 use super::compress::LevelBytes;
@@ -23,6 +25,7 @@ use super::compress::{AutoCompress, AUTO_LEVELS};
 use super::read::{read_loop, ReadPlan, ReadSide, Work};
 use super::receive::{prefer_target_error, receive_loop, RxMsg};
 use super::send::send_loop;
+use super::stripe::{Dial, FrameSink, Striper};
 use super::work::{work_loop, Done};
 use super::{CompressChoice, CompressPolicy, DiskSpec, JobEvent, JobReport, Observer, ReplicateConfig};
 use crate::conn::{Conn, Rx};
@@ -81,6 +84,17 @@ struct Compressed {
     stream: bool,
 }
 
+/// How a job may stripe its session: connections wanted, how to open more, the token.
+pub(super) struct StripePlan<'a> {
+    pub(super) count: u16,
+    pub(super) dial: &'a Dial,
+    pub(super) auth: Arc<dyn Authenticator>,
+    /// Features the target negotiated on the first connection.
+    pub(super) features: u64,
+    /// Another handle to the first connection's socket (stripe.rs: shut down without its lock).
+    pub(super) sock: Option<crate::conn::Sock>,
+}
+
 pub(super) fn run_job(
     conn: &Arc<Conn>,
     mut rx: Rx,
@@ -89,6 +103,7 @@ pub(super) fn run_job(
     obs: &dyn Observer,
     start: Instant,
     stream: bool,
+    stripe: Option<StripePlan<'_>>,
 ) -> Result<JobReport> {
     let (reply, chunk_size) = open_replica(conn, &mut rx, &opened, cfg, obs)?;
     // A replica without points gets every disk in full, whatever the change lists say.
@@ -108,6 +123,22 @@ pub(super) fn run_job(
     obs.event(&JobEvent::Plan(disks.iter().map(|d| d.counters.clone()).collect()));
 
     let read_side = read_side.join().map_err(|_| MoveError::Internal("building the read buffers failed".into()))?;
+    // More connections, once the disks are open (stripe.rs).
+    let mut striper = match stripe {
+        Some(p) if p.count > 1 && !cfg.plan_only => {
+            if p.features & ferry_wire::FEATURE_STREAMS != 0 {
+                Some(Striper::open(conn, p.sock, &mut rx, p.count, p.dial, &p.auth)?)
+            } else {
+                obs.event(&JobEvent::Notice(format!(
+                    "the target does not take several connections per session; using one (--streams {})",
+                    p.count
+                )));
+                None
+            }
+        }
+        _ => None,
+    };
+    let streams = striper.as_ref().map_or(1, |s| s.count()) as u16;
     // Receiver: checkpoints, the commit answer, errors.
     let (rx_tx, rx_msgs) = crossbeam_channel::unbounded::<RxMsg>();
     let receiver = {
@@ -119,11 +150,20 @@ pub(super) fn run_job(
             .expect("spawn receiver")
     };
 
-    let run = run_pipeline(conn, &mut disks, cfg, chunk_size, read_side, &rx_msgs, obs, stream);
-    let outcome = commit(conn, disks.len(), cfg, run, &rx_msgs);
+    let sink: &dyn FrameSink = match &striper {
+        Some(s) => s,
+        None => &**conn,
+    };
+    let run = run_pipeline(sink, &mut disks, cfg, chunk_size, read_side, &rx_msgs, obs, stream);
+    let outcome = commit(sink, conn, disks.len(), cfg, run, &rx_msgs);
     // A send that failed because the target closed the session or the
     // connection: the target's own Error frame, if the receiver got one, says why.
     let outcome = outcome.map_err(|e| if e.is_connection_error() { prefer_target_error(&rx_msgs, e) } else { e });
+    let mut wire_bytes = conn.bytes_sent();
+    if let Some(s) = &mut striper {
+        s.finish(outcome.is_ok());
+        wire_bytes = s.bytes_sent();
+    }
     conn.shutdown();
     let _ = receiver.join();
     let ((stats, backend, compressed), point_id, point_time_ns) = outcome?;
@@ -145,10 +185,11 @@ pub(super) fn run_job(
         backend,
         resumed: reply.resumed,
         chunk_size,
-        wire_bytes: conn.bytes_sent(),
+        wire_bytes,
         compress_auto: compressed.auto,
         compress_levels: compressed.levels,
         compress_stream: compressed.stream,
+        streams,
     })
 }
 
@@ -196,6 +237,7 @@ fn open_replica(
 /// After the pipeline: Commit and wait for the target's answer (a plan only
 /// closes the session instead). The pipeline's figures, the point's id and time.
 fn commit(
+    sink: &dyn FrameSink,
     conn: &Conn,
     disk_count: usize,
     cfg: &ReplicateConfig,
@@ -204,13 +246,13 @@ fn commit(
 ) -> Result<(PipelineResult, u64, i64)> {
     let run = run?;
     if cfg.plan_only {
-        let _ = conn.send(&Frame::Close);
+        let _ = sink.send(&Frame::Close);
         return Ok((run, 0, cfg.point_time_ns));
     }
-    conn.send(&Frame::Commit(Commit { disk_count: disk_count as u32 }))?;
+    sink.send(&Frame::Commit(Commit { disk_count: disk_count as u32 }))?;
     match rx_msgs.recv() {
         Ok(RxMsg::Committed { point_id, point_time_ns }) => {
-            let _ = conn.send(&Frame::Close);
+            let _ = sink.send(&Frame::Close);
             Ok((run, point_id, point_time_ns))
         }
         Ok(RxMsg::Failed(e)) => Err(e),
@@ -450,7 +492,7 @@ fn hash_chunks(sd: &SourceDisk, cs: u64, chunks: &[u64]) -> Result<Vec<Digest>> 
 /// compression streams (one per worker) when `stream`.
 #[allow(clippy::too_many_arguments)]
 fn run_pipeline(
-    conn: &Arc<Conn>,
+    conn: &dyn FrameSink,
     disks: &mut [JobDisk],
     cfg: &ReplicateConfig,
     chunk_size: u32,

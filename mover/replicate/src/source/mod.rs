@@ -39,6 +39,7 @@ mod job;
 mod read;
 mod receive;
 mod send;
+mod stripe;
 mod work;
 
 use std::path::PathBuf;
@@ -58,6 +59,7 @@ use crate::stats::{DiskCounters, StageSummary};
 use job::{expect_frame, run_job, unexpected};
 
 pub use compress::{LevelBytes, AUTO_LEVELS};
+pub use stripe::{auto_streams, kernel_window, Dial, Streams, AUTO_MAX, AUTO_MIN_RTT, AUTO_RATE};
 
 /// How chunks are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +153,8 @@ pub struct ReplicateConfig {
     pub plan_only: bool,
     /// Where to cache the target's digest maps (None: no cache; every map is downloaded).
     pub map_cache: Option<MapCache>,
+    /// Connections to a remote target (`--streams`; a local target always takes one).
+    pub streams: Streams,
 }
 
 impl ReplicateConfig {
@@ -171,6 +175,7 @@ impl ReplicateConfig {
             verify_samples: 200,
             plan_only: false,
             map_cache: None,
+            streams: Streams::Auto,
         }
     }
 }
@@ -237,6 +242,8 @@ pub struct JobReport {
     pub compress_levels: Vec<LevelBytes>,
     /// True when chunks were compressed in streams (codec zstd-stream).
     pub compress_stream: bool,
+    /// Connections the session was striped over (1: one connection).
+    pub streams: u16,
 }
 
 /// What `--compress auto` chose during a run.
@@ -257,6 +264,19 @@ pub fn replicate(
     auth: Arc<dyn Authenticator>,
     cfg: &ReplicateConfig,
     obs: &dyn Observer,
+) -> Result<JobReport> {
+    replicate_striped(sock, peer, auth, cfg, obs, None)
+}
+
+/// Run a replication over an established socket to a target, striped over `streams.0`
+/// connections in all when more than one, the others opened with `streams.1` (stripe.rs).
+pub fn replicate_striped(
+    sock: Link,
+    peer: &str,
+    auth: Arc<dyn Authenticator>,
+    cfg: &ReplicateConfig,
+    obs: &dyn Observer,
+    streams: Option<(u16, &Dial)>,
 ) -> Result<JobReport> {
     let start = Instant::now();
     if cfg.disks.is_empty() {
@@ -289,10 +309,13 @@ pub fn replicate(
         }
         opened.push((sd, d, cbt));
     }
-    let (conn, rx, peer_info) = client_handshake(sock, peer, auth)?;
+    let killer = sock.sock().try_clone().ok();
+    let (conn, rx, peer_info) = client_handshake(sock, peer, auth.clone())?;
     conn.set_write_timeout(Some(Duration::from_secs(120)));
+    let stripe =
+        streams.map(|(count, dial)| job::StripePlan { count, dial, auth, features: peer_info.features, sock: killer });
     let stream = peer_info.features & ferry_wire::FEATURE_ZSTD_STREAM != 0;
-    let result = run_job(&conn, rx, opened, cfg, obs, start, stream);
+    let result = run_job(&conn, rx, opened, cfg, obs, start, stream, stripe);
     if let Err(e) = &result {
         if !matches!(e, MoveError::Wire { source: ferry_wire::WireError::Remote { .. }, .. }) {
             conn.send_error(e.code(), &e.detail());

@@ -23,9 +23,9 @@ use ferry_wire::{Codec, Data, Flush, Frame, ZeroRun};
 use super::compress::{AutoCompress, AutoController, LevelBytes, LevelCounts, AUTO_LEVELS};
 use super::job::JobDisk;
 use super::receive::RxMsg;
+use super::stripe::FrameSink;
 use super::work::{Done, Outcome};
 use super::{CompressPolicy, JobEvent, Observer, ReplicateConfig};
-use crate::conn::Conn;
 use crate::error::{MoveError, Result};
 use crate::map_cache::MapCacheWriter;
 use crate::stats::{DiskCounters, Stage, StageStats};
@@ -33,7 +33,7 @@ use crate::stats::{DiskCounters, Stage, StageStats};
 // One pipeline stage: its channels, shared pools and the job's settings.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn send_loop(
-    conn: &Conn,
+    conn: &dyn FrameSink,
     disks: &mut [JobDisk],
     target_digests: &[Option<&[Digest]>],
     cfg: &ReplicateConfig,
@@ -89,7 +89,8 @@ fn check_target(rx_msgs: &Receiver<RxMsg>) -> Result<()> {
 /// The sender's state: the disks' counters and caches, the zero run being
 /// coalesced, bytes since each disk's last Flush, the auto controller.
 struct Sender<'a> {
-    conn: &'a Conn,
+    /// One connection, or the striper of a session over several (stripe.rs).
+    conn: &'a dyn FrameSink,
     disks: &'a mut [JobDisk],
     /// Per disk, the target's digests where the run has them (digest mode, or a verified cbt map).
     target_digests: &'a [Option<&'a [Digest]>],
@@ -324,7 +325,7 @@ fn cache_chunk(w: &mut Option<MapCacheWriter>, base: Option<&[Digest]>, chunk: u
 }
 
 /// Send a frame, or in a plan only count the bytes it would take.
-fn emit(conn: &Conn, plan_only: bool, f: &Frame) -> Result<u64> {
+fn emit(conn: &dyn FrameSink, plan_only: bool, f: &Frame) -> Result<u64> {
     if plan_only {
         return Ok(f.to_bytes().len() as u64);
     }
@@ -332,7 +333,7 @@ fn emit(conn: &Conn, plan_only: bool, f: &Frame) -> Result<u64> {
 }
 
 /// Send a data frame, or in a plan only count the bytes it would take.
-fn emit_data(conn: &Conn, plan_only: bool, d: &Data) -> Result<u64> {
+fn emit_data(conn: &dyn FrameSink, plan_only: bool, d: &Data) -> Result<u64> {
     if plan_only {
         return Ok((ferry_wire::HEADER_LEN + ferry_wire::DATA_FIXED_LEN + d.payload.len()) as u64);
     }

@@ -43,6 +43,7 @@ use bytes::BytesMut;
 use ferry_io::sys::{poll_readable, PollEntry};
 use ferry_wire::{ErrorCode, ErrorFrame, Frame};
 
+use super::merge::{read_stream, StreamRegistry};
 use super::{run_session, Authenticated, ServeConfig, ServeObserver, SessionReport};
 use crate::access::Access;
 use crate::conn::Link;
@@ -174,6 +175,8 @@ struct Shared {
     cfg: ServeConfig,
     obs: Arc<dyn ServeObserver>,
     sessions: Arc<AtomicUsize>,
+    /// Tickets of the striped sessions running, for their further connections to join.
+    streams: Arc<StreamRegistry>,
 }
 
 /// Serve `ds` on `listener` within `cfg.limits`: each connection that speaks gets a thread
@@ -194,8 +197,15 @@ pub fn serve(
     // having its SYNs dropped and retried a second later.
     ferry_io::sys::set_listen_backlog(&listener, LISTEN_BACKLOG).map_err(net)?;
     let limits = cfg.limits.clone();
-    let shared =
-        Arc::new(Shared { ds, access, transport, cfg, obs: obs.clone(), sessions: Arc::new(AtomicUsize::new(0)) });
+    let shared = Arc::new(Shared {
+        ds,
+        access,
+        transport,
+        cfg,
+        obs: obs.clone(),
+        sessions: Arc::new(AtomicUsize::new(0)),
+        streams: Arc::new(StreamRegistry::default()),
+    });
     let open = Arc::new(AtomicUsize::new(0));
     let mut parked: Vec<Parked> = Vec::new();
     let mut draining: Vec<Draining> = Vec::new();
@@ -355,6 +365,25 @@ fn serve_tcp(stream: TcpStream, peer: &str, accepted: Instant, sh: &Shared) -> S
                 return report;
             }
         };
+    // The first frame tells a further connection of a striped session (Join), which
+    // needs no session slot, from a session's first connection.
+    conn.set_write_timeout(Some(limits.idle_timeout));
+    rx.set_idle_timeout(limits.idle_timeout);
+    let first = match rx.next_frame() {
+        Ok(Some(f)) => f,
+        Ok(None) => return report,
+        Err(e) => {
+            report.error = Some(e.detail());
+            report.failure = Some(e);
+            return report;
+        }
+    };
+    if let Frame::Join(j) = first {
+        let token = list.grant(info.key).map(|g| g.name.clone()).unwrap_or_default();
+        report.peer_name = info.name;
+        report.token = Some(token.clone());
+        return join_stream(conn, rx, j, &token, killer, sh, report);
+    }
     let Some(_session) = Slot::take(&sh.sessions, limits.max_sessions) else {
         let n = limits.max_sessions;
         let message = format!(
@@ -371,10 +400,43 @@ fn serve_tcp(stream: TcpStream, peer: &str, accepted: Instant, sh: &Shared) -> S
         report.error = Some(message);
         return report;
     };
-    conn.set_write_timeout(Some(limits.idle_timeout));
-    rx.set_idle_timeout(limits.idle_timeout);
-    let who = Authenticated { access: &sh.access, list: &list, killer };
-    run_session(conn, &mut rx, &info, who, &sh.ds, &sh.cfg, start, report)
+    let who = Authenticated { access: &sh.access, list: &list, killer, streams: Some(sh.streams.clone()) };
+    run_session(conn, &mut rx, &info, who, &sh.ds, &sh.cfg, start, report, Some(first))
+}
+
+/// A further connection of a striped session (PROTOCOL.md section 11): it joins with the
+/// ticket its session issued to the same token, and this thread reads it into the
+/// session's merge until it ends. It holds a connection slot, no session slot; it can
+/// never open a replica (its wire session is `Joined`).
+fn join_stream(
+    conn: Arc<conn::Conn>,
+    mut rx: conn::Rx,
+    j: ferry_wire::Join,
+    token: &str,
+    killer: Option<Sock>,
+    sh: &Shared,
+    mut report: SessionReport,
+) -> SessionReport {
+    let name = format!("{} stream {}", report.peer, j.stream);
+    let joined = conn
+        .handle(Frame::Join(j.clone()))
+        .and_then(|_| sh.streams.join(&j.ticket, token, j.stream, killer))
+        .and_then(|set| conn.send(&Frame::Joined(ferry_wire::Joined { stream: j.stream })).map(|_| set));
+    match joined {
+        Ok(set) => {
+            read_stream(&name, &mut rx, &set);
+            set.bytes_received.fetch_add(rx.bytes_received, Ordering::Relaxed);
+        }
+        Err(e) => {
+            conn.send_error(e.code(), &e.detail());
+            report.error = Some(e.detail());
+            report.failure = Some(e);
+        }
+    }
+    conn.shutdown();
+    report.bytes_received = rx.bytes_received;
+    report.bytes_sent = conn.bytes_sent();
+    report
 }
 
 /// The transport of an accepted connection: the TLS handshake (over by `deadline`), or

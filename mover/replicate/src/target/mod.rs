@@ -58,6 +58,7 @@
 
 mod digest_map;
 mod listen;
+mod merge;
 mod open_disk;
 mod plan_session;
 mod policy;
@@ -207,8 +208,8 @@ pub fn serve_connection(
     let list = access.snapshot();
     match server_handshake(link, peer, list.clone()) {
         Ok((conn, mut rx, info)) => {
-            let who = Authenticated { access, list: &list, killer };
-            run_session(conn, &mut rx, &info, who, ds, cfg, start, report)
+            let who = Authenticated { access, list: &list, killer, streams: None };
+            run_session(conn, &mut rx, &info, who, ds, cfg, start, report, None)
         }
         Err(e) => failed_handshake(report, e),
     }
@@ -227,6 +228,8 @@ struct Authenticated<'a> {
     access: &'a Arc<Access>,
     list: &'a Arc<AccessList>,
     killer: Option<Sock>,
+    /// Where striped sessions register their tickets (`ferry serve` only).
+    streams: Option<Arc<merge::StreamRegistry>>,
 }
 
 /// Run the session of an authenticated connection to its end.
@@ -240,6 +243,7 @@ fn run_session(
     cfg: &ServeConfig,
     start: Instant,
     mut report: SessionReport,
+    first: Option<ferry_wire::Frame>,
 ) -> SessionReport {
     let peer = report.peer.clone();
     report.peer_name = info.name.clone();
@@ -279,9 +283,10 @@ fn run_session(
         inner: None,
         plan: None,
         opened: (0, 0),
+        streams: who.streams,
     };
     let mut result = match &registration {
-        Ok(_) => t.run(rx, &mut report),
+        Ok(_) => t.run(rx, &mut report, first),
         Err(e) => Err(MoveError::NotAllowed(e.to_string())),
     };
     if let Err(e) = &result {

@@ -17,6 +17,7 @@ use ferry_wire::{
 };
 
 use super::digest_map::{rebuild_unknown, send_digest_map};
+use super::merge::{self, Registered, StreamRegistry, StreamSet};
 use super::plan_session::PlanSession;
 use super::policy::{check_open, decide_retain, prune_notice};
 use super::sender::Outgoing;
@@ -54,6 +55,9 @@ pub(super) struct TargetSession<'a> {
     /// [`super::MAX_SESSION_DISKS`] and [`super::MAX_SESSION_CHUNKS`]: each disk holds an
     /// image, an entry in session.json and a digest map of an entry per chunk).
     pub(super) opened: (u32, u64),
+    /// Where a striped session registers its join ticket (`ferry serve`; none for an
+    /// in-process target, which serves one connection).
+    pub(super) streams: Option<Arc<StreamRegistry>>,
 }
 
 /// A replica opened in a session, with its pipeline.
@@ -146,8 +150,16 @@ impl Active {
 
 impl TargetSession<'_> {
     /// Read and dispatch frames until the session ends: `Ok` when the source closed it.
-    pub(super) fn run(&mut self, rx: &mut Rx, report: &mut SessionReport) -> Result<()> {
+    /// `first`: a frame read already (the listener reads one to tell a Join apart).
+    pub(super) fn run(&mut self, rx: &mut Rx, report: &mut SessionReport, mut first: Option<Frame>) -> Result<()> {
         loop {
+            if let Some(f) = first.take() {
+                let Some(Event::Frame(frame)) = self.conn.handle(f)? else { continue };
+                if !self.dispatch(frame, report)? {
+                    return Ok(());
+                }
+                continue;
+            }
             // Once a pipeline runs, data payloads go straight into its buffers.
             let received = match self.inner.as_ref().and_then(|a| a.pipeline.as_ref()) {
                 Some(p) => rx.next_received(&p.pool, &self.conn),
@@ -167,8 +179,70 @@ impl TargetSession<'_> {
                 Err(e) => return Err(self.failure().unwrap_or_else(|| e.peer_gone_if_reset("source"))),
             };
             let Some(Event::Frame(frame)) = self.conn.handle(frame)? else { continue };
+            if let Frame::OpenStreams(o) = &frame {
+                let registered = self.open_streams(o.count)?;
+                return self.run_merged(rx, report, registered);
+            }
             if !self.dispatch(frame, report)? {
                 return Ok(());
+            }
+        }
+    }
+
+    /// OpenStreams: register a ticket for the streams to join with and answer it.
+    fn open_streams(&mut self, count: u16) -> Result<Registered> {
+        let Some(registry) = self.streams.clone() else {
+            return Err(MoveError::Usage("this target takes one connection per session".into()));
+        };
+        let chunk_size = match self.inner.as_ref().and_then(|a| a.pipeline.as_ref()) {
+            Some(p) => p.pool.buf_size(),
+            None => return Err(self.protocol("OpenStreams before any disk was opened".into())),
+        };
+        let registered = registry.register(&self.grant.name, count, chunk_size);
+        self.send(Frame::StreamTicket(ferry_wire::StreamTicket { ticket: registered.ticket, count }))?;
+        Ok(registered)
+    }
+
+    /// The rest of a striped session: a reader per connection (this one's on a thread of
+    /// its own, the joined ones' on the threads that accepted them), the frames taken from
+    /// the merge in the source's order and handled as from one connection (merge.rs).
+    fn run_merged(&mut self, rx: &mut Rx, report: &mut SessionReport, registered: Registered) -> Result<()> {
+        let set = registered.set.clone();
+        let killer = rx.sock_clone().ok();
+        let name = format!("{} stream 0", self.peer());
+        let r = std::thread::scope(|s| {
+            let (set, name) = (&set, &name);
+            s.spawn(move || merge::read_stream(name, rx, set));
+            let r = self.merged_loop(set, report);
+            // The readers stop: the merge is closed, their sockets' reading shut down.
+            set.close();
+            if let Some(k) = &killer {
+                k.shutdown_read();
+            }
+            r
+        });
+        report.bytes_received += set.bytes_received.load(Ordering::Relaxed);
+        drop(registered);
+        r
+    }
+
+    fn merged_loop(&mut self, set: &StreamSet, report: &mut SessionReport) -> Result<()> {
+        loop {
+            let item = match set.reorder.next() {
+                Ok(item) => item,
+                Err(e) => return Err(self.failure().unwrap_or(e)),
+            };
+            match item {
+                Received::Data(head, buf) => {
+                    self.conn.handle_data_head(&head)?;
+                    self.data(head, buf)?;
+                }
+                Received::Frame(f) => {
+                    let Some(Event::Frame(frame)) = self.conn.handle(f)? else { continue };
+                    if !self.dispatch(frame, report)? {
+                        return Ok(());
+                    }
+                }
             }
         }
     }
