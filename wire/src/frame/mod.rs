@@ -102,8 +102,7 @@ pub const FEATURE_ZSTD_STREAM: u64 = 1 << 3;
 /// StreamTicket, Join, Joined, Seq; PROTOCOL.md section 11).
 pub const FEATURE_STREAMS: u64 = 1 << 4;
 /// All features this version implements (offered in Hello / Welcome).
-pub const FEATURES_V1: u64 =
-    FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME | FEATURE_ZSTD_STREAM | FEATURE_STREAMS;
+pub const FEATURES_V1: u64 = FEATURE_ZSTD | FEATURE_DIGEST_MAP | FEATURE_RESUME | FEATURE_ZSTD_STREAM | FEATURE_STREAMS;
 
 /// The frame type byte of each message.
 ///

@@ -95,6 +95,14 @@ pub(super) struct StripePlan<'a> {
     pub(super) sock: Option<crate::conn::Sock>,
 }
 
+/// What the target agreed to on the first connection: stream compression, and striping.
+pub(super) struct PeerPlan<'a> {
+    /// Chunks may travel as zstd streams (codec zstd-stream).
+    pub(super) zstd_stream: bool,
+    /// More connections, when the job stripes its session.
+    pub(super) stripe: Option<StripePlan<'a>>,
+}
+
 pub(super) fn run_job(
     conn: &Arc<Conn>,
     mut rx: Rx,
@@ -102,9 +110,9 @@ pub(super) fn run_job(
     cfg: &ReplicateConfig,
     obs: &dyn Observer,
     start: Instant,
-    stream: bool,
-    stripe: Option<StripePlan<'_>>,
+    peer: PeerPlan<'_>,
 ) -> Result<JobReport> {
+    let PeerPlan { zstd_stream: stream, stripe } = peer;
     let (reply, chunk_size) = open_replica(conn, &mut rx, &opened, cfg, obs)?;
     // A replica without points gets every disk in full, whatever the change lists say.
     let first_run = reply.latest_point == 0 && !reply.resumed;

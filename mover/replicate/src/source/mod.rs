@@ -315,7 +315,7 @@ pub fn replicate_striped(
     let stripe =
         streams.map(|(count, dial)| job::StripePlan { count, dial, auth, features: peer_info.features, sock: killer });
     let stream = peer_info.features & ferry_wire::FEATURE_ZSTD_STREAM != 0;
-    let result = run_job(&conn, rx, opened, cfg, obs, start, stream, stripe);
+    let result = run_job(&conn, rx, opened, cfg, obs, start, job::PeerPlan { zstd_stream: stream, stripe });
     if let Err(e) = &result {
         if !matches!(e, MoveError::Wire { source: ferry_wire::WireError::Remote { .. }, .. }) {
             conn.send_error(e.code(), &e.detail());
