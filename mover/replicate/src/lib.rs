@@ -13,6 +13,7 @@
 //! - [`disk`]: source disks (files, block devices, NBD exports).
 //! - [`map_cache`]: the source's cache of target digest maps.
 //! - [`stats`]: per-disk counters and per-stage latency histograms.
+//! - [`throttle`]: `--bwlimit` schedules and the shared token bucket they are charged to.
 //!
 //! A chunk travels reader -> worker -> socket with one copy at most (the
 //! kernel's), and socket -> verify worker -> writer straight into a pool
@@ -38,6 +39,7 @@ pub mod map_cache;
 pub mod source;
 pub mod stats;
 pub mod target;
+pub mod throttle;
 pub mod tls;
 
 pub use connect::{Target, TargetSpec};

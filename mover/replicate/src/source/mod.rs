@@ -149,6 +149,8 @@ pub struct ReplicateConfig {
     pub plan_only: bool,
     /// Where to cache the target's digest maps (None: no cache; every map is downloaded).
     pub map_cache: Option<MapCache>,
+    /// The bandwidth limit the frames sent are charged to (`--bwlimit`); None: unlimited.
+    pub throttle: Option<std::sync::Arc<crate::throttle::Throttle>>,
 }
 
 impl ReplicateConfig {
@@ -169,6 +171,7 @@ impl ReplicateConfig {
             verify_samples: 200,
             plan_only: false,
             map_cache: None,
+            throttle: None,
         }
     }
 }

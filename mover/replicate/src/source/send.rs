@@ -97,6 +97,14 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
+    /// Charge `n` bytes sent to `--bwlimit` (a plan only sends nothing): waits while the
+    /// limit is reached, so the socket carries at most the rate in force.
+    fn charge(&self, n: u64) {
+        if let (Some(t), false) = (&self.cfg.throttle, self.cfg.plan_only) {
+            t.charge(n);
+        }
+    }
+
     /// The next answer in sequence order.
     fn take(&mut self, done: Done) -> Result<()> {
         let (disk, chunk) = match done.outcome {
@@ -114,6 +122,7 @@ impl Sender<'_> {
         if let Some(z) = self.zero_run.take() {
             let t = Instant::now();
             let n = emit(self.conn, self.cfg.plan_only, &Frame::ZeroRun(z.clone()))?;
+            self.charge(n);
             self.stats.record(Stage::Send, t.elapsed());
             self.disks[z.disk as usize].counters.bytes_sent += n;
         }
@@ -125,6 +134,7 @@ impl Sender<'_> {
         self.flush_zero()?;
         let t = Instant::now();
         let n = emit_data(self.conn, self.cfg.plan_only, data)?;
+        self.charge(n);
         let took = t.elapsed();
         self.stats.record(Stage::Send, took);
         self.ctl.sent(n, took);

@@ -145,7 +145,14 @@ impl Active {
 impl TargetSession<'_> {
     /// Read and dispatch frames until the session ends: `Ok` when the source closed it.
     pub(super) fn run(&mut self, rx: &mut Rx, report: &mut SessionReport) -> Result<()> {
+        let mut charged = rx.bytes_received;
         loop {
+            // `serve --bwlimit`: what this session received is charged to the limit all
+            // sessions share; reading waits while it is reached, so the sources slow down.
+            if let Some(t) = &self.cfg.throttle {
+                t.charge(rx.bytes_received - charged);
+                charged = rx.bytes_received;
+            }
             // Once a pipeline runs, data payloads go straight into its buffers.
             let received = match self.inner.as_ref().and_then(|a| a.pipeline.as_ref()) {
                 Some(p) => rx.next_received(&p.pool, &self.conn),
