@@ -2,6 +2,7 @@
 
 mod access;
 mod backup;
+mod bwlimit;
 mod datapath;
 mod exit_codes;
 mod faults;

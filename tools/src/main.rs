@@ -33,6 +33,7 @@ use ferry_io::ErrorClass;
 use ferry_replicate::access::{Access, AccessRole, AccessSource, Grant};
 use ferry_replicate::source::{ChangeSource, CompressPolicy, DiskSpec, ReplicateConfig};
 use ferry_replicate::target::ServeConfig;
+use ferry_replicate::throttle;
 use ferry_replicate::tls::{ClientTrust, ServerTransport};
 use ferry_replicate::{MoveError, Target, TargetSpec};
 use ferry_wire::Mode;
@@ -50,7 +51,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Serve a datastore to sources over TCP.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Replicate disks to a target (a datastore directory or ferry://HOST:PORT).
     Replicate(Box<ReplicateArgs>),
     /// What `replicate` with the same options would move, per disk: reads, hashes and
@@ -135,6 +136,23 @@ struct ServeArgs {
     /// resized or allocated for it.
     #[arg(long, default_value = "64T")]
     max_disk_size: String,
+    #[command(flatten)]
+    bwlimit: BwLimitArgs,
+}
+
+/// Bandwidth limits (`ferry_replicate::throttle`): on `replicate` the bytes it sends, on
+/// `serve` the bytes all its sessions receive, shared evenly by the busy ones.
+#[derive(Debug, Args, Clone)]
+struct BwLimitArgs {
+    /// Bandwidth limit in bytes per second: K, M, G = 1000^n, KiB, MiB, GiB = 1024^n
+    /// (20M = 20,000,000 bytes/s = 160 Mbit/s); 0: unlimited (the default).
+    #[arg(long, value_name = "RATE")]
+    bwlimit: Option<String>,
+    /// A limit for a time of the week: "TIMEFRAME RATE", e.g. "mon..fri 8:00-18:00 10M",
+    /// "sat,sun 0", "22:00-24:00,0:00-6:00 0" (local time). Repeatable: the first rule that
+    /// holds the time wins, else --bwlimit; a change takes effect within a second.
+    #[arg(long = "bwlimit-rule", value_name = "TIMEFRAME RATE")]
+    bwlimit_rule: Vec<String>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -234,6 +252,8 @@ struct ReplicateArgs {
     /// NDJSON events on stdout, ending with one `summary` event.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    bwlimit: BwLimitArgs,
 }
 
 /// How a remote target's TLS certificate is trusted.
@@ -450,7 +470,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => serve(*a),
         Cmd::Replicate(a) => replicate(*a),
         Cmd::Plan(a) => plan(*a),
         Cmd::Points { cmd } => points(cmd),
@@ -540,6 +560,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
                  --replicas GLOB` prints it)",
             )),
         };
+    // Checked before anything is made: a bad rule leaves no datastore behind.
+    let throttle = throttle(&a.bwlimit, a.json, "ferry serve")?;
     let access = Arc::new(Access::load(source)?);
     if access.snapshot().grants().is_empty() {
         return Err(usage("the access file lists no token: no source could connect"));
@@ -568,6 +590,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     limits.idle_timeout = parse_duration(&a.idle_timeout)?;
     limits.max_disk_size = parse_size(&a.max_disk_size)?;
     limits.check()?;
+    cfg.throttle = throttle;
     // Every connection is a descriptor, a session a few more (its image, undo file, digest map).
     let want = limits.max_connections as u64 + 64 * limits.max_sessions as u64 + 64;
     let have = ferry_io::process::raise_open_files_limit(want).context("raising the open-file limit")?;
@@ -705,7 +728,26 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
     }
     cfg.verify_samples = a.verify_samples;
     cfg.map_cache = map_cache(a)?;
+    cfg.throttle = throttle(&a.bwlimit, a.json, "ferry")?;
     Ok(cfg)
+}
+
+/// The throttle of `--bwlimit` and `--bwlimit-rule` (None: unlimited), which reports each
+/// change of the rate in force as a `bwlimit` event (a line of `who` without `json`).
+///
+/// Test-only: `FERRY_TEST_LOCAL_TIME="DAY H:MM[:SS]"` starts the schedule's local clock at
+/// that time (it then runs in real time), so tests cross a rule boundary without waiting.
+fn throttle(a: &BwLimitArgs, json: bool, who: &'static str) -> anyhow::Result<Option<Arc<throttle::Throttle>>> {
+    let schedule = throttle::Schedule::parse(a.bwlimit.as_deref(), &a.bwlimit_rule).map_err(usage)?;
+    if schedule.is_unlimited() {
+        return Ok(None);
+    }
+    let clock: Arc<dyn throttle::ThrottleClock> = match std::env::var("FERRY_TEST_LOCAL_TIME") {
+        Ok(t) => Arc::new(throttle::SystemClock::starting_at(throttle::LocalTime::parse(&t).map_err(usage)?)),
+        Err(_) => Arc::new(throttle::SystemClock::new()),
+    };
+    let on_change: throttle::OnChange = Box::new(move |ch| report::bwlimit_changed(ch, json, who));
+    Ok(Some(Arc::new(throttle::Throttle::new(schedule, clock, Some(on_change)))))
 }
 
 /// The digest map cache of a job: its directory and the target's identity in it.

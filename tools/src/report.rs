@@ -95,6 +95,8 @@ fn summary_json(cfg: &ReplicateConfig, rep: &JobReport, status: &str) -> Value {
         "compress_auto": rep.compress_auto,
         "compress_stream": rep.compress_stream,
         "levels": rep.compress_levels,
+        // The rate in force at the end (bytes/s, 0: unlimited); null without --bwlimit.
+        "bwlimit": cfg.throttle.as_ref().map(|t| t.rate().0),
         "totals": totals(&rep.disks),
         "disks": rep.disks,
         "stages": stages_json(&rep.stages),
@@ -320,6 +322,25 @@ impl ferry_replicate::target::ServeObserver for ServeLog {
     }
     fn accept_failed(&self, error: &std::io::Error) {
         eprintln!("ferry serve: accept failed: {error}");
+    }
+}
+
+/// The rate in force changed (`--bwlimit`, `--bwlimit-rule`): a `bwlimit` event, or a line
+/// of `who` (`ferry`, `ferry serve`).
+pub fn bwlimit_changed(ch: &ferry_replicate::throttle::RateChange, json_out: bool, who: &str) {
+    if json_out {
+        print_json(&json!({
+            "event": "bwlimit",
+            "rate": ch.rate.0,
+            "rule": ch.rule,
+            "previous": ch.previous.map(|r| r.0),
+        }));
+    } else {
+        let by = ch.rule.as_ref().map_or("--bwlimit".to_string(), |r| format!("rule {r:?}"));
+        match ch.previous {
+            Some(p) => eprintln!("{who}: bandwidth limit now {} (was {p}), by {by}", ch.rate),
+            None => eprintln!("{who}: bandwidth limit {}, by {by}", ch.rate),
+        }
     }
 }
 

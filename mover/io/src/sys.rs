@@ -2,7 +2,7 @@
 //! make outside the IO backends (process calls are in [`crate::process`]),
 //! each behind a safe function: page-cache advice, hole and data ranges of sparse
 //! files, block-device sizes, hole punching, file locks, vectored socket
-//! reads into a receive buffer, the host name, page residency, and the socket
+//! reads into a receive buffer, the local time, the host name, page residency, and the socket
 //! helpers of a relay (waiting for readability, pipes, splice) and of a server
 //! (TCP keepalive and user timeout, `poll` over many sockets).
 //!
@@ -196,6 +196,25 @@ pub fn readv_into(fd: RawFd, direct: &mut [u8], buf: &mut BytesMut, reserve: usi
     // `n - direct.len()` bytes (if any) of the spare capacity.
     unsafe { buf.advance_mut(n.saturating_sub(direct.len())) };
     Ok(n)
+}
+
+/// The local wall-clock time now, in the system's time zone (TZ, /etc/localtime):
+/// the day of the week (0 = Monday .. 6 = Sunday) and the second of the day
+/// (0..86_400; a leap second reads as the last second of its minute).
+pub fn local_weekday_second() -> io::Result<(u8, u32)> {
+    // SAFETY: time(NULL) only returns the current time.
+    let now = unsafe { libc::time(std::ptr::null_mut()) };
+    // SAFETY: an all-zero `tm` is a valid value (integers and a null zone pointer).
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `now` and writes one `tm` through the pointer, both valid
+    // for the call; it is the reentrant variant (no shared static buffer).
+    if unsafe { libc::localtime_r(&now, &mut tm) }.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // tm_wday counts from Sunday (0).
+    let weekday = ((tm.tm_wday + 6) % 7) as u8;
+    let second = (tm.tm_hour as u32) * 3600 + (tm.tm_min as u32) * 60 + (tm.tm_sec as u32).min(59);
+    Ok((weekday, second))
 }
 
 /// This host's name, or "unknown".

@@ -14,6 +14,7 @@
 //! - [`map_cache`]: the source's cache of target digest maps.
 //! - [`stats`]: per-disk counters and per-stage latency histograms.
 //! - [`zstream`]: stream compression (zstd history across chunks, flushed per chunk).
+//! - [`throttle`]: `--bwlimit` schedules and the shared token bucket they are charged to.
 //!
 //! A chunk travels reader -> worker -> socket with one copy at most (the
 //! kernel's), and socket -> verify worker -> writer straight into a pool
@@ -40,6 +41,7 @@ pub mod records;
 pub mod source;
 pub mod stats;
 pub mod target;
+pub mod throttle;
 pub mod tls;
 pub mod zstream;
 

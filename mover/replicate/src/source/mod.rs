@@ -155,6 +155,8 @@ pub struct ReplicateConfig {
     pub map_cache: Option<MapCache>,
     /// Connections to a remote target (`--streams`; a local target always takes one).
     pub streams: Streams,
+    /// The bandwidth limit the frames sent are charged to (`--bwlimit`); None: unlimited.
+    pub throttle: Option<std::sync::Arc<crate::throttle::Throttle>>,
 }
 
 impl ReplicateConfig {
@@ -176,6 +178,7 @@ impl ReplicateConfig {
             plan_only: false,
             map_cache: None,
             streams: Streams::Auto,
+            throttle: None,
         }
     }
 }

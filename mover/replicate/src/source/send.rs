@@ -112,6 +112,14 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
+    /// Charge `n` bytes sent to `--bwlimit` (a plan only sends nothing): waits while the
+    /// limit is reached, so the socket carries at most the rate in force.
+    fn charge(&self, n: u64) {
+        if let (Some(t), false) = (&self.cfg.throttle, self.cfg.plan_only) {
+            t.charge(n);
+        }
+    }
+
     /// The next answer in sequence order.
     fn take(&mut self, done: Done) -> Result<()> {
         match done.outcome {
@@ -169,6 +177,7 @@ impl Sender<'_> {
         if let Some(z) = self.zero_run.take() {
             let t = Instant::now();
             let n = emit(self.conn, self.cfg.plan_only, &Frame::ZeroRun(z.clone()))?;
+            self.charge(n);
             self.stats.record(Stage::Send, t.elapsed());
             self.disks[z.disk as usize].counters.bytes_sent += n;
         }
@@ -180,6 +189,7 @@ impl Sender<'_> {
         self.flush_zero()?;
         let t = Instant::now();
         let n = emit_data(self.conn, self.cfg.plan_only, data)?;
+        self.charge(n);
         let took = t.elapsed();
         self.stats.record(Stage::Send, took);
         self.ctl.sent(n, took);

@@ -99,6 +99,8 @@ pub struct ServeConfig {
     pub protection: Protection,
     /// What one peer, or many, may take of the server (listen.rs).
     pub limits: Limits,
+    /// The bandwidth limit all sessions' received bytes are charged to (`serve --bwlimit`).
+    pub throttle: Option<Arc<crate::throttle::Throttle>>,
 }
 
 impl Default for ServeConfig {
@@ -109,6 +111,7 @@ impl Default for ServeConfig {
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8),
             protection: Protection::default(),
             limits: Limits::default(),
+            throttle: None,
         }
     }
 }

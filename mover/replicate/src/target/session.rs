@@ -152,6 +152,7 @@ impl TargetSession<'_> {
     /// Read and dispatch frames until the session ends: `Ok` when the source closed it.
     /// `first`: a frame read already (the listener reads one to tell a Join apart).
     pub(super) fn run(&mut self, rx: &mut Rx, report: &mut SessionReport, mut first: Option<Frame>) -> Result<()> {
+        let mut charged = rx.bytes_received;
         loop {
             if let Some(f) = first.take() {
                 let Some(Event::Frame(frame)) = self.conn.handle(f)? else { continue };
@@ -159,6 +160,12 @@ impl TargetSession<'_> {
                     return Ok(());
                 }
                 continue;
+            }
+            // `serve --bwlimit`: what this session received is charged to the limit all
+            // sessions share; reading waits while it is reached, so the sources slow down.
+            if let Some(t) = &self.cfg.throttle {
+                t.charge(rx.bytes_received - charged);
+                charged = rx.bytes_received;
             }
             // Once a pipeline runs, data payloads go straight into its buffers.
             let received = match self.inner.as_ref().and_then(|a| a.pipeline.as_ref()) {
@@ -232,6 +239,12 @@ impl TargetSession<'_> {
                 Ok(item) => item,
                 Err(e) => return Err(self.failure().unwrap_or(e)),
             };
+            // `serve --bwlimit` over all of the session's streams: a Data frame is charged
+            // as it is taken from the merge; the readers wait on the merge's bounded window,
+            // so the sources slow down (control frames are small and not charged).
+            if let (Some(t), Received::Data(head, _)) = (&self.cfg.throttle, &item) {
+                t.charge(ferry_wire::HEADER_LEN as u64 + u64::from(head.payload_len));
+            }
             match item {
                 Received::Data(head, buf) => {
                     self.conn.handle_data_head(&head)?;
