@@ -90,7 +90,7 @@ fn a_killed_stream_run_resumes_with_fresh_streams_and_ends_identical() {
     let cmd = |level: &str| {
         let mut c = ferry();
         c.args(["replicate", "--json", "--replica", "vm1", "--compress", level, "--checkpoint-every", "1M"])
-            .args(["--retry-for", "0", "--source", &format!("d0={}", img.display())])
+            .args(["--retry-for", "30", "--source", &format!("d0={}", img.display())])
             .args(["--target", &server.url, "--token-file", &p(&token), "--fingerprint", &server.fingerprint]);
         c
     };

@@ -582,7 +582,18 @@ fn handshake<S: rustls::SideData>(
         }
         // A whole record at the front: to rustls.
         if buf.len() >= 5 {
-            let end = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
+            let len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
+            // A header no TLS peer sends fails at once, not after waiting for a record
+            // that never ends (a peer that is not a ferry target, or not TLS).
+            if !(20..=23).contains(&buf[0]) || buf[1] != 3 || len > (1 << 14) + 2048 {
+                let source = if (20..=23).contains(&buf[0]) && buf[1] == 3 {
+                    rustls::InvalidMessage::MessageTooLarge
+                } else {
+                    rustls::InvalidMessage::InvalidContentType
+                };
+                return Err(MoveError::Tls { peer: peer.to_string(), source: source.into() });
+            }
+            let end = 5 + len;
             if buf.len() >= end {
                 let mut rd = &buf[..end];
                 while !rd.is_empty() {

@@ -1,12 +1,14 @@
 //! The reader: reads each disk's planned chunks, a span of chunks per read,
 //! through the IO backend (files) or the disk's NBD connection, and hands
-//! them to the workers in sequence order. Holes (SEEK_HOLE of a file,
+//! them to the workers in sequence order (a read that completes early waits
+//! for the ones before it: each worker then compresses its chunks in the order
+//! the sender sends them, which a compression stream needs, see `zstream.rs`). Holes (SEEK_HOLE of a file,
 //! `base:allocation` of an export) are not read and not walked: a run of
 //! planned chunks inside a hole goes on as one [`Work::Holes`] item, whatever
 //! its length, so a thin disk costs what its data costs. A file's planned
 //! chunks are advised to the kernel ahead of the reads.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -170,6 +172,36 @@ pub(super) struct ReadSpan {
 /// A read in flight: disk, first chunk, chunks, bytes expected, start time.
 type InFlight = (u32, u64, u64, usize, Instant);
 
+/// Work handed downstream in sequence order: an item that is ready before the
+/// ones before it (a read completing early) waits here. Bounded by the reads in
+/// flight: only their completions can wait.
+struct InOrder<'a> {
+    tx: &'a Sender<Work>,
+    /// The sequence number due next.
+    next: u64,
+    /// Ready items by sequence number, with the sequence numbers each takes.
+    ready: BTreeMap<u64, (Work, u64)>,
+}
+
+impl InOrder<'_> {
+    /// Hand on `work` (sequence numbers `seq..seq + width`) once all before it went;
+    /// false when downstream is gone.
+    fn emit(&mut self, seq: u64, width: u64, work: Work) -> bool {
+        self.ready.insert(seq, (work, width));
+        while let Some(e) = self.ready.first_entry() {
+            if *e.key() != self.next {
+                break;
+            }
+            let (work, width) = e.remove();
+            self.next += width;
+            if self.tx.send(work).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 pub(super) fn read_loop(
     mut file_backend: Box<dyn IoBackend>,
     pool: &BufPool,
@@ -183,17 +215,23 @@ pub(super) fn read_loop(
     // In flight, by the sequence number of the first chunk.
     let mut inflight: HashMap<u64, InFlight> = HashMap::new();
     let mut seq = 0u64;
+    let mut order = InOrder { tx, next: 0, ready: BTreeMap::new() };
     // Hand one completion downstream; false when downstream is gone.
     let complete = |backend: &mut Box<dyn IoBackend>,
                     plan: &ReadPlan,
                     stats: &mut StageStats,
-                    inflight: &mut HashMap<u64, InFlight>|
+                    inflight: &mut HashMap<u64, InFlight>,
+                    order: &mut InOrder<'_>|
      -> Result<bool> {
         let c = backend.wait().map_err(|e| backend_error(plan, e))?;
         let (disk, chunk, count, expected, t) = inflight.remove(&c.tag).expect("completion of a submitted read");
         stats.record(Stage::Read, t.elapsed());
         let (offset, buf, result) = (c.offset, c.buf, c.result);
-        Ok(tx.send(Work::Chunk(ReadSpan { seq: c.tag, disk, chunk, count, offset, expected, buf, result })).is_ok())
+        Ok(order.emit(
+            c.tag,
+            count,
+            Work::Chunk(ReadSpan { seq: c.tag, disk, chunk, count, offset, expected, buf, result }),
+        ))
     };
     for plan in plans.iter_mut() {
         let mut own = plan.nbd.take();
@@ -210,7 +248,7 @@ pub(super) fn read_loop(
                 let (in_hole, run_end) = hole_run(&plan.holes, chunk, r.end);
                 if in_hole {
                     let holes = Work::Holes { seq, disk: plan.disk, chunks: chunk..run_end, size: plan.size };
-                    if tx.send(holes).is_err() {
+                    if !order.emit(seq, 1, holes) {
                         return Ok(stats);
                     }
                     seq += 1;
@@ -222,7 +260,7 @@ pub(super) fn read_loop(
                 let expected = (plan.size.min((chunk + count) * cs) - offset) as usize;
                 prefetch.reading(plan, cs, count);
                 while backend.in_flight() >= backend.depth() {
-                    if !complete(backend, plan, &mut stats, &mut inflight)? {
+                    if !complete(backend, plan, &mut stats, &mut inflight, &mut order)? {
                         return Ok(stats);
                     }
                 }
@@ -235,7 +273,7 @@ pub(super) fn read_loop(
                     if let Some(b) = pool.try_get() {
                         break b;
                     }
-                    if !complete(backend, plan, &mut stats, &mut inflight)? {
+                    if !complete(backend, plan, &mut stats, &mut inflight, &mut order)? {
                         return Ok(stats);
                     }
                 };
@@ -250,11 +288,11 @@ pub(super) fn read_loop(
             }
         }
         while backend.in_flight() > 0 {
-            if !complete(backend, plan, &mut stats, &mut inflight)? {
+            if !complete(backend, plan, &mut stats, &mut inflight, &mut order)? {
                 return Ok(stats);
             }
         }
-        if tx.send(Work::DiskEnd { seq, disk: plan.disk }).is_err() {
+        if !order.emit(seq, 1, Work::DiskEnd { seq, disk: plan.disk }) {
             return Ok(stats);
         }
         seq += 1;

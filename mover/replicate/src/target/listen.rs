@@ -366,7 +366,10 @@ fn serve_tcp(stream: TcpStream, peer: &str, accepted: Instant, sh: &Shared) -> S
             }
         };
     // The first frame tells a further connection of a striped session (Join), which
-    // needs no session slot, from a session's first connection.
+    // needs no session slot, from a session's first connection. A slot is taken before
+    // it when one is free (an authenticated connection that sends nothing yet holds one,
+    // as a session does) and given back for a Join.
+    let early = Slot::take(&sh.sessions, limits.max_sessions);
     conn.set_write_timeout(Some(limits.idle_timeout));
     rx.set_idle_timeout(limits.idle_timeout);
     let first = match rx.next_frame() {
@@ -379,12 +382,13 @@ fn serve_tcp(stream: TcpStream, peer: &str, accepted: Instant, sh: &Shared) -> S
         }
     };
     if let Frame::Join(j) = first {
+        drop(early);
         let token = list.grant(info.key).map(|g| g.name.clone()).unwrap_or_default();
         report.peer_name = info.name;
         report.token = Some(token.clone());
         return join_stream(conn, rx, j, &token, killer, sh, report);
     }
-    let Some(_session) = Slot::take(&sh.sessions, limits.max_sessions) else {
+    let Some(_session) = early.or_else(|| Slot::take(&sh.sessions, limits.max_sessions)) else {
         let n = limits.max_sessions;
         let message = format!(
             "server busy: {n} sessions in progress, its limit (ferry serve --max-sessions {n}); try again later"

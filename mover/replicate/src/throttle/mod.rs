@@ -9,7 +9,8 @@
 //! interval (whole nanoseconds) is at least 10 µs and its rounding costs under
 //! 0.01% of the rate; the bucket holds 50 ms of the rate (the largest burst after
 //! an idle spell). Charges go in pieces of at most 16 KiB: sessions sharing a
-//! server's limit take turns in small steps, so none starves another (each gets
+//! server's limit take turns in small steps, in the order they came (a ticket
+//! queue, not whoever wakes first), so none starves another (each gets
 //! an even share while all are busy; an idle one takes nothing).
 //!
 //! governor fixes a limiter's quota at construction, so a new rate means a new
@@ -28,7 +29,7 @@ pub mod schedule;
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use governor::clock::Clock;
@@ -172,6 +173,22 @@ pub struct Throttle {
     clock: Arc<dyn ThrottleClock>,
     current: Mutex<Current>,
     on_change: Option<OnChange>,
+    /// Pieces waiting for the bucket take turns in the order they came: the next
+    /// ticket to hand out and the one being served. A session that charges again
+    /// queues behind the others, so sessions sharing a limit get even shares
+    /// however the threads are scheduled.
+    queue: Mutex<(u64, u64)>,
+    turn: Condvar,
+}
+
+/// This piece's turn at the bucket; the next piece's when dropped (also on a panic).
+struct Turn<'a>(&'a Throttle);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.queue.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
+        self.0.turn.notify_all();
+    }
 }
 
 impl std::fmt::Debug for Throttle {
@@ -190,7 +207,7 @@ impl Throttle {
     /// rate in force (and of the first rate, at the first charge).
     pub fn new(schedule: Schedule, clock: Arc<dyn ThrottleClock>, on_change: Option<OnChange>) -> Throttle {
         let current = Mutex::new(Current { rate: Rate::UNLIMITED, rule: None, bucket: None, checked: None });
-        Throttle { schedule, clock, current, on_change }
+        Throttle { schedule, clock, current, on_change, queue: Mutex::new((0, 0)), turn: Condvar::new() }
     }
 
     /// The schedule.
@@ -227,10 +244,22 @@ impl Throttle {
         cur.bucket.clone()
     }
 
+    /// Wait for this piece's turn at the bucket.
+    fn take_turn(&self) -> Turn<'_> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let ticket = q.0;
+        q.0 += 1;
+        while q.1 != ticket {
+            q = self.turn.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        Turn(self)
+    }
+
     /// Charge `bytes` moved (or about to be): returns once the rate in force allows them.
     pub fn charge(&self, bytes: u64) {
         let mut left = bytes;
         while left > 0 {
+            let _turn = self.take_turn();
             let Some(bucket) = self.bucket() else { return };
             let piece = left.min(bucket.piece);
             let Some(cells) = NonZeroU32::new(bucket.cells(piece)) else {
