@@ -19,7 +19,7 @@
 //! the receiver an [`Opener`]; no lock is taken per record or per frame on the
 //! data path, which is better than the issue's "lock held only around the
 //! state machine": there is no shared state machine left to lock. The two
-//! halves share a small [`Shared`] (a mutex taken once per frame sent and on
+//! halves share a small `Shared` (a mutex taken once per frame sent and on
 //! rare events) for what one half must tell the other: an alert to send after
 //! a record failed its integrity check, a key update the peer requested.
 //!
@@ -31,7 +31,7 @@
 //! and its key and IV (RFC 8446 section 7.2). The receiver follows a KeyUpdate
 //! from the peer the same way, and answers one that requests an update with
 //! its own. The initial traffic secrets come from rustls' key log callback for
-//! this connection alone; [`Keys`] checks that the key and IV it derives from
+//! this connection alone; `Keys` checks that the key and IV it derives from
 //! them are the ones rustls extracted, so a wrong secret cannot go unnoticed.
 //!
 //! Records are byte-compatible with rustls' (the unit tests exchange data and

@@ -31,7 +31,7 @@
 //!   keys over (secret extraction, the interface it offers for kTLS; the
 //!   traffic secrets come from a key log of this connection alone, for key
 //!   updates) and ferry protects the records itself in its own buffers, with
-//!   fewer copies (`records.rs`; `conn.rs` runs it). [`handshake`] gives
+//!   fewer copies (`records.rs`; `conn.rs` runs it). `handshake` gives
 //!   rustls whole records and none past the handshake, so nothing of the
 //!   session is left inside rustls when it hands over.
 
