@@ -222,7 +222,9 @@ fn two_sessions_under_one_serve_bwlimit_get_even_shares() {
     let ratio = shares[0].max(shares[1]) / shares[0].min(shares[1]);
     assert!(ratio < 1.10, "shares {:.2} and {:.2} MB/s", shares[0] / MB, shares[1] / MB);
     let sum = shares[0] + shares[1];
-    assert!((sum / (10.0 * MB) - 1.0).abs() < 0.08, "together {:.2} MB/s", sum / MB);
+    // Together: the server's limit, measured upstream of the server's reads, so the
+    // sockets' buffers (a few MB per connection, filling during the window) blur it.
+    assert!((sum / (10.0 * MB) - 1.0).abs() < 0.15, "together {:.2} MB/s", sum / MB);
     let bw = server.events_named("bwlimit", 1);
     assert_eq!(bw[0]["rate"], 10_000_000);
     assert_replica_equals(&ds, "vm-a", "d0", &a);
