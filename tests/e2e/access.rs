@@ -11,23 +11,14 @@ use ferry_replicate::conn::{client_handshake, Sock};
 use ferry_tests::*;
 use ferry_wire::{ErrorCode, Frame, OpenReplica, WireError};
 
-fn s(p: &Path) -> String {
-    p.to_str().expect("utf-8 path").to_string()
-}
-
 /// `ferry replicate --json` of `image` as disk d0 into `replica` at `server` with `token`.
 fn replicate(server: &Server, token: &Path, replica: &str, image: &Path, extra: &[&str]) -> Run {
-    let mut args = vec!["replicate", "--json", "--retry-for", "0", "--target", &server.url, "--replica", replica];
-    let (tok, src) = (s(token), format!("d0={}", s(image)));
-    args.extend(["--token-file", &tok, "--source", &src]);
-    args.extend(server.client_args());
-    args.extend(extra);
-    run(args)
+    Run::of(replicate_cmd(&server.url, token, replica, image).args(server.client_args()).args(extra))
 }
 
 /// Ids of the restore points of `replica` in the datastore `ds`.
 fn point_ids(ds: &Path, replica: &str) -> Vec<u64> {
-    let r = run(["points", "list", "--json", "--target", &s(ds), "--replica", replica]);
+    let r = run(["points", "list", "--json", "--target", s(ds), "--replica", replica]);
     r.expect_code(0);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
     v["points"].as_array().expect("points").iter().map(|p| p["id"].as_u64().expect("id")).collect()
@@ -98,7 +89,7 @@ fn a_read_token_plans_but_cannot_replicate() {
         "{}",
         r.stderr
     );
-    let r = run(["plan", "--json", "--target", &server.url, "--token-file", &s(&reader), "--replica", "vm1"]
+    let r = run(["plan", "--json", "--target", &server.url, "--token-file", s(&reader), "--replica", "vm1"]
         .into_iter()
         .chain(["--source", &format!("d0={}", s(&changed))])
         .chain(server.client_args()));
@@ -107,7 +98,7 @@ fn a_read_token_plans_but_cannot_replicate() {
     assert_eq!(std::fs::read(ds.join("vm1/catalog.json")).unwrap(), catalog);
     assert_replica_equals(&ds, "vm1", "d0", &img);
     // Its scope binds plans too.
-    let r = run(["plan", "--target", &server.url, "--token-file", &s(&reader), "--replica", "db1"]
+    let r = run(["plan", "--target", &server.url, "--token-file", s(&reader), "--replica", "db1"]
         .into_iter()
         .chain(["--source", &format!("d0={}", s(&changed))])
         .chain(server.client_args()));
@@ -157,21 +148,8 @@ fn keep_min_keeps_three_points_when_a_source_asks_for_one() {
     assert_replica_equals(&ds, "vm1", "d0", &img);
     // The points kept are whole: the oldest still exports (the image of the run that made it).
     let out = dir.path().join("p5.raw");
-    run([
-        "points",
-        "export",
-        "--target",
-        &s(&ds),
-        "--replica",
-        "vm1",
-        "--disk",
-        "d0",
-        "--point",
-        "5",
-        "--out",
-        &s(&out),
-    ])
-    .expect_code(0);
+    run(["points", "export", "--target", s(&ds), "--replica", "vm1", "--disk", "d0", "--point", "5", "--out", s(&out)])
+        .expect_code(0);
     let p5 = dir.path().join("p5-source.raw");
     write_image(&p5, 1 << 20, 14, &[Fill::Random]);
     assert!(same_bytes(&out, &p5));
@@ -208,7 +186,7 @@ fn a_point_younger_than_immutable_survives_every_remote_request() {
     assert_eq!(point_ids(&ds, "vm1"), vec![1, 2, 3, 4, 5]);
     // On the target's host, `ferry points prune` is not bound by the policy.
     drop(server);
-    run(["points", "prune", "--target", &s(&ds), "--replica", "vm1", "--retain", "2"]).expect_code(0);
+    run(["points", "prune", "--target", s(&ds), "--replica", "vm1", "--retain", "2"]).expect_code(0);
     assert_eq!(point_ids(&ds, "vm1"), vec![4, 5]);
 }
 
@@ -301,14 +279,14 @@ fn token_and_access_files_others_may_read_are_refused() {
     assert!(r.stderr.contains(&want), "{}", r.stderr);
     assert_eq!(server.sessions(1).len(), 0, "nothing was sent");
     // The server refuses to start with such a token file, or such an access file.
-    let r = run(["serve", "--listen", "127.0.0.1:0", "--datastore", &s(&ds), "--token-file", &s(&token)]);
+    let r = run(["serve", "--listen", "127.0.0.1:0", "--datastore", s(&ds), "--token-file", s(&token)]);
     r.expect_code(2);
     assert!(r.stderr.contains(&want), "{}", r.stderr);
     let (_, line) = new_scoped_token(dir.path(), "a", "read", "*");
     let access = dir.path().join("access");
     write_access(&access, &[&line]);
     std::fs::set_permissions(&access, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let r = run(["serve", "--listen", "127.0.0.1:0", "--datastore", &s(&ds), "--access", &s(&access)]);
+    let r = run(["serve", "--listen", "127.0.0.1:0", "--datastore", s(&ds), "--access", s(&access)]);
     r.expect_code(2);
     assert!(r.stderr.contains("access file") && r.stderr.contains("(mode 0640)"), "{}", r.stderr);
 }
@@ -350,15 +328,15 @@ fn token_new_prints_the_access_line_and_checks_it_before_writing() {
     // The line holds the verifier, not the token; `token line` prints the same line again.
     let secret = std::fs::read_to_string(&tok).unwrap();
     assert!(!line.contains(secret.trim()));
-    let again = run(["token", "line", "--token-file", &s(&tok), "--name", "web-writer", "--replicas", "web*"]);
+    let again = run(["token", "line", "--token-file", s(&tok), "--name", "web-writer", "--replicas", "web*"]);
     again.expect_code(0);
     assert_eq!(again.stdout.trim(), line);
     // A bad name or role is refused before anything is written.
     let bad = dir.path().join("bad");
-    let r = run(["token", "new", "--out", &s(&bad), "--name", "web writer"]);
+    let r = run(["token", "new", "--out", s(&bad), "--name", "web writer"]);
     r.expect_code(2);
     assert!(r.stderr.contains("token name \"web writer\" holds ' '"), "{}", r.stderr);
-    let r = run(["token", "new", "--out", &s(&bad), "--role", "root"]);
+    let r = run(["token", "new", "--out", s(&bad), "--role", "root"]);
     r.expect_code(2);
     assert!(r.stderr.contains("--role: unknown role \"root\": use read, replicate or admin"), "{}", r.stderr);
     assert!(!bad.exists());

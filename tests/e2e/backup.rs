@@ -27,10 +27,6 @@ fn sh(cmd: &str, args: &[&str]) {
     assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
-fn s(p: &Path) -> String {
-    p.to_str().expect("utf-8 path").to_string()
-}
-
 /// Write pattern `byte` (0: zeroes, as qemu-io `write -z`) at chunks `chunks` of a qcow2 file.
 fn write_chunks(file: &Path, chunks: &[u64], byte: u8) {
     let mut args = vec!["-f".to_string(), "qcow2".into()];
@@ -42,7 +38,7 @@ fn write_chunks(file: &Path, chunks: &[u64], byte: u8) {
         };
         args.extend(["-c".into(), cmd]);
     }
-    args.push(s(file));
+    args.push(s(file).into());
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     sh("qemu-io", &a);
 }
@@ -70,10 +66,10 @@ impl Point<'_> {
         match (self.parent, base) {
             (Some(p), _) => {
                 let backing = format!("sda.{p}.qcow2");
-                sh("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing, &s(&f)]);
+                sh("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing, s(&f)]);
             }
-            (None, Some(b)) => sh("qemu-img", &["convert", "-O", "qcow2", &s(b), &s(&f)]),
-            (None, None) => sh("qemu-img", &["create", "-q", "-f", "qcow2", &s(&f), DISK]),
+            (None, Some(b)) => sh("qemu-img", &["convert", "-O", "qcow2", s(b), s(&f)]),
+            (None, None) => sh("qemu-img", &["create", "-q", "-f", "qcow2", s(&f), DISK]),
         }
         for (chunks, byte) in writes {
             write_chunks(&f, chunks, *byte);
@@ -92,22 +88,22 @@ impl Point<'_> {
 
 /// `qemu-img convert -O raw` of a point's image (the reference).
 fn reference(image: &Path, out: &Path) -> PathBuf {
-    sh("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", &s(image), &s(out)]);
+    sh("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", s(image), s(out)]);
     out.to_path_buf()
 }
 
 fn from_backup(repos: &[&Path], vm: &str, target: &Path, replica: &str, extra: &[&str]) -> Run {
     let mut args: Vec<String> = vec!["replicate".into(), "--json".into(), "--chunk-size".into(), "64K".into()];
     for r in repos {
-        args.extend(["--from-backup".into(), s(r)]);
+        args.extend(["--from-backup".into(), s(r).into()]);
     }
-    args.extend(["--vm".into(), vm.into(), "--target".into(), s(target), "--replica".into(), replica.into()]);
+    args.extend(["--vm".into(), vm.into(), "--target".into(), s(target).into(), "--replica".into(), replica.into()]);
     args.extend(extra.iter().map(|x| x.to_string()));
     run(args)
 }
 
 fn points_of(target: &Path, replica: &str) -> Vec<Value> {
-    let r = run(["points", "list", "--json", "--target", &s(target), "--replica", replica]);
+    let r = run(["points", "list", "--json", "--target", s(target), "--replica", replica]);
     r.expect_code(0);
     let v: Value = serde_json::from_str(r.stdout.trim()).expect("points json");
     v["points"].as_array().expect("points").clone()
@@ -118,7 +114,7 @@ fn export(target: &Path, replica: &str, point: u64, out: &Path) -> PathBuf {
         "points",
         "export",
         "--target",
-        &s(target),
+        s(target),
         "--replica",
         replica,
         "--disk",
@@ -126,7 +122,7 @@ fn export(target: &Path, replica: &str, point: u64, out: &Path) -> PathBuf {
         "--point",
         &point.to_string(),
         "--out",
-        &s(out),
+        s(out),
     ]);
     r.expect_code(0);
     out.to_path_buf()
@@ -224,9 +220,9 @@ fn week_of_backups_then_catch_up_then_datastore_repository() {
     // `ferry plan` lists them and moves nothing.
     let mut args = vec!["plan".to_string(), "--json".into()];
     for r in &repos {
-        args.extend(["--from-backup".into(), s(r)]);
+        args.extend(["--from-backup".into(), s(r).into()]);
     }
-    args.extend(["--vm", "web1", "--target", &s(&ds), "--replica", "web1-dr", "--catch-up"].map(String::from));
+    args.extend(["--vm", "web1", "--target", s(&ds), "--replica", "web1-dr", "--catch-up"].map(String::from));
     let r = run(&args);
     r.expect_code(0);
     let listed: Vec<Value> =
@@ -325,7 +321,7 @@ fn bad_repositories_move_nothing() {
     Point { repo: &d, vm: "db1", id: "full", time: SUN, parent: None }.create(None, &[(&[0], 1)]);
     let inc = Point { repo: &d, vm: "web1", id: "inc", time: MON, parent: None };
     std::fs::create_dir_all(d.join("web1")).unwrap();
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "../db1/sda.full.qcow2", &s(&inc.file())]);
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "../db1/sda.full.qcow2", s(&inc.file())]);
     let manifest = serde_json::json!({"format": "ferry-backup-point/1", "vm": "web1", "point_time": MON,
         "disks": {"sda": "sda.inc.qcow2"}, "parent": null});
     std::fs::write(d.join("web1/inc.json"), manifest.to_string()).unwrap();
@@ -345,11 +341,11 @@ fn bad_repositories_move_nothing() {
         "--source",
         "/dev/null",
         "--from-backup",
-        &e,
+        e,
         "--vm",
         "web1",
         "--target",
-        &ds_s,
+        ds_s,
         "--replica",
         "web1-dr",
     ]);
@@ -369,9 +365,9 @@ fn qcow2_without_manifest_uses_mtime() {
     let dir = repo.join("vm9");
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("sda.2026-11-20.qcow2");
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", &s(&f), DISK]);
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", s(&f), DISK]);
     write_chunks(&f, &[1, 2], 4);
-    sh("touch", &["-d", "2026-11-20T05:00:00Z", &s(&f)]);
+    sh("touch", &["-d", "2026-11-20T05:00:00Z", s(&f)]);
     let ds = tmp.path().join("dr");
     let r = from_backup(&[&repo], "vm9", &ds, "vm9", &[]);
     r.expect_code(0);
@@ -382,9 +378,9 @@ fn qcow2_without_manifest_uses_mtime() {
 
     // A manifest-less overlay: diffed by its backing chain.
     let g = dir.join("sda.2026-11-21.qcow2");
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "sda.2026-11-20.qcow2", &s(&g)]);
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "sda.2026-11-20.qcow2", s(&g)]);
     write_chunks(&g, &[7], 5);
-    sh("touch", &["-d", "2026-11-21T05:00:00Z", &s(&g)]);
+    sh("touch", &["-d", "2026-11-21T05:00:00Z", s(&g)]);
     let r = from_backup(&[&repo], "vm9", &ds, "vm9", &[]);
     r.expect_code(0);
     let sum = r.summary();
@@ -420,7 +416,7 @@ fn interrupted_session(remote: bool) {
     let target = server.as_ref().map_or_else(|| ds.clone(), |s| PathBuf::from(&s.url));
     let token_arg = s(&token);
     let fp = server.as_ref().map_or(String::new(), |s| s.fingerprint.clone());
-    let extra: &[&str] = if remote { &["--token-file", &token_arg, "--fingerprint", &fp] } else { &[] };
+    let extra: &[&str] = if remote { &["--token-file", token_arg, "--fingerprint", &fp] } else { &[] };
     let from_backup = |repos: &[&Path]| from_backup(repos, "web1", &target, "web1-dr", extra);
     let sun = Point { repo: &r1, vm: "web1", id: "sun", time: SUN, parent: None }.create(None, &[(&[0, 1], 1)]);
     from_backup(&[&r1]).expect_code(0);
@@ -470,7 +466,7 @@ fn remote_target() {
     let (repo, remote) = (tmp.path().join("repo"), tmp.path().join("remote"));
     let token = new_token(tmp.path(), "token");
     let server = Server::start(&remote, &token, &[]);
-    let extra = ["--token-file", &s(&token), "--fingerprint", &server.fingerprint];
+    let extra = ["--token-file", s(&token), "--fingerprint", &server.fingerprint];
     let target = PathBuf::from(&server.url);
     let sun = Point { repo: &repo, vm: "web1", id: "sun", time: SUN, parent: None }.create(None, &[(&[0, 1], 1)]);
     from_backup(&[&repo], "web1", &target, "web1", &extra).expect_code(0);

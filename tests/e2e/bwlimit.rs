@@ -17,10 +17,6 @@ use ferry_tests::*;
 const MB: f64 = 1e6;
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// Per connection, `(time, bytes forwarded so far)` at each read.
 type Samples = Arc<Mutex<Vec<Vec<(Instant, u64)>>>>;
 
@@ -99,11 +95,9 @@ fn time_of(samples: &[(Instant, u64)], n: u64) -> Instant {
 
 /// `ferry replicate` of `src` as disk d0 of `replica` to `target`, uncompressed, no retries.
 fn replicate(target: &str, token: &Path, src: &Path, replica: &str, extra: &[&str]) -> Child {
-    ferry()
-        .args(["replicate", "--json", "--replica", replica, "--retry-for", "0", "--compress", "none"])
-        .args(["--source", &format!("d0={}", s(src)), "--target", target, "--token-file", s(token)])
+    replicate_cmd(target, token, replica, src)
+        .args(["--compress", "none"])
         .args(extra)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -111,12 +105,7 @@ fn replicate(target: &str, token: &Path, src: &Path, replica: &str, extra: &[&st
 }
 
 fn finish(child: Child) -> Run {
-    let out = child.wait_with_output().expect("wait ferry");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    child.wait_with_output().expect("wait ferry").into()
 }
 
 #[test]

@@ -13,10 +13,6 @@ use ferry_tests::*;
 
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 #[test]
 fn a_bad_flag_or_bad_setting_exits_2() {
     let dir = tempfile::tempdir().unwrap();

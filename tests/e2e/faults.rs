@@ -73,11 +73,7 @@ fn wait(child: Child) -> Run {
             panic!("ferry (pid {pid}) still running after 60 s");
         }
     };
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    out.into()
 }
 
 /// Point ids of a replica; None when there is no such replica.

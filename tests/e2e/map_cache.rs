@@ -264,11 +264,7 @@ fn default_location_no_map_cache_and_plan() {
         a.extend(["--json", "--replica", "vm1", "--chunk-size", "64K", "--target", ds_s]);
         a.extend(["--source", img.to_str().unwrap()]);
         let out = ferry().args(a).env("XDG_CACHE_HOME", &xdg).output().unwrap();
-        let r = Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
+        let r: Run = out.into();
         r.expect_code(0);
         r
     };

@@ -37,10 +37,6 @@ pub(super) fn sh(prog: &str, args: &[&str]) {
     );
 }
 
-pub(super) fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// qemu-io writes of (pattern, offset, length) into a qcow2.
 fn qemu_write(img: &Path, writes: &[(u8, u64, u64)]) {
     let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];

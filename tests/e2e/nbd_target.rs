@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ferry_tests::*;
 use serde_json::Value;
 
-use super::nbd::{have_qemu, s, sh, u};
+use super::nbd::{have_qemu, sh, u};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;

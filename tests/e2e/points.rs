@@ -44,12 +44,7 @@ fn run_stop(args: &[String], stop: Option<u64>) -> Run {
     if let Some(n) = stop {
         c.env("FERRY_TEST_STOP_AFTER", n.to_string());
     }
-    let out = c.output().expect("run ferry");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    c.output().expect("run ferry").into()
 }
 
 fn args(a: &[&str]) -> Vec<String> {

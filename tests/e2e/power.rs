@@ -194,12 +194,7 @@ impl Harness {
     /// Run to completion, no cut armed.
     fn run(&self, args: &[String]) -> Run {
         self.fs().disarm();
-        let out = self.cmd(args).output().expect("run ferry");
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        self.cmd(args).output().expect("run ferry").into()
     }
 
     /// Run with a power cut armed; Ok(true) when the power was cut (ferry killed, file

@@ -21,10 +21,6 @@ use ferry_wire::{
 
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 fn addr_of(server: &Server) -> String {
     server.url.strip_prefix("ferry://").expect("ferry url").to_string()
 }

@@ -4,7 +4,6 @@
 //! again), and joins that are refused.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,26 +16,10 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 const CS: u64 = 64 << 10;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// `ferry replicate --json` of `src` as disk d0 of replica vm1, no retries, no compression.
 fn replicate(config: &Path, target: &str, token: &Path, src: &Path, extra: &[&str]) -> Run {
-    let out = ferry()
-        .env("XDG_CONFIG_HOME", config)
-        .args(["replicate", "--json", "--replica", "vm1", "--retry-for", "0", "--compress", "none"])
-        .args(["--chunk-size", "64K", "--source", &format!("d0={}", s(src)), "--target", target])
-        .args(["--token-file", s(token)])
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ferry");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    let mut c = replicate_cmd(target, token, "vm1", src);
+    Run::of(c.env("XDG_CONFIG_HOME", config).args(["--compress", "none", "--chunk-size", "64K"]).args(extra))
 }
 
 fn total(summary: &Value, field: &str) -> u64 {

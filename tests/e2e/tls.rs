@@ -3,33 +3,17 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use ferry_tests::*;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// `ferry replicate` of `src` as disk d0 of replica vm1 to `target`, with the known-targets
 /// file under `config` (`$XDG_CONFIG_HOME`), no retries, no compression.
 fn replicate(config: &Path, target: &str, token: &Path, src: &Path, extra: &[&str]) -> Run {
-    let out = ferry()
-        .env("XDG_CONFIG_HOME", config)
-        .args(["replicate", "--json", "--replica", "vm1", "--retry-for", "0", "--compress", "none"])
-        .args(["--source", &format!("d0={}", s(src)), "--target", target, "--token-file", s(token)])
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ferry");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    let mut c = replicate_cmd(target, token, "vm1", src);
+    Run::of(c.env("XDG_CONFIG_HOME", config).args(["--compress", "none"]).args(extra))
 }
 
 /// Every file under `dir` (relative path -> bytes), to compare a whole datastore byte for byte.

@@ -77,18 +77,46 @@ impl Run {
     }
 }
 
+impl From<Output> for Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// Run `cmd` to completion, stdin closed.
+    pub fn of(cmd: &mut Command) -> Run {
+        cmd.stdin(Stdio::null()).output().expect("run ferry").into()
+    }
+}
+
 /// Run `ferry ARGS` to completion.
 pub fn run<I, S>(args: I) -> Run
 where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let out: Output = ferry().args(args).stdin(Stdio::null()).output().expect("run ferry");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::of(ferry().args(args))
+}
+
+/// A test path as `&str` (the tests make only UTF-8 paths).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `ferry replicate --json --retry-for 0` of `image` as disk d0 of `replica` to `target`
+/// with the token in `token`; add a server's [`Server::client_args`] and any other flags,
+/// then [`Run::of`] it or spawn it.
+pub fn replicate_cmd(target: &str, token: &Path, replica: &str, image: &Path) -> Command {
+    let mut c = ferry();
+    c.args(["replicate", "--json", "--retry-for", "0", "--replica", replica, "--target", target])
+        .args(["--token-file", s(token), "--source", &format!("d0={}", s(image))])
+        .stdin(Stdio::null());
+    c
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), for test images.
