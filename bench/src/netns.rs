@@ -92,10 +92,12 @@ struct DirCounters {
     bytes: AtomicU64,
     drops: AtomicU64,
     max_queue_us: AtomicU64,
+    /// The thread's id (from /proc/thread-self), for its CPU time.
+    tid: AtomicU64,
 }
 
 /// A snapshot of one direction's counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LineStats {
     /// Packets forwarded.
     pub packets: u64,
@@ -105,6 +107,8 @@ pub struct LineStats {
     pub drops: u64,
     /// Longest serialisation wait seen, microseconds.
     pub max_queue_us: u64,
+    /// CPU seconds the direction's thread used (/proc/self/task/TID/schedstat; 0 if unknown).
+    pub cpu_s: f64,
 }
 
 /// Two namespaces joined by the delay line; removed on drop.
@@ -235,6 +239,7 @@ impl Wan {
             bytes: c.bytes.load(Ordering::Relaxed),
             drops: c.drops.load(Ordering::Relaxed),
             max_queue_us: c.max_queue_us.load(Ordering::Relaxed),
+            cpu_s: thread_cpu_s(c.tid.load(Ordering::Relaxed)),
         };
         [snap(&self.counters[0]), snap(&self.counters[1])]
     }
@@ -277,9 +282,23 @@ impl Drop for Wan {
     }
 }
 
+/// CPU seconds thread `tid` of this process has run (0.0 when unknown).
+fn thread_cpu_s(tid: u64) -> f64 {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0.0, |ns| ns as f64 / 1e9)
+}
+
 /// One direction of the delay line: reads packets from `from`, stamps each with its
 /// delivery time (serialisation clock plus delay) and writes it to `to` then.
 fn line(mut from: File, mut to: File, shape: &Mutex<Shape>, stop: &AtomicBool, c: &DirCounters) {
+    if let Some(tid) = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok()))
+    {
+        c.tid.store(tid, Ordering::Relaxed);
+    }
     let mut queue: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
     let mut held = 0usize;
     let mut busy_until = Instant::now();
@@ -479,13 +498,18 @@ mod tests {
         let after = wan.stats()[0];
         let wire = (after.bytes - before.bytes) as f64 * 8.0;
         eprintln!(
-            "rate-limited: payload {:.1} Mbit/s, IP {:.1} Mbit/s, {} packets, {} drops, max queue {} us",
+            "rate-limited: payload {:.1} Mbit/s, IP {:.1} Mbit/s, {} packets, {} drops, max queue {} us, line CPU {:.3} s",
+
             rate / 1e6,
             wire / secs / 1e6,
             after.packets - before.packets,
             after.drops - before.drops,
-            after.max_queue_us
+            after.max_queue_us,
+            after.cpu_s - before.cpu_s
         );
+        if after.cpu_s <= before.cpu_s {
+            return Err("the line's thread CPU time did not advance".into());
+        }
         if wire / secs > 50e6 * 1.02 {
             return Err(format!("IP rate {:.1} Mbit/s above the link's 50", wire / secs / 1e6));
         }

@@ -69,6 +69,9 @@ pub struct Run {
     /// WAN scenarios: packets the link's full queue dropped during the run (both directions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line_drops: Option<u64>,
+    /// WAN scenarios: CPU seconds the link's delay line (both threads) used during the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line_cpu_s: Option<f64>,
     /// iperf3 only: the payload bits per second it received (the link's capacity as TCP sees it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_bps: Option<f64>,
@@ -230,6 +233,9 @@ pub struct WanRow {
     pub line_pps: Option<f64>,
     /// Packets the link dropped in the median run.
     pub line_drops: Option<u64>,
+    /// CPU seconds of the link's delay line in the median run.
+    #[serde(default)]
+    pub line_cpu_s: Option<f64>,
     /// ferry: TCP streams used (`"streams"` of its summary).
     pub streams: Option<u64>,
     /// ferry: zstd levels used, `level:MiB in->MiB out` (`"levels"` of its summary).
@@ -299,7 +305,7 @@ const MIB: f64 = 1048576.0;
 fn wan_section(s: &mut String, w: &WanReport) {
     let _ = writeln!(
         s,
-        "## {} on the link: {} Mbit/s, {:.0} ms RTT\n\n| tool | time s | wire MiB | wire Mbit/s | link utilisation | link pkt/s | drops | ferry streams | ferry levels (level:MiB in->out) |\n|---|---|---|---|---|---|---|---|---|",
+        "## {} on the link: {} Mbit/s, {:.0} ms RTT\n\n| tool | time s | wire MiB | wire Mbit/s | link utilisation | link pkt/s | drops | line CPU s | ferry streams | ferry levels (level:MiB in->out) |\n|---|---|---|---|---|---|---|---|---|---|",
         w.scenario,
         w.rate_bps / 1_000_000,
         w.rtt_ms
@@ -308,7 +314,7 @@ fn wan_section(s: &mut String, w: &WanReport) {
         let opt = |x: Option<String>| x.unwrap_or_else(|| "–".into());
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.tool,
             row.wall_s,
             opt(row.wire_bytes.map(mib)),
@@ -319,6 +325,7 @@ fn wan_section(s: &mut String, w: &WanReport) {
             opt(row.utilisation.map(|u| format!("{:.0}%", u * 100.0))),
             opt(row.line_pps.map(|p| format!("{p:.0}"))),
             opt(row.line_drops.map(|d| d.to_string())),
+            opt(row.line_cpu_s.map(|c| format!("{c:.2}"))),
             opt(row.streams.map(|n| n.to_string())),
             opt(row.levels.clone()),
         );
@@ -670,6 +677,7 @@ mod tests {
             }),
             line_pps: None,
             line_drops: None,
+            line_cpu_s: None,
             link_bps: None,
         }
     }

@@ -232,6 +232,7 @@ pub(super) fn base_run(m: &Measured) -> Run {
         stages: None,
         line_pps: None,
         line_drops: None,
+        line_cpu_s: None,
         link_bps: None,
     }
 }
@@ -274,6 +275,7 @@ pub(super) fn failed_run(error: String) -> Run {
         stages: None,
         line_pps: None,
         line_drops: None,
+        line_cpu_s: None,
         link_bps: None,
     }
 }

@@ -379,6 +379,7 @@ fn run_scenario(
                 let packets: u64 = (0..2).map(|i| s1[i].packets - s0[i].packets).sum();
                 run.line_pps = (run.wall_s > 0.0).then(|| report::round3(packets as f64 / run.wall_s));
                 run.line_drops = Some((0..2).map(|i| s1[i].drops - s0[i].drops).sum());
+                run.line_cpu_s = Some(report::round3((0..2).map(|i| s1[i].cpu_s - s0[i].cpu_s).sum()));
             }
             eprintln!(
                 "ferry-bench: {:<16} {:<9} run {}/{}: {:>8.3} s {}{}",

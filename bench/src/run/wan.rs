@@ -69,6 +69,7 @@ pub(super) fn report(sc: &Scenario, results: &[ToolResult]) -> Option<WanReport>
                     .map(|b| b as f64 * 8.0 / link.rate_bps as f64 / t.median_wall_s),
                 line_pps: run.and_then(|r| r.line_pps),
                 line_drops: run.and_then(|r| r.line_drops),
+                line_cpu_s: run.and_then(|r| r.line_cpu_s),
                 streams: totals.and_then(|v| v.get("streams")).and_then(|x| x.as_u64()),
                 levels: totals.and_then(|v| v.get("levels")).and_then(levels_text),
             }
@@ -223,6 +224,7 @@ mod tests {
             utilisation: Some(util),
             line_pps: None,
             line_drops: None,
+            line_cpu_s: None,
             streams: None,
             levels: None,
         }
