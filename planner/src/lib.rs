@@ -58,6 +58,13 @@
 //! A map whose length, checksum, version, chunk size or count is wrong is
 //! rejected with a [`PlanError`]; the caller rebuilds it from the disk.
 //!
+//! This encoding is canonical (its trailer is the map hash the wire and the
+//! source's map cache compare), not the in-memory form: a [`DigestMap`] holds
+//! pages of [`PAGE_CHUNKS`] chunks and keeps no digest for a page that is all
+//! zeros or all unknown, so its memory follows the data, not the disk. The
+//! datastore stores maps in its own sparse format (ferry-datastore
+//! `digests`, DATASTORE.md), built from [`DigestMap::page`].
+//!
 //! # Errors
 //! Every [`PlanError`] names the caller's label for the input, and where it
 //! applies the entry index, the JSON path and the values concerned.
@@ -74,8 +81,8 @@ pub mod time;
 
 pub use cbt::{parse_cbt, parse_cbt_with_format, CbtFormat};
 pub use digest_map::{
-    chunk_count, chunk_len, validate_chunk_size, zero_chunk_digest, Digest, DigestMap, DigestMapEncoder, ZeroDigests,
-    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, UNKNOWN_DIGEST,
+    chunk_count, chunk_len, validate_chunk_size, zero_chunk_digest, Digest, DigestMap, DigestMapEncoder, PageView,
+    ZeroDigests, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_CHUNKS, UNKNOWN_DIGEST,
 };
 pub use error::PlanError;
 pub use extent::{ChangeMap, ChunkSet, Extent};

@@ -316,8 +316,8 @@ pub fn plan_disk(inputs: &DiskInputs) -> DiskPlan {
 /// `plan.samples[i]`) and the target's map is in (`target`, one digest per
 /// chunk): unchanged if every sample matches, else digest mode over every
 /// chunk (a [`PlanNote::CbtMissedChange`] names the first mismatch).
-pub fn check_samples(mut plan: DiskPlan, sampled: &[Digest], target: &[Digest]) -> DiskPlan {
-    let mismatch = plan.samples.iter().zip(sampled).find(|(&c, d)| target[c as usize] != **d);
+pub fn check_samples(mut plan: DiskPlan, sampled: &[Digest], target: &crate::DigestMap) -> DiskPlan {
+    let mismatch = plan.samples.iter().zip(sampled).find(|(&c, d)| target.get_raw(c) != **d);
     let Some((&chunk, _)) = mismatch else { return plan };
     plan.notes.push(PlanNote::CbtMissedChange { chunk });
     plan.mode = PlanMode::Digest;

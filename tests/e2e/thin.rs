@@ -92,6 +92,15 @@ fn replicate(img: &Path, ds: &Path, cache: &Path, extra: &[&str]) -> Value {
     r.summary()
 }
 
+/// The replica's digest map is stored by its data: 5 pages of 256 chunks hold the 40
+/// chunks of data (each extent inside one page), the 2 Mi - 40 chunks of holes are runs:
+/// header, 10 runs of 16 bytes (held, zero, ..., held, zero), 5 pages of 8 KiB, trailer.
+/// A digest per chunk was 64 MiB, rewritten at every checkpoint.
+fn assert_sparse_map(ds: &Path) {
+    let map = ds.join("big").join("disks").join("d.digests");
+    assert_eq!(std::fs::metadata(&map).unwrap().len(), 32 + 10 * 16 + 5 * 8192 + 32, "{}", map.display());
+}
+
 #[test]
 fn a_2_tib_thin_disk_costs_its_data_full_then_digest_then_cbt() {
     let dir = tempfile::tempdir().unwrap();
@@ -120,6 +129,7 @@ fn a_2_tib_thin_disk_costs_its_data_full_then_digest_then_cbt() {
     assert_eq!(u(&d["chunks_sent"]), 40);
     assert_eq!(u(&d["bytes_hole_skipped"]), SIZE - DATA);
     assert_eq!(u(&d["chunks_zero"]), SIZE / MIB - 40);
+    assert_sparse_map(&ds);
     export(&ds, &out);
     assert_same_thin(&img, &out);
     assert!(allocated_bytes(&out) <= DATA + 4 * MIB, "the export is not sparse: {} bytes", allocated_bytes(&out));
@@ -132,6 +142,7 @@ fn a_2_tib_thin_disk_costs_its_data_full_then_digest_then_cbt() {
     assert_eq!(u(&d["chunks_unchanged"]), SIZE / MIB);
     assert_eq!(u(&d["bytes_read"]), DATA);
     assert!(u(&s["wire_bytes"]) < 16 << 10, "{} bytes on the wire for an unchanged run", s["wire_bytes"]);
+    assert_sparse_map(&ds);
 
     // CBT: 1 MiB changed inside the second extent, one chunk moves.
     let at = SIZE / 5 / MIB * MIB + 3 * MIB + 2 * MIB;
@@ -147,6 +158,7 @@ fn a_2_tib_thin_disk_costs_its_data_full_then_digest_then_cbt() {
     export(&ds, &out);
     assert_same_thin(&img, &out);
     assert!(allocated_bytes(&out) <= DATA + 4 * MIB, "the export is not sparse: {} bytes", allocated_bytes(&out));
+    assert_sparse_map(&ds);
     let image = ds.join("big").join("disks").join("d.img");
     assert!(allocated_bytes(&image) <= DATA + 4 * MIB, "the replica image is not sparse");
 }

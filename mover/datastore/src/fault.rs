@@ -14,7 +14,13 @@
 //! rollbacks). A checkpoint then records chunks as durable that a power cut
 //! takes back, and a resumed session skips them.
 //!
-//! Both may be given (`undo,image`). The variable is read once per process;
+//! `FERRY_TEST_SKIP_FSYNC=map`: a digest map's temporary file is renamed into
+//! place without its fsync ([`crate::digests::store`]). A power cut after the
+//! rename's directory fsync then leaves a `DISK.digests` whose bytes never
+//! reached the disk: a map that does not check out (the target rebuilds it,
+//! but the power-loss tests check every map after a cut and find it).
+//!
+//! Any of them may be given (`undo,image`). The variable is read once per process;
 //! any other value does nothing.
 
 use std::sync::OnceLock;

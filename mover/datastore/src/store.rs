@@ -261,6 +261,41 @@ pub fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<()>
     sync_dir(dir)
 }
 
+/// [`write_atomic`] of what `write` writes (through a buffer): a file built as it is
+/// written, never whole in memory.
+pub fn write_atomic_with(
+    dir: &Path,
+    name: &str,
+    write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    write_atomic_with_sync(dir, name, write, true)
+}
+
+/// [`write_atomic_with`]; `sync: false` leaves out the temporary file's fsync (only for
+/// the power-loss tests' `FERRY_TEST_SKIP_FSYNC=map`, crate `fault`).
+pub(crate) fn write_atomic_with_sync(
+    dir: &Path,
+    name: &str,
+    write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+    sync: bool,
+) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dst = dir.join(name);
+    let f = private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| StoreError::file("creating", &tmp, e))?;
+    let mut w = std::io::BufWriter::with_capacity(256 << 10, f);
+    write(&mut w)
+        .and_then(|_| w.into_inner().map_err(|e| e.into_error()))
+        .and_then(|f| if sync { f.sync_all() } else { Ok(()) })
+        .map_err(|e| StoreError::file("writing", &tmp, e))?;
+    fs::rename(&tmp, &dst).map_err(|e| StoreError::file("renaming into place", &dst, e))?;
+    sync_dir(dir)
+}
+
 /// fsync a directory (makes renames and creations in it durable).
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::file("syncing directory", dir, e))

@@ -64,23 +64,20 @@ impl MapCache {
     /// this chunk and disk size (anything else is a miss).
     pub fn load(&self, replica: &str, disk: &str, chunk_size: u32, disk_size: u64) -> Option<(DigestMap, Digest)> {
         let path = self.path(replica, disk);
-        // Never read more than a map of this geometry takes.
-        let want = ferry_planner::digest_map::DIGEST_MAP_HEADER_LEN as u64
-            + ferry_planner::digest_map::DIGEST_MAP_TRAILER_LEN as u64
-            + ferry_planner::chunk_count(chunk_size, disk_size) * 32;
+        // The canonical encoding (its trailer is the map hash), read page by page: a page
+        // of holes keeps no digests, and the file is never held whole.
+        let want = ferry_datastore::digests::canonical_len(chunk_size, disk_size);
         let f = File::open(&path).ok()?;
         if f.metadata().ok()?.len() != want {
             return None;
         }
-        // Read straight into the 32-byte words that become the digests: one allocation of
-        // the map's size, not a byte buffer and then a copy (64 MiB each for a 2 TiB disk).
-        let mut words = vec![[0u8; 32]; (want / 32) as usize];
-        std::io::Read::read_exact(&mut { f }, words.as_flattened_mut()).ok()?;
-        // decode checks the trailer: it is the map hash (hashing a large map twice costs time).
-        let hash = *words.last().expect("a header and a trailer at least");
-        let map = DigestMap::decode_words(&path.display().to_string(), words)
-            .ok()
-            .filter(|m| m.chunk_size() == chunk_size && m.disk_size() == disk_size)?;
+        let mut r = std::io::BufReader::with_capacity(256 << 10, f);
+        let mut header = [0u8; ferry_planner::digest_map::DIGEST_MAP_HEADER_LEN];
+        std::io::Read::read_exact(&mut r, &mut header).ok()?;
+        let (map, hash) = ferry_datastore::digests::read_canonical(&path.display().to_string(), &mut r, &header, want)?;
+        if map.chunk_size() != chunk_size || map.disk_size() != disk_size {
+            return None;
+        }
         Some((map, hash))
     }
 
@@ -214,7 +211,7 @@ mod tests {
 
     fn write(c: &MapCache, m: &DigestMap) {
         let mut w = c.writer("vm1", "d0", m.chunk_size(), m.disk_size()).unwrap();
-        for d in m.digests() {
+        for d in &m.to_digests() {
             w.push(d);
         }
         assert!(w.commit().unwrap());
@@ -274,14 +271,14 @@ mod tests {
         assert!(!c.path("vm1", "d0").exists());
         write(&c, &m);
         let mut w = c.writer("vm1", "d0", K64, 200_000).unwrap();
-        for d in m.digests() {
+        for d in &m.to_digests() {
             w.push(d);
         }
         w.abandon();
         assert!(!w.commit().unwrap(), "abandoned");
         assert!(!c.path("vm1", "d0").exists());
         let mut w = c.writer("vm1", "d0", K64, 200_000).unwrap();
-        for d in m.digests().iter().chain(m.digests()) {
+        for d in m.to_digests().iter().chain(&m.to_digests()) {
             w.push(d);
         }
         assert!(!w.commit().unwrap(), "too many digests");

@@ -52,10 +52,7 @@ pub fn cbt(data: &[u8]) {
 pub fn digest_map(data: &[u8]) {
     if let Ok(m) = DigestMap::decode("fuzz", data) {
         assert_eq!(m.encode(), data, "decode then encode changed the bytes");
-        assert_eq!(m.chunk_count(), m.digests().len() as u64);
-        let words: Vec<[u8; 32]> = data.chunks_exact(32).map(|c| c.try_into().unwrap()).collect();
-        let w = DigestMap::decode_words("fuzz", words).expect("decode_words accepts what decode accepts");
-        assert_eq!(w.encode(), data);
+        assert_eq!(m.chunk_count(), m.to_digests().len() as u64);
     }
     if data.len() < 12 {
         return;

@@ -146,7 +146,7 @@ fn resize_grow_from_a_chunk_multiple_keeps_every_digest() {
     let zeros = ZeroDigests::new(K64);
     let mut m = DigestMap::from_digests(K64, 2 * u64::from(K64), vec![[1; 32], [2; 32]]).unwrap();
     m.resize(3 * u64::from(K64), |len| zeros.digest(len));
-    assert_eq!(m.digests(), &[[1; 32], [2; 32], zeros.full()]);
+    assert_eq!(m.to_digests(), &[[1; 32], [2; 32], zeros.full()]);
     assert_eq!(m.unknown_count(), 0);
 }
 
@@ -155,9 +155,9 @@ fn resize_shrink() {
     let zeros = ZeroDigests::new(K64);
     let mut m = DigestMap::from_digests(K64, 3 * u64::from(K64), vec![[1; 32], [2; 32], [3; 32]]).unwrap();
     m.resize(2 * u64::from(K64), |len| zeros.digest(len));
-    assert_eq!(m.digests(), &[[1; 32], [2; 32]]);
+    assert_eq!(m.to_digests(), &[[1; 32], [2; 32]]);
     m.resize(u64::from(K64) + 1, |len| zeros.digest(len));
-    assert_eq!(m.digests(), &[[1; 32], UNKNOWN_DIGEST], "new partial last chunk: unknown");
+    assert_eq!(m.to_digests(), &[[1; 32], UNKNOWN_DIGEST], "new partial last chunk: unknown");
     m.resize(0, |len| zeros.digest(len));
     assert_eq!(m.chunk_count(), 0);
     m.resize(10, |len| zeros.digest(len));
@@ -168,7 +168,7 @@ fn resize_shrink() {
 fn zeroed_map_holds_zero_digests() {
     let zeros = ZeroDigests::new(K64);
     let m = DigestMap::zeroed(K64, 150_000, &zeros).unwrap();
-    assert_eq!(m.digests(), &[zeros.full(), zeros.full(), zero_chunk_digest(18_928)]);
+    assert_eq!(m.to_digests(), &[zeros.full(), zeros.full(), zero_chunk_digest(18_928)]);
     assert!(!m.differs(2, &zero_chunk_digest(18_928)));
 }
 
@@ -216,6 +216,74 @@ proptest! {
                 Some(zero_chunk_digest(new_len as u32))
             } else if old_len == new_len {
                 Some([i as u8 + 1; 32])
+            } else {
+                None
+            };
+            prop_assert_eq!(m.get(i), want, "chunk {}", i);
+        }
+    }
+}
+
+/// A map over several pages: the holes keep no digests, the data pages do, and the map
+/// reads, encodes and hashes as one digest per chunk would.
+#[test]
+fn pages_of_holes_hold_no_digests() {
+    let zeros = ZeroDigests::new(K64);
+    let size = 3000 * u64::from(K64) + 100;
+    let mut m = DigestMap::zeroed(K64, size, &zeros).unwrap();
+    assert_eq!((m.page_count(), m.held_pages()), (12, 0));
+    m.set(5, zeros.full()); // a zero digest in a zero page: the page stays without digests
+    m.set(600, [6; 32]);
+    m.set(601, [7; 32]);
+    m.mark_unknown(3000);
+    assert_eq!(m.held_pages(), 2, "page 2 (chunks 512..768) and page 11 (the last)");
+    let mut flat: Vec<_> = (0..m.chunk_count()).map(|i| m.get_raw(i)).collect();
+    assert_eq!(flat[600], [6; 32]);
+    assert_eq!(flat[3000], UNKNOWN_DIGEST);
+    assert_eq!(flat[2999], zeros.full());
+    let dense = DigestMap::from_digests(K64, size, flat.clone()).unwrap();
+    assert_eq!(dense, m);
+    assert_eq!(dense.held_pages(), 2, "from_digests keeps zero pages without digests");
+    assert_eq!(dense.encode(), m.encode());
+    assert_eq!(m.map_hash(), *blake3::hash(&m.encode()[..m.encode().len() - 32]).as_bytes());
+    assert_eq!(m.next_unknown(0), Some(3000));
+    assert_eq!(m.unknown_count(), 1);
+    // Written back over with zeros: compact gives the page's memory back.
+    m.set(600, zeros.full());
+    m.set(601, zeros.full());
+    m.compact();
+    assert_eq!(m.held_pages(), 1);
+    flat[600] = zeros.full();
+    flat[601] = zeros.full();
+    assert_eq!(m.to_digests(), flat);
+}
+
+proptest! {
+    #[test]
+    fn resize_across_pages_matches_model(
+        old in 0..1200u64,
+        new in 0..1200u64,
+        old_tail in 0..3u64,
+        new_tail in 0..3u64,
+        set_every in 1..400u64,
+    ) {
+        let zeros = ZeroDigests::new(K64);
+        let cs = u64::from(K64);
+        let (old, new) = (old * cs / 2 + old_tail * 7, new * cs / 2 + new_tail * 7);
+        let mut m = DigestMap::zeroed(K64, old, &zeros).unwrap();
+        for i in (0..m.chunk_count()).step_by(set_every as usize) {
+            m.set(i, [(i % 250) as u8 + 1; 32]);
+        }
+        let before: Vec<_> = m.to_digests();
+        m.resize(new, |len| zeros.digest(len));
+        prop_assert_eq!(m.chunk_count(), new.div_ceil(cs));
+        for i in 0..m.chunk_count() {
+            let old_len = old.saturating_sub(i * cs).min(cs);
+            let new_len = new.saturating_sub(i * cs).min(cs);
+            let want = if old_len == 0 {
+                Some(zero_chunk_digest(new_len as u32))
+            } else if old_len == new_len {
+                Some(before[i as usize])
             } else {
                 None
             };

@@ -199,6 +199,7 @@ fn a_sample_that_differs_falls_back_to_digest_mode_over_every_chunk() {
     assert_eq!(plan.samples, [0, 1, 3, 4, 5, 6, 7, 8, 9]);
     let target: Vec<Digest> = (0..10u8).map(|i| [i; 32]).collect();
     let sampled: Vec<Digest> = plan.samples.iter().map(|&c| target[c as usize]).collect();
+    let target = ferry_planner::DigestMap::from_digests(C as u32, 10 * C, target).unwrap();
     // Every sample matches: the plan stands.
     assert_eq!(check_samples(plan.clone(), &sampled, &target), plan);
     // Chunk 5 differs: digest mode, every chunk from the resume point, nothing announced.

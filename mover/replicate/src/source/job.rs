@@ -12,7 +12,7 @@ use ferry_io::IoBackend;
 use ferry_nbd::NbdBackend;
 use ferry_planner::{
     check_samples, expected_changes, plan_disk, read_span, ChangeMap, ChunkSet, Digest, DigestMap, DiskInputs,
-    PlanMode, TargetDisk, ZeroDigests,
+    PlanMode, TargetDisk, ZeroDigests, PAGE_CHUNKS,
 };
 use ferry_wire::chunk::default_chunk_size;
 use ferry_wire::{
@@ -44,11 +44,11 @@ pub(super) struct JobDisk {
     holes: ChunkSet,
     pub(super) counters: DiskCounters,
     /// Target digests (digest mode).
-    target_digests: Option<Vec<Digest>>,
+    target_digests: Option<DigestMap>,
     /// The map the target will hold after this run, streamed to the cache as chunks go.
     pub(super) cache: Option<MapCacheWriter>,
     /// The target's map where only the cache needs it (cbt: the chunks not sent keep these digests).
-    cache_base: Option<Vec<Digest>>,
+    cache_base: Option<DigestMap>,
     /// Cbt disks: their planned chunks are announced ahead of the data.
     pub(super) announcer: Option<Announcer>,
 }
@@ -325,9 +325,9 @@ fn open_disk(
     };
     let mut plan = plan_disk(&inputs);
     let (mut map_source, mut map_bytes) = (MapSource::None, 0);
-    let mut fetch = |conn: &Conn, rx: &mut Rx| -> Result<Vec<Digest>> {
+    let mut fetch = |conn: &Conn, rx: &mut Rx| -> Result<DigestMap> {
         let cached = cfg.map_cache.as_ref().and_then(|c| c.load(&cfg.replica, &sd.name, chunk_size, sd.size));
-        let f = fetch_digests(conn, rx, id, chunk_count, cached)?;
+        let f = fetch_digests(conn, rx, id, (chunk_size, sd.size), cached)?;
         map_source = f.source;
         map_bytes = f.wire_bytes;
         Ok(f.digests)
@@ -394,8 +394,8 @@ fn fetch_and_sample(
     sd: &SourceDisk,
     cs: u64,
     samples: &[u64],
-    fetch: &mut dyn FnMut(&Conn, &mut Rx) -> Result<Vec<Digest>>,
-) -> Result<(Vec<Digest>, Vec<Digest>)> {
+    fetch: &mut dyn FnMut(&Conn, &mut Rx) -> Result<DigestMap>,
+) -> Result<(DigestMap, Vec<Digest>)> {
     let (digests, sampled) = std::thread::scope(|s| {
         let sampled = s.spawn(|| hash_chunks(sd, cs, samples));
         let digests = fetch(conn, rx);
@@ -422,7 +422,7 @@ fn cache_writer(sd: &SourceDisk, cfg: &ReplicateConfig, chunk_size: u32, obs: &d
 
 /// A digest map as the target answered a DigestMapRequest.
 struct FetchedMap {
-    digests: Vec<Digest>,
+    digests: DigestMap,
     source: MapSource,
     /// DigestMapPart and DigestMapEnd bytes received.
     wire_bytes: u64,
@@ -434,21 +434,34 @@ fn fetch_digests(
     conn: &Conn,
     rx: &mut Rx,
     disk: u32,
-    chunk_count: u64,
+    (chunk_size, disk_size): (u32, u64),
     cached: Option<(DigestMap, Digest)>,
 ) -> Result<FetchedMap> {
     let cached_map_hash = cached.as_ref().map_or([0; 32], |c| c.1);
     conn.send(&Frame::DigestMapRequest(DigestMapRequest { disk, cached_map_hash }))?;
-    let mut v: Vec<Digest> = Vec::new();
+    let bad = |what: String| MoveError::Protocol { peer: conn.peer().into(), what };
+    // Built page by page as the parts come: pages of holes keep no digests (a thin disk's
+    // map costs what its data costs), and the map is never held twice.
+    let mut v = DigestMap::new(chunk_size, disk_size).map_err(|e| bad(e.to_string()))?;
+    let chunk_count = v.chunk_count();
+    let mut page: Vec<Digest> = Vec::with_capacity(PAGE_CHUNKS);
+    let mut received = 0u64;
     let mut wire_bytes = 0u64;
     let end = loop {
         match expect_frame(conn, rx)? {
             Frame::DigestMapPart(p) if p.disk == disk => {
-                if v.capacity() == 0 {
-                    v.reserve_exact(chunk_count as usize);
-                }
                 wire_bytes += (ferry_wire::HEADER_LEN + 16 + p.digests.len()) as u64;
-                v.extend(p.digests.chunks_exact(32).map(|c| <[u8; 32]>::try_from(c).expect("32 bytes")));
+                for c in p.digests.chunks_exact(32) {
+                    if received >= chunk_count {
+                        return Err(bad(format!("sent a digest map of more chunks than the disk's {chunk_count}")));
+                    }
+                    page.push(<[u8; 32]>::try_from(c).expect("32 bytes"));
+                    received += 1;
+                    if page.len() == PAGE_CHUNKS || received == chunk_count {
+                        v.fill_page(((received - 1) / PAGE_CHUNKS as u64) as usize, &page);
+                        page.clear();
+                    }
+                }
             }
             Frame::DigestMapEnd(e) if e.disk == disk => {
                 wire_bytes += (ferry_wire::HEADER_LEN + 45) as u64;
@@ -457,21 +470,18 @@ fn fetch_digests(
             f => return Err(unexpected(conn, &f, "DigestMapPart")),
         }
     };
-    let (digests, source) = match cached {
-        Some((m, _)) if end.cache_hit && end.map_hash == cached_map_hash => (m.into_digests(), MapSource::Cached),
-        _ if end.cache_hit => {
-            return Err(MoveError::Protocol {
-                peer: conn.peer().into(),
-                what: "answered cache_hit for a digest map this source did not offer".into(),
-            })
+    let (digests, source, count) = match cached {
+        Some((m, _)) if end.cache_hit && end.map_hash == cached_map_hash => {
+            let n = m.chunk_count();
+            (m, MapSource::Cached, n)
         }
-        _ => (v, MapSource::Fetched),
+        _ if end.cache_hit => {
+            return Err(bad("answered cache_hit for a digest map this source did not offer".into()));
+        }
+        _ => (v, MapSource::Fetched, received),
     };
-    if digests.len() as u64 != chunk_count || end.chunk_count != chunk_count {
-        return Err(MoveError::Protocol {
-            peer: conn.peer().into(),
-            what: format!("sent a digest map of {} chunks for a disk of {chunk_count}", digests.len()),
-        });
+    if count != chunk_count || end.chunk_count != chunk_count {
+        return Err(bad(format!("sent a digest map of {count} chunks for a disk of {chunk_count}")));
     }
     Ok(FetchedMap { digests, source, wire_bytes })
 }
@@ -544,8 +554,9 @@ fn run_pipeline(
         _ => format!("{}+nbd", backend.name()),
     };
     let names: Vec<String> = disks.iter().map(|d| d.disk.name.clone()).collect();
-    let digests: Vec<Option<Vec<[u8; 32]>>> = disks.iter_mut().map(|d| d.target_digests.take()).collect();
-    let cache_bases: Vec<Option<Vec<Digest>>> = disks.iter_mut().map(|d| d.cache_base.take()).collect();
+    let target_maps: Vec<Option<DigestMap>> = disks.iter_mut().map(|d| d.target_digests.take()).collect();
+    let cache_bases: Vec<Option<DigestMap>> = disks.iter_mut().map(|d| d.cache_base.take()).collect();
+    let digests: Vec<Option<&DigestMap>> = target_maps.iter().map(Option::as_ref).collect();
     let cs = u64::from(chunk_size);
 
     let auto = AutoCompress::default();
@@ -571,8 +582,7 @@ fn run_pipeline(
         }
         drop(work_rx);
         drop(done_tx);
-        let bases: Vec<Option<&[Digest]>> =
-            digests.iter().zip(&cache_bases).map(|(d, c)| d.as_deref().or(c.as_deref())).collect();
+        let bases: Vec<Option<&DigestMap>> = digests.iter().zip(&cache_bases).map(|(d, c)| d.or(c.as_ref())).collect();
         let sent = send_loop(conn, disks, &bases, cfg, cs, &done_rx, rx_msgs, obs, auto, workers);
         if sent.is_err() {
             abort.store(true, Ordering::Relaxed);

@@ -36,7 +36,7 @@
 mod announce;
 mod compress;
 mod job;
-mod read;
+pub(crate) mod read;
 mod receive;
 mod send;
 mod stripe;

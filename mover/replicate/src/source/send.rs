@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use ferry_planner::{zero_chunk_digest, Digest, ZeroDigests};
+use ferry_planner::{zero_chunk_digest, Digest, DigestMap, ZeroDigests};
 use ferry_wire::{Codec, Data, Flush, Frame, ZeroRun};
 
 use super::compress::{AutoCompress, AutoController, LevelBytes, LevelCounts, AUTO_LEVELS};
@@ -35,7 +35,7 @@ use crate::stats::{DiskCounters, Stage, StageStats};
 pub(super) fn send_loop(
     conn: &dyn FrameSink,
     disks: &mut [JobDisk],
-    target_digests: &[Option<&[Digest]>],
+    target_digests: &[Option<&DigestMap>],
     cfg: &ReplicateConfig,
     cs: u64,
     rx: &Receiver<Done>,
@@ -93,7 +93,7 @@ struct Sender<'a> {
     conn: &'a dyn FrameSink,
     disks: &'a mut [JobDisk],
     /// Per disk, the target's digests where the run has them (digest mode, or a verified cbt map).
-    target_digests: &'a [Option<&'a [Digest]>],
+    target_digests: &'a [Option<&'a DigestMap>],
     cfg: &'a ReplicateConfig,
     cs: u64,
     obs: &'a dyn Observer,
@@ -150,8 +150,8 @@ impl Sender<'_> {
         // Whether the target's map says chunk `i` holds zeros (only a short last chunk
         // needs its own zero digest).
         let held = |i: u64| {
-            base.and_then(|b| b.get(i as usize))
-                .is_some_and(|d| *d == if len_of(i) == cs { full } else { zero_chunk_digest(len_of(i) as u32) })
+            base.and_then(|b| b.get(i))
+                .is_some_and(|d| d == if len_of(i) == cs { full } else { zero_chunk_digest(len_of(i) as u32) })
         };
         let mut c = chunks.start;
         while c < chunks.end {
@@ -317,14 +317,14 @@ pub(super) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 /// cache file: chunks this run skipped keep the target's digest (`base`),
 /// `chunk` gets `digest` (None: the target's, unchanged). Without a base, a
 /// skipped chunk's digest is unknown and the map is not cached.
-fn cache_chunk(w: &mut Option<MapCacheWriter>, base: Option<&[Digest]>, chunk: u64, digest: Option<Digest>) {
+fn cache_chunk(w: &mut Option<MapCacheWriter>, base: Option<&DigestMap>, chunk: u64, digest: Option<Digest>) {
     let Some(w) = w else { return };
     // A writer that gave up (or failed to write) takes no more digests.
     while w.is_open() && w.next_chunk() <= chunk {
         let i = w.next_chunk();
         let d = match (digest, base) {
             (Some(d), _) if i == chunk => d,
-            (_, Some(b)) if (i as usize) < b.len() => b[i as usize],
+            (_, Some(b)) if i < b.chunk_count() => b.get_raw(i),
             _ => {
                 w.abandon();
                 return;

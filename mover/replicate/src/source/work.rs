@@ -19,7 +19,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use ferry_io::{is_zero, BufPool};
-use ferry_planner::{Digest, ZeroDigests};
+use ferry_planner::{Digest, DigestMap, ZeroDigests};
 use ferry_wire::{Codec, Data};
 
 use super::compress::{AutoCompress, AUTO_LEVELS};
@@ -70,7 +70,7 @@ pub(super) fn work_loop(
     rx: Receiver<Work>,
     tx: Sender<Done>,
     out_pool: &BufPool,
-    digests: &[Option<Vec<Digest>>],
+    digests: &[Option<&DigestMap>],
     names: &[String],
     policy: CompressPolicy,
     chunk_size: u32,
@@ -101,7 +101,7 @@ pub(super) fn work_loop(
 struct Worker<'a> {
     out_pool: &'a BufPool,
     /// Per disk, the target's digests (digest mode).
-    digests: &'a [Option<Vec<Digest>>],
+    digests: &'a [Option<&'a DigestMap>],
     names: &'a [String],
     policy: CompressPolicy,
     chunk_size: u32,
@@ -125,7 +125,7 @@ type SendResult = std::result::Result<(), crossbeam_channel::SendError<Done>>;
 impl<'a> Worker<'a> {
     fn new(
         out_pool: &'a BufPool,
-        digests: &'a [Option<Vec<Digest>>],
+        digests: &'a [Option<&'a DigestMap>],
         names: &'a [String],
         policy: CompressPolicy,
         chunk_size: u32,
@@ -157,8 +157,8 @@ impl<'a> Worker<'a> {
     }
 
     /// The target's digest of `chunk` of `disk`, if the job has its map.
-    fn target(&self, disk: u32, chunk: u64) -> Option<&'a Digest> {
-        self.digests[disk as usize].as_ref().map(|m| &m[chunk as usize])
+    fn target(&self, disk: u32, chunk: u64) -> Option<Digest> {
+        self.digests[disk as usize].map(|m| m.get_raw(chunk))
     }
 
     /// A read span: a failure for the span, else one answer per chunk.
@@ -197,7 +197,7 @@ impl<'a> Worker<'a> {
         let target = self.target(disk, chunk);
         if is_zero(buf) {
             self.stats.record(Stage::Hash, t.elapsed());
-            let outcome = if target.is_some_and(|d| *d == self.zeros.digest(len as u32)) {
+            let outcome = if target.is_some_and(|d| d == self.zeros.digest(len as u32)) {
                 Outcome::Unchanged { disk, chunk, len: len as u64 }
             } else {
                 Outcome::Zero { disk, chunk, len: len as u64 }
@@ -206,7 +206,7 @@ impl<'a> Worker<'a> {
         }
         let digest = *blake3::hash(buf).as_bytes();
         self.stats.record(Stage::Hash, t.elapsed());
-        if target.is_some_and(|d| *d == digest) {
+        if target.is_some_and(|d| d == digest) {
             return (Outcome::Unchanged { disk, chunk, len: len as u64 }, (0, 0), 0);
         }
         let compressed = if self.try_compress() { self.compress(buf) } else { None };

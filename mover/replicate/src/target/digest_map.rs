@@ -25,10 +25,9 @@ pub(super) fn rebuild_unknown(image: &ReplicaImage, map: &mut DigestMap) -> Resu
         }
     }
     let mut buf = vec![0u8; map.chunk_size() as usize];
-    for i in 0..map.chunk_count() {
-        if map.is_known(i) {
-            continue;
-        }
+    let mut next = map.next_unknown(0);
+    while let Some(i) = next {
+        next = map.next_unknown(i + 1);
         let len = map.chunk_len(i) as usize;
         // Bytes past the end of a file image read as zeros (it grows sparse).
         image.read_padded(&mut buf[..len], i * cs, "hashing")?;
@@ -65,12 +64,11 @@ pub(super) fn send_digest_map(
     let cache_hit = hash == *cached;
     let mut parts = 0;
     if !cache_hit {
-        for (i, part) in map.digests().chunks(MAX_DIGESTS_PER_PART).enumerate() {
-            let part = DigestMapPart {
-                disk,
-                first_chunk: (i * MAX_DIGESTS_PER_PART) as u64,
-                digests: bytes::Bytes::copy_from_slice(part.as_flattened()),
-            };
+        let n = map.chunk_count();
+        for first_chunk in (0..n).step_by(MAX_DIGESTS_PER_PART) {
+            let mut digests = Vec::new();
+            map.encode_range(first_chunk..(first_chunk + MAX_DIGESTS_PER_PART as u64).min(n), &mut digests);
+            let part = DigestMapPart { disk, first_chunk, digests: digests.into() };
             out.send(Outgoing::Frame(Frame::DigestMapPart(part))).map_err(|_| gone())?;
             parts += 1;
         }

@@ -626,7 +626,9 @@ pub(super) fn start_pipeline(
 ) -> Result<Pipeline> {
     let workers = cfg.workers.max(1);
     let depth = cfg.depth(chunk_size);
-    let pool = Arc::new(BufPool::new(depth + 2 * workers + 4, chunk_size as usize));
+    // At most 48 MiB of receive buffers (issue 20: 4 MiB chunks made this pool 96 MiB).
+    let count = crate::source::read::pool_count(depth + 2 * workers + 4, 2 * workers + 4, u64::from(chunk_size));
+    let pool = Arc::new(BufPool::new(count, chunk_size as usize));
     let (backend, warning) = open_backend(cfg.backend, &pool, depth).map_err(|source| MoveError::Backend {
         side: "target",
         opening: true,
