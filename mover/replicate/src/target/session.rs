@@ -25,7 +25,7 @@ use super::verify::{verify_worker, Item, Streams};
 use super::writer::{WDisk, Writer, WriterMsg};
 use super::{ServeConfig, SessionReport};
 use crate::access::Grant;
-use crate::conn::{Conn, Received, Rx};
+use crate::conn::{payload_slack, Conn, Received, Rx};
 use crate::error::{MoveError, Result};
 use crate::stats::{Stage, StageStats};
 use ferry_datastore::points;
@@ -626,7 +626,8 @@ pub(super) fn start_pipeline(
 ) -> Result<Pipeline> {
     let workers = cfg.workers.max(1);
     let depth = cfg.depth(chunk_size);
-    let pool = Arc::new(BufPool::new(depth + 2 * workers + 4, chunk_size as usize));
+    let pool =
+        Arc::new(BufPool::with_slack(depth + 2 * workers + 4, chunk_size as usize, payload_slack(chunk_size as usize)));
     let (backend, warning) = open_backend(cfg.backend, &pool, depth).map_err(|source| MoveError::Backend {
         side: "target",
         opening: true,
