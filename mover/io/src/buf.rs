@@ -237,6 +237,17 @@ mod tests {
     }
 
     #[test]
+    fn slack_is_capacity_past_the_buffer_size() {
+        let pool = BufPool::with_slack(1, 65536, 4);
+        assert_eq!(pool.buf_size(), 65536, "the size payloads are checked against");
+        let mut a = pool.get();
+        assert_eq!(a.capacity(), 65536 + ALIGN);
+        assert_eq!(a.spare_mut().len(), 65536 + ALIGN);
+        assert_eq!(pool.regions()[0].1, 65536 + ALIGN);
+        assert_eq!(BufPool::with_slack(1, 5000, 0).get().capacity(), 8192);
+    }
+
+    #[test]
     fn buffer_inside_bytes_returns_when_bytes_drop() {
         let pool = BufPool::new(1, 4096);
         let mut a = pool.get();

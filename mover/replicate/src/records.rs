@@ -796,6 +796,56 @@ mod tests {
         exchange_with_rustls(Side::Server);
     }
 
+    /// Records opened in place, shifted as `conn.rs` lays them out (ciphertext of
+    /// record r one byte further per record, header and tag apart): the plaintext
+    /// lands at its final offset; a flipped byte fails the integrity check and
+    /// queues the alert, as for a record opened in the receive buffer.
+    #[test]
+    fn records_opened_in_place_land_at_their_offset_and_are_checked() {
+        for flip in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (c, s, clog, slog) = pair(dir.path());
+            let mut src = Records::take_over(c, Side::Client, &clog).unwrap();
+            let mut dst = Records::take_over(s, Side::Server, &slog).unwrap();
+            let head = data(61, 8);
+            let payload = data(2 * MAX_PLAIN + 100, 9);
+            let (mut wire, mut cur) = (Vec::new(), Cursor::default());
+            let bufs = [IoSlice::new(&head), IoSlice::new(&payload)];
+            assert!(src.sealer.seal(&bufs, &mut cur, usize::MAX, &mut wire).unwrap());
+            // The head alone in the first record.
+            let mut buf = BytesMut::from(&wire[..HEADER + 61 + 1 + TAG]);
+            let (got, end) = open_buf(&mut dst.opener, &mut buf);
+            assert_eq!((got, end.unwrap()), (head, Opened::NeedMore(HEADER)));
+            let mut rest = &wire[HEADER + 61 + 1 + TAG..];
+            let mut out = vec![0u8; payload.len() + 3];
+            for (r, n) in [MAX_PLAIN, MAX_PLAIN, 100].into_iter().enumerate() {
+                let header: [u8; HEADER] = rest[..HEADER].try_into().unwrap();
+                assert_eq!(header, Opener::direct_header(n), "payload record {r} as expected");
+                let at = r * MAX_PLAIN;
+                out[at + r..at + r + n + 1].copy_from_slice(&rest[HEADER..HEADER + n + 1]);
+                let tag: [u8; TAG] = rest[HEADER + n + 1..HEADER + n + 1 + TAG].try_into().unwrap();
+                if flip && r == 2 {
+                    out[at + r + 7] ^= 1;
+                }
+                let m = dst.opener.open_direct(&header, &mut out[at..at + r + n + 1], r, &tag);
+                if flip && r == 2 {
+                    assert!(matches!(m, Err(Error::DecryptError)), "{m:?}");
+                    let mut alert = Vec::new();
+                    assert!(dst.sealer.seal(&[IoSlice::new(b"x")], &mut Cursor::default(), 10, &mut alert).is_err());
+                    let (_, end) = open_all(&mut src.opener, &alert);
+                    assert!(matches!(end, Err(Error::AlertReceived(AlertDescription::BadRecordMac))), "{end:?}");
+                    break;
+                }
+                assert_eq!(m.unwrap(), Some(n));
+                rest = &rest[HEADER + n + 1 + TAG..];
+            }
+            if !flip {
+                assert!(rest.is_empty());
+                assert!(out[..payload.len()] == payload[..], "every record's plaintext at its offset");
+            }
+        }
+    }
+
     #[test]
     fn both_ends_taken_over_update_keys_and_fail_on_a_flipped_byte() {
         let dir = tempfile::tempdir().unwrap();
