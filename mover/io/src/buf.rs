@@ -169,11 +169,20 @@ impl std::fmt::Debug for BufPool {
 impl BufPool {
     /// A pool of `count` buffers of `buf_size` bytes (rounded up to [`ALIGN`]).
     pub fn new(count: usize, buf_size: usize) -> BufPool {
+        BufPool::with_slack(count, buf_size, 0)
+    }
+
+    /// A pool of `count` buffers of `buf_size` bytes (rounded up to [`ALIGN`],
+    /// what [`BufPool::buf_size`] reports) whose capacity holds at least `slack`
+    /// bytes more: room a reader may use past the data (ferry-replicate reads
+    /// TLS records in place, a byte per record past the payload).
+    pub fn with_slack(count: usize, buf_size: usize, slack: usize) -> BufPool {
         let buf_size = buf_size.div_ceil(ALIGN) * ALIGN;
+        let cap = (buf_size + slack).div_ceil(ALIGN) * ALIGN;
         let (home, free) = bounded(count);
         let mut iovecs = Vec::with_capacity(count);
         for i in 0..count {
-            let raw = RawBuf::new(buf_size, u16::try_from(i).expect("pool of at most 65536 buffers"));
+            let raw = RawBuf::new(cap, u16::try_from(i).expect("pool of at most 65536 buffers"));
             iovecs.push((raw.ptr.as_ptr() as usize, raw.cap));
             home.send(raw).expect("pool channel has room");
         }
@@ -225,6 +234,17 @@ mod tests {
         drop(a);
         assert!(pool.try_get().is_some(), "a dropped buffer returns to its pool");
         drop(b);
+    }
+
+    #[test]
+    fn slack_is_capacity_past_the_buffer_size() {
+        let pool = BufPool::with_slack(1, 65536, 4);
+        assert_eq!(pool.buf_size(), 65536, "the size payloads are checked against");
+        let mut a = pool.get();
+        assert_eq!(a.capacity(), 65536 + ALIGN);
+        assert_eq!(a.spare_mut().len(), 65536 + ALIGN);
+        assert_eq!(pool.regions()[0].1, 65536 + ALIGN);
+        assert_eq!(BufPool::with_slack(1, 5000, 0).get().capacity(), 8192);
     }
 
     #[test]

@@ -26,10 +26,15 @@
 //! them from the handshake in `tls.rs`). rustls runs the handshake; then each
 //! half owns its direction (`records.rs`): the sending half seals a frame into
 //! its own buffer, 256 KiB of plaintext at a time (a copy into the buffer, AES-GCM
-//! in place), and writes it; the receiving half reads ciphertext into its own
-//! buffer, decrypts each record in place there and copies the plaintext once
-//! into where it goes (the receive buffer of the deframer, or a data payload's
-//! pool buffer), while it is still in cache. No lock is shared per frame or
+//! in place), a data payload from a record boundary on (wire/PROTOCOL.md, "TLS
+//! record layout"), and writes it. The receiving half reads a data payload's
+//! records straight from the socket into the payload's pool buffer and decrypts
+//! them there ([`Rx::read_direct`]: one `readv` for a chunk's records and the
+//! next frame's head, no copy); other records it reads into its own buffer,
+//! decrypts in place and copies once into the deframer's buffer. Reads stop at
+//! a record's end where a payload may follow, so its records stay in the
+//! socket for the direct path. The stream ends with close_notify
+//! ([`Conn::shutdown`]); its TCP end without one is an error. No lock is shared per frame or
 //! record, so the data path keeps its shape (one thread reads, the sending
 //! side holds [`Conn`]'s mutex) and a reader blocked on the socket never stalls
 //! a sender. What the receiving half wants sent (an alert after a record that
@@ -40,7 +45,7 @@
 //! Byte counts ([`Conn::bytes_sent`], [`Rx::bytes_received`]) are socket
 //! bytes: TLS records included.
 
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -54,7 +59,7 @@ use ferry_wire::{
 };
 
 use crate::error::{MoveError, Result};
-use crate::records::{Cursor, Opened, Opener, Sealer, MAX_PLAIN, OVERHEAD};
+use crate::records::{Cursor, Opened, Opener, Sealer, HEADER, MAX_PLAIN, OVERHEAD, TAG};
 use crate::tls::Established;
 use ferry_io::{BufPool, PoolBuf};
 
@@ -163,6 +168,19 @@ impl Sock {
         }
     }
 
+    fn read_vectored(&self, iov: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        loop {
+            let r = match self {
+                Sock::Tcp(s) => (&*s).read_vectored(iov),
+                Sock::Unix(s) => (&*s).read_vectored(iov),
+            };
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+
     fn write_all_vectored(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         let w: &mut dyn Write = match self {
             Sock::Tcp(s) => s,
@@ -235,11 +253,13 @@ impl Tx {
         }
     }
 
-    /// Send what the receiving half asked for (an alert after a failed record), best effort.
-    fn flush_tls(&mut self) {
+    /// End the TLS stream, best effort: what the receiving half asked for (an
+    /// alert after a failed record, which ends it), else close_notify, so the
+    /// peer can tell this end from a cut connection.
+    fn close_tls(&mut self) {
         if let Some((seal, out)) = &mut self.tls {
             out.clear();
-            let _ = seal.flush(out);
+            let _ = seal.close_notify(out);
             if !out.is_empty() {
                 let _ = self.sock.set_write_timeout(Some(Duration::from_secs(2)));
                 self.bytes_sent += out.len() as u64;
@@ -274,33 +294,136 @@ pub struct Rx {
     idle: Option<Duration>,
     /// Bytes received so far.
     pub bytes_received: u64,
+    /// Data payload bytes read in place under TLS ([`Rx::read_direct`]), for tests and diagnostics.
+    pub bytes_in_place: u64,
     /// The receiving direction of the TLS session, and the records read from the
     /// socket (the one being taken decrypted in place).
     tls: Option<(Opener, BytesMut)>,
 }
 
-/// Where plaintext out of rustls goes.
-enum Plain<'a> {
-    /// Appended to a receive buffer, at most this many bytes.
-    Append(&'a mut BytesMut, usize),
-    /// Into a slice (a data payload's pool buffer).
-    Into(&'a mut [u8]),
+/// Records read in place at most per `readv` ([`Rx::read_direct`]).
+const DIRECT_RECORDS: usize = 32;
+
+/// A data frame's head as one TLS record: what [`Rx::read_direct`] reads after a
+/// payload's last record (the head of the next data frame from a ferry sender).
+const NEXT_HEAD_RECORD: usize = HEADER + ferry_wire::HEADER_LEN + ferry_wire::DATA_FIXED_LEN + 1 + TAG;
+
+/// Slack a pool buffer for payloads of up to `max_payload` bytes needs past them
+/// for every record to be read in place under TLS (`Rx::read_direct`: a byte per
+/// record of 16 KiB): give it to [`BufPool::with_slack`].
+pub fn payload_slack(max_payload: usize) -> usize {
+    max_payload.div_ceil(MAX_PLAIN)
 }
 
-impl Plain<'_> {
-    fn room(&self, got: usize) -> usize {
-        match self {
-            Plain::Append(_, max) => max - got,
-            Plain::Into(dst) => dst.len() - got,
+/// One stream byte range of records read in place: `k` records of the `rem`
+/// payload bytes still to come (16 KiB of plaintext each but the last), and
+/// `tail` bytes after them into `next`.
+struct Direct {
+    k: usize,
+    rem: usize,
+    tail: usize,
+    hdrs: [[u8; HEADER]; DIRECT_RECORDS],
+    tags: [[u8; TAG]; DIRECT_RECORDS],
+    next: [u8; NEXT_HEAD_RECORD],
+}
+
+impl Direct {
+    /// The records of `rem` payload bytes that fit in `room` bytes (each shifted by its index).
+    fn new(rem: usize, room: usize) -> Direct {
+        let total = rem.div_ceil(MAX_PLAIN);
+        let mut d = Direct {
+            k: 0,
+            rem,
+            tail: 0,
+            hdrs: [[0; HEADER]; DIRECT_RECORDS],
+            tags: [[0; TAG]; DIRECT_RECORDS],
+            next: [0; NEXT_HEAD_RECORD],
+        };
+        while d.k < total.min(DIRECT_RECORDS) && d.k * (MAX_PLAIN + 1) + d.plain(d.k) < room {
+            d.k += 1;
         }
+        if d.k == total {
+            d.tail = NEXT_HEAD_RECORD;
+        }
+        d
     }
 
-    fn put(&mut self, got: usize, b: &[u8]) {
-        match self {
-            Plain::Append(buf, _) => buf.extend_from_slice(b),
-            Plain::Into(dst) => dst[got..got + b.len()].copy_from_slice(b),
-        }
+    /// Plaintext of record `r`.
+    fn plain(&self, r: usize) -> usize {
+        (self.rem - r * MAX_PLAIN).min(MAX_PLAIN)
     }
+
+    /// Where record `r` begins in the stream read (`k`: where the tail begins).
+    fn start(&self, r: usize) -> usize {
+        (0..r).map(|i| HEADER + self.plain(i) + 1 + TAG).sum()
+    }
+
+    /// Where record `r`'s ciphertext is in the payload's buffer (shifted by `r`).
+    fn body(&self, r: usize) -> std::ops::Range<usize> {
+        let at = r * (MAX_PLAIN + 1);
+        at..at + self.plain(r) + 1
+    }
+
+    /// The pieces of the stream, in order: header, ciphertext, tag of each record, the tail.
+    fn iovecs<'a>(&'a mut self, body: &'a mut [u8]) -> Vec<io::IoSliceMut<'a>> {
+        let mut iov = Vec::with_capacity(3 * self.k + 1);
+        let mut rest = &mut body[..self.body(self.k - 1).end];
+        let sizes: Vec<usize> = (0..self.k).map(|r| self.plain(r) + 1).collect();
+        for ((h, t), size) in self.hdrs.iter_mut().zip(self.tags.iter_mut()).zip(sizes) {
+            let (b, after) = std::mem::take(&mut rest).split_at_mut(size);
+            rest = after;
+            iov.push(io::IoSliceMut::new(h));
+            iov.push(io::IoSliceMut::new(b));
+            iov.push(io::IoSliceMut::new(t));
+        }
+        iov.push(io::IoSliceMut::new(&mut self.next[..self.tail]));
+        iov
+    }
+
+    /// Append to `out`, in stream order, what was read (`got` bytes in all) from
+    /// record `from` on: records not opened in place, and the tail.
+    fn gather(&self, from: usize, got: usize, body: &[u8], out: &mut BytesMut) {
+        let mut at = self.start(from);
+        let mut put = |piece: &[u8], at: &mut usize| {
+            let end = *at + piece.len();
+            if got > *at {
+                out.extend_from_slice(&piece[..got.min(end) - *at]);
+            }
+            *at = end;
+        };
+        for r in from..self.k {
+            put(&self.hdrs[r], &mut at);
+            put(&body[self.body(r)], &mut at);
+            put(&self.tags[r], &mut at);
+        }
+        put(&self.next[..self.tail], &mut at);
+    }
+}
+
+/// Read at most `n` bytes from `sock` onto the end of `buf` (never into the rest
+/// of its spare capacity: under TLS what follows may be a payload's records, for
+/// [`Rx::read_direct`]). Small reads of a record's rest or a data frame's head
+/// record, or a large one when nothing can follow but what the caller reads next.
+fn read_at_most(sock: &Sock, buf: &mut BytesMut, n: usize) -> io::Result<usize> {
+    if n >= TLS_READ_SIZE {
+        return ferry_io::sys::readv_into(sock.fd(), &mut [], buf, n);
+    }
+    let at = buf.len();
+    buf.resize(at + n, 0);
+    let r = sock.read_vectored(&mut [io::IoSliceMut::new(&mut buf[at..])]);
+    buf.truncate(at + *r.as_ref().unwrap_or(&0));
+    r
+}
+
+/// The end of a TLS stream without close_notify: inside a record, or between
+/// records (a cut stream, or a peer that stopped: never a clean end).
+fn tls_eof(peer: &str, in_record: bool) -> MoveError {
+    let what = if in_record {
+        "connection closed in the middle of a TLS record"
+    } else {
+        "connection closed without a TLS close_notify: the peer stopped or the stream was cut"
+    };
+    MoveError::Net { peer: peer.to_string(), source: io::Error::new(io::ErrorKind::UnexpectedEof, what) }
 }
 
 /// Ciphertext read from the socket at once (TLS).
@@ -356,7 +479,7 @@ impl Rx {
                 Ok(None) => {}
                 Err(source) => return Err(MoveError::Wire { peer: self.peer.clone(), source }),
             }
-            if !self.read_more(READ_SIZE)? {
+            if !self.read_more(READ_SIZE, TLS_READ_SIZE)? {
                 return Ok(None);
             }
         }
@@ -380,7 +503,7 @@ impl Rx {
                 Ok(None) => {}
                 Err(source) => return Err(MoveError::Wire { peer: self.peer.clone(), source }),
             }
-            if !self.read_more(SPLIT_READ_SIZE)? {
+            if !self.read_more(SPLIT_READ_SIZE, NEXT_HEAD_RECORD)? {
                 return Ok(None);
             }
         }
@@ -401,7 +524,7 @@ impl Rx {
                 Ok(None) => {}
                 Err(source) => return Err(MoveError::Wire { peer: self.peer.clone(), source }),
             }
-            if !self.read_more(SPLIT_READ_SIZE)? {
+            if !self.read_more(SPLIT_READ_SIZE, NEXT_HEAD_RECORD)? {
                 return Ok(None);
             }
         }
@@ -418,8 +541,11 @@ impl Rx {
     }
 
     /// Read up to `size` more bytes (or what the deframer reserved) into the receive buffer;
-    /// false when the peer closed the connection cleanly between frames.
-    fn read_more(&mut self, size: usize) -> Result<bool> {
+    /// false when the peer closed the connection cleanly between frames. Under TLS a read
+    /// of the socket asks for `tls_size` bytes, or the rest of a record begun: where a data
+    /// payload may follow, as much as a data frame's head record, so that the payload's
+    /// records are still in the socket for [`Rx::read_direct`].
+    fn read_more(&mut self, size: usize, tls_size: usize) -> Result<bool> {
         let size = match self.deadline {
             Some((by, limit)) => {
                 // The whole handshake has a deadline: each read waits only for what is left of it.
@@ -434,7 +560,7 @@ impl Rx {
         };
         let n = if self.tls.is_some() {
             let mut buf = std::mem::take(self.deframer.buffer_mut());
-            let r = self.read_tls(Plain::Append(&mut buf, size));
+            let r = self.read_tls(&mut buf, size, tls_size);
             *self.deframer.buffer_mut() = buf;
             r?
         } else {
@@ -469,18 +595,12 @@ impl Rx {
             return Err(MoveError::Wire { peer: self.peer.clone(), source });
         }
         let mut buf = pool.get();
-        let dst = &mut buf.spare_mut()[..len];
-        let mut filled = self.deframer.take_payload(dst);
+        let mut filled = self.deframer.take_payload(&mut buf.spare_mut()[..len]);
         if self.tls.is_some() {
-            while filled < len {
-                let n = self.read_tls(Plain::Into(&mut dst[filled..]))?;
-                if n == 0 {
-                    return Err(self.eof_in_frame());
-                }
-                filled += n;
-                self.deframer.payload_received(n);
-            }
+            self.read_payload_tls(buf.spare_mut(), filled, len)?;
+            filled = len;
         }
+        let dst = &mut buf.spare_mut()[..len];
         while filled < len {
             let mut next = std::mem::take(self.deframer.buffer_mut());
             let read = ferry_io::sys::readv_into(self.sock.fd(), &mut dst[filled..], &mut next, SPLIT_READ_SIZE);
@@ -531,25 +651,32 @@ impl Rx {
         }
     }
 
-    /// Plaintext of the TLS session into `dst`: what is left of the record
-    /// opened last, then the next records in the buffer (each decrypted in
-    /// place, its plaintext copied out while it is still in cache), reading the
-    /// socket only when neither gave anything. Returns the bytes given, 0 at
-    /// the end of the stream.
-    fn read_tls(&mut self, mut dst: Plain<'_>) -> Result<usize> {
+    /// Up to `max` bytes of plaintext of the TLS session appended to `dst` (the
+    /// deframer's buffer): what is left of the record opened last, or else the
+    /// next record in the receive buffer (decrypted in place, its plaintext
+    /// copied out while it is still in cache), reading the socket (`size`
+    /// bytes, or the rest of a record begun) only when neither gave anything.
+    /// Returns the bytes given, 0 at the end of the stream (close_notify); the
+    /// end of the TCP stream without close_notify is an error.
+    fn read_tls(&mut self, dst: &mut BytesMut, max: usize, size: usize) -> Result<usize> {
         let Some((open, cipher)) = &mut self.tls else { unreachable!("read_tls without TLS") };
         let peer = &self.peer;
         let mut got = 0;
         loop {
             let mut need = 0;
-            while dst.room(got) > 0 {
+            while got < max {
                 let p = open.plaintext(cipher);
                 if !p.is_empty() {
-                    let k = p.len().min(dst.room(got));
-                    dst.put(got, &p[..k]);
+                    let k = p.len().min(max - got);
+                    dst.extend_from_slice(&p[..k]);
                     open.consume(cipher, k);
                     got += k;
                     continue;
+                }
+                if got > 0 {
+                    // One record at a time into the deframer: a data payload's records
+                    // that follow stay ciphertext, for `read_payload` to open in place.
+                    break;
                 }
                 match open.open(cipher) {
                     Ok(Opened::Data) => {}
@@ -564,29 +691,148 @@ impl Rx {
             if got > 0 {
                 return Ok(got);
             }
-            // Before authentication reads stay small (see `read_more`), but a
-            // record that has begun is read whole.
-            let size = if self.deadline.is_some() { HANDSHAKE_READ_SIZE } else { TLS_READ_SIZE };
-            let n = match ferry_io::sys::readv_into(self.sock.fd(), &mut [], cipher, size.max(need)) {
+            // A record that has begun is read to its end and no further (the records
+            // after it may be a payload's, read in place); otherwise `size`, and before
+            // authentication reads stay small (see `read_more`).
+            let size = if !cipher.is_empty() {
+                need
+            } else if self.deadline.is_some() {
+                size.min(HANDSHAKE_READ_SIZE)
+            } else {
+                size.min(TLS_READ_SIZE)
+            };
+            let n = match read_at_most(&self.sock, cipher, size.max(need)) {
                 Ok(n) => n,
                 // As for a plaintext read: a timeout is the handshake deadline or the idle timeout.
                 Err(e) => return Err(self.net(e)),
             };
             self.bytes_received += n as u64;
             if n == 0 {
-                if !cipher.is_empty() {
-                    // A cut inside a record is never a clean end of the stream.
-                    return Err(MoveError::Net {
-                        peer: peer.clone(),
-                        source: io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "connection closed in the middle of a TLS record",
-                        ),
-                    });
-                }
-                return Ok(0);
+                return Err(tls_eof(peer, !cipher.is_empty()));
             }
         }
+    }
+
+    /// Read the rest of a data payload under TLS into `dst` (a pool buffer's whole
+    /// capacity, see [`payload_slack`]; `filled` bytes are in): records at the front of the receive buffer
+    /// are opened there and copied, and from a record boundary on the payload's
+    /// records are read in place ([`Rx::read_direct`]).
+    fn read_payload_tls(&mut self, dst: &mut [u8], mut filled: usize, len: usize) -> Result<()> {
+        while filled < len {
+            let Some((open, cipher)) = &mut self.tls else { unreachable!("read_payload_tls without TLS") };
+            let p = open.plaintext(cipher);
+            if !p.is_empty() {
+                let k = p.len().min(len - filled);
+                dst[filled..filled + k].copy_from_slice(&p[..k]);
+                open.consume(cipher, k);
+                filled += k;
+                self.deframer.payload_received(k);
+                continue;
+            }
+            if cipher.is_empty() {
+                let n = self.read_direct(dst, filled, len)?;
+                self.deframer.payload_received(n);
+                self.bytes_in_place += n as u64;
+                filled += n;
+                let Some((_, cipher)) = &self.tls else { unreachable!() };
+                if n > 0 || !cipher.is_empty() {
+                    continue;
+                }
+                // No room for a record in place: the next one through the receive buffer.
+            }
+            let Some((open, cipher)) = &mut self.tls else { unreachable!() };
+            let need = match open.open(cipher) {
+                Ok(Opened::Data) => continue,
+                Ok(Opened::NeedMore(n)) => n,
+                Ok(Opened::Closed) => return Err(self.eof_in_frame()),
+                Err(source) => return Err(MoveError::Tls { peer: self.peer.clone(), source }),
+            };
+            let n = read_at_most(&self.sock, cipher, need).map_err(|e| self.net(e))?;
+            self.bytes_received += n as u64;
+            if n == 0 {
+                let Some((_, cipher)) = &self.tls else { unreachable!() };
+                return Err(tls_eof(&self.peer, !cipher.is_empty()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The zero-copy receive path (PROTOCOL.md, "TLS record layout"): with the
+    /// receive buffer empty at a record boundary inside a payload of which
+    /// `len - filled` bytes are still to come, read the records a ferry sender
+    /// makes of it (16 KiB of plaintext each but the last) from the socket into
+    /// `dst` at their final place, a few at a time with one `readv`: each record's
+    /// header and tag into small arrays, its ciphertext (data and inner content
+    /// type) into `dst`, shifted one byte further per record so that decrypting it
+    /// to its final offset (AES-GCM from `in_out[shift..]` to `in_out[..]`) never
+    /// overwrites a record not yet opened. That needs `dst` to have a byte of slack
+    /// per record past the payload ([`payload_slack`]); without it the records
+    /// that do not fit go through the receive buffer. After the payload's last
+    /// record the same `readv` reads as much as a data frame's head record into
+    /// the receive buffer, so a stream of data frames needs no other read.
+    ///
+    /// Each header is checked as soon as it is in: a record that is not the one
+    /// expected (another peer's layout, a key update, an alert) ends the in-place
+    /// reading; what was read from it on goes to the front of the receive buffer,
+    /// in stream order, for the usual path. So this never waits for bytes beyond a
+    /// record the peer has begun, whatever its layout. Returns the payload bytes
+    /// given (0 when not even one record fits in `dst`, or the first header was
+    /// not the one expected).
+    fn read_direct(&mut self, dst: &mut [u8], filled: usize, len: usize) -> Result<usize> {
+        let rem = len - filled;
+        let mut d = Direct::new(rem, dst.len() - filled);
+        if d.k == 0 {
+            return Ok(0);
+        }
+        let body = &mut dst[filled..];
+        let (mut got, mut done, mut checked) = (0usize, 0usize, 0usize);
+        let mut fallback = None;
+        while done < d.k {
+            let n = {
+                let mut iov = d.iovecs(body);
+                let mut iov = &mut iov[..];
+                io::IoSliceMut::advance_slices(&mut iov, got);
+                self.sock.read_vectored(iov)
+            };
+            let n = n.map_err(|e| self.net(e))?;
+            self.bytes_received += n as u64;
+            if n == 0 {
+                let at_boundary = got == d.start(done);
+                return Err(if at_boundary { self.eof_in_frame() } else { tls_eof(&self.peer, true) });
+            }
+            got += n;
+            // Check each header that came in, open each record that is whole.
+            while checked < d.k && fallback.is_none() && got >= d.start(checked) + HEADER {
+                if d.hdrs[checked] != Opener::direct_header(d.plain(checked)) {
+                    fallback = Some(checked);
+                } else {
+                    checked += 1;
+                }
+            }
+            let Some((open, cipher)) = &mut self.tls else { unreachable!("read_direct without TLS") };
+            while done < checked && got >= d.start(done + 1) {
+                let at = done * MAX_PLAIN;
+                let in_out = &mut body[at..at + done + d.plain(done) + 1];
+                match open.open_direct(&d.hdrs[done], in_out, done, &d.tags[done]) {
+                    Ok(Some(m)) if m == d.plain(done) => done += 1,
+                    Ok(Some(m)) => {
+                        // Padding, or a key update of just that length: the records from
+                        // here on are not where they were expected.
+                        d.gather(done + 1, got, body, cipher);
+                        return Ok(at + m);
+                    }
+                    Ok(None) => return Err(self.eof_in_frame()),
+                    Err(source) => return Err(MoveError::Tls { peer: self.peer.clone(), source }),
+                }
+            }
+            if fallback == Some(done) {
+                d.gather(done, got, body, cipher);
+                return Ok(done * MAX_PLAIN);
+            }
+        }
+        let Some((_, cipher)) = &mut self.tls else { unreachable!("read_direct without TLS") };
+        d.gather(d.k, got, body, cipher);
+        Ok(rem.min(d.k * MAX_PLAIN))
     }
 
     fn eof_in_frame(&self) -> MoveError {
@@ -657,7 +903,16 @@ impl Conn {
         deframer.set_max_body_len(MAX_HANDSHAKE_BODY_LEN);
         Ok((
             conn,
-            Rx { sock: rsock, deframer, peer, deadline: Some(deadline), idle: None, bytes_received: 0, tls: open },
+            Rx {
+                sock: rsock,
+                deframer,
+                peer,
+                deadline: Some(deadline),
+                idle: None,
+                bytes_received: 0,
+                bytes_in_place: 0,
+                tls: open,
+            },
         ))
     }
 
@@ -804,12 +1059,14 @@ impl Conn {
         self.lock().flush_queued().map(|_| ()).map_err(|e| self.net_err(e))
     }
 
-    /// Shut the socket down: wakes the receiver. Under TLS, an alert rustls
-    /// queued (a record that failed its integrity check) is sent first, so the
-    /// peer learns why.
+    /// Shut the socket down: wakes the receiver. Under TLS the stream ends
+    /// first with close_notify (a clean end: the peer's receiver takes it as the
+    /// end of the stream, where the TCP end alone is an error), or with the alert
+    /// the receiving half asked for (a record that failed its integrity check),
+    /// so the peer learns why.
     pub fn shutdown(&self) {
         let mut tx = self.lock();
-        tx.flush_tls();
+        tx.close_tls();
         tx.sock.shutdown();
     }
 
@@ -935,50 +1192,182 @@ mod tests {
     use super::*;
     use crate::auth::TokenAuth;
     use crate::tls::{self, ClientTrust, ServerIdentity};
+    use ferry_wire::Data;
 
-    /// A TLS stream cut inside a record is a network error, never a clean end.
-    #[test]
-    fn a_cut_inside_a_tls_record_is_an_error_not_an_end() {
+    /// Both ends of a TLS connection over loopback TCP, past the handshake
+    /// (the wire sessions unused: frames go through `Tx::write_all`, limits lifted).
+    fn tls_pair() -> ((Arc<Conn>, Rx), (Arc<Conn>, Rx)) {
         let dir = tempfile::tempdir().unwrap();
         let id = ServerIdentity::load_or_create(dir.path()).unwrap();
         let trust = ClientTrust { fingerprint: Some(id.fingerprint()), ..ClientTrust::default() };
         let cfg = id.server_config().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        for cut in [true, false] {
-            let client = {
-                let addr = addr.clone();
-                let trust = trust.clone();
-                std::thread::spawn(move || {
-                    let mut sock = TcpStream::connect(&addr).unwrap();
-                    let mut est = tls::connect(&mut sock, &addr, &trust).unwrap();
-                    if cut {
-                        // One whole record, of which only the first half goes out.
-                        let mut out = Vec::new();
-                        let data = [7u8; 100];
-                        est.records.sealer.seal(&[IoSlice::new(&data)], &mut Cursor::default(), 100, &mut out).unwrap();
-                        sock.write_all(&out[..out.len() / 2]).unwrap();
-                    }
-                    sock.shutdown(Shutdown::Both).unwrap();
-                })
-            };
-            let (mut sock, _) = listener.accept().unwrap();
-            let est = tls::accept(&mut sock, "source", &cfg, Instant::now() + Duration::from_secs(10)).unwrap();
-            let auth = Arc::new(TokenAuth::new(b"token"));
-            let session = Session::server(local_info(), auth, est.binding);
-            let limit = Duration::from_secs(10);
-            let (_conn, mut rx) =
-                Conn::new("source".into(), session, Sock::Tcp(sock), Some(est), (Instant::now() + limit, limit))
-                    .unwrap();
-            client.join().unwrap();
-            match (cut, rx.next_frame()) {
-                (true, Err(MoveError::Net { source, .. })) => {
-                    assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof);
-                    assert_eq!(source.to_string(), "connection closed in the middle of a TLS record");
+        let limit = Duration::from_secs(10);
+        let client = std::thread::spawn(move || {
+            let mut sock = TcpStream::connect(&addr).unwrap();
+            let est = tls::connect(&mut sock, &addr, &trust).unwrap();
+            let session = Session::client(local_info(), Arc::new(TokenAuth::new(b"token")), est.binding);
+            Conn::new("target".into(), session, Sock::Tcp(sock), Some(est), (Instant::now() + limit, limit)).unwrap()
+        });
+        let (mut sock, _) = listener.accept().unwrap();
+        let est = tls::accept(&mut sock, "source", &cfg, Instant::now() + limit).unwrap();
+        let session = Session::server(local_info(), Arc::new(TokenAuth::new(b"token")), est.binding);
+        let server =
+            Conn::new("source".into(), session, Sock::Tcp(sock), Some(est), (Instant::now() + limit, limit)).unwrap();
+        let mut client = client.join().unwrap();
+        client.1.authenticated();
+        let mut server = server;
+        server.1.authenticated();
+        (client, server)
+    }
+
+    fn data_frame(chunk: u64, len: usize) -> (BytesMut, Vec<u8>) {
+        let payload: Vec<u8> = (0..len).map(|i| (i as u64 * 7 + chunk * 13) as u8).collect();
+        let d = Data {
+            disk: 0,
+            chunk,
+            logical_len: len as u32,
+            codec: ferry_wire::Codec::None,
+            digest: [chunk as u8; 32],
+            payload: bytes::Bytes::new(),
+        };
+        let mut head = BytesMut::new();
+        // The head announces `len` payload bytes (the payload itself travels after it).
+        Data { payload: bytes::Bytes::from(payload.clone()), ..d }.encode_head(&mut head);
+        (head, payload)
+    }
+
+    /// Payload sizes around record boundaries, then a whole chunk, a few times.
+    const SIZES: [usize; 9] = [1, MAX_PLAIN - 1, MAX_PLAIN, MAX_PLAIN + 1, 3 * MAX_PLAIN + 7, 65536, 65536, 2, 65536];
+
+    /// Receive `SIZES` as data frames into pool buffers; each payload checked byte for byte.
+    fn receive_sizes(rx: &mut Rx, pool: &BufPool) {
+        for (i, &len) in SIZES.iter().enumerate() {
+            let (_, want) = data_frame(i as u64, len);
+            match rx.next_unvalidated(pool).unwrap() {
+                Some(Received::Data(head, buf)) => {
+                    assert_eq!((head.chunk, head.payload_len as usize), (i as u64, len));
+                    assert!(buf[..] == want[..], "payload {i} ({len} bytes) arrives intact");
                 }
-                (false, Ok(None)) => {}
-                (cut, other) => panic!("cut inside a record: {cut}, got {other:?}"),
+                other => panic!("frame {i}: {other:?}"),
             }
+        }
+    }
+
+    /// A ferry sender's payloads start on a record boundary, so the receiver reads every
+    /// one of their records from the socket in place, into the pool buffer: all payload
+    /// bytes, each frame's head read alone, whatever the timing of the two ends.
+    #[test]
+    fn tls_payloads_from_a_ferry_sender_are_read_in_place() {
+        let ((src, _src_rx), (_dst, mut rx)) = tls_pair();
+        let (go, wait) = std::sync::mpsc::channel();
+        let sender = std::thread::spawn(move || {
+            // A frame read the usual way first: the receive buffer grows for a large read,
+            // which must not take the payloads' records that come after it.
+            let mut ka = BytesMut::new();
+            Frame::Keepalive.encode(&mut ka);
+            src.lock().write_all(&mut [IoSlice::new(&ka)]).unwrap();
+            wait.recv().unwrap();
+            for (i, &len) in SIZES.iter().enumerate() {
+                let (head, payload) = data_frame(i as u64, len);
+                src.lock().write_all(&mut [IoSlice::new(&head), IoSlice::new(&payload)]).unwrap();
+            }
+            src
+        });
+        assert!(matches!(rx.next_frame(), Ok(Some(Frame::Keepalive))));
+        go.send(()).unwrap();
+        let pool = BufPool::with_slack(2, 65536, payload_slack(65536));
+        receive_sizes(&mut rx, &pool);
+        assert_eq!(rx.bytes_in_place, SIZES.iter().sum::<usize>() as u64, "every payload byte read in place");
+        let src = sender.join().unwrap();
+        // And the end: close_notify, then the clean end of the stream.
+        src.shutdown();
+        assert!(matches!(rx.next_frame(), Ok(None)));
+        // Without slack in the pool's buffers the last record of a full chunk goes
+        // through the receive buffer; the bytes are the same.
+        let ((src, _src_rx), (_dst, mut rx)) = tls_pair();
+        let sender = std::thread::spawn(move || {
+            for (i, &len) in SIZES.iter().enumerate() {
+                let (head, payload) = data_frame(i as u64, len);
+                src.lock().write_all(&mut [IoSlice::new(&head), IoSlice::new(&payload)]).unwrap();
+            }
+        });
+        receive_sizes(&mut rx, &BufPool::new(2, 65536));
+        sender.join().unwrap();
+        assert!(rx.bytes_in_place > 0 && rx.bytes_in_place < SIZES.iter().sum::<usize>() as u64);
+    }
+
+    /// Records laid out as another TLS peer may lay them out (16 KiB records across frame
+    /// boundaries, key updates every few records) end the in-place reading at the first
+    /// header that is not the one expected, and the bytes already read go the usual way:
+    /// every payload arrives intact.
+    #[test]
+    fn tls_payloads_in_any_record_layout_arrive_intact() {
+        let ((src, _src_rx), (_dst, mut rx)) = tls_pair();
+        let sender = std::thread::spawn(move || {
+            let mut stream = Vec::new();
+            for (i, &len) in SIZES.iter().enumerate() {
+                let (head, payload) = data_frame(i as u64, len);
+                stream.extend_from_slice(&head);
+                stream.extend_from_slice(&payload);
+            }
+            let mut tx = src.lock();
+            tx.tls.as_mut().unwrap().0.set_limit(3);
+            // One buffer: records run over frame boundaries, every 1000 bytes a write.
+            for piece in stream.chunks(1000) {
+                tx.write_all(&mut [IoSlice::new(piece)]).unwrap();
+            }
+            drop(tx);
+            src
+        });
+        let pool = BufPool::with_slack(2, 65536, payload_slack(65536));
+        receive_sizes(&mut rx, &pool);
+        let src = sender.join().unwrap();
+        src.shutdown();
+        assert!(matches!(rx.next_frame(), Ok(None)));
+    }
+
+    /// Ending a TLS connection: close_notify (sent by `Conn::shutdown`) is the clean end of
+    /// the stream; the TCP end without it, between records or inside one, is an error.
+    #[test]
+    fn a_tls_stream_ends_cleanly_only_with_close_notify() {
+        // close_notify: the clean end, from either side.
+        let ((c, _crx), (_s, mut srx)) = tls_pair();
+        c.shutdown();
+        assert!(matches!(srx.next_frame(), Ok(None)));
+        let ((_c, mut crx), (s, _srx)) = tls_pair();
+        s.shutdown();
+        assert!(matches!(crx.next_frame(), Ok(None)));
+        // The TCP end alone (a peer that stopped, or a FIN forged on the path).
+        let ((c, _crx), (_s, mut srx)) = tls_pair();
+        c.lock().sock.shutdown();
+        match srx.next_frame() {
+            Err(MoveError::Net { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof);
+                assert_eq!(
+                    source.to_string(),
+                    "connection closed without a TLS close_notify: the peer stopped or the stream was cut"
+                );
+            }
+            other => panic!("the TCP end without close_notify: {other:?}"),
+        }
+        // Cut in the middle of a record.
+        let ((c, _crx), (_s, mut srx)) = tls_pair();
+        {
+            let mut tx = c.lock();
+            let mut out = Vec::new();
+            let (seal, _) = tx.tls.as_mut().unwrap();
+            seal.seal(&[IoSlice::new(&[7u8; 100])], &mut Cursor::default(), 100, &mut out).unwrap();
+            tx.sock.write_all_vectored(&mut [IoSlice::new(&out[..out.len() / 2])]).unwrap();
+            tx.sock.shutdown();
+        }
+        match srx.next_frame() {
+            Err(MoveError::Net { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof);
+                assert_eq!(source.to_string(), "connection closed in the middle of a TLS record");
+            }
+            other => panic!("a cut inside a record: {other:?}"),
         }
     }
 }

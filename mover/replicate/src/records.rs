@@ -5,11 +5,21 @@
 //! times on the receiving side (our buffer into its deframer, the decrypted
 //! record into its plaintext queue, that queue into the chunk's pool buffer)
 //! and twice on the sending side (the frame into a fresh record, the record
-//! into the send buffer), with an allocation per 16 KiB record. Here a record
-//! is decrypted in place in the receive buffer and its plaintext copied once,
-//! while it is still in cache, into where it goes; a frame is copied once into
-//! the send buffer and encrypted there in place. The cipher is the same
-//! (ring's AES-GCM, the suite rustls negotiated).
+//! into the send buffer), with an allocation per 16 KiB record. Here a data
+//! payload's records are read from the socket into the chunk's pool buffer and
+//! decrypted there ([`Opener::open_direct`], driven by `conn.rs`: no copy at
+//! all); other records are decrypted in place in the receive buffer and their
+//! plaintext copied once, while it is still in cache. A frame is copied once
+//! into the send buffer and encrypted there in place (the payload's own buffer
+//! is shared and read-only on the source: sealing it in place is not done).
+//! The cipher is the same (ring's AES-GCM, the suite rustls negotiated).
+//!
+//! Record layout (wire/PROTOCOL.md, "TLS record layout"): [`Sealer::seal`]
+//! starts the last buffer it is given (a data frame's payload) on a record
+//! boundary and cuts it in records of 16 KiB from there, so a receiver knows
+//! where each of the payload's records lies before it reads them. Still plain
+//! TLS 1.3: any peer reads it, and the receiver takes any layout (a record
+//! other than the one expected goes the usual way).
 //!
 //! How: rustls runs the whole handshake (`tls.rs`, unchanged: pinning, the
 //! exporter binding). Then its secret extraction (`dangerous_extract_secrets`,
@@ -39,6 +49,8 @@
 //! checked as rustls would: outer type application_data, length at most
 //! 2^14 + 256, integrity, a content type after the padding; an alert ends the
 //! stream (close_notify cleanly, others as [`rustls::Error::AlertReceived`]).
+//! [`Sealer::close_notify`] ends what this side sends (`Conn::shutdown` sends it
+//! at every end of a connection but a failed one, which sends its alert).
 
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,7 +65,8 @@ pub const MAX_PLAIN: usize = 1 << 14;
 const MAX_CIPHER: usize = MAX_PLAIN + 256;
 /// Record header: type, legacy version, length.
 pub const HEADER: usize = 5;
-const TAG: usize = 16;
+/// AEAD tag.
+pub const TAG: usize = 16;
 /// Bytes a record adds to its plaintext: header, inner content type, tag.
 pub const OVERHEAD: usize = HEADER + 1 + TAG;
 
@@ -241,7 +254,13 @@ impl Records {
         };
         let shared = SharedRef::default();
         Ok(Records {
-            sealer: Sealer { keys: Keys::extracted(tx, x.tx)?, limit, shared: shared.clone(), failed: false },
+            sealer: Sealer {
+                keys: Keys::extracted(tx, x.tx)?,
+                limit,
+                shared: shared.clone(),
+                failed: false,
+                closed: false,
+            },
             opener: Opener { keys: Keys::extracted(rx, x.rx)?, shared, plain: (0, 0), end: 0, closed: false },
         })
     }
@@ -255,6 +274,8 @@ pub struct Sealer {
     shared: SharedRef,
     /// A fatal alert went out: nothing more may.
     failed: bool,
+    /// close_notify went out: no more data may.
+    closed: bool,
 }
 
 /// Where [`Sealer::seal`] is in a list of buffers.
@@ -265,10 +286,14 @@ pub struct Cursor {
 }
 
 impl Sealer {
-    /// Append to `out` the records of up to `max` bytes of `bufs` from `cur`
-    /// on (whole records of 16 KiB but the last); true when all of `bufs` is
-    /// sealed. A fatal alert the receiving half asked for goes out first, and
-    /// fails this and every later call.
+    /// Append to `out` the records of about `max` bytes of `bufs` from `cur`
+    /// on (at least one record; whole records are sealed, so a call may take a
+    /// little more than `max`); true when all of `bufs` is sealed. The record
+    /// layout (see the module docs): the last buffer of `bufs` (a data frame's
+    /// payload) starts a record of its own and is cut into records of 16 KiB
+    /// from its start; the buffers before it share records. A fatal alert the
+    /// receiving half asked for goes out first, and fails this and every later
+    /// call, as does a call after [`Sealer::close_notify`].
     pub fn seal(
         &mut self,
         bufs: &[IoSlice<'_>],
@@ -277,12 +302,22 @@ impl Sealer {
         out: &mut Vec<u8>,
     ) -> Result<bool, Error> {
         self.pending(out)?;
-        let left: usize = bufs.iter().skip(cur.buf).map(|b| b.len()).sum::<usize>() - cur.at;
-        let take = left.min(max.max(1));
-        out.reserve(take + take.div_ceil(MAX_PLAIN) * (OVERHEAD + HEADER + 1 + TAG + 5));
+        if self.closed {
+            return Err(internal("sending after close_notify"));
+        }
+        let last = bufs.len().saturating_sub(1);
+        let left = |cur: &Cursor| bufs.iter().skip(cur.buf).map(|b| b.len()).sum::<usize>() - cur.at;
+        let take = left(cur).min(max.max(1));
+        out.reserve(take + take.div_ceil(MAX_PLAIN) * OVERHEAD + 2 * OVERHEAD + 5);
         let mut sealed = 0;
-        while sealed < take {
-            let n = (take - sealed).min(MAX_PLAIN);
+        while sealed < take.max(1) && left(cur) > 0 {
+            // This record ends where the last buffer begins, if it is before it.
+            let segment = if cur.buf < last {
+                bufs[cur.buf..last].iter().map(|b| b.len()).sum::<usize>() - cur.at
+            } else {
+                left(cur)
+            };
+            let n = segment.min(MAX_PLAIN);
             self.record(out, APPDATA, |o| {
                 let mut want = n;
                 while want > 0 {
@@ -299,12 +334,22 @@ impl Sealer {
             })?;
             sealed += n;
         }
-        Ok(sealed == left)
+        // Empty buffers at the end.
+        while cur.buf < bufs.len() && cur.at == bufs[cur.buf].len() {
+            cur.buf += 1;
+            cur.at = 0;
+        }
+        Ok(left(cur) == 0)
     }
 
     /// A close_notify alert (a clean end of what this side sends).
+    /// Sent once: a second call adds nothing; nothing may be sealed after it.
     pub fn close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), Error> {
         self.pending(out)?;
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
         self.record(out, ALERT, |o| o.extend_from_slice(&[1, 0]))
     }
 
@@ -385,6 +430,16 @@ pub enum Opened {
     Closed,
 }
 
+/// What a record held (see `Opener::inner`).
+enum Inner {
+    /// Application data: this many bytes at the front of the plaintext.
+    Data(usize),
+    /// Nothing for the stream (padding only, a key update followed).
+    Nothing,
+    /// close_notify.
+    Closed,
+}
+
 /// The receiving direction: records decrypted in place in the receive buffer.
 pub struct Opener {
     keys: Keys,
@@ -418,7 +473,13 @@ impl Opener {
     pub fn open(&mut self, buf: &mut BytesMut) -> Result<Opened, Error> {
         debug_assert!(self.end == 0);
         let r = self.open_inner(buf);
-        if let Err(e) = &r {
+        self.failed(&r);
+        r
+    }
+
+    /// After an error: the alert it calls for goes to the sending half, and the stream is over.
+    fn failed<T>(&mut self, r: &Result<T, Error>) {
+        if let Err(e) = r {
             let alert = match e {
                 Error::DecryptError => Some(AlertDescription::BadRecordMac),
                 Error::AlertReceived(_) => None,
@@ -428,7 +489,6 @@ impl Opener {
             lock(&self.shared).alert = alert;
             self.closed = true;
         }
-        r
     }
 
     fn open_inner(&mut self, buf: &mut BytesMut) -> Result<Opened, Error> {
@@ -460,40 +520,111 @@ impl Opener {
             let plain =
                 self.keys.key.open_in_place(nonce, aead::Aad::from(&*header), body).map_err(|_| Error::DecryptError)?;
             self.keys.seq += 1;
-            // The content type is the last byte that is not padding.
-            let Some(at) = plain.iter().rposition(|&b| b != 0) else {
-                return Err(PeerMisbehaved::IllegalTlsInnerPlaintext.into());
-            };
-            let typ = plain[at];
-            if at > MAX_PLAIN {
-                return Err(Error::PeerSentOversizedRecord);
-            }
-            match typ {
-                APPDATA if at > 0 => {
+            match self.inner(plain)? {
+                Inner::Data(at) => {
                     self.plain = (HEADER, HEADER + at);
                     self.end = HEADER + len;
                     return Ok(Opened::Data);
                 }
-                APPDATA => {}
-                ALERT => {
-                    if at != 2 {
-                        return Err(InvalidMessage::MessageTooShort.into());
-                    }
-                    let desc = AlertDescription::from(plain[1]);
-                    if desc == AlertDescription::CloseNotify {
-                        self.closed = true;
-                        buf.advance(HEADER + len);
-                        return Ok(Opened::Closed);
-                    }
-                    return Err(Error::AlertReceived(desc));
+                Inner::Closed => {
+                    buf.advance(HEADER + len);
+                    return Ok(Opened::Closed);
                 }
-                HANDSHAKE => {
-                    let msgs = plain[..at].to_vec();
-                    self.handshake(&msgs)?;
-                }
-                _ => return Err(InvalidMessage::InvalidContentType.into()),
+                Inner::Nothing => {}
             }
             buf.advance(HEADER + len);
+        }
+    }
+
+    /// What a decrypted record holds (`plain`: its inner plaintext, content
+    /// type and padding included), checked as rustls checks it; handshake
+    /// messages (key updates) are acted on here.
+    fn inner(&mut self, plain: &[u8]) -> Result<Inner, Error> {
+        // The content type is the last byte that is not padding.
+        let Some(at) = plain.iter().rposition(|&b| b != 0) else {
+            return Err(PeerMisbehaved::IllegalTlsInnerPlaintext.into());
+        };
+        let typ = plain[at];
+        if at > MAX_PLAIN {
+            return Err(Error::PeerSentOversizedRecord);
+        }
+        match typ {
+            APPDATA if at > 0 => Ok(Inner::Data(at)),
+            APPDATA => Ok(Inner::Nothing),
+            ALERT => {
+                if at != 2 {
+                    return Err(InvalidMessage::MessageTooShort.into());
+                }
+                let desc = AlertDescription::from(plain[1]);
+                if desc == AlertDescription::CloseNotify {
+                    self.closed = true;
+                    return Ok(Inner::Closed);
+                }
+                Err(Error::AlertReceived(desc))
+            }
+            HANDSHAKE => {
+                let msgs = plain[..at].to_vec();
+                self.handshake(&msgs)?;
+                Ok(Inner::Nothing)
+            }
+            _ => Err(InvalidMessage::InvalidContentType.into()),
+        }
+    }
+
+    /// The record header a record read in place must have to hold `n` bytes of
+    /// application data and nothing else (see [`Opener::open_direct`]).
+    pub fn direct_header(n: usize) -> [u8; HEADER] {
+        let len = ((n + 1 + TAG) as u16).to_be_bytes();
+        [APPDATA, 3, 3, len[0], len[1]]
+    }
+
+    /// Open a record read in place (the receive side's zero-copy path, see the
+    /// module docs): `header` its 5-byte header, `in_out[shift..]` its
+    /// ciphertext without the tag, `tag` its tag. The plaintext lands at the
+    /// front of `in_out`; the record is checked as [`Opener::open`] checks it
+    /// (header, integrity, content type, padding; a key update is followed, an
+    /// alert ends the stream). Returns the application data bytes now at the
+    /// front of `in_out` (0 for a record that held none), or `Ok(None)` for a
+    /// close_notify. An error is final, as for [`Opener::open`].
+    pub fn open_direct(
+        &mut self,
+        header: &[u8; HEADER],
+        in_out: &mut [u8],
+        shift: usize,
+        tag: &[u8; TAG],
+    ) -> Result<Option<usize>, Error> {
+        debug_assert!(self.end == 0 && !self.closed);
+        let r = self.open_direct_inner(header, in_out, shift, tag);
+        self.failed(&r);
+        r
+    }
+
+    fn open_direct_inner(
+        &mut self,
+        header: &[u8; HEADER],
+        in_out: &mut [u8],
+        shift: usize,
+        tag: &[u8; TAG],
+    ) -> Result<Option<usize>, Error> {
+        let len = u16::from_be_bytes([header[3], header[4]]) as usize;
+        if header[0] != APPDATA || header[1] != 3 || header[2] != 3 {
+            return Err(InvalidMessage::InvalidContentType.into());
+        }
+        if len > MAX_CIPHER || len != in_out.len() - shift + TAG {
+            return Err(InvalidMessage::MessageTooLarge.into());
+        }
+        let nonce = self.keys.nonce();
+        let tag = aead::Tag::from(*tag);
+        let plain = self
+            .keys
+            .key
+            .open_in_place_separate_tag(nonce, aead::Aad::from(&header[..]), tag, in_out, shift..)
+            .map_err(|_| Error::DecryptError)?;
+        self.keys.seq += 1;
+        match self.inner(plain)? {
+            Inner::Data(at) => Ok(Some(at)),
+            Inner::Nothing => Ok(Some(0)),
+            Inner::Closed => Ok(None),
         }
     }
 
@@ -663,6 +794,56 @@ mod tests {
     #[test]
     fn records_interoperate_with_rustls_as_server() {
         exchange_with_rustls(Side::Server);
+    }
+
+    /// Records opened in place, shifted as `conn.rs` lays them out (ciphertext of
+    /// record r one byte further per record, header and tag apart): the plaintext
+    /// lands at its final offset; a flipped byte fails the integrity check and
+    /// queues the alert, as for a record opened in the receive buffer.
+    #[test]
+    fn records_opened_in_place_land_at_their_offset_and_are_checked() {
+        for flip in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (c, s, clog, slog) = pair(dir.path());
+            let mut src = Records::take_over(c, Side::Client, &clog).unwrap();
+            let mut dst = Records::take_over(s, Side::Server, &slog).unwrap();
+            let head = data(61, 8);
+            let payload = data(2 * MAX_PLAIN + 100, 9);
+            let (mut wire, mut cur) = (Vec::new(), Cursor::default());
+            let bufs = [IoSlice::new(&head), IoSlice::new(&payload)];
+            assert!(src.sealer.seal(&bufs, &mut cur, usize::MAX, &mut wire).unwrap());
+            // The head alone in the first record.
+            let mut buf = BytesMut::from(&wire[..HEADER + 61 + 1 + TAG]);
+            let (got, end) = open_buf(&mut dst.opener, &mut buf);
+            assert_eq!((got, end.unwrap()), (head, Opened::NeedMore(HEADER)));
+            let mut rest = &wire[HEADER + 61 + 1 + TAG..];
+            let mut out = vec![0u8; payload.len() + 3];
+            for (r, n) in [MAX_PLAIN, MAX_PLAIN, 100].into_iter().enumerate() {
+                let header: [u8; HEADER] = rest[..HEADER].try_into().unwrap();
+                assert_eq!(header, Opener::direct_header(n), "payload record {r} as expected");
+                let at = r * MAX_PLAIN;
+                out[at + r..at + r + n + 1].copy_from_slice(&rest[HEADER..HEADER + n + 1]);
+                let tag: [u8; TAG] = rest[HEADER + n + 1..HEADER + n + 1 + TAG].try_into().unwrap();
+                if flip && r == 2 {
+                    out[at + r + 7] ^= 1;
+                }
+                let m = dst.opener.open_direct(&header, &mut out[at..at + r + n + 1], r, &tag);
+                if flip && r == 2 {
+                    assert!(matches!(m, Err(Error::DecryptError)), "{m:?}");
+                    let mut alert = Vec::new();
+                    assert!(dst.sealer.seal(&[IoSlice::new(b"x")], &mut Cursor::default(), 10, &mut alert).is_err());
+                    let (_, end) = open_all(&mut src.opener, &alert);
+                    assert!(matches!(end, Err(Error::AlertReceived(AlertDescription::BadRecordMac))), "{end:?}");
+                    break;
+                }
+                assert_eq!(m.unwrap(), Some(n));
+                rest = &rest[HEADER + n + 1 + TAG..];
+            }
+            if !flip {
+                assert!(rest.is_empty());
+                assert!(out[..payload.len()] == payload[..], "every record's plaintext at its offset");
+            }
+        }
     }
 
     #[test]

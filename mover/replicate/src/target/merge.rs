@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use ferry_io::BufPool;
 use ferry_wire::Frame;
 
-use crate::conn::{Received, Rx, Sock};
+use crate::conn::{payload_slack, Received, Rx, Sock};
 use crate::error::{MoveError, Result};
 
 /// A reorder buffer: items numbered by the sender come out in number order,
@@ -242,7 +242,7 @@ impl StreamRegistry {
             joined: Mutex::new((0..count).map(|i| i == 0).collect()),
             socks: Mutex::new(Vec::new()),
             reorder: Reorder::new(count as usize, window),
-            pool: Arc::new(BufPool::new(window + count as usize, chunk_size)),
+            pool: Arc::new(BufPool::with_slack(window + count as usize, chunk_size, payload_slack(chunk_size))),
             bytes_received: Default::default(),
         });
         self.sets.lock().unwrap_or_else(|p| p.into_inner()).insert(ticket, set.clone());
