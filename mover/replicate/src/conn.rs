@@ -492,32 +492,25 @@ impl Rx {
     /// Other frames are returned as [`Rx::next_frame`] returns them, still to be
     /// validated. A payload longer than the pool's buffers is an error.
     pub fn next_received(&mut self, pool: &BufPool, conn: &Conn) -> Result<Option<Received>> {
-        loop {
-            match self.deframer.next_split() {
-                Ok(Some(Split::Frame(f))) => return Ok(Some(Received::Frame(f))),
-                Ok(Some(Split::Data(head))) => {
-                    conn.handle_data_head(&head)?;
-                    let buf = self.read_payload(&head, pool)?;
-                    return Ok(Some(Received::Data(head, buf)));
-                }
-                Ok(None) => {}
-                Err(source) => return Err(MoveError::Wire { peer: self.peer.clone(), source }),
-            }
-            if !self.read_more(SPLIT_READ_SIZE, NEXT_HEAD_RECORD)? {
-                return Ok(None);
-            }
-        }
+        self.next_split_received(pool, Some(conn))
     }
 
     /// As [`Rx::next_received`], but a data frame's head is not validated against a
     /// session: for a stream of a striped session, whose frames the session validates
-    /// in sequence order once they are merged (`target/merge.rs`). Without a pool a
-    /// data frame is an error.
+    /// in sequence order once they are merged (`target/merge.rs`).
     pub fn next_unvalidated(&mut self, pool: &BufPool) -> Result<Option<Received>> {
+        self.next_split_received(pool, None)
+    }
+
+    /// [`Rx::next_received`], validating a data frame's head against `session` if given.
+    fn next_split_received(&mut self, pool: &BufPool, session: Option<&Conn>) -> Result<Option<Received>> {
         loop {
             match self.deframer.next_split() {
                 Ok(Some(Split::Frame(f))) => return Ok(Some(Received::Frame(f))),
                 Ok(Some(Split::Data(head))) => {
+                    if let Some(conn) = session {
+                        conn.handle_data_head(&head)?;
+                    }
                     let buf = self.read_payload(&head, pool)?;
                     return Ok(Some(Received::Data(head, buf)));
                 }
