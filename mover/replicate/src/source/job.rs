@@ -550,6 +550,7 @@ fn run_pipeline(
 
     let auto = AutoCompress::default();
     auto.idx.store(1, Ordering::Relaxed); // start at zstd 1; the controller adapts within a window
+    auto.checked.store(stream && cfg.compress != CompressPolicy::None, Ordering::Relaxed);
     let auto = &auto;
     std::thread::scope(|s| {
         let reader = s.spawn(|| {
