@@ -1,21 +1,19 @@
-//! A TCP proxy that counts the bytes on the wire and can add a one-way delay.
+//! A TCP proxy that counts the bytes on the wire.
 //!
 //! Every networked tool (ferry included) is measured through one of these,
 //! placed in front of its receiver, so "wire bytes" means the same thing for all
-//! of them: TCP payload bytes in both directions. With a delay, each direction
-//! is a reader thread that timestamps what it reads and a writer thread that
-//! forwards it `delay` later (the kernel here has no netem). At most
-//! `DELAY_QUEUE` reads are in flight per direction, which bounds memory and
-//! pushes back on the sender. The proxy's own CPU is not charged to any tool,
-//! but it runs on the same cores: without a delay it relays with splice(2)
-//! through a pipe (the payload is not copied through user space), and it
-//! accepts a connection as soon as one arrives (poll, not a sleep loop).
+//! of them: TCP payload bytes in both directions. It adds no delay: on the WAN
+//! scenarios it sits in the receiver's namespace, behind the emulated link
+//! (netns.rs), so TCP still runs end to end over the link. The proxy's own CPU
+//! is not charged to any tool, but it runs on the same cores: it relays with
+//! splice(2) through a pipe (the payload is not copied through user space), and
+//! it accepts a connection as soon as one arrives (poll, not a sleep loop).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,7 +22,6 @@ use anyhow::{anyhow, Context, Result};
 use ferry_io::sys;
 
 const BUF: usize = 256 << 10;
-const DELAY_QUEUE: usize = 64;
 
 /// A running proxy.
 #[derive(Debug)]
@@ -41,7 +38,7 @@ impl Proxy {
     /// Listens on `listen` (port 0: any) and forwards every connection to
     /// `upstream`. With `netns`, the proxy's sockets are created inside the
     /// network namespace at that path (/var/run/netns/NAME).
-    pub fn start(listen: SocketAddr, upstream: SocketAddr, delay: Duration, netns: Option<PathBuf>) -> Result<Proxy> {
+    pub fn start(listen: SocketAddr, upstream: SocketAddr, netns: Option<PathBuf>) -> Result<Proxy> {
         let bytes = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -72,7 +69,7 @@ impl Proxy {
                         // Threads started here inherit this thread's network namespace.
                         let h = std::thread::spawn(move || {
                             if let Ok(up) = TcpStream::connect(upstream) {
-                                relay(down, up, delay, b3);
+                                relay(down, up, b3);
                             }
                         });
                         c2.lock().unwrap_or_else(|p| p.into_inner()).push(h);
@@ -136,57 +133,38 @@ fn readable(l: &TcpListener, timeout: Duration) -> bool {
     sys::wait_readable(l, timeout).unwrap_or(false)
 }
 
-fn relay(down: TcpStream, up: TcpStream, delay: Duration, bytes: Arc<AtomicU64>) {
+fn relay(down: TcpStream, up: TcpStream, bytes: Arc<AtomicU64>) {
     let _ = down.set_nonblocking(false);
     let _ = down.set_nodelay(true);
     let _ = up.set_nodelay(true);
     let (Ok(d2), Ok(u2)) = (down.try_clone(), up.try_clone()) else { return };
     let b2 = bytes.clone();
-    let t = std::thread::spawn(move || pump(d2, u2, delay, b2));
-    pump(up, down, delay, bytes);
+    let t = std::thread::spawn(move || pump(d2, u2, b2));
+    pump(up, down, bytes);
     let _ = t.join();
 }
 
 /// Copies `from` to `to` until EOF, then half-closes `to`.
-fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration, bytes: Arc<AtomicU64>) {
-    if delay.is_zero() {
-        if splice_pump(&from, &to, &bytes).is_ok() {
-            let _ = to.shutdown(Shutdown::Write);
-            return;
-        }
-        // No splice here (or it failed before moving anything): copy through a buffer.
-        let mut buf = vec![0u8; BUF];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    if to.write_all(&buf[..n]).is_err() {
-                        let _ = from.shutdown(Shutdown::Both);
-                        break;
-                    }
-                }
-            }
-        }
+fn pump(mut from: TcpStream, mut to: TcpStream, bytes: Arc<AtomicU64>) {
+    if splice_pump(&from, &to, &bytes).is_ok() {
         let _ = to.shutdown(Shutdown::Write);
         return;
     }
-    let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(DELAY_QUEUE);
-    let writer = std::thread::spawn(move || delayed_writer(rx, to, delay));
+    // No splice here (or it failed before moving anything): copy through a buffer.
     let mut buf = vec![0u8; BUF];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 bytes.fetch_add(n as u64, Ordering::Relaxed);
-                if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                if to.write_all(&buf[..n]).is_err() {
+                    let _ = from.shutdown(Shutdown::Both);
                     break;
                 }
             }
         }
     }
-    drop(tx);
-    let _ = writer.join();
+    let _ = to.shutdown(Shutdown::Write);
 }
 
 /// Moves `from`'s bytes to `to` through a pipe with splice(2) until EOF. Err only when
@@ -217,26 +195,12 @@ fn splice_pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> std::io::
     }
 }
 
-fn delayed_writer(rx: Receiver<(Instant, Vec<u8>)>, mut to: TcpStream, delay: Duration) {
-    for (t, data) in rx {
-        let due = t + delay;
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        if to.write_all(&data).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn counts_both_directions_and_delays() {
+    fn counts_both_directions() {
         let server = TcpListener::bind("127.0.0.1:0").unwrap();
         let up = server.local_addr().unwrap();
         let echo = std::thread::spawn(move || {
@@ -245,8 +209,7 @@ mod tests {
             s.read_to_end(&mut v).unwrap();
             s.write_all(&v[..10]).unwrap();
         });
-        let p = Proxy::start("127.0.0.1:0".parse().unwrap(), up, Duration::from_millis(30), None).unwrap();
-        let t0 = Instant::now();
+        let p = Proxy::start("127.0.0.1:0".parse().unwrap(), up, None).unwrap();
         let mut c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
         c.write_all(&[7u8; 100_000]).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
@@ -254,14 +217,13 @@ mod tests {
         c.read_to_end(&mut back).unwrap();
         echo.join().unwrap();
         assert_eq!(back, vec![7u8; 10]);
-        assert!(t0.elapsed() >= Duration::from_millis(60), "round trip {:?}", t0.elapsed());
         assert_eq!(p.settle(Duration::from_secs(5)), 100_010);
     }
 
     #[test]
     fn a_proxy_never_relays_to_itself() {
         let free = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let e = Proxy::start(free, free, Duration::ZERO, None).unwrap_err();
+        let e = Proxy::start(free, free, None).unwrap_err();
         assert_eq!(e.to_string(), format!("proxy on {free} would relay to itself"));
     }
 }

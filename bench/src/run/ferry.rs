@@ -37,6 +37,7 @@ fn transport_flags(env: &Env, transport: Transport) -> String {
 pub(super) fn ferry_replicate_cmd(
     env: &Env,
     sc: &Scenario,
+    host: &str,
     port: u16,
     mode: &str,
     with_cbt: bool,
@@ -46,7 +47,7 @@ pub(super) fn ferry_replicate_cmd(
     for (name, p) in &sc.sources {
         c += &format!(" --source {}", sh_quote(&format!("{name}={}", p.display())));
     }
-    c += &format!(" --target ferry://127.0.0.1:{port} --replica bench --token-file {}", shq(&env.token));
+    c += &format!(" --target ferry://{host}:{port} --replica bench --token-file {}", shq(&env.token));
     c += &transport_flags(env, transport);
     // Full is the default; leaving it out also works with a ferry that has no --mode yet.
     if mode != "full" {
@@ -148,7 +149,7 @@ fn ferry_seed_datastore(env: &Env, dir: &Path, ds: &Path, sc: &Scenario) -> Resu
     let rx = Tree::spawn(&ferry_serve_cmd(env, "127.0.0.1", port, ds, Transport::Tls), None, &setup.join("serve.err"))?;
     wait_listening(rx.pid(), &[port], Duration::from_secs(20))
         .with_context(|| format!("ferry serve for setup: {}", tail(&setup.join("serve.err"))))?;
-    let cmd = ferry_replicate_cmd(env, &prev, port, "full", false, Transport::Tls);
+    let cmd = ferry_replicate_cmd(env, &prev, "127.0.0.1", port, "full", false, Transport::Tls);
     let tx = Tree::spawn(&cmd, None, &setup.join("rep.err"))?;
     let (st, _, _) = tx.wait()?;
     rx.stop(Duration::from_secs(10))?;
@@ -201,7 +202,7 @@ pub(super) fn run_ferry(env: &Env, net: &Net, sc: &Scenario, dir: &Path, transpo
     } else if !sc.previous.is_empty() {
         ferry_seed_datastore(env, dir, &ds, sc)?;
     }
-    let host = net.host.to_string();
+    let (host, front) = (net.host.to_string(), net.front_host.to_string());
     let session_done =
         || std::fs::read_to_string(dir.join("receiver.out")).is_ok_and(|s| s.contains("\"session_done\""));
     let m = measure_net(
@@ -212,7 +213,7 @@ pub(super) fn run_ferry(env: &Env, net: &Net, sc: &Scenario, dir: &Path, transpo
         1,
         true,
         &|b| ferry_serve_cmd(env, &host, b[0], &ds, transport),
-        &|f| ferry_replicate_cmd(env, sc, f[0], mode, sc.kind == Kind::Cbt, transport),
+        &|f| ferry_replicate_cmd(env, sc, &front, f[0], mode, sc.kind == Kind::Cbt, transport),
         Some(&session_done),
     )?;
     let events = json_lines(&dir.join("sender.out"));

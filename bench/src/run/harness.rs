@@ -138,7 +138,8 @@ pub(super) fn measure_net(
     let mut proxies = Vec::new();
     for b in &back {
         let up: SocketAddr = format!("{}:{b}", net.host).parse()?;
-        proxies.push(Proxy::start("127.0.0.1:0".parse()?, up, net.delay, net.proxy_ns.clone())?);
+        let listen: SocketAddr = format!("{}:0", net.front_host).parse()?;
+        proxies.push(Proxy::start(listen, up, net.proxy_ns.clone())?);
     }
     drop(held);
     let front: Vec<u16> = proxies.iter().map(|p| p.port).collect();

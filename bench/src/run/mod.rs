@@ -108,10 +108,10 @@ pub struct RunArgs {
     /// Skip the ext4 image and its scenarios.
     #[arg(long)]
     pub no_ext4: bool,
-    /// WAN link rate for tc tbf.
+    /// WAN link rate (the delay line's serialisation clock), e.g. 100mbit, 1gbit.
     #[arg(long, default_value = "100mbit")]
     pub wan_rate: String,
-    /// WAN one-way delay added by the proxy, in milliseconds.
+    /// WAN one-way delay added by the delay line, in milliseconds (RTT = 2x).
     #[arg(long, default_value_t = 25)]
     pub wan_delay_ms: u64,
     /// Passed to `ferry replicate --compress`.
@@ -139,17 +139,18 @@ struct Env {
     streams: Option<String>,
     io_backend: Option<String>,
     wan: Option<Wan>,
-    wan_delay: Duration,
     missing: BTreeMap<&'static str, String>,
 }
 
 /// Where the receiver listens and how commands reach the namespaces.
 struct Net<'a> {
+    /// The receiver listens here (in its namespace); only the counting proxy connects to it.
     host: &'a str,
+    /// The counting proxy listens here (in `proxy_ns`), and senders connect to it.
+    front_host: &'a str,
     src_prefix: Option<String>,
     dst_prefix: Option<String>,
     proxy_ns: Option<PathBuf>,
-    delay: Duration,
 }
 
 fn in_ns(prefix: &Option<String>, script: String) -> String {
@@ -186,7 +187,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     for (tool, reason) in &missing {
         skipped.push(Skip { scenario: None, tool: Some(tool.to_string()), reason: reason.clone() });
     }
-    let wan = if wanted(&a.scenarios, "wan") { create_wan(&a.wan_rate, &mut skipped) } else { None };
+    let wan = if wanted(&a.scenarios, "wan") { create_wan(&a.wan_rate, a.wan_delay_ms, &mut skipped) } else { None };
     let img_dir = work.path().join("images");
     std::fs::create_dir_all(&img_dir)?;
     let built = build(&a, &img_dir, sizes, &mut skipped, wan.is_some())?;
@@ -210,7 +211,6 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         streams: a.streams.clone(),
         io_backend: a.io_backend.clone(),
         wan,
-        wan_delay: Duration::from_millis(a.wan_delay_ms),
         missing,
     };
     let mut results = Vec::new();
@@ -262,10 +262,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
 }
 
 /// The WAN namespaces, or None with the reason recorded in `skipped`.
-fn create_wan(rate: &str, skipped: &mut Vec<Skip>) -> Option<Wan> {
+fn create_wan(rate: &str, delay_ms: u64, skipped: &mut Vec<Skip>) -> Option<Wan> {
     match netns::unavailable_reason() {
         Some(r) => skipped.push(Skip { scenario: Some("wan-full".into()), tool: None, reason: r }),
-        None => match Wan::create(rate) {
+        None => match netns::parse_rate(rate)
+            .and_then(|r| Wan::create(netns::Shape { rate_bps: r, one_way: Duration::from_millis(delay_ms) }))
+        {
             Ok(w) => return Some(w),
             Err(e) => skipped.push(Skip {
                 scenario: Some("wan-full".into()),
@@ -317,14 +319,16 @@ fn scenario_tools(
 /// Where `sc`'s receivers listen: in the WAN namespaces for the WAN scenario, else on loopback.
 fn scenario_net<'a>(env: &'a Env, sc: &Scenario) -> Net<'a> {
     match (&env.wan, sc.kind) {
+        // The link is the delay line between the namespaces; the proxy counts in `dst`,
+        // in front of the receiver, with no delay of its own.
         (Some(w), Kind::Wan) => Net {
-            host: netns::DST_ADDR,
+            host: "127.0.0.1",
+            front_host: netns::DST_ADDR,
             src_prefix: Some(Wan::exec_prefix(&w.src)),
             dst_prefix: Some(Wan::exec_prefix(&w.dst)),
-            proxy_ns: Some(Wan::path(&w.src)),
-            delay: env.wan_delay,
+            proxy_ns: Some(Wan::path(&w.dst)),
         },
-        _ => Net { host: "127.0.0.1", src_prefix: None, dst_prefix: None, proxy_ns: None, delay: Duration::ZERO },
+        _ => Net { host: "127.0.0.1", front_host: "127.0.0.1", src_prefix: None, dst_prefix: None, proxy_ns: None },
     }
 }
 
@@ -350,7 +354,7 @@ fn run_scenario(
             } else if tool == "ferry" || tool == "ferry-plaintext" {
                 let t = if tool == "ferry" { Transport::Tls } else { Transport::Plaintext };
                 run_ferry(env, &net, sc, &dir, t).map(|run| {
-                    let cmd = ferry_replicate_cmd(env, sc, 0, "MODE", sc.kind == Kind::Cbt, t);
+                    let cmd = ferry_replicate_cmd(env, sc, net.front_host, 0, "MODE", sc.kind == Kind::Cbt, t);
                     (run, cmd, Some(ferry_serve_cmd(env, net.host, 0, Path::new("DATASTORE"), t)))
                 })
             } else {

@@ -23,6 +23,7 @@ pub(super) fn run_peer(
     dir: &Path,
 ) -> Result<(Run, String, Option<String>)> {
     let host = net.host.to_string();
+    let front = net.front_host.to_string();
     let out_dir = dir.join("out");
     std::fs::create_dir_all(&out_dir)?;
     let srcs: Vec<PathBuf> = sc.sources.iter().map(|(_, p)| p.clone()).collect();
@@ -50,7 +51,7 @@ pub(super) fn run_peer(
             let rcv = |b: &[u16]| {
                 format!("exec rsync --daemon --no-detach --address {host} --port {} --config {}", b[0], shq(&conf))
             };
-            let snd = |f: &[u16]| format!("rsync -I {flags} {} rsync://127.0.0.1:{}/m/", files.join(" "), f[0]);
+            let snd = |f: &[u16]| format!("rsync -I {flags} {} rsync://{front}:{}/m/", files.join(" "), f[0]);
             let m = measure_net(env, net, dir, &sc.sources, 1, true, &rcv, &snd, None)?;
             (m, snd(&[0]), Some(rcv(&[0])))
         }
@@ -77,9 +78,9 @@ pub(super) fn run_peer(
                     .zip(f)
                     .map(|(s, p)| {
                         if z {
-                            format!("zstd -1 -T2 -q -c {} | nc -N 127.0.0.1 {p}", shq(s))
+                            format!("zstd -1 -T2 -q -c {} | nc -N {front} {p}", shq(s))
                         } else {
-                            format!("nc -N 127.0.0.1 {p} < {}", shq(s))
+                            format!("nc -N {front} {p} < {}", shq(s))
                         }
                     })
                     .collect();

@@ -120,7 +120,7 @@ pub(super) fn build(
         images.push(ImageInfo { name: "wan".into(), bytes: wan_size, description: describe_synth(&s) });
         scenarios.push(Scenario {
                 id: "wan-full".into(),
-                description: format!("Full copy over a WAN: two network namespaces joined by veth, tc tbf {} on both ends, and {} ms added each way by the proxy.", a.wan_rate, a.wan_delay_ms),
+                description: format!("Full copy over an emulated WAN: two network namespaces joined by TUN devices and a packet-level delay line ({}, {} ms each way, TCP end to end); wire bytes counted by a proxy in front of the receiver.", a.wan_rate, a.wan_delay_ms),
                 kind: Kind::Wan,
                 sources: vec![("disk0".into(), img)],
                 previous: vec![],

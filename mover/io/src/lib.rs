@@ -10,6 +10,8 @@
 //! - [`process`]: the process system calls (child state without reaping,
 //!   signals to a process or its group, wait4 with resource usage, effective
 //!   uid/gid, entering a network namespace), for the bench harness and tools.
+//! - [`tun`]: TUN devices, a nanosecond `ppoll` and `TCP_WINDOW_CLAMP`, for the
+//!   bench's emulated WAN link (a packet-level delay line between two namespaces).
 //! - [`ErrorClass`] and [`error_chain`]: what every mover crate's errors share
 //!   (the class that decides the exit code; an error printed with its causes).
 //!
@@ -25,6 +27,7 @@ pub mod backend;
 pub mod buf;
 pub mod process;
 pub mod sys;
+pub mod tun;
 
 pub use backend::{open_backend, BackendChoice, IoBackend, IoCompletion, IoKind, IoRequest};
 pub use buf::{is_zero, BufPool, PoolBuf, ALIGN};
