@@ -63,6 +63,15 @@ pub struct Run {
     pub ferry_totals: Option<serde_json::Value>,
     /// ferry only: stage latencies (source stages from the summary, target stages from `serve --json`).
     pub stages: Option<BTreeMap<String, StageLatency>>,
+    /// WAN scenarios: the emulated link's packets per second (both directions) during the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line_pps: Option<f64>,
+    /// WAN scenarios: packets the link's full queue dropped during the run (both directions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line_drops: Option<u64>,
+    /// iperf3 only: the payload bits per second it received (the link's capacity as TCP sees it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_bps: Option<f64>,
 }
 
 /// All runs of one tool in one scenario, with their summary.
@@ -181,6 +190,74 @@ pub struct Results {
     /// size, which Linux carries across execve): RSS figures below it mean nothing.
     #[serde(default)]
     pub rss_floor_bytes: u64,
+    /// The WAN scenarios' link figures and goals (issue 18).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wan: Vec<WanReport>,
+}
+
+/// A WAN scenario seen from the link: each tool's time, wire bytes and utilisation, and the
+/// goals of issue 18 with met / missed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WanReport {
+    /// Scenario id.
+    pub scenario: String,
+    /// The link's rate, bits per second.
+    pub rate_bps: u64,
+    /// Round-trip time, milliseconds (2 x the one-way delay).
+    pub rtt_ms: f64,
+    /// One row per tool (median runs).
+    pub rows: Vec<WanRow>,
+    /// Capacity measured on the same link by `iperf3 -P 8` (payload bits per second).
+    pub capacity_bps: Option<f64>,
+    /// Incrementals: the ideal time.
+    pub ideal: Option<WanIdeal>,
+    /// The issue's goals for this scenario.
+    pub goals: Vec<WanGoal>,
+}
+
+/// One tool on the link (its median run).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WanRow {
+    /// Tool id.
+    pub tool: String,
+    /// Median wall seconds.
+    pub wall_s: f64,
+    /// Wire bytes (TCP payload, both directions) of the median run.
+    pub wire_bytes: Option<u64>,
+    /// Wire bits / link rate / wall time.
+    pub utilisation: Option<f64>,
+    /// The link's packets per second in the median run.
+    pub line_pps: Option<f64>,
+    /// Packets the link dropped in the median run.
+    pub line_drops: Option<u64>,
+    /// ferry: TCP streams used (`"streams"` of its summary).
+    pub streams: Option<u64>,
+    /// ferry: zstd levels used, `level:MiB in->MiB out` (`"levels"` of its summary).
+    pub levels: Option<String>,
+}
+
+/// The ideal of an incremental over the link: the changed bytes compressed, at the link rate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WanIdeal {
+    /// zstd level (the one ferry sent most bytes at; 0: uncompressed).
+    pub level: i32,
+    /// Changed bytes.
+    pub changed_bytes: u64,
+    /// Their size compressed by `zstd -LEVEL`.
+    pub compressed_bytes: u64,
+    /// compressed_bytes * 8 / rate.
+    pub seconds: f64,
+}
+
+/// One goal and what the run measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WanGoal {
+    /// The goal, as the issue states it.
+    pub goal: String,
+    /// The figure measured.
+    pub measured: String,
+    /// Met (true), missed (false), or not judged (null: a tool did not run).
+    pub met: Option<bool>,
 }
 
 /// Summarises runs (median by wall time).
@@ -216,6 +293,62 @@ pub fn summarize(
 }
 
 const MIB: f64 = 1048576.0;
+
+/// The link's view of a WAN scenario: per tool time, wire bytes, utilisation, ferry's
+/// streams and levels; capacity, ideal and the goals with met / missed.
+fn wan_section(s: &mut String, w: &WanReport) {
+    let _ = writeln!(
+        s,
+        "## {} on the link: {} Mbit/s, {:.0} ms RTT\n\n| tool | time s | wire MiB | wire Mbit/s | link utilisation | link pkt/s | drops | ferry streams | ferry levels (level:MiB in->out) |\n|---|---|---|---|---|---|---|---|---|",
+        w.scenario,
+        w.rate_bps / 1_000_000,
+        w.rtt_ms
+    );
+    for row in &w.rows {
+        let opt = |x: Option<String>| x.unwrap_or_else(|| "–".into());
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
+            row.tool,
+            row.wall_s,
+            opt(row.wire_bytes.map(mib)),
+            opt(row
+                .wire_bytes
+                .filter(|_| row.wall_s > 0.0)
+                .map(|b| format!("{:.1}", b as f64 * 8.0 / row.wall_s / 1e6))),
+            opt(row.utilisation.map(|u| format!("{:.0}%", u * 100.0))),
+            opt(row.line_pps.map(|p| format!("{p:.0}"))),
+            opt(row.line_drops.map(|d| d.to_string())),
+            opt(row.streams.map(|n| n.to_string())),
+            opt(row.levels.clone()),
+        );
+    }
+    if let Some(c) = w.capacity_bps {
+        let _ = writeln!(s, "\nLink capacity measured by `iperf3 -P 8` on the same link: {:.1} Mbit/s.", c / 1e6);
+    }
+    if let Some(i) = &w.ideal {
+        let _ = writeln!(
+            s,
+            "\nIdeal: {} MiB changed, {} MiB at zstd level {}, {:.2} s at the link rate.",
+            mib(i.changed_bytes),
+            mib(i.compressed_bytes),
+            i.level,
+            i.seconds
+        );
+    }
+    if !w.goals.is_empty() {
+        let _ = writeln!(s, "\nGoals (issue 18, same run):\n");
+        for g in &w.goals {
+            let verdict = match g.met {
+                Some(true) => "**met**",
+                Some(false) => "**missed**",
+                None => "not judged",
+            };
+            let _ = writeln!(s, "- {}: {} — {verdict}", g.goal, g.measured);
+        }
+    }
+    let _ = writeln!(s);
+}
 
 /// Rounds to 3 decimals (figures stay readable and survive a JSON round trip exactly).
 pub fn round3(x: f64) -> f64 {
@@ -308,6 +441,9 @@ pub fn markdown(r: &Results) -> String {
             tls_pairs(&mut s, &rows);
         }
         let _ = writeln!(s);
+    }
+    for w in &r.wan {
+        wan_section(&mut s, w);
     }
     let staged: Vec<&ToolResult> = r.results.iter().filter(|t| t.stages.is_some()).collect();
     if !staged.is_empty() {
@@ -532,6 +668,9 @@ mod tests {
                     StageLatency { p50_us: 10.0, p99_us: 80.0, p999_us: 200.0, busy_s: Some(1.5), count: None },
                 )])
             }),
+            line_pps: None,
+            line_drops: None,
+            link_bps: None,
         }
     }
 
@@ -573,6 +712,7 @@ mod tests {
             skipped: vec![Skip { scenario: None, tool: Some("bdsync".into()), reason: "not packaged".into() }],
             ok: true,
             rss_floor_bytes: 9 << 20,
+            wan: vec![],
         }
     }
 

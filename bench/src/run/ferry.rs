@@ -142,6 +142,7 @@ fn ferry_seed_datastore(env: &Env, dir: &Path, ds: &Path, sc: &Scenario) -> Resu
         previous: vec![],
         cbt: vec![],
         changed_bytes: None,
+        link: None,
     };
     let port = free_port()?;
     let setup = dir.join("setup");
@@ -226,7 +227,7 @@ pub(super) fn run_ferry(env: &Env, net: &Net, sc: &Scenario, dir: &Path, transpo
         run.ferry_totals = s.get("totals").cloned();
         // The levels compression used and the bytes at each ride along with the totals.
         if let Some(serde_json::Value::Object(t)) = &mut run.ferry_totals {
-            for key in ["levels", "compress_stream"] {
+            for key in ["levels", "compress_stream", "streams"] {
                 if let Some(v) = s.get(key) {
                     t.insert(key.into(), v.clone());
                 }

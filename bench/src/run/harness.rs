@@ -230,6 +230,9 @@ pub(super) fn base_run(m: &Measured) -> Run {
         ferry_status: None,
         ferry_totals: None,
         stages: None,
+        line_pps: None,
+        line_drops: None,
+        link_bps: None,
     }
 }
 
@@ -269,5 +272,8 @@ pub(super) fn failed_run(error: String) -> Run {
         ferry_status: None,
         ferry_totals: None,
         stages: None,
+        line_pps: None,
+        line_drops: None,
+        link_bps: None,
     }
 }

@@ -36,6 +36,7 @@ mod harness;
 mod peers;
 mod scenarios;
 mod thin;
+mod wan;
 
 use ferry::{ferry_path, ferry_replicate_cmd, ferry_serve_cmd, run_ferry, tls_identity, Transport};
 use harness::{failed_run, RSS_FLOOR};
@@ -75,7 +76,7 @@ pub struct RunArgs {
     /// ext4 image size (default: 128M quick, 2G full).
     #[arg(long, value_parser = crate::parse_size)]
     pub fs_size: Option<u64>,
-    /// Image size for the WAN scenario (default: 48M quick, 512M full).
+    /// Image size of `wan-100m` (default: 48M quick, 512M full); `wan-1g` copies an image 4x this size.
     #[arg(long, value_parser = crate::parse_size)]
     pub wan_size: Option<u64>,
     /// Share of zero regions in synthetic images.
@@ -108,12 +109,6 @@ pub struct RunArgs {
     /// Skip the ext4 image and its scenarios.
     #[arg(long)]
     pub no_ext4: bool,
-    /// WAN link rate (the delay line's serialisation clock), e.g. 100mbit, 1gbit.
-    #[arg(long, default_value = "100mbit")]
-    pub wan_rate: String,
-    /// WAN one-way delay added by the delay line, in milliseconds (RTT = 2x).
-    #[arg(long, default_value_t = 25)]
-    pub wan_delay_ms: u64,
     /// Passed to `ferry replicate --compress`.
     #[arg(long)]
     pub compress: Option<String>,
@@ -139,6 +134,8 @@ struct Env {
     streams: Option<String>,
     io_backend: Option<String>,
     wan: Option<Wan>,
+    /// Seconds `iperf3` measures the link's capacity for.
+    iperf_secs: u32,
     missing: BTreeMap<&'static str, String>,
 }
 
@@ -187,7 +184,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     for (tool, reason) in &missing {
         skipped.push(Skip { scenario: None, tool: Some(tool.to_string()), reason: reason.clone() });
     }
-    let wan = if wanted(&a.scenarios, "wan") { create_wan(&a.wan_rate, a.wan_delay_ms, &mut skipped) } else { None };
+    let wan_wanted = ["wan-100m", "wan-1g", "wan-cbt"].iter().any(|id| wanted(&a.scenarios, id));
+    let wan = if wan_wanted { create_wan(&mut skipped) } else { None };
     let img_dir = work.path().join("images");
     std::fs::create_dir_all(&img_dir)?;
     let built = build(&a, &img_dir, sizes, &mut skipped, wan.is_some())?;
@@ -211,12 +209,21 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         streams: a.streams.clone(),
         io_backend: a.io_backend.clone(),
         wan,
+        iperf_secs: if quick { 3 } else { 10 },
         missing,
     };
     let mut results = Vec::new();
+    let mut wan_reports = Vec::new();
     for sc in &built.scenarios {
         let tools = scenario_tools(&a, &env, sc, token_error.is_some(), &mut skipped);
-        results.extend(run_scenario(&env, sc, &tools, work.path(), token_error.as_deref())?);
+        if let (Some(w), Some(link)) = (&env.wan, sc.link) {
+            w.set_shape(link);
+        }
+        let rows = run_scenario(&env, sc, &tools, work.path(), token_error.as_deref())?;
+        if env.wan.is_some() {
+            wan_reports.extend(wan::report(sc, &rows));
+        }
+        results.extend(rows);
     }
     // Thin multi-terabyte disks (issue 20): ferry alone, its own table; not in --quick.
     let thin_ok = if !quick && wanted(&a.scenarios, "thin") {
@@ -253,6 +260,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         skipped,
         ok,
         rss_floor_bytes: 0,
+        wan: wan_reports,
     };
     drop(env);
     let mut doc = doc;
@@ -262,15 +270,14 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
 }
 
 /// The WAN namespaces, or None with the reason recorded in `skipped`.
-fn create_wan(rate: &str, delay_ms: u64, skipped: &mut Vec<Skip>) -> Option<Wan> {
+/// Each scenario sets the link's shape before it runs.
+fn create_wan(skipped: &mut Vec<Skip>) -> Option<Wan> {
     match netns::unavailable_reason() {
-        Some(r) => skipped.push(Skip { scenario: Some("wan-full".into()), tool: None, reason: r }),
-        None => match netns::parse_rate(rate)
-            .and_then(|r| Wan::create(netns::Shape { rate_bps: r, one_way: Duration::from_millis(delay_ms) }))
-        {
+        Some(r) => skipped.push(Skip { scenario: Some("wan-*".into()), tool: None, reason: r }),
+        None => match Wan::create(netns::Shape { rate_bps: 100_000_000, one_way: Duration::from_millis(25) }) {
             Ok(w) => return Some(w),
             Err(e) => skipped.push(Skip {
-                scenario: Some("wan-full".into()),
+                scenario: Some("wan-*".into()),
                 tool: None,
                 reason: format!("setting up namespaces failed: {e:#}"),
             }),
@@ -318,10 +325,10 @@ fn scenario_tools(
 
 /// Where `sc`'s receivers listen: in the WAN namespaces for the WAN scenario, else on loopback.
 fn scenario_net<'a>(env: &'a Env, sc: &Scenario) -> Net<'a> {
-    match (&env.wan, sc.kind) {
+    match (&env.wan, sc.link) {
         // The link is the delay line between the namespaces; the proxy counts in `dst`,
         // in front of the receiver, with no delay of its own.
-        (Some(w), Kind::Wan) => Net {
+        (Some(w), Some(_)) => Net {
             host: "127.0.0.1",
             front_host: netns::DST_ADDR,
             src_prefix: Some(Wan::exec_prefix(&w.src)),
@@ -349,6 +356,7 @@ fn run_scenario(
             let dir = work.join(format!("run-{}", tool));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)?;
+            let line0 = env.wan.as_ref().filter(|_| sc.link.is_some()).map(|w| w.stats());
             let outcome = if let (Some(err), "ferry") = (token_error, tool) {
                 Err(anyhow::anyhow!("{err}"))
             } else if tool == "ferry" || tool == "ferry-plaintext" {
@@ -360,10 +368,18 @@ fn run_scenario(
             } else {
                 run_peer(env, &net, sc, tool, &dir)
             };
-            let (run, cmd, rcv) = match outcome {
+            let (mut run, cmd, rcv) = match outcome {
                 Ok(x) => x,
                 Err(e) => (failed_run(format!("{e:#}")), String::new(), None),
             };
+            if let (Some(w), Some(s0)) = (&env.wan, line0) {
+                // The link's packet rate and drops over the run (its setup included: nothing
+                // else crosses the link meanwhile, and setup does not use it).
+                let s1 = w.stats();
+                let packets: u64 = (0..2).map(|i| s1[i].packets - s0[i].packets).sum();
+                run.line_pps = (run.wall_s > 0.0).then(|| report::round3(packets as f64 / run.wall_s));
+                run.line_drops = Some((0..2).map(|i| s1[i].drops - s0[i].drops).sum());
+            }
             eprintln!(
                 "ferry-bench: {:<16} {:<9} run {}/{}: {:>8.3} s {}{}",
                 sc.id,

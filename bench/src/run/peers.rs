@@ -1,5 +1,6 @@
-//! The peers ferry is measured against: rsync (daemon), zstd | nc, nc,
-//! qemu-img, cp and nbdcopy, their command lines, and which of them this
+//! The peers ferry is measured against: rsync (daemon), zstd -1 | nc, zstd -3 | nc
+//! (`zstd3-nc`), nc, qemu-img, cp and nbdcopy, and on the WAN `iperf3 -P 8` (the
+//! link's capacity, no image), their command lines, and which of them this
 //! machine lacks.
 
 use std::collections::BTreeMap;
@@ -55,8 +56,9 @@ pub(super) fn run_peer(
             let m = measure_net(env, net, dir, &sc.sources, 1, true, &rcv, &snd, None)?;
             (m, snd(&[0]), Some(rcv(&[0])))
         }
-        "zstd-nc" | "nc" => {
-            let z = tool == "zstd-nc";
+        "zstd-nc" | "zstd3-nc" | "nc" => {
+            let z = tool != "nc";
+            let level = if tool == "zstd3-nc" { 3 } else { 1 };
             let n = srcs.len();
             let rcv = |b: &[u16]| {
                 let parts: Vec<String> = outs
@@ -78,7 +80,7 @@ pub(super) fn run_peer(
                     .zip(f)
                     .map(|(s, p)| {
                         if z {
-                            format!("zstd -1 -T2 -q -c {} | nc -N {front} {p}", shq(s))
+                            format!("zstd -{level} -T2 -q -c {} | nc -N {front} {p}", shq(s))
                         } else {
                             format!("nc -N {front} {p} < {}", shq(s))
                         }
@@ -88,6 +90,26 @@ pub(super) fn run_peer(
             };
             let m = measure_net(env, net, dir, &sc.sources, n, false, &rcv, &snd, None)?;
             (m, snd(&vec![0; n]), Some(rcv(&vec![0; n])))
+        }
+        "iperf3" => {
+            // The link's capacity: eight TCP streams for a fixed time, through the same
+            // counting proxy. The server serves one test and exits (-1).
+            let secs = env.iperf_secs;
+            let rcv = |b: &[u16]| format!("exec iperf3 -s -1 -B {host} -p {}", b[0]);
+            let snd = |f: &[u16]| format!("exec iperf3 -c {front} -p {} -P 8 -t {secs} -J", f[0]);
+            let m = measure_net(env, net, dir, &sc.sources, 1, false, &rcv, &snd, None)?;
+            let mut run = base_run(&m);
+            let out = std::fs::read_to_string(dir.join("sender.out")).unwrap_or_default();
+            let bps = serde_json::from_str::<serde_json::Value>(&out)
+                .ok()
+                .and_then(|v| v.pointer("/end/sum_received/bits_per_second").and_then(|x| x.as_f64()));
+            run.link_bps = bps;
+            // Nothing to compare: "identical" means it ran and reported a rate.
+            run.identical = run.ok && bps.is_some_and(|b| b > 0.0);
+            if run.ok && bps.is_none() {
+                run.error = Some("iperf3 -J printed no end.sum_received.bits_per_second".into());
+            }
+            return Ok((run, snd(&[0]), Some(rcv(&[0]))));
         }
         "qemu-img" | "cp" | "nbdcopy" => {
             let (s, o) = (shq(&srcs[0]), shq(&outs[0]));
@@ -128,17 +150,19 @@ pub(super) fn missing_tools() -> BTreeMap<&'static str, String> {
     for (tool, bins) in [
         ("rsync", &["rsync"][..]),
         ("zstd-nc", &["zstd", "nc"][..]),
+        ("zstd3-nc", &["zstd", "nc"][..]),
+        ("iperf3", &["iperf3"][..]),
         ("nc", &["nc"][..]),
         ("qemu-img", &["qemu-img"][..]),
         ("cp", &["cp"][..]),
         ("nbdcopy", &["nbdcopy"][..]),
     ] {
         if let Some(reason) = bins.iter().find_map(|b| need(b)) {
-            m.insert(tool, format!("{reason} (Debian: rsync, zstd, netcat-openbsd, qemu-utils, libnbd-bin)"));
+            m.insert(tool, format!("{reason} (Debian: rsync, zstd, netcat-openbsd, qemu-utils, libnbd-bin, iperf3)"));
         }
     }
     if !m.contains_key("nc") && !probe("nc -h 2>&1 | grep -q OpenBSD") {
-        for t in ["nc", "zstd-nc"] {
+        for t in ["nc", "zstd-nc", "zstd3-nc"] {
             m.insert(t, "`nc` is not netcat-openbsd (install netcat-openbsd)".into());
         }
     }
