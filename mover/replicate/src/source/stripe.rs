@@ -384,7 +384,13 @@ impl Striper {
         });
         let mut striper = Striper { shared: shared.clone(), grower: None };
         shared.add_lane(primary.clone(), primary_sock);
-        for stream in 1..plan.start {
+        // `auto` (an RTT measured) joins its start's connections in the background, all
+        // at once: each join takes about five round trips (TCP, TLS, authentication,
+        // Join), which one after the other cost seconds on a long path, while the data
+        // can move on the first connection meanwhile. `--streams N` joins them first.
+        let background = !plan.rtt.is_zero() && plan.cap > 1;
+        let now = if background { 1 } else { plan.start };
+        for stream in 1..now {
             match join_one(&ticket, stream, &**dial, auth) {
                 Ok((conn, killer)) => shared.add_lane(conn, killer),
                 Err(e) => {
@@ -393,24 +399,36 @@ impl Striper {
                 }
             }
         }
-        if plan.cap > plan.start {
+        if background {
             let (tx, orders) = bounded::<()>(1);
             let (dial, auth) = (dial.clone(), auth.clone());
+            shared.lock().meter.pending = true;
             let thread = std::thread::Builder::new()
                 .name("ferry-grow".into())
                 .spawn(move || {
-                    for () in orders {
-                        let stream = shared.lock().lanes.len() as u16;
-                        match join_one(&ticket, stream, &*dial, &auth) {
-                            Ok((conn, killer)) => shared.add_lane(conn, killer),
-                            // Not fatal: the session goes on with the connections it has.
-                            Err(e) => {
-                                let mut st = shared.lock();
-                                st.meter.pending = false;
-                                st.meter.stopped = true;
-                                st.meter.failed_join = Some(format!("stream {stream}: {e}"));
-                                return;
-                            }
+                    // Not fatal: the session goes on with the connections it has.
+                    let join = |stream: u16| match join_one(&ticket, stream, &*dial, &auth) {
+                        Ok((conn, killer)) => {
+                            shared.add_lane(conn, killer);
+                            true
+                        }
+                        Err(e) => {
+                            let mut st = shared.lock();
+                            st.meter.stopped = true;
+                            st.meter.failed_join.get_or_insert(format!("stream {stream}: {e}"));
+                            false
+                        }
+                    };
+                    std::thread::scope(|s| {
+                        for stream in 1..plan.start {
+                            s.spawn(move || join(stream));
+                        }
+                    });
+                    shared.lock().meter.pending = false;
+                    for (stream, ()) in (plan.start..).zip(orders) {
+                        if !join(stream) {
+                            shared.lock().meter.pending = false;
+                            return;
                         }
                     }
                 })
