@@ -70,6 +70,38 @@ fn four_streams_over_tls_give_a_byte_identical_replica() {
 }
 
 #[test]
+fn auto_adds_streams_mid_run_and_the_replica_is_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = new_token(dir.path(), "token");
+    let ds = dir.path().join("ds");
+    let src = dir.path().join("src.img");
+    write_image(&src, 24 * MIB + 4321, 23, &[Fill::Random, Fill::Text, Fill::Zero, Fill::Random]);
+    let server = Server::start(&ds, &token, &[]);
+    let config = dir.path().join("config");
+    // `auto` on loopback starts with one connection; the test knob adds one after every
+    // 2 MiB sent per connection (what window-limited connections on a long path get),
+    // while the run lasts (about 1 s at 20 MB/s).
+    let extra = ["--streams", "auto", "--streams-grow-every", "2M", "--bwlimit", "20M"];
+    let r = replicate(&config, &server.url, &token, &src, &[&server.pin()[..], &extra].concat());
+    r.expect_code(0);
+    let sum = r.summary();
+    assert_eq!(sum["streams_at_start"], 1, "{sum}");
+    let streams = sum["streams"].as_u64().unwrap();
+    assert!((2..=8).contains(&streams), "streams joined during the run: {sum}");
+    let per_stream: Vec<u64> = sum["stream_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect();
+    assert_eq!(per_stream.len() as u64, streams, "{sum}");
+    assert_eq!(per_stream.iter().sum::<u64>(), sum["wire_bytes"].as_u64().unwrap(), "{sum}");
+    assert!(per_stream[1] > MIB, "the stream that joined mid-run carried data: {sum}");
+    assert_replica_equals(&ds, "vm1", "d0", &src);
+    // One session: the first connection made the point, the joined ones opened nothing.
+    let done = server.sessions(streams as usize);
+    let first: Vec<&Value> = done.iter().filter(|v| v["replica"] == "vm1").collect();
+    assert_eq!(first.len(), 1, "{done:?}");
+    assert_eq!(first[0]["point_id"], 1, "{done:?}");
+    assert!(done.iter().all(|v| v["error"] == Value::Null), "{done:?}");
+}
+
+#[test]
 fn a_cut_stream_fails_the_session_cleanly_and_the_next_run_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let token = new_token(dir.path(), "token");

@@ -114,6 +114,8 @@ pub fn replicate_from_backup(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
                 compress_levels: Vec::new(),
                 compress_stream: false,
                 streams: 0,
+                streams_at_start: 0,
+                stream_bytes: Vec::new(),
             };
             Ok(obs.inner.finish_ok(base, &rep, Status::Warning))
         }

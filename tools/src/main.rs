@@ -219,9 +219,14 @@ struct ReplicateArgs {
     compress: String,
     /// TCP connections to a remote target, one session striped over them: 1..16, or auto
     /// (more than one only when the round trip is long enough that one connection's window
-    /// cannot fill the path; one on a LAN). A local target always takes one.
+    /// cannot fill the path; one on a LAN; up to 8, adding connections during the run
+    /// while they are window-limited). A local target always takes one.
     #[arg(long, default_value = "auto")]
     streams: String,
+    /// With --streams auto, add a connection after every this many bytes sent per
+    /// connection, whatever the measurements say (up to 8; for tests).
+    #[arg(long, hide = true)]
+    streams_grow_every: Option<String>,
     /// Point time of the restore point (RFC 3339); default: the start of the run.
     #[arg(long)]
     point_time: Option<String>,
@@ -704,6 +709,9 @@ fn replicate_config(a: &ReplicateArgs) -> anyhow::Result<ReplicateConfig> {
     }
     cfg.compress = a.compress.parse::<CompressPolicy>().map_err(usage)?;
     cfg.streams = ferry_replicate::source::Streams::parse(&a.streams).map_err(usage)?;
+    if let Some(g) = &a.streams_grow_every {
+        cfg.streams_grow_every = Some(parse_size(g)?.max(1));
+    }
     cfg.backend = a.io.io_backend.parse().map_err(usage)?;
     cfg.queue_depth = a.io.queue_depth.unwrap_or(cfg.queue_depth).clamp(1, 256);
     if let Some(w) = a.io.workers {

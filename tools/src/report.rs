@@ -92,6 +92,10 @@ fn summary_json(cfg: &ReplicateConfig, rep: &JobReport, status: &str) -> Value {
         "resumed": rep.resumed,
         "wire_bytes": rep.wire_bytes,
         "streams": rep.streams,
+        // `--streams auto` may add connections during the run: how many at the start,
+        // and the bytes each one carried (the first connection first).
+        "streams_at_start": rep.streams_at_start,
+        "stream_bytes": rep.stream_bytes,
         "compress_auto": rep.compress_auto,
         "compress_stream": rep.compress_stream,
         "levels": rep.compress_levels,
@@ -275,7 +279,11 @@ impl JobObserver for TextObserver {
             human_bytes(t.bytes_unchanged),
             human_bytes(t.bytes_sent),
             if rep.resumed { " (resumed)" } else { "" },
-            if rep.streams > 1 { format!(" over {} streams", rep.streams) } else { String::new() },
+            match (rep.streams, rep.streams_at_start) {
+                (1, _) => String::new(),
+                (n, s) if s < n => format!(" over {n} streams ({s} at the start)"),
+                (n, _) => format!(" over {n} streams"),
+            },
         );
         if let Some(line) = levels_line(rep) {
             println!("{line}");

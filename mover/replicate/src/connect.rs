@@ -134,15 +134,23 @@ fn open_link(addr: &str, trust: &ClientTrust) -> Result<conn::Link> {
 /// Connections a job to a remote target uses: `--streams N`, or for `auto` the rule of
 /// [`source::auto_streams`] from the first connection's round-trip time (the kernel's
 /// smoothed RTT, measured over the TLS and ferry handshakes).
-fn stream_count(cfg: &ReplicateConfig, link: &conn::Link) -> u16 {
+/// `auto` may add connections during the run, up to [`source::AUTO_MAX`], when they
+/// are window-limited ([`source::grow`]).
+fn stream_plan(cfg: &ReplicateConfig, link: &conn::Link) -> source::StreamPlan {
     match cfg.streams {
-        source::Streams::Fixed(n) => n,
-        source::Streams::Auto => match link.sock() {
-            conn::Sock::Tcp(s) => {
-                ferry_io::sys::tcp_rtt(s).map(|rtt| source::auto_streams(rtt, source::kernel_window())).unwrap_or(1)
+        source::Streams::Fixed(n) => source::StreamPlan::fixed(n),
+        source::Streams::Auto => {
+            let rtt = match link.sock() {
+                conn::Sock::Tcp(s) => ferry_io::sys::tcp_rtt(s).unwrap_or(Duration::ZERO),
+                conn::Sock::Unix(_) => Duration::ZERO,
+            };
+            let mut plan = source::StreamPlan::auto(rtt, source::kernel_window());
+            if let Some(every) = cfg.streams_grow_every {
+                plan.cap = source::AUTO_MAX;
+                plan.grow_every = Some(every);
             }
-            conn::Sock::Unix(_) => 1,
-        },
+            plan
+        }
     }
 }
 
@@ -167,11 +175,11 @@ impl Target {
         // Streams are for the network: a local target is one socketpair.
         let r = match &self.spec {
             TargetSpec::Remote(addr) if !cfg.plan_only => {
-                let count = stream_count(cfg, &c.sock);
+                let plan = stream_plan(cfg, &c.sock);
                 let trust = self.trust.clone();
                 let addr = addr.clone();
-                let dial = move || open_link(&addr, &trust).map(|l| (l, addr.clone()));
-                source::replicate_striped(c.sock, &c.peer, c.auth, cfg, obs, Some((count, &dial as &source::Dial)))
+                let dial: Arc<source::Dial> = Arc::new(move || open_link(&addr, &trust).map(|l| (l, addr.clone())));
+                source::replicate_striped(c.sock, &c.peer, c.auth, cfg, obs, Some((plan, dial)))
             }
             _ => source::replicate(c.sock, &c.peer, c.auth, cfg, obs),
         };

@@ -10,19 +10,24 @@
 //! bytes per second of compress time, i.e. the CPU headroom). The link takes
 //! D = L x R logical bytes per second. Compression must never be the
 //! bottleneck: below C < 1.2 D the level steps down (to 0, off, on a link
-//! faster than the compressor, such as loopback). It steps up while the next
-//! level is expected to keep C > 1.5 D: from that level's own rate when it
-//! was measured before, else from the current rate divided by 2.5 (about what
-//! each step of [`AUTO_LEVELS`] costs on this data). A level that proved too
+//! faster than the compressor, such as loopback). It steps up to the highest
+//! level expected to keep C > 1.5 D, several steps at once when the headroom
+//! is large: a level's own rate when it was measured before, else the current
+//! rate divided by 2.5 per step (about what each step of [`AUTO_LEVELS`] costs
+//! on this data). While off (0), level 1's rate comes from the 1-in-16 probes. A level that proved too
 //! slow is remembered, so the controller does not oscillate (each change of
 //! level restarts the workers' compression streams).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// zstd levels `--compress auto` moves between (0: off).
 pub const AUTO_LEVELS: [i32; 5] = [0, 1, 3, 6, 9];
+
+/// What one step up [`AUTO_LEVELS`] is expected to cost in compress rate before it
+/// was measured (level 1 -> 3 -> 6 -> 9 on the bench's data: about 2.5x each).
+const STEP_COST: f64 = 2.5;
 
 /// Shared state of `--compress auto`: the level the sender chose, and what
 /// the workers measured compressing (including 1-in-16 probes while off).
@@ -30,6 +35,9 @@ pub const AUTO_LEVELS: [i32; 5] = [0, 1, 3, 6, 9];
 pub(super) struct AutoCompress {
     /// Index into [`AUTO_LEVELS`].
     pub(super) idx: AtomicUsize,
+    /// The workers compress into streams and check chunks at level 1 from level 3 on
+    /// (work.rs): incompressible data costs a level-1 pass at any level.
+    pub(super) checked: AtomicBool,
     pub(super) comp_ns: AtomicU64,
     pub(super) comp_in: AtomicU64,
     pub(super) comp_out: AtomicU64,
@@ -76,6 +84,8 @@ pub(super) struct AutoController {
     rate: [Option<f64>; AUTO_LEVELS.len()],
     /// Windows spent at each level.
     pub(super) windows: [u64; AUTO_LEVELS.len()],
+    /// See [`AutoCompress::checked`].
+    checked: bool,
 }
 
 /// What one window measured: link drain rate (wire bytes/s), the workers'
@@ -99,6 +109,7 @@ impl AutoController {
             last: (0, 0, 0),
             rate: [None; AUTO_LEVELS.len()],
             windows: [0; AUTO_LEVELS.len()],
+            checked: false,
         }
     }
 
@@ -130,6 +141,7 @@ impl AutoController {
             cpu: self.workers * din as f64 / (dns as f64 / 1e9),
             ratio: din as f64 / dout.max(1) as f64,
         };
+        self.checked = auto.checked.load(Ordering::Relaxed);
         auto.idx.store(self.next(idx, w), Ordering::Relaxed);
     }
 
@@ -142,17 +154,27 @@ impl AutoController {
             self.rate[1].get_or_insert(w.cpu);
         }
         let demand = w.link * w.ratio; // logical bytes/s the link takes at this ratio
-        if w.ratio < 1.1 || w.cpu < 1.2 * demand {
+                                       // Data that does not compress steps down, except where it costs a level-1 check
+                                       // only (checked, level 3 and up): there the noise goes raw, and the level stays
+                                       // for the compressible data around it (a window of noise is no reason to lose it).
+        let noise_is_cheap = self.checked && AUTO_LEVELS[idx] >= super::work::CHECK_FROM;
+        if (w.ratio < 1.1 && !noise_is_cheap) || w.cpu < 1.2 * demand {
             return idx.saturating_sub(1); // compression buys nothing, or is the bottleneck
         }
-        if idx == 0 {
-            return 1;
+        // CPU headroom over a slow link: compress harder, as many steps at once as
+        // the expected rates allow (a slow link is found in one window, not four).
+        let from = idx.max(1);
+        let mut to = from;
+        let mut expect = w.cpu;
+        for up in from + 1..AUTO_LEVELS.len() {
+            expect /= STEP_COST;
+            if self.rate[up].unwrap_or(expect) > 1.5 * demand {
+                to = up;
+            } else {
+                break;
+            }
         }
-        let up = idx + 1;
-        if up < AUTO_LEVELS.len() && self.rate[up].unwrap_or(w.cpu / 2.5) > 1.5 * demand {
-            return up; // CPU headroom over a slow link: compress harder
-        }
-        idx
+        to
     }
 }
 
@@ -184,9 +206,26 @@ mod tests {
             idx = c.next(idx, Window { link, cpu: cpu[idx], ratio: 3.0 });
             seen.push(AUTO_LEVELS[idx]);
         }
-        // 6 promises 150 / 2.5 = 60 > 1.5 x 37.5 at 9: up to 9, too slow there
+        // From 1 (500): 3 promises 200, 6 promises 80 > 1.5 x 37.5, 9 only 32: straight
+        // to 6. 6 promises 150 / 2.5 = 60 at 9: up to 9, too slow there
         // (35 < 1.2 x 37.5), back to 6, and 6 it stays.
-        assert_eq!(seen, [3, 6, 9, 6, 6, 6, 6, 6, 6, 6, 6, 6]);
+        assert_eq!(seen, [6, 9, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6]);
+    }
+
+    #[test]
+    fn from_off_the_probes_rate_picks_the_level_at_once() {
+        let mut c = AutoController::new(2);
+        // Off, probing at level 1: 400 MB/s; 12.5 MB/s at ratio 3 (demand 37.5 MB/s):
+        // 3 promises 160, 6 promises 64, 9 25.6: level 6 in one window.
+        let w = Window { link: 12.5 * MB, cpu: 400.0 * MB, ratio: 3.0 };
+        assert_eq!(AUTO_LEVELS[c.next(0, w)], 6);
+        // A 1 Gbit/s link (demand 375 MB/s): 400 < 1.2 x 375, stays off.
+        let mut c = AutoController::new(2);
+        let w = Window { link: 125.0 * MB, cpu: 400.0 * MB, ratio: 3.0 };
+        assert_eq!(c.next(0, w), 0);
+        // 50 MB/s (demand 150): 1 holds (400 > 180), 3 would give 160 < 225: level 1.
+        let w = Window { link: 50.0 * MB, cpu: 400.0 * MB, ratio: 3.0 };
+        assert_eq!(AUTO_LEVELS[c.next(0, w)], 1);
     }
 
     #[test]
@@ -195,6 +234,20 @@ mod tests {
         let w = Window { link: 12.5 * MB, cpu: 400.0 * MB, ratio: 1.02 };
         assert_eq!(c.next(2, w), 1);
         assert_eq!(c.next(1, w), 0);
+    }
+
+    #[test]
+    fn checked_streams_keep_a_high_level_through_noise() {
+        let mut c = AutoController::new(2);
+        c.checked = true;
+        // A window of noise at level 6 over a slow link: the check sends it raw cheaply.
+        let noise = Window { link: 12.5 * MB, cpu: 600.0 * MB, ratio: 1.02 };
+        assert_eq!(AUTO_LEVELS[c.next(3, noise)], 9);
+        // At level 1 (a fast link) noise still switches compression off.
+        assert_eq!(c.next(1, noise), 0);
+        // Noise that makes the CPU the bottleneck still steps down.
+        let slow = Window { link: 12.5 * MB, cpu: 10.0 * MB, ratio: 1.02 };
+        assert_eq!(AUTO_LEVELS[c.next(3, slow)], 3);
     }
 
     #[test]

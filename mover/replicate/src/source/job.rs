@@ -25,7 +25,7 @@ use super::compress::{AutoCompress, AUTO_LEVELS};
 use super::read::{read_loop, ReadPlan, ReadSide, Work};
 use super::receive::{prefer_target_error, receive_loop, RxMsg};
 use super::send::send_loop;
-use super::stripe::{Dial, FrameSink, Striper};
+use super::stripe::{Dial, FrameSink, StreamPlan, Striper};
 use super::work::{work_loop, Done};
 use super::{CompressChoice, CompressPolicy, DiskSpec, JobEvent, JobReport, Observer, ReplicateConfig};
 use crate::conn::{Conn, Rx};
@@ -85,9 +85,9 @@ struct Compressed {
 }
 
 /// How a job may stripe its session: connections wanted, how to open more, the token.
-pub(super) struct StripePlan<'a> {
-    pub(super) count: u16,
-    pub(super) dial: &'a Dial,
+pub(super) struct StripePlan {
+    pub(super) plan: StreamPlan,
+    pub(super) dial: Arc<Dial>,
     pub(super) auth: Arc<dyn Authenticator>,
     /// Features the target negotiated on the first connection.
     pub(super) features: u64,
@@ -96,11 +96,11 @@ pub(super) struct StripePlan<'a> {
 }
 
 /// What the target agreed to on the first connection: stream compression, and striping.
-pub(super) struct PeerPlan<'a> {
+pub(super) struct PeerPlan {
     /// Chunks may travel as zstd streams (codec zstd-stream).
     pub(super) zstd_stream: bool,
     /// More connections, when the job stripes its session.
-    pub(super) stripe: Option<StripePlan<'a>>,
+    pub(super) stripe: Option<StripePlan>,
 }
 
 pub(super) fn run_job(
@@ -110,7 +110,7 @@ pub(super) fn run_job(
     cfg: &ReplicateConfig,
     obs: &dyn Observer,
     start: Instant,
-    peer: PeerPlan<'_>,
+    peer: PeerPlan,
 ) -> Result<JobReport> {
     let PeerPlan { zstd_stream: stream, stripe } = peer;
     let (reply, chunk_size) = open_replica(conn, &mut rx, &opened, cfg, obs)?;
@@ -133,20 +133,20 @@ pub(super) fn run_job(
     let read_side = read_side.join().map_err(|_| MoveError::Internal("building the read buffers failed".into()))?;
     // More connections, once the disks are open (stripe.rs).
     let mut striper = match stripe {
-        Some(p) if p.count > 1 && !cfg.plan_only => {
+        Some(p) if p.plan.cap.max(p.plan.start) > 1 && !cfg.plan_only => {
             if p.features & ferry_wire::FEATURE_STREAMS != 0 {
-                Some(Striper::open(conn, p.sock, &mut rx, p.count, p.dial, &p.auth)?)
+                Some(Striper::open(conn, p.sock, &mut rx, p.plan, &p.dial, &p.auth)?)
             } else {
                 obs.event(&JobEvent::Notice(format!(
                     "the target does not take several connections per session; using one (--streams {})",
-                    p.count
+                    p.plan.start
                 )));
                 None
             }
         }
         _ => None,
     };
-    let streams = striper.as_ref().map_or(1, |s| s.count()) as u16;
+    let streams_at_start = striper.as_ref().map_or(1, |s| s.count()) as u16;
     // Receiver: checkpoints, the commit answer, errors.
     let (rx_tx, rx_msgs) = crossbeam_channel::unbounded::<RxMsg>();
     let receiver = {
@@ -168,9 +168,16 @@ pub(super) fn run_job(
     // connection: the target's own Error frame, if the receiver got one, says why.
     let outcome = outcome.map_err(|e| if e.is_connection_error() { prefer_target_error(&rx_msgs, e) } else { e });
     let mut wire_bytes = conn.bytes_sent();
+    let mut stream_bytes = vec![wire_bytes];
     if let Some(s) = &mut striper {
         s.finish(outcome.is_ok());
-        wire_bytes = s.bytes_sent();
+        stream_bytes = s.bytes_per_stream();
+        if let Some(why) = s.failed_join() {
+            obs.event(&JobEvent::Notice(format!(
+                "could not add a connection during the run ({why}); went on with those it had"
+            )));
+        }
+        wire_bytes = stream_bytes.iter().sum();
     }
     conn.shutdown();
     let _ = receiver.join();
@@ -197,7 +204,9 @@ pub(super) fn run_job(
         compress_auto: compressed.auto,
         compress_levels: compressed.levels,
         compress_stream: compressed.stream,
-        streams,
+        streams: stream_bytes.len() as u16,
+        streams_at_start,
+        stream_bytes,
     })
 }
 
@@ -561,6 +570,7 @@ fn run_pipeline(
 
     let auto = AutoCompress::default();
     auto.idx.store(1, Ordering::Relaxed); // start at zstd 1; the controller adapts within a window
+    auto.checked.store(stream && cfg.compress != CompressPolicy::None, Ordering::Relaxed);
     let auto = &auto;
     std::thread::scope(|s| {
         let reader = s.spawn(|| {

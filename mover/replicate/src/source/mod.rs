@@ -59,7 +59,10 @@ use crate::stats::{DiskCounters, StageSummary};
 use job::{expect_frame, run_job, unexpected};
 
 pub use compress::{LevelBytes, AUTO_LEVELS};
-pub use stripe::{auto_streams, kernel_window, Dial, Streams, AUTO_MAX, AUTO_MIN_RTT, AUTO_RATE};
+pub use stripe::{
+    auto_streams, grow, kernel_window, Dial, Grow, GrowInput, StreamPlan, Streams, AUTO_MAX, AUTO_MIN_RTT, AUTO_RATE,
+    GROW_WINDOW,
+};
 
 /// How chunks are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +158,9 @@ pub struct ReplicateConfig {
     pub map_cache: Option<MapCache>,
     /// Connections to a remote target (`--streams`; a local target always takes one).
     pub streams: Streams,
+    /// Tests: with `--streams auto`, add a connection after every this many bytes sent
+    /// per connection, whatever the measurements say (up to the cap).
+    pub streams_grow_every: Option<u64>,
     /// The bandwidth limit the frames sent are charged to (`--bwlimit`); None: unlimited.
     pub throttle: Option<std::sync::Arc<crate::throttle::Throttle>>,
 }
@@ -178,6 +184,7 @@ impl ReplicateConfig {
             plan_only: false,
             map_cache: None,
             streams: Streams::Auto,
+            streams_grow_every: None,
             throttle: None,
         }
     }
@@ -245,8 +252,12 @@ pub struct JobReport {
     pub compress_levels: Vec<LevelBytes>,
     /// True when chunks were compressed in streams (codec zstd-stream).
     pub compress_stream: bool,
-    /// Connections the session was striped over (1: one connection).
+    /// Connections the session was striped over at its end (1: one connection).
     pub streams: u16,
+    /// Connections at the start (`--streams auto` may add some during the run).
+    pub streams_at_start: u16,
+    /// Bytes written to each connection (TLS records included), the first one first.
+    pub stream_bytes: Vec<u64>,
 }
 
 /// What `--compress auto` chose during a run.
@@ -271,15 +282,16 @@ pub fn replicate(
     replicate_striped(sock, peer, auth, cfg, obs, None)
 }
 
-/// Run a replication over an established socket to a target, striped over `streams.0`
-/// connections in all when more than one, the others opened with `streams.1` (stripe.rs).
+/// Run a replication over an established socket to a target, striped as `streams.0`
+/// plans (more than one connection, or `auto` growing), the others opened with
+/// `streams.1` (stripe.rs).
 pub fn replicate_striped(
     sock: Link,
     peer: &str,
     auth: Arc<dyn Authenticator>,
     cfg: &ReplicateConfig,
     obs: &dyn Observer,
-    streams: Option<(u16, &Dial)>,
+    streams: Option<(StreamPlan, Arc<Dial>)>,
 ) -> Result<JobReport> {
     let start = Instant::now();
     if cfg.disks.is_empty() {
@@ -316,7 +328,7 @@ pub fn replicate_striped(
     let (conn, rx, peer_info) = client_handshake(sock, peer, auth.clone())?;
     conn.set_write_timeout(Some(Duration::from_secs(120)));
     let stripe =
-        streams.map(|(count, dial)| job::StripePlan { count, dial, auth, features: peer_info.features, sock: killer });
+        streams.map(|(plan, dial)| job::StripePlan { plan, dial, auth, features: peer_info.features, sock: killer });
     let stream = peer_info.features & ferry_wire::FEATURE_ZSTD_STREAM != 0;
     let result = run_job(&conn, rx, opened, cfg, obs, start, job::PeerPlan { zstd_stream: stream, stripe });
     if let Err(e) = &result {

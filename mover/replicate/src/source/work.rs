@@ -111,6 +111,8 @@ struct Worker<'a> {
     cctx: zstd::bulk::Compressor<'static>,
     /// This worker's compression stream, when the target takes them.
     stream: Option<StreamEncoder>,
+    /// Level-1 context for the check before a stream at [`CHECK_FROM`] and above.
+    check: Option<zstd::bulk::Compressor<'static>>,
     /// The level chunks are compressed at (`cctx` is set to it).
     cur_level: i32,
     /// Chunks seen while auto is off (1 in 16 is compressed anyway).
@@ -119,6 +121,9 @@ struct Worker<'a> {
     skip: u32,
     backoff: u32,
 }
+
+/// From this level on, a stream's chunks are checked at level 1 first (`Worker::compress`).
+pub(super) const CHECK_FROM: i32 = 3;
 
 type SendResult = std::result::Result<(), crossbeam_channel::SendError<Done>>;
 
@@ -149,6 +154,7 @@ impl<'a> Worker<'a> {
             zeros: ZeroDigests::new(chunk_size),
             cctx,
             stream: None,
+            check: None,
             cur_level: level,
             probe: 0,
             skip: 0,
@@ -254,7 +260,20 @@ impl<'a> Worker<'a> {
         let expected = buf.len();
         let t = Instant::now();
         let eighth = expected - expected / 8;
+        // At the levels of a slow link, a chunk that level 1 cannot shrink at all is
+        // sent raw without entering the stream: the stream keeps its history (a chunk
+        // that does not fit restarts it) and the slow level does not grind through noise.
+        let noise = self.stream.is_some() && self.cur_level >= CHECK_FROM && {
+            let check = self.check.get_or_insert_with(|| {
+                let mut c = zstd::bulk::Compressor::new(1).expect("zstd context");
+                let _ = c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false));
+                let _ = c.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(false));
+                c
+            });
+            check.compress_to_buffer(buf, &mut out.spare_mut()[..expected - expected / 64]).is_err()
+        };
         let (codec, r) = match &mut self.stream {
+            _ if noise => (Codec::ZstdStream, None),
             Some(s) => (Codec::ZstdStream, s.compress(self.cur_level, buf, &mut out.spare_mut()[..expected - 1])),
             None => (Codec::Zstd, self.cctx.compress_to_buffer(buf, &mut out.spare_mut()[..eighth]).ok()),
         };
@@ -269,9 +288,12 @@ impl<'a> Worker<'a> {
         } else {
             // Did not shrink by 1/8: back off exponentially on incompressible runs,
             // less far at the levels auto picks for slow links (the CPU has time).
+            // With the check (a stream at CHECK_FROM and above), noise costs a level-1
+            // pass: every chunk is looked at, none is sent raw unseen.
             let most = if self.cur_level <= 1 { 64 } else { 4 };
             self.backoff = (self.backoff * 2).clamp(1, most);
-            self.skip = if self.policy == CompressPolicy::Auto { self.backoff } else { 0 };
+            let checked = self.stream.is_some() && self.cur_level >= CHECK_FROM;
+            self.skip = if self.policy == CompressPolicy::Auto && !checked { self.backoff } else { 0 };
         }
         // A stream's output goes out whenever it fits: the target's decoder needs it.
         let n = r?;

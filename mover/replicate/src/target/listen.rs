@@ -425,7 +425,12 @@ fn join_stream(
     let joined = conn
         .handle(Frame::Join(j.clone()))
         .and_then(|_| sh.streams.join(&j.ticket, token, j.stream, killer))
-        .and_then(|set| conn.send(&Frame::Joined(ferry_wire::Joined { stream: j.stream })).map(|_| set));
+        .and_then(|set| {
+            // A stream counted live that cannot answer ends at once (it delivers nothing).
+            conn.send(&Frame::Joined(ferry_wire::Joined { stream: j.stream }))
+                .map(|_| set.clone())
+                .inspect_err(|_| set.reorder.ended(&name, Ok(())))
+        });
     match joined {
         Ok(set) => {
             read_stream(&name, &mut rx, &set);

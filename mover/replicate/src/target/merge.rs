@@ -139,6 +139,16 @@ impl<T> Reorder<T> {
         }
     }
 
+    /// One more stream delivers (a join); false when the merge is over already.
+    pub(crate) fn joined(&self) -> bool {
+        let mut s = self.lock();
+        if s.closed || s.failed.is_some() || s.live == 0 {
+            return false;
+        }
+        s.live += 1;
+        true
+    }
+
     /// A stream ended: cleanly (`Ok`) or with an error, which fails the merge.
     pub(crate) fn ended(&self, stream: &str, how: Result<()>) {
         let mut s = self.lock();
@@ -241,7 +251,9 @@ impl StreamRegistry {
             count,
             joined: Mutex::new((0..count).map(|i| i == 0).collect()),
             socks: Mutex::new(Vec::new()),
-            reorder: Reorder::new(count as usize, window),
+            // Live streams: the first connection; each join adds one (a source may join
+            // fewer than it was granted, and join them at any time: PROTOCOL.md 11).
+            reorder: Reorder::new(1, window),
             pool: Arc::new(BufPool::with_slack(window + count as usize, chunk_size, payload_slack(chunk_size))),
             bytes_received: Default::default(),
         });
@@ -272,6 +284,11 @@ impl StreamRegistry {
         let mut joined = set.joined.lock().unwrap_or_else(|p| p.into_inner());
         if joined[stream as usize] {
             return refused(&format!("stream {stream} has joined already"));
+        }
+        // Counted live before the merge can see every stream ended: a stream that joins
+        // after the session's streams all ended finds the merge over (its reader stops).
+        if !set.reorder.joined() {
+            return refused("the session's streams have all ended");
         }
         joined[stream as usize] = true;
         drop(joined);
