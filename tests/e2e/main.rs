@@ -2,6 +2,7 @@
 
 mod access;
 mod backup;
+mod busy;
 mod bwlimit;
 mod datapath;
 mod exit_codes;

@@ -355,16 +355,22 @@ pub struct Server {
 impl Server {
     /// Start a server on `datastore` with `token`, plus extra args.
     pub fn start(datastore: &Path, token: &Path, extra: &[&str]) -> Server {
-        Server::launch(datastore, "--token-file", token, extra)
+        Server::launch(datastore, "--token-file", token, extra, &[])
+    }
+
+    /// [`Server::start`] with environment variables set for the server (test knobs).
+    pub fn start_env(datastore: &Path, token: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::launch(datastore, "--token-file", token, extra, env)
     }
 
     /// Start a server on `datastore` with the access file `access` (`--access`), plus extra args.
     pub fn start_access(datastore: &Path, access: &Path, extra: &[&str]) -> Server {
-        Server::launch(datastore, "--access", access, extra)
+        Server::launch(datastore, "--access", access, extra, &[])
     }
 
-    fn launch(datastore: &Path, auth_flag: &str, auth_file: &Path, extra: &[&str]) -> Server {
+    fn launch(datastore: &Path, auth_flag: &str, auth_file: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = ferry()
+            .envs(env.iter().copied())
             .args(["serve", "--listen", "127.0.0.1:0", "--json", "--datastore"])
             .arg(datastore)
             .arg(auth_flag)

@@ -130,8 +130,8 @@ impl Observer for JsonObserver {
                 *self.start.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 json!({"event": "plan", "disks": disks, "totals": totals(disks)})
             }
-            JobEvent::Progress { disk, done, total } => {
-                json!({"event": "progress", "disk": disk, "bytes_done": done, "bytes_total": total})
+            JobEvent::Progress { disk, done, total, phase } => {
+                json!({"event": "progress", "disk": disk, "bytes_done": done, "bytes_total": total, "phase": phase})
             }
             JobEvent::DiskDone(c) => json!({"event": "disk_done", "disk": c.disk, "counters": c}),
             JobEvent::Warning(m) => {
@@ -203,19 +203,26 @@ impl Observer for TextObserver {
                     b.set_length(t.bytes_planned);
                     b.set_style(
                         indicatif::ProgressStyle::with_template(
-                            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
                         )
                         .expect("template"),
                     );
                 }
                 eprintln!("replicating {} disk(s), {} planned", disks.len(), human_bytes(t.bytes_planned));
             }
-            JobEvent::Progress { disk, done, .. } => {
+            JobEvent::Progress { disk, done, phase, .. } => {
                 let mut g = self.totals.lock().unwrap_or_else(|p| p.into_inner());
                 let prev = g.1.insert(disk.clone(), *done).unwrap_or(0);
                 g.0 += done.saturating_sub(prev);
                 if let Some(b) = &self.bar {
                     b.set_position(g.0);
+                    // Outside the data phase the bar says what the run waits for.
+                    b.set_message(if *phase == "data" {
+                        String::new()
+                    } else {
+                        format!("({})", phase.replace('_', " "))
+                    });
+                    b.tick();
                 }
             }
             JobEvent::DiskDone(c) => {

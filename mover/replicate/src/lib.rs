@@ -32,6 +32,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod busy;
 pub mod conn;
 pub mod connect;
 pub mod disk;

@@ -22,13 +22,14 @@ use ferry_wire::{
 use super::announce::Announcer;
 use super::compress::LevelBytes;
 use super::compress::{AutoCompress, AUTO_LEVELS};
+use super::heartbeat::{self, Heartbeat};
 use super::read::{read_loop, ReadPlan, ReadSide, Work};
 use super::receive::{prefer_target_error, receive_loop, RxMsg};
 use super::send::send_loop;
 use super::stripe::{Dial, FrameSink, StreamPlan, Striper};
 use super::work::{work_loop, Done};
 use super::{CompressChoice, CompressPolicy, DiskSpec, JobEvent, JobReport, Observer, ReplicateConfig};
-use crate::conn::{Conn, Rx};
+use crate::conn::{Conn, Rx, KEEPALIVE_INTERVAL};
 use crate::disk::SourceDisk;
 use crate::error::{MoveError, Result};
 use crate::map_cache::MapCacheWriter;
@@ -105,10 +106,29 @@ pub(super) struct PeerPlan {
 
 pub(super) fn run_job(
     conn: &Arc<Conn>,
-    mut rx: Rx,
+    rx: Rx,
     opened: Vec<OpenedDisk>,
     cfg: &ReplicateConfig,
     obs: &dyn Observer,
+    start: Instant,
+    peer: PeerPlan,
+) -> Result<JobReport> {
+    // Progress at least once a second and a keepalive when quiet, in every phase (heartbeat.rs).
+    let hb = Heartbeat::new(obs);
+    let tick = || {
+        hb.beat();
+        let _ = conn.keepalive_if_quiet(KEEPALIVE_INTERVAL);
+    };
+    crate::busy::ticking(heartbeat::LOOK, tick, || job(conn, rx, opened, cfg, &hb, start, peer))
+}
+
+/// [`run_job`] under its heartbeat `obs`.
+fn job(
+    conn: &Arc<Conn>,
+    mut rx: Rx,
+    opened: Vec<OpenedDisk>,
+    cfg: &ReplicateConfig,
+    obs: &Heartbeat,
     start: Instant,
     peer: PeerPlan,
 ) -> Result<JobReport> {
@@ -162,7 +182,9 @@ pub(super) fn run_job(
         Some(s) => s,
         None => &**conn,
     };
+    obs.phase("data", None);
     let run = run_pipeline(sink, &mut disks, cfg, chunk_size, read_side, &rx_msgs, obs, stream);
+    obs.phase("commit", None);
     let outcome = commit(sink, conn, disks.len(), cfg, run, &rx_msgs);
     // A send that failed because the target closed the session or the
     // connection: the target's own Error frame, if the receiver got one, says why.
@@ -302,8 +324,9 @@ fn open_disk(
     (sd, spec, cbt): OpenedDisk,
     cfg: &ReplicateConfig,
     chunk_size: u32,
-    obs: &dyn Observer,
+    obs: &Heartbeat,
 ) -> Result<JobDisk> {
+    obs.phase("open", Some(&sd.name));
     let cs = u64::from(chunk_size);
     let requested = spec.mode.unwrap_or(if cbt.is_some() { Mode::Cbt } else { Mode::Digest });
     conn.send(&Frame::OpenDisk(OpenDisk {
@@ -335,10 +358,13 @@ fn open_disk(
     let mut plan = plan_disk(&inputs);
     let (mut map_source, mut map_bytes) = (MapSource::None, 0);
     let mut fetch = |conn: &Conn, rx: &mut Rx| -> Result<DigestMap> {
+        obs.phase("digest_map", None);
+        crate::busy::test_slow("digest_map");
         let cached = cfg.map_cache.as_ref().and_then(|c| c.load(&cfg.replica, &sd.name, chunk_size, sd.size));
         let f = fetch_digests(conn, rx, id, (chunk_size, sd.size), cached)?;
         map_source = f.source;
         map_bytes = f.wire_bytes;
+        obs.phase("open", None);
         Ok(f.digests)
     };
     let (mut target_digests, mut cache_base) = (None, None);

@@ -35,6 +35,7 @@
 
 mod announce;
 mod compress;
+mod heartbeat;
 mod job;
 pub(crate) mod read;
 mod receive;
@@ -203,6 +204,11 @@ pub enum JobEvent {
         done: u64,
         /// Bytes planned.
         total: u64,
+        /// What the run is doing: `open` (opening the replica and its disks, planning),
+        /// `digest_map` (getting a disk's digest map), `data` (reading, comparing, sending),
+        /// `commit` (waiting for the target to make the point durable). Outside `data`
+        /// the figures are the latest ones, repeated at least once a second.
+        phase: &'static str,
     },
     /// A disk finished (its last Flush was sent).
     DiskDone(DiskCounters),

@@ -265,6 +265,7 @@ impl Sender<'_> {
             disk: jd.disk.name.clone(),
             done: jd.counters.bytes_planned,
             total: jd.counters.bytes_planned,
+            phase: "data",
         });
         self.obs.event(&JobEvent::DiskDone(jd.counters.clone()));
         Ok(())
@@ -303,6 +304,7 @@ impl Sender<'_> {
                 disk: jd.disk.name.clone(),
                 done: self.done_bytes[d],
                 total: jd.counters.bytes_planned,
+                phase: "data",
             });
         }
         Ok(())

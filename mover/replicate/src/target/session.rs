@@ -25,6 +25,7 @@ use super::verify::{verify_worker, Item, Streams};
 use super::writer::{WDisk, Writer, WriterMsg};
 use super::{ServeConfig, SessionReport};
 use crate::access::Grant;
+use crate::busy::{ticking, TARGET_TICK};
 use crate::conn::{payload_slack, Conn, Received, Rx};
 use crate::error::{MoveError, Result};
 use crate::stats::{Stage, StageStats};
@@ -458,7 +459,8 @@ impl TargetSession<'_> {
             Some(d) => {
                 if d.digests.unknown_count() > 0 {
                     let t = std::time::Instant::now();
-                    rebuild_unknown(&d.image, &mut d.digests)?;
+                    // Hashing a whole image can take long: the source hears keepalives meanwhile.
+                    ticking(TARGET_TICK, || keepalive(&events), || rebuild_unknown(&d.image, &mut d.digests))?;
                     d.dirty = true;
                     a.stats.record(Stage::Verify, t.elapsed());
                 }
@@ -522,7 +524,18 @@ impl TargetSession<'_> {
         let (tx, reply) = bounded(1);
         let items_before = self.active()?.dispatched;
         self.tell_writer(None, WriterMsg::Commit { items_before, reply: tx })?;
-        let (mut disks, undo) = reply.recv().map_err(|_| self.writer_gone())??;
+        // The writer's commit (maps stored, fsyncs) can take long: the source hears keepalives
+        // meanwhile (crate::busy).
+        let answer = ticking(
+            TARGET_TICK,
+            || keepalive(&self.events),
+            || {
+                let answer = reply.recv();
+                crate::busy::test_slow("commit");
+                answer
+            },
+        );
+        let (mut disks, undo) = answer.map_err(|_| self.writer_gone())??;
         disks.extend(carried);
         disks.sort_by(|x, y| x.name.cmp(&y.name));
         let a = self.active()?;
@@ -603,6 +616,11 @@ impl TargetSession<'_> {
         }
         Ok(carried)
     }
+}
+
+/// A Keepalive for the sending thread, unless it has enough to send already.
+fn keepalive(events: &Sender<Outgoing>) {
+    let _ = events.try_send(Outgoing::Frame(Frame::Keepalive));
 }
 
 fn hex(b: &[u8]) -> String {
