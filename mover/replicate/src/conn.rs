@@ -29,7 +29,7 @@
 //! in place), a data payload from a record boundary on (wire/PROTOCOL.md, "TLS
 //! record layout"), and writes it. The receiving half reads a data payload's
 //! records straight from the socket into the payload's pool buffer and decrypts
-//! them there ([`Rx::read_direct`]: one `readv` for a chunk's records and the
+//! them there (`Rx::read_direct`: one `readv` for a chunk's records and the
 //! next frame's head, no copy); other records it reads into its own buffer,
 //! decrypts in place and copies once into the deframer's buffer. Reads stop at
 //! a record's end where a payload may follow, so its records stay in the
@@ -294,17 +294,17 @@ pub struct Rx {
     idle: Option<Duration>,
     /// Bytes received so far.
     pub bytes_received: u64,
-    /// Data payload bytes read in place under TLS ([`Rx::read_direct`]), for tests and diagnostics.
+    /// Data payload bytes read in place under TLS (`Rx::read_direct`), for tests and diagnostics.
     pub bytes_in_place: u64,
     /// The receiving direction of the TLS session, and the records read from the
     /// socket (the one being taken decrypted in place).
     tls: Option<(Opener, BytesMut)>,
 }
 
-/// Records read in place at most per `readv` ([`Rx::read_direct`]).
+/// Records read in place at most per `readv` (`Rx::read_direct`).
 const DIRECT_RECORDS: usize = 32;
 
-/// A data frame's head as one TLS record: what [`Rx::read_direct`] reads after a
+/// A data frame's head as one TLS record: what `Rx::read_direct` reads after a
 /// payload's last record (the head of the next data frame from a ferry sender).
 const NEXT_HEAD_RECORD: usize = HEADER + ferry_wire::HEADER_LEN + ferry_wire::DATA_FIXED_LEN + 1 + TAG;
 
@@ -402,7 +402,7 @@ impl Direct {
 
 /// Read at most `n` bytes from `sock` onto the end of `buf` (never into the rest
 /// of its spare capacity: under TLS what follows may be a payload's records, for
-/// [`Rx::read_direct`]). Small reads of a record's rest or a data frame's head
+/// `Rx::read_direct`). Small reads of a record's rest or a data frame's head
 /// record, or a large one when nothing can follow but what the caller reads next.
 fn read_at_most(sock: &Sock, buf: &mut BytesMut, n: usize) -> io::Result<usize> {
     if n >= TLS_READ_SIZE {
@@ -537,7 +537,7 @@ impl Rx {
     /// false when the peer closed the connection cleanly between frames. Under TLS a read
     /// of the socket asks for `tls_size` bytes, or the rest of a record begun: where a data
     /// payload may follow, as much as a data frame's head record, so that the payload's
-    /// records are still in the socket for [`Rx::read_direct`].
+    /// records are still in the socket for `Rx::read_direct`.
     fn read_more(&mut self, size: usize, tls_size: usize) -> Result<bool> {
         let size = match self.deadline {
             Some((by, limit)) => {
@@ -709,7 +709,7 @@ impl Rx {
     /// Read the rest of a data payload under TLS into `dst` (a pool buffer's whole
     /// capacity, see [`payload_slack`]; `filled` bytes are in): records at the front of the receive buffer
     /// are opened there and copied, and from a record boundary on the payload's
-    /// records are read in place ([`Rx::read_direct`]).
+    /// records are read in place (`Rx::read_direct`).
     fn read_payload_tls(&mut self, dst: &mut [u8], mut filled: usize, len: usize) -> Result<()> {
         while filled < len {
             let Some((open, cipher)) = &mut self.tls else { unreachable!("read_payload_tls without TLS") };
