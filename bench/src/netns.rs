@@ -316,7 +316,7 @@ fn line(mut from: File, mut to: File, shape: &Mutex<Shape>, stop: &AtomicBool, c
             }
         }
         let wait = queue.front().map_or(Duration::from_millis(50), |(due, _)| due.saturating_duration_since(now));
-        if !ferry_io::tun::wait_readable_precise(&from, wait).unwrap_or(false) {
+        if !ferry_io::sys::wait_readable(&from, wait).unwrap_or(false) {
             continue;
         }
         // A bounded batch, so that deliveries due meanwhile are not held up.

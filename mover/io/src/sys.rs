@@ -269,13 +269,17 @@ pub fn is_tmpfs(path: &std::path::Path) -> io::Result<bool> {
 }
 
 /// Waits until `fd` is readable (for a listening socket: has a connection to
-/// accept), at most `timeout` (rounded down to milliseconds). One `poll`;
-/// false when the time ran out or the wait was interrupted.
+/// accept), at most `timeout`, with nanosecond resolution (one `ppoll`: the
+/// bench's delay line waits for packets to the microsecond); false when the
+/// time ran out or the wait was interrupted.
 pub fn wait_readable(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
     let mut p = libc::pollfd { fd: fd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let ms = timeout.as_millis().min(libc::c_int::MAX as u128) as libc::c_int;
-    // SAFETY: one valid pollfd, owned here, for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: one pollfd we own, a timespec we own, no signal mask.
+    let n = unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) };
     if n >= 0 {
         return Ok(n > 0);
     }

@@ -5,15 +5,14 @@
 //! itself, later and at a set rate: a packet-level delay line, so that TCP runs
 //! end to end and sees the link's real round-trip time (the kernel here has no
 //! netem). This module holds the system calls that needs: creating a TUN device
-//! (`TUNSETIFF`), waiting for a descriptor with sub-millisecond precision
-//! (`ppoll`), and capping a socket's advertised window (`TCP_WINDOW_CLAMP`, used
-//! by the link's tests to check that throughput is window / RTT).
+//! (`TUNSETIFF`) and capping a socket's advertised window (`TCP_WINDOW_CLAMP`,
+//! used by the link's tests to check that throughput is window / RTT); the line
+//! waits for packets with [`crate::sys::wait_readable`] (nanosecond `ppoll`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::Duration;
 
 /// `TUNSETIFF` = `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -55,28 +54,6 @@ pub fn open_tun(name: &str) -> io::Result<File> {
     Ok(f)
 }
 
-/// Waits until `fd` is readable or `timeout` passes, with nanosecond resolution
-/// (`ppoll`; [`crate::sys::wait_readable`] rounds to milliseconds). Ok(false): the
-/// time passed, or a signal interrupted the wait.
-pub fn wait_readable_precise(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
-    let mut p = libc::pollfd { fd: fd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-    };
-    // SAFETY: one pollfd we own, a timespec we own, no signal mask.
-    let n = unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) };
-    if n >= 0 {
-        return Ok(n > 0);
-    }
-    let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::Interrupted {
-        Ok(false)
-    } else {
-        Err(e)
-    }
-}
-
 /// Caps the window a TCP socket advertises at `bytes` (`TCP_WINDOW_CLAMP`). Set on
 /// a listening socket, the connections it accepts inherit it from their handshake.
 pub fn set_tcp_window_clamp(sock: impl AsFd, bytes: u32) -> io::Result<()> {
@@ -101,7 +78,7 @@ pub fn set_tcp_window_clamp(sock: impl AsFd, bytes: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn bad_names_are_refused_before_any_syscall() {
@@ -125,7 +102,7 @@ mod tests {
             let tun = open_tun("fiotest0").unwrap();
             // No packet yet: the precise wait times out after about the time asked.
             let t = Instant::now();
-            assert!(!wait_readable_precise(&tun, Duration::from_micros(1500)).unwrap());
+            assert!(!crate::sys::wait_readable(&tun, Duration::from_micros(1500)).unwrap());
             assert!(t.elapsed() >= Duration::from_micros(1500));
             let ip = |a: &[&str]| {
                 let s = std::process::Command::new("ip").args(["-n", "ferry-io-tun-test"]).args(a).status().unwrap();
@@ -140,7 +117,7 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(5);
             let pkt = loop {
                 assert!(Instant::now() < deadline, "no packet from the tun device");
-                wait_readable_precise(&tun, Duration::from_millis(100)).unwrap();
+                crate::sys::wait_readable(&tun, Duration::from_millis(100)).unwrap();
                 match std::io::Read::read(&mut &tun, &mut buf) {
                     Ok(n) if buf[0] >> 4 == 4 && buf[9] == 17 => break buf[..n].to_vec(),
                     _ => continue, // IPv6 router solicitations and the like
