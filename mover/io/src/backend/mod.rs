@@ -20,7 +20,7 @@ use std::os::fd::RawFd;
 use crate::buf::{BufPool, PoolBuf};
 
 pub use portable::PortableBackend;
-pub use uring::UringBackend;
+pub use uring::{UringBackend, IOWQ_MAX_WORKERS};
 
 /// Read, write or sync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,6 +40,15 @@ impl std::fmt::Debug for UringBackend {
     }
 }
 
+/// io_uring's kernel worker threads (io-wq) per thread that owns a ring, for
+/// each of its two kinds (bounded: regular files; unbounded: sockets, pipes).
+/// The kernel's own bound is min(ring entries, 4 x CPUs), which grows with the
+/// machine; 8 is what a 2-core machine gets, and enough to keep a queue of
+/// buffered writes and fsyncs moving. With it a session's threads are bounded
+/// by a number that does not depend on the CPU count (see the target's
+/// listen.rs). Kernels before 5.15 cannot set it and keep their own bound.
+pub const IOWQ_MAX_WORKERS: u32 = 8;
+
 impl UringBackend {
     /// Set up a ring of `depth` entries and register `pool`'s buffers.
     ///
@@ -58,6 +67,8 @@ impl UringBackend {
         // while an operation holds the corresponding PoolBuf (see submit).
         unsafe { ring.submitter().register_buffers(&iovecs) }
             .map_err(|e| io::Error::new(e.kind(), format!("registering {} buffers failed: {e}", iovecs.len())))?;
+        // Best effort: an older kernel keeps its own (CPU-sized) bound.
+        let _ = ring.submitter().register_iowq_max_workers(&mut [IOWQ_MAX_WORKERS; 2]);
         Ok(UringBackend {
             ring,
             depth,

@@ -20,10 +20,14 @@
 //! must be over `--handshake-timeout` after the accept, however the peer
 //! spreads its bytes (a read waits only for what is left of the deadline); an
 //! authenticated connection then needs one of `--max-sessions` slots. So the
-//! server's threads are at most 1 + (connections in their handshake, which
-//! each sent something within the last `--handshake-timeout`) + sessions ×
-//! (3 + `--workers`): the session, sending and writer threads and the verify
-//! workers. A connection over a limit gets a clear busy error, never a thread.
+//! server's threads are at most 2 (the accept loop and the SIGHUP watcher) +
+//! connections that sent something (a handshake thread, which becomes the
+//! session thread or, for a joined stream, that stream's reader) + sessions ×
+//! (4 + `--workers` + 8): the sending and writer threads, the first stream's
+//! reader of a striped session, the keepalive ticker of a long bookkeeping
+//! step, the verify workers, and at most `ferry_io::backend::IOWQ_MAX_WORKERS`
+//! io_uring kernel workers for the writer's ring. A connection over a limit
+//! gets a clear busy error, never a thread.
 //!
 //! After authentication a session that hears nothing from its source for
 //! `--idle-timeout` ends (its read times out), and TCP keepalive plus
