@@ -299,6 +299,8 @@ pub struct Rx {
     /// The receiving direction of the TLS session, and the records read from the
     /// socket (the one being taken decrypted in place).
     tls: Option<(Opener, BytesMut)>,
+    /// Where `Rx::read_direct` reads a payload's ciphertext (made on first use).
+    scratch: Vec<u8>,
 }
 
 /// Records read in place at most per `readv` (`Rx::read_direct`).
@@ -308,14 +310,12 @@ const DIRECT_RECORDS: usize = 32;
 /// payload's last record (the head of the next data frame from a ferry sender).
 const NEXT_HEAD_RECORD: usize = HEADER + ferry_wire::HEADER_LEN + ferry_wire::DATA_FIXED_LEN + 1 + TAG;
 
-/// Slack a pool buffer for payloads of up to `max_payload` bytes needs past them
-/// for every record to be read in place under TLS (`Rx::read_direct`: a byte per
-/// record of 16 KiB): give it to [`BufPool::with_slack`].
-pub fn payload_slack(max_payload: usize) -> usize {
-    max_payload.div_ceil(MAX_PLAIN)
-}
+/// Slack a pool buffer needs past its payload for every record to be decrypted
+/// straight into it under TLS (`Rx::read_direct`: the last record's inner content
+/// type lands one byte past the payload): give it to [`BufPool::with_slack`].
+pub const PAYLOAD_SLACK: usize = 1;
 
-/// One stream byte range of records read in place: `k` records of the `rem`
+/// One stream byte range of records read apart: `k` records of the `rem`
 /// payload bytes still to come (16 KiB of plaintext each but the last), and
 /// `tail` bytes after them into `next`.
 struct Direct {
@@ -328,7 +328,8 @@ struct Direct {
 }
 
 impl Direct {
-    /// The records of `rem` payload bytes that fit in `room` bytes (each shifted by its index).
+    /// The records of `rem` payload bytes whose plaintext (and the inner content type
+    /// after it) fits in `room` bytes.
     fn new(rem: usize, room: usize) -> Direct {
         let total = rem.div_ceil(MAX_PLAIN);
         let mut d = Direct {
@@ -339,7 +340,7 @@ impl Direct {
             tags: [[0; TAG]; DIRECT_RECORDS],
             next: [0; NEXT_HEAD_RECORD],
         };
-        while d.k < total.min(DIRECT_RECORDS) && d.k * (MAX_PLAIN + 1) + d.plain(d.k) < room {
+        while d.k < total.min(DIRECT_RECORDS) && d.body(d.k).end <= room {
             d.k += 1;
         }
         if d.k == total {
@@ -358,16 +359,22 @@ impl Direct {
         (0..r).map(|i| HEADER + self.plain(i) + 1 + TAG).sum()
     }
 
-    /// Where record `r`'s ciphertext is in the payload's buffer (shifted by `r`).
+    /// Where record `r`'s plaintext and inner content type go in the payload's buffer.
     fn body(&self, r: usize) -> std::ops::Range<usize> {
+        let at = r * MAX_PLAIN;
+        at..at + self.plain(r) + 1
+    }
+
+    /// Where record `r`'s ciphertext is read in the scratch buffer.
+    fn cipher(&self, r: usize) -> std::ops::Range<usize> {
         let at = r * (MAX_PLAIN + 1);
         at..at + self.plain(r) + 1
     }
 
     /// The pieces of the stream, in order: header, ciphertext, tag of each record, the tail.
-    fn iovecs<'a>(&'a mut self, body: &'a mut [u8]) -> Vec<io::IoSliceMut<'a>> {
+    fn iovecs<'a>(&'a mut self, scratch: &'a mut [u8]) -> Vec<io::IoSliceMut<'a>> {
         let mut iov = Vec::with_capacity(3 * self.k + 1);
-        let mut rest = &mut body[..self.body(self.k - 1).end];
+        let mut rest = &mut scratch[..self.cipher(self.k - 1).end];
         let sizes: Vec<usize> = (0..self.k).map(|r| self.plain(r) + 1).collect();
         for ((h, t), size) in self.hdrs.iter_mut().zip(self.tags.iter_mut()).zip(sizes) {
             let (b, after) = std::mem::take(&mut rest).split_at_mut(size);
@@ -380,9 +387,9 @@ impl Direct {
         iov
     }
 
-    /// Append to `out`, in stream order, what was read (`got` bytes in all) from
-    /// record `from` on: records not opened in place, and the tail.
-    fn gather(&self, from: usize, got: usize, body: &[u8], out: &mut BytesMut) {
+    /// Put back, in stream order at the end of `out`, what was read from record
+    /// `from` on (`got` bytes of the range in all) for the usual path.
+    fn gather(&self, from: usize, got: usize, scratch: &[u8], out: &mut BytesMut) {
         let mut at = self.start(from);
         let mut put = |piece: &[u8], at: &mut usize| {
             let end = *at + piece.len();
@@ -393,7 +400,7 @@ impl Direct {
         };
         for r in from..self.k {
             put(&self.hdrs[r], &mut at);
-            put(&body[self.body(r)], &mut at);
+            put(&scratch[self.cipher(r)], &mut at);
             put(&self.tags[r], &mut at);
         }
         put(&self.next[..self.tail], &mut at);
@@ -707,7 +714,7 @@ impl Rx {
     }
 
     /// Read the rest of a data payload under TLS into `dst` (a pool buffer's whole
-    /// capacity, see [`payload_slack`]; `filled` bytes are in): records at the front of the receive buffer
+    /// capacity, see [`PAYLOAD_SLACK`]; `filled` bytes are in): records at the front of the receive buffer
     /// are opened there and copied, and from a record boundary on the payload's
     /// records are read in place (`Rx::read_direct`).
     fn read_payload_tls(&mut self, dst: &mut [u8], mut filled: usize, len: usize) -> Result<()> {
@@ -753,36 +760,43 @@ impl Rx {
     /// The zero-copy receive path (PROTOCOL.md, "TLS record layout"): with the
     /// receive buffer empty at a record boundary inside a payload of which
     /// `len - filled` bytes are still to come, read the records a ferry sender
-    /// makes of it (16 KiB of plaintext each but the last) from the socket into
-    /// `dst` at their final place, a few at a time with one `readv`: each record's
-    /// header and tag into small arrays, its ciphertext (data and inner content
-    /// type) into `dst`, shifted one byte further per record so that decrypting it
-    /// to its final offset (AES-GCM from `in_out[shift..]` to `in_out[..]`) never
-    /// overwrites a record not yet opened. That needs `dst` to have a byte of slack
-    /// per record past the payload ([`payload_slack`]); without it the records
-    /// that do not fit go through the receive buffer. After the payload's last
-    /// record the same `readv` reads as much as a data frame's head record into
-    /// the receive buffer, so a stream of data frames needs no other read.
+    /// makes of it (16 KiB of plaintext each but the last) from the socket a few
+    /// at a time with one `readv`: each record's header and tag into small
+    /// arrays, its ciphertext (data and inner content type) into a scratch buffer
+    /// that stays in cache, and decrypt it from there straight to its final
+    /// offset in `dst` (AES-GCM out of place: the plaintext is never copied). The
+    /// inner content type lands on the byte after the record's data, which the
+    /// next record overwrites; past the payload's last record it needs a byte of
+    /// slack in `dst` ([`PAYLOAD_SLACK`]); without it the records that do not fit
+    /// go through the receive buffer. After the payload's last record the same
+    /// `readv` reads as much as a data frame's head record into the receive
+    /// buffer, so a stream of data frames needs no other read.
     ///
     /// Each header is checked as soon as it is in: a record that is not the one
-    /// expected (another peer's layout, a key update, an alert) ends the in-place
+    /// expected (another peer's layout, a key update, an alert) ends the direct
     /// reading; what was read from it on goes to the front of the receive buffer,
     /// in stream order, for the usual path. So this never waits for bytes beyond a
     /// record the peer has begun, whatever its layout. Returns the payload bytes
     /// given (0 when not even one record fits in `dst`, or the first header was
     /// not the one expected).
     fn read_direct(&mut self, dst: &mut [u8], filled: usize, len: usize) -> Result<usize> {
-        let rem = len - filled;
-        let mut d = Direct::new(rem, dst.len() - filled);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(DIRECT_RECORDS * (MAX_PLAIN + 1), 0);
+        let r = self.read_direct_via(&mut scratch, &mut dst[filled..], len - filled);
+        self.scratch = scratch;
+        r
+    }
+
+    fn read_direct_via(&mut self, scratch: &mut [u8], body: &mut [u8], rem: usize) -> Result<usize> {
+        let mut d = Direct::new(rem, body.len());
         if d.k == 0 {
             return Ok(0);
         }
-        let body = &mut dst[filled..];
         let (mut got, mut done, mut checked) = (0usize, 0usize, 0usize);
         let mut fallback = None;
         while done < d.k {
             let n = {
-                let mut iov = d.iovecs(body);
+                let mut iov = d.iovecs(scratch);
                 let mut iov = &mut iov[..];
                 io::IoSliceMut::advance_slices(&mut iov, got);
                 self.sock.read_vectored(iov)
@@ -804,27 +818,26 @@ impl Rx {
             }
             let Some((open, cipher)) = &mut self.tls else { unreachable!("read_direct without TLS") };
             while done < checked && got >= d.start(done + 1) {
-                let at = done * MAX_PLAIN;
-                let in_out = &mut body[at..at + done + d.plain(done) + 1];
-                match open.open_direct(&d.hdrs[done], in_out, done, &d.tags[done]) {
+                let out = &mut body[d.body(done)];
+                match open.open_direct(&d.hdrs[done], &scratch[d.cipher(done)], &d.tags[done], out) {
                     Ok(Some(m)) if m == d.plain(done) => done += 1,
                     Ok(Some(m)) => {
                         // Padding, or a key update of just that length: the records from
                         // here on are not where they were expected.
-                        d.gather(done + 1, got, body, cipher);
-                        return Ok(at + m);
+                        d.gather(done + 1, got, scratch, cipher);
+                        return Ok(d.body(done).start + m);
                     }
                     Ok(None) => return Err(self.eof_in_frame()),
                     Err(source) => return Err(MoveError::Tls { peer: self.peer.clone(), source }),
                 }
             }
             if fallback == Some(done) {
-                d.gather(done, got, body, cipher);
+                d.gather(done, got, scratch, cipher);
                 return Ok(done * MAX_PLAIN);
             }
         }
         let Some((_, cipher)) = &mut self.tls else { unreachable!("read_direct without TLS") };
-        d.gather(d.k, got, body, cipher);
+        d.gather(d.k, got, scratch, cipher);
         Ok(rem.min(d.k * MAX_PLAIN))
     }
 
@@ -904,6 +917,7 @@ impl Conn {
                 idle: None,
                 bytes_received: 0,
                 bytes_in_place: 0,
+                scratch: Vec::new(),
                 tls: open,
             },
         ))
@@ -1270,7 +1284,7 @@ mod tests {
         });
         assert!(matches!(rx.next_frame(), Ok(Some(Frame::Keepalive))));
         go.send(()).unwrap();
-        let pool = BufPool::with_slack(2, 65536, payload_slack(65536));
+        let pool = BufPool::with_slack(2, 65536, PAYLOAD_SLACK);
         receive_sizes(&mut rx, &pool);
         assert_eq!(rx.bytes_in_place, SIZES.iter().sum::<usize>() as u64, "every payload byte read in place");
         let src = sender.join().unwrap();
@@ -1314,7 +1328,7 @@ mod tests {
             drop(tx);
             src
         });
-        let pool = BufPool::with_slack(2, 65536, payload_slack(65536));
+        let pool = BufPool::with_slack(2, 65536, PAYLOAD_SLACK);
         receive_sizes(&mut rx, &pool);
         let src = sender.join().unwrap();
         src.shutdown();

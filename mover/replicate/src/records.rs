@@ -1,18 +1,22 @@
 //! TLS 1.3 record protection after the handshake (RFC 8446 section 5), done in
-//! ferry's own buffers with ring's AEAD.
+//! ferry's own buffers with aws-lc-rs' AEAD.
 //!
 //! Why (issue 16, throughput): rustls' record layer copies every byte three
 //! times on the receiving side (our buffer into its deframer, the decrypted
 //! record into its plaintext queue, that queue into the chunk's pool buffer)
 //! and twice on the sending side (the frame into a fresh record, the record
 //! into the send buffer), with an allocation per 16 KiB record. Here a data
-//! payload's records are read from the socket into the chunk's pool buffer and
-//! decrypted there ([`Opener::open_direct`], driven by `conn.rs`: no copy at
-//! all); other records are decrypted in place in the receive buffer and their
-//! plaintext copied once, while it is still in cache. A frame is copied once
-//! into the send buffer and encrypted there in place (the payload's own buffer
-//! is shared and read-only on the source: sealing it in place is not done).
-//! The cipher is the same (ring's AES-GCM, the suite rustls negotiated).
+//! payload's records are read from the socket into a scratch buffer that stays
+//! in cache and decrypted from there straight into the chunk's pool buffer
+//! ([`Opener::open_direct`], driven by `conn.rs`: the plaintext is never
+//! copied); other records are decrypted in place in the receive buffer and
+//! their plaintext copied once, while it is still in cache. A record that lies
+//! in one buffer (a payload's) is encrypted from there into the send buffer
+//! (AES-GCM out of place, `seal_out_of_place_scatter`, the inner content type
+//! as its extra byte); a record of several small pieces (a frame's head) is
+//! copied into the send buffer and encrypted there. The AEAD is aws-lc-rs'
+//! AES-GCM (the suite rustls negotiated): ring has no out-of-place AEAD, and
+//! aws-lc has AVX-512 AES-GCM.
 //!
 //! Record layout (wire/PROTOCOL.md, "TLS record layout"): [`Sealer::seal`]
 //! starts the last buffer it is given (a data frame's payload) on a record
@@ -55,8 +59,8 @@
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use aws_lc_rs::{aead, hkdf};
 use bytes::{Buf, BytesMut};
-use ring::{aead, hkdf};
 use rustls::{AlertDescription, ConnectionTrafficSecrets, Error, InvalidMessage, PeerMisbehaved};
 
 /// Largest plaintext of a record.
@@ -318,6 +322,17 @@ impl Sealer {
                 left(cur)
             };
             let n = segment.min(MAX_PLAIN);
+            if bufs[cur.buf].len() - cur.at >= n {
+                // All of it in one buffer (a payload's records): encrypted from there.
+                self.record_from(out, &bufs[cur.buf][cur.at..cur.at + n])?;
+                cur.at += n;
+                if cur.at == bufs[cur.buf].len() {
+                    cur.buf += 1;
+                    cur.at = 0;
+                }
+                sealed += n;
+                continue;
+            }
             self.record(out, APPDATA, |o| {
                 let mut want = n;
                 while want > 0 {
@@ -391,6 +406,30 @@ impl Sealer {
             self.key_update(out)?;
         }
         self.record_now(out, typ, fill)
+    }
+
+    /// An application data record of `plain`, encrypted from where it is into
+    /// `out` (no copy of the plaintext first).
+    fn record_from(&mut self, out: &mut Vec<u8>, plain: &[u8]) -> Result<(), Error> {
+        if self.keys.seq + 1 >= self.limit {
+            self.key_update(out)?;
+        }
+        let at = out.len();
+        let len = plain.len() + 1 + TAG;
+        debug_assert!(len <= MAX_PLAIN + 1 + TAG);
+        let l = (len as u16).to_be_bytes();
+        let header = [APPDATA, 3, 3, l[0], l[1]];
+        out.extend_from_slice(&header);
+        // Room for the ciphertext, the inner content type and the tag: written by the
+        // AEAD, so the zeroes here are never sent.
+        out.resize(at + HEADER + len, 0);
+        let (cipher, extra) = out[at + HEADER..].split_at_mut(plain.len());
+        self.keys
+            .key
+            .seal_out_of_place_scatter(self.keys.nonce(), aead::Aad::from(header), plain, cipher, &[APPDATA], extra)
+            .map_err(|_| internal("encryption failed"))?;
+        self.keys.seq += 1;
+        Ok(())
     }
 
     fn record_now(&mut self, out: &mut Vec<u8>, typ: u8, fill: impl FnOnce(&mut Vec<u8>)) -> Result<(), Error> {
@@ -578,23 +617,24 @@ impl Opener {
         [APPDATA, 3, 3, len[0], len[1]]
     }
 
-    /// Open a record read in place (the receive side's zero-copy path, see the
-    /// module docs): `header` its 5-byte header, `in_out[shift..]` its
-    /// ciphertext without the tag, `tag` its tag. The plaintext lands at the
-    /// front of `in_out`; the record is checked as [`Opener::open`] checks it
-    /// (header, integrity, content type, padding; a key update is followed, an
-    /// alert ends the stream). Returns the application data bytes now at the
-    /// front of `in_out` (0 for a record that held none), or `Ok(None)` for a
-    /// close_notify. An error is final, as for [`Opener::open`].
+    /// Open a record read apart (the receive side's zero-copy path, see the
+    /// module docs): `header` its 5-byte header, `cipher` its ciphertext without
+    /// the tag, `tag` its tag. The plaintext (with its inner content type last)
+    /// is decrypted straight into `out`, which is as long as `cipher`; the record
+    /// is checked as [`Opener::open`] checks it (header, integrity, content type,
+    /// padding; a key update is followed, an alert ends the stream). Returns the
+    /// application data bytes now at the front of `out` (0 for a record that
+    /// held none), or `Ok(None)` for a close_notify. An error is final, as for
+    /// [`Opener::open`].
     pub fn open_direct(
         &mut self,
         header: &[u8; HEADER],
-        in_out: &mut [u8],
-        shift: usize,
+        cipher: &[u8],
         tag: &[u8; TAG],
+        out: &mut [u8],
     ) -> Result<Option<usize>, Error> {
         debug_assert!(self.end == 0 && !self.closed);
-        let r = self.open_direct_inner(header, in_out, shift, tag);
+        let r = self.open_direct_inner(header, cipher, tag, out);
         self.failed(&r);
         r
     }
@@ -602,26 +642,24 @@ impl Opener {
     fn open_direct_inner(
         &mut self,
         header: &[u8; HEADER],
-        in_out: &mut [u8],
-        shift: usize,
+        cipher: &[u8],
         tag: &[u8; TAG],
+        out: &mut [u8],
     ) -> Result<Option<usize>, Error> {
         let len = u16::from_be_bytes([header[3], header[4]]) as usize;
         if header[0] != APPDATA || header[1] != 3 || header[2] != 3 {
             return Err(InvalidMessage::InvalidContentType.into());
         }
-        if len > MAX_CIPHER || len != in_out.len() - shift + TAG {
+        if len > MAX_CIPHER || len != cipher.len() + TAG || out.len() != cipher.len() {
             return Err(InvalidMessage::MessageTooLarge.into());
         }
         let nonce = self.keys.nonce();
-        let tag = aead::Tag::from(*tag);
-        let plain = self
-            .keys
+        self.keys
             .key
-            .open_in_place_separate_tag(nonce, aead::Aad::from(&header[..]), tag, in_out, shift..)
+            .open_separate_gather(nonce, aead::Aad::from(&header[..]), cipher, tag, out)
             .map_err(|_| Error::DecryptError)?;
         self.keys.seq += 1;
-        match self.inner(plain)? {
+        match self.inner(out)? {
             Inner::Data(at) => Ok(Some(at)),
             Inner::Nothing => Ok(Some(0)),
             Inner::Closed => Ok(None),
@@ -796,12 +834,12 @@ mod tests {
         exchange_with_rustls(Side::Server);
     }
 
-    /// Records opened in place, shifted as `conn.rs` lays them out (ciphertext of
-    /// record r one byte further per record, header and tag apart): the plaintext
-    /// lands at its final offset; a flipped byte fails the integrity check and
-    /// queues the alert, as for a record opened in the receive buffer.
+    /// Records opened as `conn.rs` reads them (header, ciphertext and tag apart),
+    /// decrypted straight to their offset in the payload: the plaintext lands
+    /// there; a flipped byte fails the integrity check and queues the alert, as
+    /// for a record opened in the receive buffer.
     #[test]
-    fn records_opened_in_place_land_at_their_offset_and_are_checked() {
+    fn records_opened_apart_land_at_their_offset_and_are_checked() {
         for flip in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             let (c, s, clog, slog) = pair(dir.path());
@@ -817,17 +855,17 @@ mod tests {
             let (got, end) = open_buf(&mut dst.opener, &mut buf);
             assert_eq!((got, end.unwrap()), (head, Opened::NeedMore(HEADER)));
             let mut rest = &wire[HEADER + 61 + 1 + TAG..];
-            let mut out = vec![0u8; payload.len() + 3];
+            let mut out = vec![0u8; payload.len() + 1];
             for (r, n) in [MAX_PLAIN, MAX_PLAIN, 100].into_iter().enumerate() {
                 let header: [u8; HEADER] = rest[..HEADER].try_into().unwrap();
                 assert_eq!(header, Opener::direct_header(n), "payload record {r} as expected");
                 let at = r * MAX_PLAIN;
-                out[at + r..at + r + n + 1].copy_from_slice(&rest[HEADER..HEADER + n + 1]);
+                let mut cipher = rest[HEADER..HEADER + n + 1].to_vec();
                 let tag: [u8; TAG] = rest[HEADER + n + 1..HEADER + n + 1 + TAG].try_into().unwrap();
                 if flip && r == 2 {
-                    out[at + r + 7] ^= 1;
+                    cipher[7] ^= 1;
                 }
-                let m = dst.opener.open_direct(&header, &mut out[at..at + r + n + 1], r, &tag);
+                let m = dst.opener.open_direct(&header, &cipher, &tag, &mut out[at..at + n + 1]);
                 if flip && r == 2 {
                     assert!(matches!(m, Err(Error::DecryptError)), "{m:?}");
                     let mut alert = Vec::new();
@@ -843,6 +881,20 @@ mod tests {
                 assert!(rest.is_empty());
                 assert!(out[..payload.len()] == payload[..], "every record's plaintext at its offset");
             }
+        }
+    }
+
+    /// ferry's provider at both ends: the hybrid post-quantum key exchange and
+    /// AES-128-GCM are what they agree on.
+    #[test]
+    fn both_ends_agree_on_x25519mlkem768_and_aes_128_gcm() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, s, _, _) = pair(dir.path());
+        for conn in [&c, &s] {
+            let kx = conn.negotiated_key_exchange_group().expect("key exchange").name();
+            assert_eq!(kx, rustls::NamedGroup::X25519MLKEM768);
+            let suite = conn.negotiated_cipher_suite().expect("suite").suite();
+            assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
         }
     }
 

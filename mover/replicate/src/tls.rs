@@ -2,9 +2,13 @@
 //! rustls configurations and the TLS handshake.
 //!
 //! Design (issue 16, "Transport"):
-//! - **TLS 1.3 only**, rustls 0.23 with its `ring` crypto provider. `ring`
-//!   builds with a C compiler alone; `aws-lc-rs` (rustls' default) needs cmake,
-//!   which this project's machines do not have. Session tickets and resumption
+//! - **TLS 1.3 only**, rustls 0.23 with its `aws-lc-rs` crypto provider (its
+//!   default; aws-lc-sys builds with a C compiler alone, no cmake), whose AEAD
+//!   `records.rs` also uses: it encrypts out of place, which ring cannot, so a
+//!   payload is never copied before it is encrypted. Key exchange prefers the
+//!   hybrid X25519MLKEM768 (post-quantum ML-KEM with X25519: a recorded session
+//!   stays secret unless both break), which both ferry ends offer; X25519 and
+//!   the NIST curves remain. Session tickets and resumption
 //!   are off: each session is a full handshake (one per run, cheap beside the
 //!   data), and no ticket secret lives in the server.
 //! - **Identity without a CA**: on its first start `ferry serve` makes an ECDSA
@@ -63,14 +67,14 @@ pub const DEFAULT_TLS_DIR: &str = ".tls";
 const CERT_FILE: &str = "cert.pem";
 const KEY_FILE: &str = "key.pem";
 
-/// The crypto provider of every ferry TLS session: ring, its TLS 1.3 suites
+/// The crypto provider of every ferry TLS session: aws-lc-rs, its TLS 1.3 suites
 /// with AES-128-GCM first (fewer rounds than AES-256, both use AES-NI).
 pub fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
     p.cipher_suites = vec![
-        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
     ];
     Arc::new(p)
 }
@@ -82,7 +86,7 @@ pub struct Fingerprint(pub [u8; 32]);
 impl Fingerprint {
     /// The fingerprint of a DER certificate.
     pub fn of(cert_der: &[u8]) -> Fingerprint {
-        let d = ring::digest::digest(&ring::digest::SHA256, cert_der);
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert_der);
         let mut b = [0u8; 32];
         b.copy_from_slice(d.as_ref());
         Fingerprint(b)

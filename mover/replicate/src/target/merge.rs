@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use ferry_io::BufPool;
 use ferry_wire::Frame;
 
-use crate::conn::{payload_slack, Received, Rx, Sock};
+use crate::conn::{Received, Rx, Sock, PAYLOAD_SLACK};
 use crate::error::{MoveError, Result};
 
 /// A reorder buffer: items numbered by the sender come out in number order,
@@ -254,7 +254,7 @@ impl StreamRegistry {
             // Live streams: the first connection; each join adds one (a source may join
             // fewer than it was granted, and join them at any time: PROTOCOL.md 11).
             reorder: Reorder::new(1, window),
-            pool: Arc::new(BufPool::with_slack(window + count as usize, chunk_size, payload_slack(chunk_size))),
+            pool: Arc::new(BufPool::with_slack(window + count as usize, chunk_size, PAYLOAD_SLACK)),
             bytes_received: Default::default(),
         });
         self.sets.lock().unwrap_or_else(|p| p.into_inner()).insert(ticket, set.clone());

@@ -26,7 +26,7 @@ use super::writer::{WDisk, Writer, WriterMsg};
 use super::{ServeConfig, SessionReport};
 use crate::access::Grant;
 use crate::busy::{ticking, TARGET_TICK};
-use crate::conn::{payload_slack, Conn, Received, Rx};
+use crate::conn::{Conn, Received, Rx, PAYLOAD_SLACK};
 use crate::error::{MoveError, Result};
 use crate::stats::{Stage, StageStats};
 use ferry_datastore::points;
@@ -646,7 +646,7 @@ pub(super) fn start_pipeline(
     let depth = cfg.depth(chunk_size);
     // At most 48 MiB of receive buffers (issue 20: 4 MiB chunks made this pool 96 MiB).
     let count = crate::source::read::pool_count(depth + 2 * workers + 4, 2 * workers + 4, u64::from(chunk_size));
-    let pool = Arc::new(BufPool::with_slack(count, chunk_size as usize, payload_slack(chunk_size as usize)));
+    let pool = Arc::new(BufPool::with_slack(count, chunk_size as usize, PAYLOAD_SLACK));
     let (backend, warning) = open_backend(cfg.backend, &pool, depth).map_err(|source| MoveError::Backend {
         side: "target",
         opening: true,
