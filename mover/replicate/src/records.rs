@@ -15,8 +15,8 @@
 //! (AES-GCM out of place, `seal_out_of_place_scatter`, the inner content type
 //! as its extra byte); a record of several small pieces (a frame's head) is
 //! copied into the send buffer and encrypted there. The AEAD is aws-lc-rs'
-//! AES-GCM (the suite rustls negotiated): ring has no out-of-place AEAD, and
-//! aws-lc has AVX-512 AES-GCM.
+//! AES-GCM (the suite rustls negotiated), because ring has no out-of-place
+//! AEAD.
 //!
 //! Record layout (wire/PROTOCOL.md, "TLS record layout"): [`Sealer::seal`]
 //! starts the last buffer it is given (a data frame's payload) on a record
