@@ -69,6 +69,28 @@ fn four_streams_over_tls_give_a_byte_identical_replica() {
     assert_eq!(r.summary()["streams"], 1);
 }
 
+/// `--streams N` joins its connections all at once (each join is about five round trips:
+/// one after another they cost seconds on a long path). A proxy holds every joined
+/// connection until all of them are open: joined one after another, the first would wait
+/// there in vain for 10 s, and the proxy says so.
+#[test]
+fn fixed_streams_join_all_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = new_token(dir.path(), "token");
+    let ds = dir.path().join("ds");
+    let src = dir.path().join("src.img");
+    write_image(&src, 8 * MIB, 29, &[Fill::Random, Fill::Text]);
+    let server = Server::start(&ds, &token, &[]);
+    let config = dir.path().join("config");
+    let proxy = Proxy::start_with(&server.url, Tamper { together: 4, ..Tamper::default() });
+    let r = replicate(&config, &proxy.url(), &token, &src, &[&server.pin()[..], &["--streams", "4"]].concat());
+    r.expect_code(0);
+    assert_eq!(r.summary()["streams"], 4);
+    assert_eq!(proxy.connections(), 4);
+    assert!(proxy.were_together(4), "the joined connections were opened one after another");
+    assert_replica_equals(&ds, "vm1", "d0", &src);
+}
+
 #[test]
 fn auto_adds_streams_mid_run_and_the_replica_is_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
@@ -112,13 +134,14 @@ fn a_cut_stream_fails_the_session_cleanly_and_the_next_run_resumes() {
     let chunks = size / CS;
     let server = Server::start(&ds, &token, &[]);
     let config = dir.path().join("config");
-    // The third connection (stream 2) is cut after 8 MiB of the source's bytes.
+    // The third connection is cut after 8 MiB of the source's bytes: one of the joined
+    // streams 1-3, which join all at once.
     let proxy = Proxy::start(&server.url, vec![u64::MAX, u64::MAX, 8 * MIB]);
     let args = [&server.pin()[..], &["--streams", "4", "--checkpoint-every", "1M"]].concat();
 
     let r = replicate(&config, &proxy.url(), &token, &src, &args);
     r.expect_code(1);
-    assert!(r.stderr.contains("stream 2"), "the error names the cut stream: {}", r.stderr);
+    assert!((1..4).any(|n| r.stderr.contains(&format!("stream {n}"))), "the error names the cut stream: {}", r.stderr);
     assert_eq!(proxy.cut_streams().len(), 1);
     let failed = server.sessions(4);
     let first: Vec<&Value> = failed.iter().filter(|v| v["replica"] == "vm1").collect();

@@ -494,6 +494,8 @@ struct ProxyState {
     /// Every byte forwarded, both ways, in the order forwarded (with `record`).
     recorded: std::sync::Mutex<Vec<u8>>,
     stop: std::sync::atomic::AtomicBool,
+    /// With [`Tamper::together`]: a held connection waited in vain.
+    apart: std::sync::atomic::AtomicBool,
 }
 
 /// What a [`Proxy`] does to the bytes it relays besides copying them.
@@ -507,6 +509,10 @@ pub struct Tamper {
     pub flip_to_client: Option<u64>,
     /// Keep every byte forwarded either way (see [`Proxy::recorded`]).
     pub record: bool,
+    /// Hold every connection but the first until this many are open (at most 10 s),
+    /// then forward; [`Proxy::were_together`] says whether they all came. A client that
+    /// opens them one after another, each waiting for the one before, cannot.
+    pub together: usize,
 }
 
 impl Proxy {
@@ -533,7 +539,21 @@ impl Proxy {
                 let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
                 let cut = tamper.cuts.get(i).copied();
                 let (st, tamper) = (st.clone(), tamper.clone());
-                std::thread::spawn(move || proxy_connection(client, server, cut, &tamper, &st));
+                std::thread::spawn(move || {
+                    if i > 0 && tamper.together > 0 {
+                        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                        while st.connections.load(Ordering::SeqCst) < tamper.together {
+                            if std::time::Instant::now() > deadline {
+                                break;
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                        if st.connections.load(Ordering::SeqCst) < tamper.together {
+                            st.apart.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    proxy_connection(client, server, cut, &tamper, &st)
+                });
             }
         });
         Proxy { addr, state }
@@ -557,6 +577,13 @@ impl Proxy {
     /// Every byte forwarded so far, both ways (with [`Tamper::record`]).
     pub fn recorded(&self) -> Vec<u8> {
         self.state.recorded.lock().unwrap().clone()
+    }
+
+    /// With [`Tamper::together`]: whether all its connections were open at once (none of
+    /// the held ones waited in vain).
+    pub fn were_together(&self, together: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        !self.state.apart.load(Ordering::SeqCst) && self.state.connections.load(Ordering::SeqCst) >= together
     }
 }
 

@@ -384,20 +384,30 @@ impl Striper {
         });
         let mut striper = Striper { shared: shared.clone(), grower: None };
         shared.add_lane(primary.clone(), primary_sock);
-        // `auto` (an RTT measured) joins its start's connections in the background, all
-        // at once: each join takes about five round trips (TCP, TLS, authentication,
-        // Join), which one after the other cost seconds on a long path, while the data
-        // can move on the first connection meanwhile. `--streams N` joins them first.
+        // Each join takes about five round trips (TCP, TLS, authentication, Join), which
+        // one after the other would cost seconds on a long path: the start's connections
+        // join all at once. `auto` (an RTT measured) joins them in the background, the
+        // data moving on the first connection meanwhile; `--streams N` joins them first.
         let background = !plan.rtt.is_zero() && plan.cap > 1;
         let now = if background { 1 } else { plan.start };
-        for stream in 1..now {
-            match join_one(&ticket, stream, &**dial, auth) {
+        let joins: Vec<Result<(Arc<Conn>, Option<Sock>)>> = std::thread::scope(|s| {
+            let ticket = &ticket;
+            let handles: Vec<_> =
+                (1..now).map(|stream| s.spawn(move || join_one(ticket, stream, &**dial, auth))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
+        let mut first_error = None;
+        for j in joins {
+            match j {
                 Ok((conn, killer)) => shared.add_lane(conn, killer),
                 Err(e) => {
-                    striper.finish(false);
-                    return Err(e);
+                    first_error.get_or_insert(e);
                 }
             }
+        }
+        if let Some(e) = first_error {
+            striper.finish(false);
+            return Err(e);
         }
         if background {
             let (tx, orders) = bounded::<()>(1);
