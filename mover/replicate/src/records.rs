@@ -399,30 +399,32 @@ impl Sealer {
         Ok(())
     }
 
-    /// A record, after a key update when this key is about to reach its limit
-    /// (one record of it is left for the KeyUpdate message).
-    fn record(&mut self, out: &mut Vec<u8>, typ: u8, fill: impl FnOnce(&mut Vec<u8>)) -> Result<(), Error> {
+    /// A key update when this key is about to reach its limit (one record of it
+    /// is left for the KeyUpdate message): before every record but that one.
+    fn update_if_due(&mut self, out: &mut Vec<u8>) -> Result<(), Error> {
         if self.keys.seq + 1 >= self.limit {
             self.key_update(out)?;
         }
+        Ok(())
+    }
+
+    /// A record, after a key update if one is due.
+    fn record(&mut self, out: &mut Vec<u8>, typ: u8, fill: impl FnOnce(&mut Vec<u8>)) -> Result<(), Error> {
+        self.update_if_due(out)?;
         self.record_now(out, typ, fill)
     }
 
     /// An application data record of `plain`, encrypted from where it is into
-    /// `out` (no copy of the plaintext first).
+    /// `out` (no copy of the plaintext first), after a key update if one is due.
     fn record_from(&mut self, out: &mut Vec<u8>, plain: &[u8]) -> Result<(), Error> {
-        if self.keys.seq + 1 >= self.limit {
-            self.key_update(out)?;
-        }
+        self.update_if_due(out)?;
+        debug_assert!(plain.len() <= MAX_PLAIN);
         let at = out.len();
-        let len = plain.len() + 1 + TAG;
-        debug_assert!(len <= MAX_PLAIN + 1 + TAG);
-        let l = (len as u16).to_be_bytes();
-        let header = [APPDATA, 3, 3, l[0], l[1]];
+        let header = Opener::direct_header(plain.len());
         out.extend_from_slice(&header);
         // Room for the ciphertext, the inner content type and the tag: written by the
         // AEAD, so the zeroes here are never sent.
-        out.resize(at + HEADER + len, 0);
+        out.resize(at + HEADER + plain.len() + 1 + TAG, 0);
         let (cipher, extra) = out[at + HEADER..].split_at_mut(plain.len());
         self.keys
             .key
@@ -610,8 +612,9 @@ impl Opener {
         }
     }
 
-    /// The record header a record read in place must have to hold `n` bytes of
-    /// application data and nothing else (see [`Opener::open_direct`]).
+    /// The header of a record that holds `n` bytes of application data and nothing
+    /// else: what a record read apart must have (see [`Opener::open_direct`]), and
+    /// what the sealer writes for a payload's record.
     pub fn direct_header(n: usize) -> [u8; HEADER] {
         let len = ((n + 1 + TAG) as u16).to_be_bytes();
         [APPDATA, 3, 3, len[0], len[1]]
